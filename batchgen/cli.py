@@ -1,0 +1,335 @@
+"""The `batchgen` command line: parse options, call one core function, map our errors to exit codes.
+
+This is the only module that imports click. Core modules are imported inside each command so that
+`batchgen --help` stays fast and a broken optional part cannot stop the others from working.
+
+Exit codes: 0 all done; 1 finished with requests failed for good; 2 bad input, nothing sent;
+3 stopped early and resumable (signal, budget, runtime limit, 401/402, database held by another run).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import click
+
+from batchgen import __version__
+from batchgen.errors import BatchgenError, ConfigError, ManifestError
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+API_KEY_ENV = "EVOLINK_API_KEY"
+API_BASE_ENV = "EVOLINK_API_BASE"
+FILES_BASE_ENV = "EVOLINK_FILES_BASE"
+TRACEBACK_ENV = "BATCHGEN_TRACEBACK"
+
+
+def _fail(error: BatchgenError) -> None:
+    """Report an expected error without a traceback and exit with its code."""
+    if isinstance(error, ManifestError):
+        count = len(error.problems) + error.truncated
+        click.echo(f"error: the manifest has {count} problem(s); nothing was sent:", err=True)
+        for line in str(error).splitlines():
+            click.echo(f"  {line}", err=True)
+    else:
+        click.echo(f"error: {error}", err=True)
+    sys.exit(error.exit_code)
+
+
+def _guarded(fn: F) -> F:
+    """Run a command body; turn BatchgenError into a message and an exit code. Bugs still crash loudly."""
+    import functools
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except BatchgenError as error:
+            if os.environ.get(TRACEBACK_ENV):
+                raise
+            _fail(error)
+
+    return wrapper  # type: ignore[return-value]
+
+
+def _resolve_db(manifest: str | None, db: str | None, must_exist: bool = True) -> Path:
+    """The database a command works on: --db, or the one beside MANIFEST."""
+    if db:
+        path = Path(db)
+    elif manifest:
+        from batchgen.manifest import load_job
+
+        path = load_job(Path(manifest)).default_db_path()
+    else:
+        raise ConfigError("name a MANIFEST or give --db PATH")
+    if must_exist and not path.exists():
+        raise ConfigError(f"no run state at {path}: run `batchgen run` on the manifest first")
+    return path
+
+
+def _echo_json(value: Any) -> None:
+    click.echo(json.dumps(value, indent=2, sort_keys=False, default=str))
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(__version__, prog_name="batchgen")
+def main() -> None:
+    """batchgen: run thousands of image generations through the Evolink API, resumably.
+
+    \b
+    Quick start (no API key needed, runs on the built-in emulator):
+      batchgen run examples/quickstart.yaml --emulator
+
+    Set BATCHGEN_TRACEBACK=1 to see full tracebacks for reported errors.
+    """
+
+
+@main.command()
+@click.option("--json", "as_json", is_flag=True, help="Print the catalogue as JSON.")
+def models(as_json: bool) -> None:
+    """List the image models batchgen knows, with their sizes and capabilities.
+
+    \b
+    Example:
+      batchgen models --json | jq '.[].name'
+    """
+    from dataclasses import asdict
+
+    from batchgen import catalog
+
+    rows = [asdict(m) for m in catalog.MODELS.values()]
+    if as_json:
+        _echo_json(rows)
+        return
+    click.echo(f"{'model':34} {'kind':6} {'credits/img':>11}  {'needs images':12} {'mask':4}  capabilities")
+    for m in catalog.MODELS.values():
+        click.echo(
+            f"{m.name:34} {'beta' if m.beta else 'stable':6} {m.credits_per_image:>11g}  "
+            f"{'yes' if m.requires_images else 'no':12} {'yes' if m.supports_mask else 'no':4}  "
+            f"{', '.join(m.capabilities)}"
+        )
+    click.echo("\nAll models take ratio sizes " + ", ".join(catalog.RATIO_SIZES)
+               + "; GPT models also take " + ", ".join(catalog.PIXEL_SIZES) + ".")
+    click.echo("Credit prices are the emulator's estimates; the API's usage figures are authoritative.")
+
+
+@main.command()
+@click.argument("manifest", type=click.Path(dir_okay=False))
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
+@_guarded
+def validate(manifest: str, as_json: bool) -> None:
+    """Check a manifest completely and estimate its cost; sends nothing.
+
+    Prints the number of requests per model, the number of images and the estimated credits.
+    Exits 2 and lists every problem (file, row or line, field, what is allowed) if there are any.
+
+    \b
+    Example:
+      batchgen validate examples/catalogue.yaml
+    """
+    from batchgen.manifest import validate as validate_manifest
+
+    summary = validate_manifest(Path(manifest))
+    if as_json:
+        _echo_json(summary.to_dict())
+        return
+    click.echo(f"{manifest}: OK — {summary.requests} request(s), {summary.images} image(s), "
+               f"about {summary.credits:g} credits (estimate)")
+    for model, row in sorted(summary.by_model.items()):
+        click.echo(f"  {model:34} {row.requests:>8} requests {row.images:>8} images {row.credits:>10g} credits")
+
+
+@main.command()
+@click.argument("manifest", type=click.Path(dir_okay=False))
+@click.option("--db", type=click.Path(dir_okay=False), help="State database (default: beside the manifest).")
+@click.option("--out", type=click.Path(file_okay=False), help="Output folder (default: the manifest's).")
+@click.option("--emulator", is_flag=True, help="Run against the built-in emulator (no key, no credits).")
+@click.option("--api-base", envvar=API_BASE_ENV, help=f"API base URL [env {API_BASE_ENV}].")
+@click.option("--files-base", envvar=FILES_BASE_ENV, help=f"Files API base URL [env {FILES_BASE_ENV}].")
+@click.option("--rate", help='Request budget for all API calls, e.g. "5/s" or "300/min".')
+@click.option("--concurrency", type=click.IntRange(1, 1000), help="Most tasks in flight at once.")
+@click.option("--max-credits", type=click.FloatRange(min=0, min_open=True), help="Stop before spend passes X.")
+@click.option("--max-runtime", help='Stop submitting in time to end within this, e.g. "50m".')
+@click.option("--json", "json_events", is_flag=True, help="One JSON event per line instead of a progress line.")
+@click.option("--time-scale", type=click.FloatRange(min=0, min_open=True), default=None,
+              help="Shrink client-side waits by this factor; with --emulator also the emulator's "
+                   "time scale (default 0.05 with --emulator, else 1).")
+@click.option("--emulator-seed", type=int, help="With --emulator: seed for its random choices.")
+@click.option("--emulator-scenario", type=click.Path(dir_okay=False, exists=True),
+              help="With --emulator: fault-injection scenario YAML.")
+@_guarded
+def run(manifest: str, db: str | None, out: str | None, emulator: bool, api_base: str | None,
+        files_base: str | None, rate: str | None, concurrency: int | None, max_credits: float | None,
+        max_runtime: str | None, json_events: bool, time_scale: float | None, emulator_seed: int | None,
+        emulator_scenario: str | None) -> None:
+    """Run a job to completion; running the same command again resumes it.
+
+    The API key comes from EVOLINK_API_KEY (not needed with --emulator). New rows added to the
+    manifest since the last run are picked up; finished requests are never generated again.
+
+    \b
+    Examples:
+      batchgen run examples/quickstart.yaml --emulator
+      EVOLINK_API_KEY=sk-evo-... batchgen run jobs/nightly.yaml --rate 300/min --max-runtime 50m --json
+    """
+    from batchgen.models import RunOptions
+    from batchgen.units import parse_duration_s, parse_rate
+
+    try:
+        if rate is not None:
+            parse_rate(rate)
+        runtime_s = parse_duration_s(max_runtime) if max_runtime is not None else None
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
+    api_key = os.environ.get(API_KEY_ENV) or None
+    if not emulator and not api_key:
+        raise ConfigError(f"no API key: set {API_KEY_ENV}, or pass --emulator to run on the built-in emulator")
+    options = RunOptions(
+        db_path=Path(db) if db else None,
+        out_dir=Path(out) if out else None,
+        emulator=emulator,
+        api_base=api_base,
+        files_base=files_base,
+        api_key=api_key,
+        rate=rate,
+        concurrency=concurrency,
+        max_credits=max_credits,
+        max_runtime_s=runtime_s,
+        json_events=json_events,
+        time_scale=time_scale if time_scale is not None else (0.05 if emulator else 1.0),
+        emulator_seed=emulator_seed,
+        emulator_scenario=Path(emulator_scenario) if emulator_scenario else None,
+    )
+    from batchgen.runner import run_job
+
+    sys.exit(run_job(Path(manifest), options))
+
+
+@main.command()
+@click.argument("manifest", required=False, type=click.Path(dir_okay=False))
+@click.option("--db", type=click.Path(dir_okay=False), help="State database instead of a manifest.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON (keys: total, pending, in_flight, done, "
+              "failed, credits, images, ...).")
+@_guarded
+def status(manifest: str | None, db: str | None, as_json: bool) -> None:
+    """Show a job's progress: requests by state, credits, images saved, failures by error code.
+
+    \b
+    Examples:
+      batchgen status examples/quickstart.yaml
+      batchgen status --db examples/quickstart.batchgen.db --json
+    """
+    from batchgen.status import collect, render_text
+
+    summary = collect(_resolve_db(manifest, db))
+    if as_json:
+        _echo_json(summary)
+    else:
+        click.echo(render_text(summary))
+
+
+@main.command()
+@click.argument("manifest", required=False, type=click.Path(dir_okay=False))
+@click.option("--db", type=click.Path(dir_okay=False), help="State database instead of a manifest.")
+@click.option("--code", "codes", multiple=True, help="Only requests that failed with this error code "
+              "(repeatable).")
+@_guarded
+def retry(manifest: str | None, db: str | None, codes: tuple[str, ...]) -> None:
+    """Requeue failed requests so the next `batchgen run` tries them again.
+
+    \b
+    Examples:
+      batchgen retry examples/quickstart.yaml
+      batchgen retry --db jobs/nightly.batchgen.db --code generation_timeout --code upstream_error
+    """
+    from batchgen.store import Store
+
+    with Store(_resolve_db(manifest, db)) as store:
+        count = store.requeue_failed(list(codes) or None)
+    click.echo(f"requeued {count} failed request(s); run the job again to retry them")
+
+
+@main.command()
+@click.argument("manifest", required=False, type=click.Path(dir_okay=False))
+@click.option("--db", type=click.Path(dir_okay=False), help="State database instead of a manifest.")
+@click.option("--format", "fmt", type=click.Choice(["csv", "jsonl"]), default="csv", show_default=True)
+@click.option("-o", "--output", type=click.Path(dir_okay=False), help="File to write (default: stdout).")
+@click.option("--per-request", is_flag=True, help="One row per request instead of one per image.")
+@_guarded
+def export(manifest: str | None, db: str | None, fmt: str, output: str | None, per_request: bool) -> None:
+    """Export results: one row per image with the item's own columns, ready for a shop import.
+
+    \b
+    Examples:
+      batchgen export examples/catalogue.yaml -o images.csv
+      batchgen export --db jobs/nightly.batchgen.db --format jsonl --per-request
+    """
+    from batchgen.export import export_results
+
+    count = export_results(_resolve_db(manifest, db), fmt=fmt, output=Path(output) if output else None,
+                           per_request=per_request)
+    if output:
+        click.echo(f"wrote {count} row(s) to {output}", err=True)
+
+
+@main.command()
+@click.argument("manifest", required=False, type=click.Path(dir_okay=False))
+@click.option("--db", type=click.Path(dir_okay=False), help="State database instead of a manifest.")
+@click.option("-o", "--output", type=click.Path(dir_okay=False), default=None,
+              help="HTML file to write (default: report.html in the output folder).")
+@_guarded
+def report(manifest: str | None, db: str | None, output: str | None) -> None:
+    """Write a self-contained HTML contact sheet of a job's images and failures.
+
+    \b
+    Example:
+      batchgen report examples/catalogue.yaml -o report.html
+    """
+    from batchgen.report import write_report
+
+    path, tiles = write_report(_resolve_db(manifest, db), Path(output) if output else None)
+    click.echo(f"wrote {path} ({tiles} tile(s))")
+
+
+@main.command()
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", type=click.IntRange(0, 65535), default=8765, show_default=True,
+              help="0 picks a free port.")
+@click.option("--api-key", "api_keys", multiple=True,
+              help="Accept only this Bearer key (repeatable); default: any non-empty key.")
+@click.option("--time-scale", type=click.FloatRange(min=0, min_open=True), default=1.0, show_default=True,
+              help="Multiply every emulated duration (latency, estimated_time, Retry-After, expiry).")
+@click.option("--seed", type=int, default=None, help="Seed for every random choice (reproducible runs).")
+@click.option("--rate-limit", type=click.FloatRange(min=0, min_open=True), default=None,
+              help="Requests per second per key across all API calls; over it, 429 with Retry-After.")
+@click.option("--scenario", type=click.Path(dir_okay=False, exists=True),
+              help="Fault-injection scenario YAML (probabilities and deterministic rules).")
+@_guarded
+def emulator(host: str, port: int, api_keys: tuple[str, ...], time_scale: float, seed: int | None,
+             rate_limit: float | None, scenario: str | None) -> None:
+    """Serve the built-in emulator of the Evolink API until Ctrl-C.
+
+    Generation, tasks, batch polls, credits and the Files API on one port; stats at /_emulator/stats.
+
+    \b
+    Example:
+      batchgen emulator --port 8765 --time-scale 0.1 --seed 7
+      EVOLINK_API_KEY=test EVOLINK_API_BASE=http://127.0.0.1:8765 \\
+        EVOLINK_FILES_BASE=http://127.0.0.1:8765 batchgen run examples/quickstart.yaml
+    """
+    from batchgen.emulator import EmulatorConfig, serve_forever
+
+    config = EmulatorConfig.from_options(
+        api_keys=list(api_keys), time_scale=time_scale, seed=seed, rate_limit=rate_limit,
+        scenario_path=Path(scenario) if scenario else None,
+    )
+    serve_forever(config, host=host, port=port)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,70 @@
+"""Parsing of the human units batchgen's flags and manifests use: durations ("50m") and rates ("5/s").
+
+Both raise ValueError with a message that says what is allowed, so callers can turn it into a
+ConfigError or a manifest Problem without rewording it.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+_DURATION_UNITS_S = {"ms": 0.001, "s": 1.0, "m": 60.0, "min": 60.0, "h": 3600.0, "d": 86400.0}
+_DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|min|m|h|d)?\s*$")
+_DURATION_PART_RE = re.compile(r"(\d+(?:\.\d+)?)(ms|s|min|m|h|d)")
+
+
+def parse_duration_s(text: str | float | int) -> float:
+    """'50m' → 3000.0; '1h30m', '90s', '2.5h' and bare seconds ('45') also work."""
+    if isinstance(text, int | float):
+        if text < 0:
+            raise ValueError(f"duration {text!r} is negative")
+        return float(text)
+    m = _DURATION_RE.match(text)
+    if m:
+        return float(m.group(1)) * _DURATION_UNITS_S[m.group(2) or "s"]
+    compact = text.replace(" ", "")
+    parts = _DURATION_PART_RE.findall(compact)
+    if parts and "".join(a + b for a, b in parts) == compact:
+        return sum(float(a) * _DURATION_UNITS_S[b] for a, b in parts)
+    raise ValueError(f'duration "{text}" is not understood; use e.g. 90s, 50m, 1h30m, 2h')
+
+
+@dataclass(frozen=True)
+class Rate:
+    """`max_rate` requests per `period_s` seconds (aiolimiter's AsyncLimiter takes both)."""
+
+    max_rate: float
+    period_s: float
+
+    @property
+    def per_second(self) -> float:
+        return self.max_rate / self.period_s
+
+    def __str__(self) -> str:
+        unit = {1.0: "s", 60.0: "min", 3600.0: "h"}.get(self.period_s)
+        count = f"{self.max_rate:g}"
+        return f"{count}/{unit}" if unit else f"{count}/{self.period_s:g}s"
+
+
+_RATE_PERIODS_S = {"s": 1.0, "sec": 1.0, "second": 1.0, "m": 60.0, "min": 60.0, "minute": 60.0,
+                   "h": 3600.0, "hour": 3600.0}
+_RATE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*/\s*([a-z]+)\s*$")
+
+
+def parse_rate(text: str | float | int) -> Rate:
+    """'5/s', '300/min', '1000/h'; a bare number means per second."""
+    if isinstance(text, int | float):
+        value, period = float(text), 1.0
+    else:
+        m = _RATE_RE.match(text.lower())
+        if m and m.group(2) in _RATE_PERIODS_S:
+            value, period = float(m.group(1)), _RATE_PERIODS_S[m.group(2)]
+        else:
+            try:
+                value, period = float(text), 1.0
+            except ValueError:
+                raise ValueError(f'rate "{text}" is not understood; use e.g. 5/s, 300/min, 1000/h') from None
+    if value <= 0:
+        raise ValueError(f'rate "{text}" must be above zero')
+    return Rate(value, period)
