@@ -1,0 +1,715 @@
+"""The Evolink HTTP client: the one boundary between batchgen and the network.
+
+Everything batchgen says to the Evolink image API, the Files API and the media hosts that serve results
+goes through `EvolinkClient`. It does three jobs and nothing more:
+
+* speak the wire contract (`API_CONTRACT.md`): paths, compact JSON bodies, the bearer key, a product
+  User-Agent, `Idempotency-Key` on submits, the Files API envelope;
+* turn answers into small frozen dataclasses (`TaskSnapshot`, `UploadedFile`, `Credits`, `Quota`,
+  `Downloaded`) that the rest of batchgen can rely on, however loosely the server fills its fields;
+* turn every failure into one of our errors (`errors.py`), at this one place::
+
+      aiohttp ClientError, asyncio timeout, payload error  ─┐
+      HTTP 200 whose body is not a JSON object             ─┴─► TransportError (status None, or 200)
+      API non-2xx                                          ───► HttpError(status, code, retry_after_s, ...)
+      Files API non-2xx, or HTTP 200 with success=false    ───► FilesApiError(status, code "40003", ...)
+
+It never retries and never sleeps: whether and when to try again is `errors.decide()`'s call, applied by
+the scheduler. The only pacing here is the optional `AdaptiveLimiter`: every API call waits for it first,
+a 429 penalises it and a 2xx rewards it, so the whole run slows down together when the server pushes back.
+
+The API key is sent only in the `Authorization` header of API and Files API calls, never to a media host
+(downloads go out without it, whatever the URL), and it is scrubbed from every message and body excerpt
+we build, in case a server echoes it back.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import email.utils
+import json
+import logging
+import math
+import mimetypes
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from types import TracebackType
+from typing import TYPE_CHECKING, Any, Literal
+from urllib.parse import quote
+
+import aiohttp
+
+from batchgen import __version__
+from batchgen.errors import ApiError, FilesApiError, HttpError, TransportError
+
+if TYPE_CHECKING:
+    from batchgen.ratelimit import AdaptiveLimiter
+
+log = logging.getLogger(__name__)
+
+DEFAULT_USER_AGENT = f"batchgen/{__version__}"
+MAX_BATCH_IDS = 50  # the batch poll route takes at most this many ids per call
+DEFAULT_MAX_DOWNLOAD_BYTES = 64 * 1024 * 1024
+EXCERPT_CHARS = 300  # body excerpts on errors are capped so logs and the store stay small
+FILE_LIFETIME = timedelta(hours=72)  # Files API uploads expire this long after upload
+FINAL_STATUSES = frozenset({"completed", "failed", "cancelled"})
+_IDEMPOTENCY_KEY_RE = re.compile(r"^[A-Za-z0-9._-]{16,96}$")
+_DOWNLOAD_CHUNK_BYTES = 64 * 1024
+
+Api = Literal["api", "files"]
+
+
+# --- what the client returns ----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TaskSnapshot:
+    """One look at a generation task, from a submit, a poll or a batch poll.
+
+    `results` holds the image URLs (from `results[]`, or `result_data[].image_url` when the server only
+    fills that). A failed task always has an `error_code` (`unknown_error` when the server gave none, so
+    `errors.decide()` always has a row to look up); a cancelled one without an error reads as
+    `request_cancelled`. `replayed` is True when an idempotent resubmit returned the original task.
+    """
+
+    id: str
+    status: str
+    progress: int
+    estimated_time_s: float | None
+    results: tuple[str, ...]
+    credits_reserved: float | None
+    credits_used: float | None
+    error_code: str | None
+    error_message: str | None
+    model: str | None
+    replayed: bool = False
+    request_id: str | None = None
+    raw: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
+
+    @property
+    def final(self) -> bool:
+        """True once the task will not change any more (completed, failed or cancelled)."""
+        return self.status in FINAL_STATUSES
+
+    @classmethod
+    def from_json(
+        cls, doc: Mapping[str, Any], *, replayed: bool = False, request_id: str | None = None
+    ) -> TaskSnapshot:
+        """Read a task object tolerantly; only a missing id makes it unusable (TransportError)."""
+        task_id = doc.get("id") or doc.get("task_id")
+        if not isinstance(task_id, str) or not task_id:
+            raise TransportError("task object without an id", body_excerpt=_excerpt(json.dumps(doc)[:1000]))
+        status = str(doc.get("status") or "pending").lower()
+        task_info = doc.get("task_info") if isinstance(doc.get("task_info"), dict) else {}
+        usage = doc.get("usage") if isinstance(doc.get("usage"), dict) else {}
+        results = tuple(u for u in (doc.get("results") or []) if isinstance(u, str) and u)
+        if not results:
+            results = tuple(
+                item["image_url"]
+                for item in (doc.get("result_data") or [])
+                if isinstance(item, dict) and isinstance(item.get("image_url"), str) and item["image_url"]
+            )
+        error_code, error_message = _task_error(doc.get("error"))
+        if status == "cancelled" and error_code is None:
+            error_code = "request_cancelled"
+        elif status == "failed" and error_code is None:
+            error_code = "unknown_error"
+        progress = _number(doc.get("progress"))
+        return cls(
+            id=task_id,
+            status=status,
+            progress=int(progress) if progress is not None else (100 if status == "completed" else 0),
+            estimated_time_s=_number(task_info.get("estimated_time")),
+            results=results,
+            credits_reserved=_number(usage.get("credits_reserved")),
+            credits_used=_number(usage.get("credits_used")),
+            error_code=error_code,
+            error_message=error_message,
+            model=doc.get("model") if isinstance(doc.get("model"), str) else None,
+            replayed=replayed,
+            request_id=request_id,
+            raw=dict(doc),
+        )
+
+
+@dataclass(frozen=True)
+class Credits:
+    """The account's balance from `GET /v1/credits`.
+
+    The server reports the user's balance (`data.user`) and the key's own allowance (`data.token`). A
+    key can never spend more than either, so `remaining` is the tighter of the two: the key's remaining
+    credits unless the key is unlimited (then the user's), capped by the user's balance when both are
+    given. `used` is what this key has used (`token.used_credits`), else the user's total.
+    """
+
+    remaining: float | None
+    used: float | None
+    unlimited: bool
+
+    @classmethod
+    def from_json(cls, doc: Mapping[str, Any]) -> Credits:
+        data = doc.get("data") if isinstance(doc.get("data"), dict) else doc
+        user = data.get("user") if isinstance(data.get("user"), dict) else {}
+        token = data.get("token") if isinstance(data.get("token"), dict) else {}
+        unlimited = token.get("unlimited_credits") is True
+        user_left = _number(user.get("remaining_credits"))
+        token_left = None if unlimited else _number(token.get("remaining_credits"))
+        candidates = [v for v in (user_left, token_left) if v is not None]
+        used = _number(token.get("used_credits"))
+        if used is None:
+            used = _number(user.get("used_credits"))
+        return cls(remaining=min(candidates) if candidates else None, used=used, unlimited=unlimited)
+
+
+@dataclass(frozen=True)
+class UploadedFile:
+    """A file the Files API holds for us; `file_url` goes into `image_urls` until `expires_at` (UTC)."""
+
+    file_id: str
+    file_url: str
+    file_name: str | None
+    file_size: int | None
+    mime_type: str | None
+    expires_at: datetime
+    upload_time: datetime | None
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> UploadedFile:
+        file_id, file_url = data.get("file_id"), data.get("file_url") or data.get("download_url")
+        if not isinstance(file_id, str) or not isinstance(file_url, str):
+            raise TransportError("upload answer without file_id/file_url", status=200)
+        uploaded = _parse_time(data.get("upload_time"))
+        expires = _parse_time(data.get("expires_at"))
+        if expires is None:
+            # The contract says upload time + 72 h; assume it from now when the server gives neither.
+            expires = (uploaded or datetime.now(UTC)) + FILE_LIFETIME
+        size = _number(data.get("file_size"))
+        return cls(
+            file_id=file_id,
+            file_url=file_url,
+            file_name=data.get("file_name") if isinstance(data.get("file_name"), str) else None,
+            file_size=int(size) if size is not None else None,
+            mime_type=data.get("mime_type") if isinstance(data.get("mime_type"), str) else None,
+            expires_at=expires,
+            upload_time=uploaded,
+        )
+
+
+@dataclass(frozen=True)
+class Quota:
+    """How many files the account holds and may hold (100, or 500 for VIP)."""
+
+    used_files: int
+    max_files: int
+    remain_files: int
+    user_group: str | None
+
+
+@dataclass(frozen=True)
+class Downloaded:
+    """A result image's bytes as the media host sent them; outputs.py checks that it is an image."""
+
+    data: bytes = field(repr=False)
+    content_type: str | None
+    url: str
+
+
+# --- the client -----------------------------------------------------------------------------------
+
+
+class EvolinkClient:
+    """Async client for the Evolink image API and Files API; use as `async with EvolinkClient(...)`.
+
+    The aiohttp session is created in `__aenter__`, inside the running loop (a session made at import or
+    in another loop breaks in subtle ways), and closed in `__aexit__`.
+    """
+
+    def __init__(
+        self,
+        api_base: str,
+        files_base: str,
+        api_key: str,
+        *,
+        limiter: AdaptiveLimiter | None = None,
+        timeout_s: float = 60,
+        user_agent: str = DEFAULT_USER_AGENT,
+        max_connections: int = 100,
+    ) -> None:
+        self.api_base = api_base.rstrip("/")
+        self.files_base = files_base.rstrip("/")
+        self._api_key = api_key
+        self.limiter = limiter
+        self.timeout_s = timeout_s
+        self.user_agent = user_agent
+        self.max_connections = max_connections
+        # None until the server has answered a batch poll; False after 404/405 (older gateway).
+        self.batch_supported: bool | None = None
+        self._session: aiohttp.ClientSession | None = None
+
+    def __repr__(self) -> str:
+        # Never the key.
+        return f"<EvolinkClient api_base={self.api_base!r} files_base={self.files_base!r}>"
+
+    async def __aenter__(self) -> EvolinkClient:
+        timeout = aiohttp.ClientTimeout(
+            # No total: a large upload or download may take long while still making progress. A stalled
+            # connect or a silent socket is what we guard against.
+            total=None,
+            sock_connect=min(self.timeout_s, 15.0),
+            sock_read=self.timeout_s,
+        )
+        self._session = aiohttp.ClientSession(
+            timeout=timeout,
+            connector=aiohttp.TCPConnector(limit=self.max_connections),
+            # Only the User-Agent is a session default: the key is added per API call so that a
+            # download can never carry it.
+            headers={"User-Agent": self.user_agent},
+            raise_for_status=False,
+        )
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    # --- generation API ---------------------------------------------------------------------------
+
+    async def submit(self, body: dict[str, Any], idempotency_key: str | None = None) -> TaskSnapshot:
+        """POST /v1/images/generations. With an `idempotency_key`, a resubmit of the same body returns the
+        original task (`replayed=True`) instead of paying twice."""
+        headers: dict[str, str] = {}
+        if idempotency_key is not None:
+            if not _IDEMPOTENCY_KEY_RE.match(idempotency_key):
+                raise ValueError("idempotency key must be 16-96 characters of [A-Za-z0-9._-]")
+            headers["Idempotency-Key"] = idempotency_key
+        resp = await self._call("api", "POST", "/v1/images/generations", json_body=body, headers=headers)
+        replayed = (resp.headers.get("Idempotency-Replayed") or "").strip().lower() == "true"
+        return TaskSnapshot.from_json(resp.json_object(), replayed=replayed, request_id=resp.request_id)
+
+    async def get_task(self, task_id: str) -> TaskSnapshot:
+        """GET /v1/tasks/{id}; an unknown id is HttpError 404 `task_not_found`."""
+        resp = await self._call("api", "GET", f"/v1/tasks/{quote(task_id, safe='')}")
+        return TaskSnapshot.from_json(resp.json_object(), request_id=resp.request_id)
+
+    async def get_tasks(self, task_ids: list[str]) -> dict[str, TaskSnapshot]:
+        """Poll up to 50 tasks in one call (POST /v1/tasks/batch); unknown ids are absent from the answer.
+
+        Where the server has no batch route (404/405, remembered in `batch_supported`), this falls back
+        to single polls, run concurrently under the limiter, with the same meaning: a task the server does
+        not know (404) is absent. Any other error is raised, so an id is never reported missing just
+        because its poll failed.
+        """
+        if len(task_ids) > MAX_BATCH_IDS:
+            raise ValueError(f"at most {MAX_BATCH_IDS} task ids per batch poll, got {len(task_ids)}")
+        if not task_ids:
+            return {}
+        if self.batch_supported is not False:
+            try:
+                resp = await self._call("api", "POST", "/v1/tasks/batch", json_body={"task_ids": list(task_ids)})
+            except HttpError as exc:
+                if exc.status not in (404, 405):
+                    raise
+                log.info("server has no batch poll route (HTTP %s); polling tasks one by one", exc.status)
+                self.batch_supported = False
+            else:
+                self.batch_supported = True
+                return self._parse_batch(resp)
+        return await self._poll_singly(task_ids)
+
+    def _parse_batch(self, resp: _Response) -> dict[str, TaskSnapshot]:
+        doc = resp.json_object()
+        items = doc.get("data")
+        if isinstance(items, dict):
+            items = items.get("tasks") or items.get("items")
+        if not isinstance(items, list):
+            raise TransportError("batch poll answer without a data list", status=resp.status,
+                                 request_id=resp.request_id, body_excerpt=self._excerpt(resp.text()))
+        snaps = (TaskSnapshot.from_json(item, request_id=resp.request_id) for item in items if isinstance(item, dict))
+        return {snap.id: snap for snap in snaps}
+
+    async def _poll_singly(self, task_ids: list[str]) -> dict[str, TaskSnapshot]:
+        outcomes = await asyncio.gather(*(self.get_task(t) for t in task_ids), return_exceptions=True)
+        found: dict[str, TaskSnapshot] = {}
+        first_error: BaseException | None = None
+        for task_id, outcome in zip(task_ids, outcomes, strict=True):
+            if isinstance(outcome, TaskSnapshot):
+                found[task_id] = outcome
+            elif isinstance(outcome, HttpError) and outcome.status == 404:
+                continue  # unknown task: absent, as in a batch answer
+            elif first_error is None:
+                first_error = outcome
+        if first_error is not None:
+            raise first_error
+        return found
+
+    async def credits(self) -> Credits | None:
+        """GET /v1/credits: the key and the balance, as a preflight check. None where the route does not
+        exist (older gateways answer 404/405); a bad key is HttpError 401."""
+        try:
+            resp = await self._call("api", "GET", "/v1/credits")
+        except HttpError as exc:
+            if exc.status in (404, 405):
+                return None
+            raise
+        return Credits.from_json(resp.json_object())
+
+    # --- result downloads -------------------------------------------------------------------------
+
+    async def download(self, url: str, max_bytes: int = DEFAULT_MAX_DOWNLOAD_BYTES) -> Downloaded:
+        """Fetch a result image. No Authorization header, ever (the key must not reach a media host), and
+        no limiter: media hosts are not the API. A body over `max_bytes` is refused (HttpError with code
+        `download_too_large`, which `decide()` fails rather than retries); image checks are outputs.py's."""
+        session = self._require_session()
+        try:
+            async with session.get(url) as resp:
+                request_id = resp.headers.get("X-Request-Id")
+                if not 200 <= resp.status < 300:
+                    body = await resp.content.read(4096)
+                    raise self._http_error("api", resp.status, resp.reason, resp.headers, body)
+                declared = resp.content_length
+                if declared is not None and declared > max_bytes:
+                    raise self._too_large(resp.status, declared, max_bytes, request_id)
+                chunks: list[bytes] = []
+                total = 0
+                async for chunk in resp.content.iter_chunked(_DOWNLOAD_CHUNK_BYTES):
+                    total += len(chunk)
+                    if total > max_bytes:
+                        raise self._too_large(resp.status, total, max_bytes, request_id)
+                    chunks.append(chunk)
+                content_type = resp.headers.get("Content-Type")
+                mime = content_type.split(";", 1)[0].strip().lower() if content_type else None
+                return Downloaded(data=b"".join(chunks), content_type=mime or None, url=url)
+        except ApiError:
+            raise
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            raise self._transport_error(exc, "GET", _host_only(url)) from exc
+
+    def _too_large(self, status: int, size: int, max_bytes: int, request_id: str | None) -> HttpError:
+        return HttpError(
+            f"download is larger than {max_bytes} bytes ({size}+)",
+            status=status,
+            code="download_too_large",
+            request_id=request_id,
+        )
+
+    # --- Files API --------------------------------------------------------------------------------
+
+    async def upload_file(self, path: Path, file_name: str | None = None) -> UploadedFile:
+        """Stream a local file (multipart part `file`); the content type comes from its magic bytes."""
+        path = Path(path)
+        name = file_name or path.name
+        with path.open("rb") as fh:
+            head = fh.read(16)
+            fh.seek(0)
+            form = aiohttp.FormData()
+            form.add_field("file", fh, filename=name, content_type=_sniff_mime(head, name))
+            if file_name:
+                form.add_field("file_name", file_name)
+            resp = await self._call("files", "POST", "/api/v1/files/upload/stream", form=form)
+        return UploadedFile.from_json(resp.files_data())
+
+    async def upload_base64(self, data: bytes, file_name: str, mime_type: str) -> UploadedFile:
+        """Upload bytes as a data: URL (carries the type; the contract accepts raw base64 or a data URL)."""
+        encoded = base64.b64encode(data).decode("ascii")
+        body = {"base64_data": f"data:{mime_type};base64,{encoded}", "file_name": file_name}
+        resp = await self._call("files", "POST", "/api/v1/files/upload/base64", json_body=body)
+        return UploadedFile.from_json(resp.files_data())
+
+    async def upload_url(self, url: str) -> UploadedFile:
+        """Have the Files API fetch a remote URL (code 40004 when it cannot)."""
+        resp = await self._call("files", "POST", "/api/v1/files/upload/url", json_body={"file_url": url})
+        return UploadedFile.from_json(resp.files_data())
+
+    async def list_files(self, page: int = 1, page_size: int = 100) -> tuple[int, list[dict[str, Any]]]:
+        """One page of the account's files: (total count, file dicts as the server sent them)."""
+        resp = await self._call("files", "GET", f"/api/v1/files/list?page={int(page)}&pageSize={int(page_size)}")
+        data = resp.files_data()
+        files = [f for f in (data.get("files") or []) if isinstance(f, dict)]
+        total = _number(data.get("total"))
+        return (int(total) if total is not None else len(files)), files
+
+    async def quota(self) -> Quota:
+        """How many files the account holds and may still upload."""
+        data = (await self._call("files", "GET", "/api/v1/files/quota")).files_data()
+        used, most, left = (_number(data.get(k)) for k in ("used_files", "max_files", "remain_files"))
+        used_i = int(used or 0)
+        max_i = int(most) if most is not None else used_i + int(left or 0)
+        left_i = int(left) if left is not None else max(0, max_i - used_i)
+        group = data.get("user_group")
+        return Quota(used_files=used_i, max_files=max_i, remain_files=left_i,
+                     user_group=group if isinstance(group, str) else None)
+
+    async def delete_file(self, file_id: str) -> None:
+        """Delete one of the account's files (FilesApiError 404 when it is already gone)."""
+        await self._call("files", "DELETE", f"/api/v1/files/{quote(file_id, safe='')}")
+
+    # --- the one mapping boundary -----------------------------------------------------------------
+
+    async def _call(
+        self,
+        api: Api,
+        method: str,
+        path: str,
+        *,
+        json_body: Any = None,
+        form: aiohttp.FormData | None = None,
+        headers: Mapping[str, str] | None = None,
+    ) -> _Response:
+        """Send one API call and return its 2xx answer, or raise the mapped error.
+
+        Waits for the limiter first; a 429 penalises it (with the server's Retry-After) before raising,
+        a 2xx rewards it. Bodies are read in full here so that every error, including one while reading,
+        is mapped at this one place.
+        """
+        session = self._require_session()
+        base = self.api_base if api == "api" else self.files_base
+        send_headers = {"Authorization": f"Bearer {self._api_key}", "Accept": "application/json"}
+        if headers:
+            send_headers.update(headers)
+        data: Any = None
+        if json_body is not None:
+            # Compact JSON, as the API itself answers; aiohttp's json= would add spaces.
+            data = json.dumps(json_body, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+            send_headers["Content-Type"] = "application/json"
+        elif form is not None:
+            data = form
+        if self.limiter is not None:
+            await self.limiter.acquire()
+        try:
+            async with session.request(method, base + path, data=data, headers=send_headers) as resp:
+                body = await resp.read()
+                status, reason, resp_headers = resp.status, resp.reason, resp.headers
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            raise self._transport_error(exc, method, path) from exc
+        request_id = resp_headers.get("X-Request-Id")
+        log.debug("%s %s -> HTTP %s (request id %s)", method, path, status, request_id)
+        if status == 429 and self.limiter is not None:
+            self.limiter.penalize(_retry_after_s(resp_headers.get("Retry-After")))
+        if not 200 <= status < 300:
+            raise self._http_error(api, status, reason, resp_headers, body)
+        if self.limiter is not None:
+            self.limiter.reward()
+        answer = _Response(status, resp_headers, body, request_id, self)
+        if api == "files":
+            answer.check_files_envelope()
+        return answer
+
+    def _http_error(
+        self, api: Api, status: int, reason: str | None, headers: Mapping[str, str], body: bytes
+    ) -> ApiError:
+        """A non-2xx answer as HttpError (or FilesApiError), whatever shape its body has."""
+        text = body.decode("utf-8", errors="replace")
+        code, message = _error_fields(text)
+        if not message:
+            what = "empty body" if not text.strip() else "no error message in the body"
+            message = f"{reason or 'HTTP error'} ({what})"
+        cls = FilesApiError if api == "files" else HttpError
+        return cls(
+            self._redact(message)[:EXCERPT_CHARS],
+            status=status,
+            code=self._redact(code) if code else None,
+            retry_after_s=_retry_after_s(headers.get("Retry-After")),
+            request_id=headers.get("X-Request-Id"),
+            body_excerpt=self._excerpt(text) or None,
+        )
+
+    def _transport_error(self, exc: BaseException, method: str, where: str) -> TransportError:
+        detail = str(exc) or type(exc).__name__
+        if isinstance(exc, TimeoutError) and not str(exc):
+            detail = f"timed out after {self.timeout_s:g} s without an answer"
+        message = self._redact(f"{method} {where}: {type(exc).__name__}: {detail}")
+        return TransportError(message[:EXCERPT_CHARS])
+
+    def _redact(self, text: str) -> str:
+        """Scrub the key from anything we put in an error (a server may echo it back)."""
+        if self._api_key and self._api_key in text:
+            text = text.replace(self._api_key, "[redacted]")
+        return text
+
+    def _excerpt(self, text: str) -> str:
+        return self._redact(_excerpt(text))
+
+    def _require_session(self) -> aiohttp.ClientSession:
+        if self._session is None:
+            raise RuntimeError("EvolinkClient must be used as `async with EvolinkClient(...) as client`")
+        return self._session
+
+
+class _Response:
+    """A 2xx answer, read in full; its JSON is decoded once, on demand."""
+
+    def __init__(
+        self, status: int, headers: Mapping[str, str], body: bytes, request_id: str | None, client: EvolinkClient
+    ) -> None:
+        self.status = status
+        self.headers = headers
+        self.body = body
+        self.request_id = request_id
+        self._client = client
+        self._doc: dict[str, Any] | None = None
+
+    def text(self) -> str:
+        return self.body.decode("utf-8", errors="replace")
+
+    def json_object(self) -> dict[str, Any]:
+        """The body as a JSON object; anything else on a 2xx is a broken answer (TransportError, retried)."""
+        if self._doc is None:
+            try:
+                doc = json.loads(self.body)
+            except ValueError:
+                doc = None
+            if not isinstance(doc, dict):
+                raise TransportError(
+                    "malformed answer: the body is not a JSON object",
+                    status=self.status,
+                    request_id=self.request_id,
+                    body_excerpt=self._client._excerpt(self.text()) or None,
+                )
+            self._doc = doc
+        return self._doc
+
+    def check_files_envelope(self) -> None:
+        """The Files API may say no with HTTP 200 and `success: false`."""
+        if not self.body.strip():
+            return  # DELETE may answer with an empty body
+        doc = self.json_object()
+        if doc.get("success") is False:
+            code = doc.get("code")
+            message = doc.get("msg") or doc.get("message") or "the Files API refused the request"
+            raise FilesApiError(
+                self._client._redact(str(message))[:EXCERPT_CHARS],
+                status=self.status,
+                code=_code_str(code),
+                request_id=self.request_id,
+                body_excerpt=self._client._excerpt(self.text()) or None,
+            )
+
+    def files_data(self) -> dict[str, Any]:
+        data = self.json_object().get("data")
+        if not isinstance(data, dict):
+            raise TransportError(
+                "Files API answer without a data object",
+                status=self.status,
+                request_id=self.request_id,
+                body_excerpt=self._client._excerpt(self.text()) or None,
+            )
+        return data
+
+
+# --- parsing helpers ------------------------------------------------------------------------------
+
+
+def _excerpt(text: str) -> str:
+    return " ".join(text.split())[:EXCERPT_CHARS]
+
+
+def _code_str(code: Any) -> str | None:
+    """`code` comes as the HTTP status (int) or a string code; we always carry a string."""
+    if isinstance(code, bool) or code is None:
+        return None
+    if isinstance(code, int | str):
+        return str(code) or None
+    if isinstance(code, float) and code.is_integer():
+        return str(int(code))
+    return None
+
+
+def _error_fields(text: str) -> tuple[str | None, str | None]:
+    """(code, message) from an error body: `{"error":{...}}`, the Files envelope, or nothing usable."""
+    try:
+        doc = json.loads(text)
+    except ValueError:
+        return None, None
+    if not isinstance(doc, dict):
+        return None, None
+    err = doc.get("error")
+    if isinstance(err, dict):
+        message = err.get("message")
+        return _code_str(err.get("code")), str(message) if message else None
+    if isinstance(err, str) and err:
+        return _code_str(doc.get("code")), err
+    message = doc.get("msg") or doc.get("message")
+    return _code_str(doc.get("code")), str(message) if message else None
+
+
+def _task_error(err: Any) -> tuple[str | None, str | None]:
+    if isinstance(err, dict):
+        message = err.get("message")
+        return _code_str(err.get("code")), str(message) if message else None
+    if isinstance(err, str) and err:
+        return None, err
+    return None, None
+
+
+def _retry_after_s(value: str | None) -> float | None:
+    """Retry-After as seconds (possibly fractional: a time-scaled emulator sends "0.3") or an HTTP date."""
+    if not value:
+        return None
+    value = value.strip()
+    try:
+        seconds = float(value)
+    except ValueError:
+        try:
+            when = email.utils.parsedate_to_datetime(value)
+        except (TypeError, ValueError, IndexError):
+            return None
+        if when.tzinfo is None:
+            when = when.replace(tzinfo=UTC)
+        return max(0.0, (when - datetime.now(UTC)).total_seconds())
+    return max(0.0, seconds) if math.isfinite(seconds) else None
+
+
+def _number(value: Any) -> float | None:
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int | float):
+        return float(value) if math.isfinite(value) else None
+    if isinstance(value, str):
+        try:
+            number = float(value)
+        except ValueError:
+            return None
+        return number if math.isfinite(number) else None
+    return None
+
+
+def _parse_time(value: Any) -> datetime | None:
+    """ISO 8601 (with Z or an offset; naive means UTC) or unix seconds, as an aware UTC datetime."""
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return datetime.fromtimestamp(value, UTC)
+    if not isinstance(value, str) or not value:
+        return None
+    try:
+        when = datetime.fromisoformat(value.strip())
+    except ValueError:
+        return None
+    return when.replace(tzinfo=UTC) if when.tzinfo is None else when.astimezone(UTC)
+
+
+_MAGIC = ((b"\x89PNG\r\n\x1a\n", "image/png"), (b"\xff\xd8\xff", "image/jpeg"), (b"GIF87a", "image/gif"),
+          (b"GIF89a", "image/gif"))
+
+
+def _sniff_mime(head: bytes, name: str) -> str:
+    """The part's content type from the file's first bytes; the name's extension only as a fallback."""
+    for magic, mime in _MAGIC:
+        if head.startswith(magic):
+            return mime
+    if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
+        return "image/webp"
+    return mimetypes.guess_type(name)[0] or "application/octet-stream"
+
+
+def _host_only(url: str) -> str:
+    """A media URL for an error message without its query (signed URLs carry tokens there)."""
+    return url.split("?", 1)[0][:200]
