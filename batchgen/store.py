@@ -1,0 +1,745 @@
+"""Every SQLite read and write batchgen makes: the run state of one job, in one file.
+
+Why a database: a job of 40,000 images dies sometimes (a laptop closes, cron kills it, the key runs out).
+Everything needed to pick up where it stopped — which requests exist, which task ids the API handed back,
+which images are on disk — is committed here *before* anything depends on it, so the scheduler can be
+rebuilt from this file at any time and never pays twice for the same image. This is the only module that
+imports sqlite_utils; the export, report and status code read through the methods below.
+
+Durability: WAL journal with ``synchronous=NORMAL``. A committed transaction survives the process being
+killed (SIGKILL, OOM, Ctrl-C twice) — that is the promise. A power cut may lose the last few commits (never
+corrupt the file); those requests are then polled or resubmitted with the same idempotency key.
+
+Schema (times are wall-clock epoch seconds as REAL; JSON columns hold compact JSON text)::
+
+    job        one row (id = 1): name, manifest_path, output_dir, filename_template, settings (RunSettings
+               JSON), fingerprint (of the manifest last synced), sync_gen, created_at, updated_at
+    requests   key TEXT PK (content hash, see models.request_key), item_id, variant JSON, metadata JSON (the
+               item's own columns), params JSON (GenerationRequest), model (for the next/current attempt:
+               differs from params.model after a fallback), n, est_credits, source ("rows.csv row 17"),
+               state (models.State), attempts (submissions charged to max_attempts; reset by retry),
+               attempt_no (attempts ever made; numbers the idempotency keys), not_before (epoch: do not
+               submit before), error_code, error_message, sync_gen, created_at, updated_at.
+               Index (state, not_before) — rowid order is manifest order.
+    attempts   id PK, request_key, attempt_no, idempotency_key UNIQUE ("bg1-<key>-a<attempt_no>"), model,
+               body (JSON actually sent, kept only when uploads rewrote it), state (AttemptState),
+               submit_tries, task_id, submitted_at, finished_at, credits_estimated, credits_reserved,
+               credits_used, error_code, error_message, result_urls JSON, replayed (0/1)
+    images     (request_key, idx) PK (idx 1-based), path UNIQUE (relative to the output folder, with
+               extension), url, bytes, sha256, width, height, format, attempt_id, created_at
+    runs       (m002) id PK, started_at, finished_at, pid, host, exit_code, reason, summary JSON
+
+Migrations are numbered, append-only functions registered on ``MIGRATIONS`` (sqlite-utils runs each in
+its own transaction and records it in ``_sqlite_migrations``); ``PRAGMA user_version`` mirrors the count.
+To extend the schema (uploads, ...), append ``@MIGRATIONS() def m00N_...(db)`` at the end of the list —
+never edit an applied one.
+
+Read API (for status, export, report):
+    ``Store(path)``                 opens (and migrates) the database; use as a context manager
+    ``job_record() -> dict|None``   the job row, ``settings`` decoded
+    ``counts() -> dict[str,int]``   requests by state (every State present, zeros included)
+    ``credit_totals() -> CreditTotals(reserved, used)``  reserved = tasks in flight, used = finished tasks
+    ``image_totals() -> (count, bytes)``
+    ``failures_by_code() -> list[dict(code, count, messages)]``
+    ``iter_requests(states=None, with_history=True) -> Iterator[RequestRecord]``  in manifest order,
+        each with ``.attempt_rows`` (AttemptRecord, oldest first) and ``.images`` (ImageRecord, by idx)
+    ``runs() -> list[dict]``        one row per `batchgen run`, newest last
+Write API (the run engine): ``sync``, ``next_due``, ``start_attempts``, ``record_task``, ``retry_submit``,
+``record_outcomes``, ``record_image``, ``finish_request``, ``requeue``, ``fail``, ``requeue_failed``,
+``lock``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import socket
+import sqlite3
+import time
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import sqlite_utils
+
+from batchgen.errors import StoreLockedError
+from batchgen.models import State
+
+if TYPE_CHECKING:
+    from batchgen.manifest import Manifest
+
+MIGRATIONS = sqlite_utils.Migrations("batchgen")
+IDEMPOTENCY_PREFIX = "bg1"
+_SYNC_CHUNK = 5000
+_READ_CHUNK = 500
+
+
+class AttemptState:
+    """States of one submission (text in `attempts.state`)."""
+
+    SENDING = "sending"  # row committed, submit not yet answered: resubmit with the same key on resume
+    RUNNING = "running"  # the API returned a task id (committed); poll it
+    COMPLETED = "completed"  # the task finished with results
+    FAILED = "failed"  # the task (or its submission) failed; the request's state says what happens next
+    ABANDONED = "abandoned"  # results unusable (expired URLs) or task lost; superseded by a later attempt
+
+
+OPEN_ATTEMPT_STATES = (AttemptState.SENDING, AttemptState.RUNNING)
+
+
+# --- migrations (append only) ---------------------------------------------------------------------
+
+
+@MIGRATIONS()
+def m001_initial(db: sqlite_utils.Database) -> None:
+    db.execute(
+        """CREATE TABLE job (
+            id INTEGER PRIMARY KEY CHECK (id = 1),
+            name TEXT NOT NULL, manifest_path TEXT, output_dir TEXT, filename_template TEXT,
+            settings TEXT, fingerprint TEXT, sync_gen INTEGER NOT NULL DEFAULT 0,
+            created_at REAL, updated_at REAL)"""
+    )
+    db.execute(
+        """CREATE TABLE requests (
+            key TEXT PRIMARY KEY, item_id TEXT NOT NULL, variant TEXT NOT NULL DEFAULT '{}',
+            metadata TEXT NOT NULL DEFAULT '{}', params TEXT NOT NULL, model TEXT NOT NULL,
+            n INTEGER NOT NULL DEFAULT 1, est_credits REAL NOT NULL DEFAULT 0, source TEXT NOT NULL DEFAULT '',
+            state TEXT NOT NULL DEFAULT 'pending', attempts INTEGER NOT NULL DEFAULT 0,
+            attempt_no INTEGER NOT NULL DEFAULT 0, not_before REAL NOT NULL DEFAULT 0,
+            error_code TEXT, error_message TEXT, sync_gen INTEGER NOT NULL DEFAULT 0,
+            created_at REAL, updated_at REAL)"""
+    )
+    db.execute("CREATE INDEX requests_state_not_before ON requests (state, not_before)")
+    db.execute(
+        """CREATE TABLE attempts (
+            id INTEGER PRIMARY KEY, request_key TEXT NOT NULL REFERENCES requests(key),
+            attempt_no INTEGER NOT NULL, idempotency_key TEXT NOT NULL UNIQUE, model TEXT NOT NULL,
+            body TEXT, state TEXT NOT NULL, submit_tries INTEGER NOT NULL DEFAULT 0, task_id TEXT,
+            submitted_at REAL, finished_at REAL, credits_estimated REAL, credits_reserved REAL,
+            credits_used REAL, error_code TEXT, error_message TEXT, result_urls TEXT,
+            replayed INTEGER NOT NULL DEFAULT 0)"""
+    )
+    db.execute("CREATE INDEX attempts_request ON attempts (request_key, attempt_no)")
+    db.execute("CREATE INDEX attempts_open ON attempts (state) WHERE state IN ('sending', 'running')")
+    db.execute(
+        """CREATE TABLE images (
+            request_key TEXT NOT NULL REFERENCES requests(key), idx INTEGER NOT NULL,
+            path TEXT NOT NULL UNIQUE, url TEXT, bytes INTEGER, sha256 TEXT, width INTEGER, height INTEGER,
+            format TEXT, attempt_id INTEGER, created_at REAL, PRIMARY KEY (request_key, idx))"""
+    )
+    db.execute("PRAGMA user_version = 1")
+
+
+@MIGRATIONS()
+def m002_runs(db: sqlite_utils.Database) -> None:
+    # One row per `batchgen run`: when it ran, why it ended — for status, cron logs and the report.
+    db.execute(
+        """CREATE TABLE runs (
+            id INTEGER PRIMARY KEY, started_at REAL NOT NULL, finished_at REAL, pid INTEGER, host TEXT,
+            exit_code INTEGER, reason TEXT, summary TEXT)"""
+    )
+    db.execute("PRAGMA user_version = 2")
+
+
+# --- records --------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SyncResult:
+    added: int  # new requests, plus removed ones that came back
+    removed: int  # requests newly marked removed (gone from the manifest, never in flight or done)
+    total: int  # requests of the job now (every state but removed)
+    skipped: bool = False  # the manifest's fingerprint was unchanged: nothing was expanded
+
+
+@dataclass(frozen=True)
+class CreditTotals:
+    reserved: float  # held by tasks in flight (their credits_reserved, or the estimate before an answer)
+    used: float  # charged by finished tasks
+
+    @property
+    def spent(self) -> float:
+        return self.reserved + self.used
+
+
+@dataclass
+class AttemptRecord:
+    id: int
+    request_key: str
+    attempt_no: int
+    idempotency_key: str
+    model: str
+    state: str
+    submit_tries: int
+    task_id: str | None
+    submitted_at: float | None
+    finished_at: float | None
+    credits_estimated: float | None
+    credits_reserved: float | None
+    credits_used: float | None
+    error_code: str | None
+    error_message: str | None
+    result_urls: list[str]
+    replayed: bool
+    body: dict[str, Any] | None = None
+
+
+@dataclass
+class ImageRecord:
+    request_key: str
+    idx: int
+    path: str
+    url: str | None
+    bytes: int
+    sha256: str
+    width: int | None
+    height: int | None
+    format: str | None
+    attempt_id: int | None
+    created_at: float
+
+
+@dataclass
+class RequestRecord:
+    key: str
+    seq: int  # rowid: manifest order
+    item_id: str
+    variant: dict[str, str]
+    metadata: dict[str, str]
+    params: dict[str, Any]
+    model: str
+    n: int
+    est_credits: float
+    source: str
+    state: State
+    attempts: int
+    attempt_no: int
+    not_before: float
+    error_code: str | None
+    error_message: str | None
+    created_at: float | None
+    updated_at: float | None
+    attempt_rows: list[AttemptRecord] = field(default_factory=list)
+    images: list[ImageRecord] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class NewAttempt:
+    """What the scheduler is about to submit; `start_attempts` commits it before the call."""
+
+    request_key: str
+    attempt_no: int
+    model: str
+    credits_estimated: float
+    body: dict[str, Any] | None = None  # kept only when it cannot be rebuilt from params (uploads)
+
+    @property
+    def idempotency_key(self) -> str:
+        return idempotency_key(self.request_key, self.attempt_no)
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What one poll (or a submit answered with a final task) found, for `record_outcomes`.
+
+    kind: "running" (only a changed credits figure), "completed", "requeue" (back to pending at
+    `not_before`, optionally with another `model`), "failed" (for good), "left" (nothing to write).
+    """
+
+    attempt_id: int
+    request_key: str
+    kind: str
+    result_urls: tuple[str, ...] = ()
+    credits_reserved: float | None = None
+    credits_used: float | None = None
+    error_code: str | None = None
+    error_message: str | None = None
+    not_before: float = 0.0
+    model: str | None = None
+    consume_attempt: bool = True
+
+
+def idempotency_key(request_key: str, attempt_no: int) -> str:
+    """`bg1-<request key>-a<n>`: the same attempt always sends the same key (16–96 chars of [A-Za-z0-9._-])."""
+    return f"{IDEMPOTENCY_PREFIX}-{request_key}-a{attempt_no}"
+
+
+def _j(value: Any) -> str:
+    return json.dumps(value, separators=(",", ":"), ensure_ascii=False, sort_keys=True)
+
+
+# --- the lock -------------------------------------------------------------------------------------
+
+
+class RunLock:
+    """`fcntl.flock` on `<db>.lock`: one run per database. The OS drops the lock when its holder dies
+    (even by SIGKILL), so a stale lock file is simply taken over; the file's text only names the holder."""
+
+    def __init__(self, db_path: Path) -> None:
+        self.path = Path(str(db_path) + ".lock")
+        self._fd: int | None = None
+
+    def acquire(self) -> None:
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 4096).decode("utf-8", "replace")
+            os.close(fd)
+            raise StoreLockedError(_holder_message(self.path, holder)) from None
+        os.ftruncate(fd, 0)
+        info = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.time()}
+        os.pwrite(fd, json.dumps(info).encode(), 0)
+        self._fd = fd
+
+    def release(self) -> None:
+        if self._fd is not None:
+            with contextlib.suppress(OSError):
+                os.ftruncate(self._fd, 0)
+            os.close(self._fd)  # closing drops the flock
+            self._fd = None
+
+
+def _holder_message(path: Path, text: str) -> str:
+    db = str(path)[: -len(".lock")]
+    try:
+        info = json.loads(text)
+        since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(float(info["since"])))
+        who = f"pid {info['pid']} on {info['host']}, running since {since}"
+    except (ValueError, KeyError, TypeError):
+        who = "another process (it is just starting)"
+    return f"{db} is in use by another batchgen run ({who}); wait for it to finish or stop it, then run again"
+
+
+# --- the store ------------------------------------------------------------------------------------
+
+
+class Store:
+    """The run state of one job. Opening it migrates the schema; methods commit what they change."""
+
+    def __init__(self, path: Path | str) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        # Autocommit connection: transactions are explicit (`_tx`), so nothing stays open by accident.
+        conn = sqlite3.connect(str(self.path), isolation_level=None, timeout=10.0)
+        self.db = sqlite_utils.Database(conn)
+        self.conn = conn
+        self.db.execute("PRAGMA journal_mode=WAL")
+        self.db.execute("PRAGMA synchronous=NORMAL")
+        self.db.execute("PRAGMA foreign_keys=OFF")  # integrity is kept by the code paths; FKs cost time
+        MIGRATIONS.apply(self.db)
+        self._lock: RunLock | None = None
+
+    # -- plumbing ----------------------------------------------------------------------------------
+
+    def __enter__(self) -> Store:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self.unlock()
+        self.conn.close()
+
+    @contextlib.contextmanager
+    def _tx(self) -> Iterator[sqlite3.Connection]:
+        """One write transaction; BEGIN IMMEDIATE so two writers queue instead of deadlocking."""
+        self.conn.execute("BEGIN IMMEDIATE")
+        try:
+            yield self.conn
+        except BaseException:
+            self.conn.execute("ROLLBACK")
+            raise
+        self.conn.execute("COMMIT")
+
+    def schema_version(self) -> int:
+        return int(self.conn.execute("PRAGMA user_version").fetchone()[0])
+
+    def applied_migrations(self) -> list[str]:
+        return [m.name for m in MIGRATIONS.applied(self.db)]
+
+    def lock(self) -> None:
+        """Take the run lock or raise StoreLockedError naming the holder."""
+        if self._lock is None:
+            lock = RunLock(self.path)
+            lock.acquire()
+            self._lock = lock
+
+    def unlock(self) -> None:
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
+
+    # -- job and sync --------------------------------------------------------------------------------
+
+    def job_record(self) -> dict[str, Any] | None:
+        cur = self.conn.execute("SELECT * FROM job WHERE id = 1")
+        row = cur.fetchone()
+        if row is None:
+            return None
+        rec = dict(zip([d[0] for d in cur.description], row, strict=True))
+        rec["settings"] = json.loads(rec["settings"]) if rec["settings"] else {}
+        return rec
+
+    def sync(self, manifest: Manifest) -> SyncResult:
+        """Bring the requests table in line with the manifest, in one transaction.
+
+        New requests are inserted as pending; pending or failed requests that are no longer in the
+        manifest become `removed` (and come back when they reappear); requests in flight or done are
+        kept. If the manifest has problems nothing changes. If its fingerprint equals the one stored at
+        the last sync the expansion is skipped entirely — that is how a resumed million-request job
+        reaches its first submission at once.
+        """
+        job = manifest.job
+        fingerprint = manifest.fingerprint()
+        now = time.time()
+        job_row = self.job_record()
+        settings_json = job.run.model_dump_json()
+        meta = (job.name, str(job.manifest_path), str(job.output_dir()), job.output.filename, settings_json)
+        if job_row is not None and job_row["fingerprint"] == fingerprint:
+            with self._tx() as c:
+                c.execute(
+                    "UPDATE job SET name=?, manifest_path=?, output_dir=?, filename_template=?, settings=?, "
+                    "updated_at=? WHERE id=1", (*meta, now))
+            return SyncResult(0, 0, self._live_total(), skipped=True)
+        gen = (job_row["sync_gen"] if job_row else 0) + 1
+        with self._tx() as c:
+            before = c.execute("SELECT COUNT(*) FROM requests").fetchone()[0]
+            removed_before = c.execute("SELECT COUNT(*) FROM requests WHERE state='removed'").fetchone()[0]
+            sql = (
+                "INSERT INTO requests (key, item_id, variant, metadata, params, model, n, est_credits, source, "
+                "state, sync_gen, created_at, updated_at) VALUES (?,?,?,?,?,?,?,?,?,'pending',?,?,?) "
+                "ON CONFLICT(key) DO UPDATE SET sync_gen=excluded.sync_gen, "
+                "state=CASE WHEN state='removed' THEN 'pending' ELSE state END, "
+                "attempts=CASE WHEN state='removed' THEN 0 ELSE attempts END, "
+                "not_before=CASE WHEN state='removed' THEN 0 ELSE not_before END, "
+                "updated_at=CASE WHEN state='removed' THEN excluded.updated_at ELSE updated_at END"
+            )
+            rows: list[tuple[Any, ...]] = []
+            for p in manifest.requests():
+                r = p.request
+                rows.append((p.key, p.item_id, _j(p.variant), _j(p.metadata), r.model_dump_json(exclude_none=True),
+                             r.model, r.n, r.estimated_credits(), p.source, gen, now, now))
+                if len(rows) >= _SYNC_CHUNK:
+                    c.executemany(sql, rows)
+                    rows.clear()
+            if rows:
+                c.executemany(sql, rows)
+            manifest.raise_if_problems()  # raises inside the transaction: rolled back, nothing changed
+            after = c.execute("SELECT COUNT(*) FROM requests").fetchone()[0]
+            still_removed = c.execute("SELECT COUNT(*) FROM requests WHERE state='removed'").fetchone()[0]
+            revived = removed_before - still_removed
+            removed = c.execute(
+                "UPDATE requests SET state='removed', updated_at=? WHERE sync_gen < ? "
+                "AND state IN ('pending', 'failed')", (now, gen)).rowcount
+            if job_row is None:
+                c.execute(
+                    "INSERT INTO job (id, name, manifest_path, output_dir, filename_template, settings, fingerprint, "
+                    "sync_gen, created_at, updated_at) VALUES (1,?,?,?,?,?,?,?,?,?)",
+                    (*meta, fingerprint, gen, now, now))
+            else:
+                c.execute(
+                    "UPDATE job SET name=?, manifest_path=?, output_dir=?, filename_template=?, settings=?, "
+                    "fingerprint=?, sync_gen=?, updated_at=? WHERE id=1", (*meta, fingerprint, gen, now))
+        return SyncResult(added=(after - before) + revived, removed=removed, total=self._live_total())
+
+    def _live_total(self) -> int:
+        return int(self.conn.execute("SELECT COUNT(*) FROM requests WHERE state != 'removed'").fetchone()[0])
+
+    # -- reads ---------------------------------------------------------------------------------------
+
+    def counts(self) -> dict[str, int]:
+        out = {s.value: 0 for s in State}
+        for state, count in self.conn.execute("SELECT state, COUNT(*) FROM requests GROUP BY state"):
+            out[state] = count
+        return out
+
+    def credit_totals(self) -> CreditTotals:
+        reserved = self.conn.execute(
+            "SELECT COALESCE(SUM(COALESCE(credits_reserved, credits_estimated, 0)), 0) FROM attempts "
+            "WHERE state IN ('sending', 'running')").fetchone()[0]
+        # Completed attempts carry what they were charged (abandoned ones too: expired results were paid);
+        # failed tasks are refunded and carry 0.
+        used = self.conn.execute("SELECT COALESCE(SUM(credits_used), 0) FROM attempts").fetchone()[0]
+        return CreditTotals(reserved=float(reserved), used=float(used))
+
+    def image_totals(self) -> tuple[int, int]:
+        count, size = self.conn.execute("SELECT COUNT(*), COALESCE(SUM(bytes), 0) FROM images").fetchone()
+        return int(count), int(size)
+
+    def failures_by_code(self, messages_per_code: int = 3) -> list[dict[str, Any]]:
+        """Failed requests grouped by error code, most frequent first, with their distinct messages."""
+        groups: list[dict[str, Any]] = []
+        for code, count in self.conn.execute(
+            "SELECT COALESCE(error_code, 'unknown'), COUNT(*) FROM requests WHERE state='failed' "
+            "GROUP BY 1 ORDER BY 2 DESC, 1"
+        ).fetchall():
+            msgs = [
+                {"message": m, "count": n}
+                for m, n in self.conn.execute(
+                    "SELECT COALESCE(error_message, ''), COUNT(*) FROM requests WHERE state='failed' "
+                    "AND COALESCE(error_code, 'unknown')=? GROUP BY 1 ORDER BY 2 DESC LIMIT ?",
+                    (code, messages_per_code))
+            ]
+            groups.append({"code": code, "count": count, "messages": msgs})
+        return groups
+
+    def iter_requests(self, states: Iterable[str] | None = None, with_history: bool = True) -> Iterator[RequestRecord]:
+        """Every request in manifest order (removed ones only if asked for), streaming in chunks."""
+        wanted = [str(s) for s in states] if states is not None else [s.value for s in State if s != State.REMOVED]
+        marks = ",".join("?" * len(wanted))
+        last = 0
+        while True:
+            cur = self.conn.execute(
+                f"SELECT rowid, * FROM requests WHERE rowid > ? AND state IN ({marks}) ORDER BY rowid LIMIT ?",
+                (last, *wanted, _READ_CHUNK))
+            names = [d[0] for d in cur.description]
+            chunk = [self._request_record(dict(zip(names, row, strict=True))) for row in cur.fetchall()]
+            if not chunk:
+                return
+            last = chunk[-1].seq
+            if with_history:
+                by_key = {r.key: r for r in chunk}
+                keys = list(by_key)
+                qs = ",".join("?" * len(keys))
+                for a in self._attempt_rows(f"request_key IN ({qs}) ORDER BY request_key, attempt_no", keys):
+                    by_key[a.request_key].attempt_rows.append(a)
+                for img in self._image_rows(f"request_key IN ({qs}) ORDER BY request_key, idx", keys):
+                    by_key[img.request_key].images.append(img)
+            yield from chunk
+
+    def get_request(self, key: str) -> RequestRecord | None:
+        cur = self.conn.execute("SELECT rowid, * FROM requests WHERE key = ?", (key,))
+        row = cur.fetchone()
+        if row is None:
+            return None
+        rec = self._request_record(dict(zip([d[0] for d in cur.description], row, strict=True)))
+        rec.attempt_rows = self._attempt_rows("request_key = ? ORDER BY attempt_no", [key])
+        rec.images = self._image_rows("request_key = ? ORDER BY idx", [key])
+        return rec
+
+    def images_for(self, key: str) -> list[ImageRecord]:
+        return self._image_rows("request_key = ? ORDER BY idx", [key])
+
+    def runs(self) -> list[dict[str, Any]]:
+        cur = self.conn.execute("SELECT * FROM runs ORDER BY id")
+        names = [d[0] for d in cur.description]
+        out = []
+        for row in cur.fetchall():
+            rec = dict(zip(names, row, strict=True))
+            rec["summary"] = json.loads(rec["summary"]) if rec["summary"] else None
+            out.append(rec)
+        return out
+
+    @staticmethod
+    def _request_record(d: dict[str, Any]) -> RequestRecord:
+        return RequestRecord(
+            key=d["key"], seq=d["rowid"], item_id=d["item_id"], variant=json.loads(d["variant"]),
+            metadata=json.loads(d["metadata"]), params=json.loads(d["params"]), model=d["model"], n=d["n"],
+            est_credits=d["est_credits"], source=d["source"], state=State(d["state"]), attempts=d["attempts"],
+            attempt_no=d["attempt_no"], not_before=d["not_before"], error_code=d["error_code"],
+            error_message=d["error_message"], created_at=d["created_at"], updated_at=d["updated_at"])
+
+    def _attempt_rows(self, where: str, args: Sequence[Any]) -> list[AttemptRecord]:
+        cur = self.conn.execute(f"SELECT * FROM attempts WHERE {where}", tuple(args))
+        names = [d[0] for d in cur.description]
+        out = []
+        for row in cur.fetchall():
+            d = dict(zip(names, row, strict=True))
+            out.append(AttemptRecord(
+                id=d["id"], request_key=d["request_key"], attempt_no=d["attempt_no"],
+                idempotency_key=d["idempotency_key"], model=d["model"], state=d["state"],
+                submit_tries=d["submit_tries"], task_id=d["task_id"], submitted_at=d["submitted_at"],
+                finished_at=d["finished_at"], credits_estimated=d["credits_estimated"],
+                credits_reserved=d["credits_reserved"], credits_used=d["credits_used"], error_code=d["error_code"],
+                error_message=d["error_message"], result_urls=json.loads(d["result_urls"] or "[]"),
+                replayed=bool(d["replayed"]), body=json.loads(d["body"]) if d["body"] else None))
+        return out
+
+    def _image_rows(self, where: str, args: Sequence[Any]) -> list[ImageRecord]:
+        cur = self.conn.execute(
+            "SELECT request_key, idx, path, url, bytes, sha256, width, height, format, attempt_id, created_at "
+            f"FROM images WHERE {where}", tuple(args))
+        return [ImageRecord(*row) for row in cur.fetchall()]
+
+    # -- the run engine's transitions ------------------------------------------------------------------
+
+    def next_due(self, limit: int, now: float | None = None) -> list[RequestRecord]:
+        """Up to `limit` pending requests whose not_before has passed, oldest first (index only)."""
+        now = time.time() if now is None else now
+        cur = self.conn.execute(
+            "SELECT rowid, * FROM requests WHERE state='pending' AND not_before <= ? "
+            "ORDER BY not_before, rowid LIMIT ?", (now, limit))
+        names = [d[0] for d in cur.description]
+        return [self._request_record(dict(zip(names, row, strict=True))) for row in cur.fetchall()]
+
+    def next_not_before(self) -> float | None:
+        """When the earliest waiting pending request becomes due (None when none is pending)."""
+        row = self.conn.execute("SELECT MIN(not_before) FROM requests WHERE state='pending'").fetchone()
+        return None if row[0] is None else float(row[0])
+
+    def has_pending(self) -> bool:
+        return self.conn.execute("SELECT 1 FROM requests WHERE state='pending' LIMIT 1").fetchone() is not None
+
+    def open_attempts(self) -> list[tuple[RequestRecord, AttemptRecord]]:
+        """Requests in flight with their current attempt: `submitted` ones (poll the task, or resubmit
+        with the same key if the answer never arrived) and `completed` ones (download)."""
+        cur = self.conn.execute(
+            "SELECT rowid, * FROM requests WHERE state IN ('submitted', 'completed') ORDER BY rowid")
+        names = [d[0] for d in cur.description]
+        reqs = [self._request_record(dict(zip(names, row, strict=True))) for row in cur.fetchall()]
+        out = []
+        for req in reqs:
+            rows = self._attempt_rows("request_key = ? ORDER BY attempt_no DESC LIMIT 1", [req.key])
+            if rows:
+                out.append((req, rows[0]))
+        return out
+
+    def start_attempts(self, items: Sequence[NewAttempt]) -> list[int]:
+        """Commit attempt rows (state `sending`) and mark their requests submitted — before any call."""
+        now = time.time()
+        ids = []
+        with self._tx() as c:
+            for a in items:
+                cur = c.execute(
+                    "INSERT INTO attempts (request_key, attempt_no, idempotency_key, model, body, state, submitted_at, "
+                    "credits_estimated) VALUES (?,?,?,?,?,'sending',?,?)",
+                    (a.request_key, a.attempt_no, a.idempotency_key, a.model,
+                     _j(a.body) if a.body is not None else None, now, a.credits_estimated))
+                ids.append(int(cur.lastrowid or 0))
+                c.execute(
+                    "UPDATE requests SET state='submitted', attempts=attempts+1, attempt_no=?, model=?, "
+                    "error_code=NULL, error_message=NULL, updated_at=? WHERE key=?",
+                    (a.attempt_no, a.model, now, a.request_key))
+        return ids
+
+    def record_task(self, attempt_id: int, task_id: str, credits_reserved: float | None, replayed: bool) -> None:
+        """The API accepted the submit: its task id goes to disk before anything polls it."""
+        with self._tx() as c:
+            c.execute(
+                "UPDATE attempts SET state='running', task_id=?, credits_reserved=?, replayed=?, "
+                "submit_tries=submit_tries+1 WHERE id=?", (task_id, credits_reserved, int(replayed), attempt_id))
+
+    def retry_submit(self, attempt_id: int, request_key: str, not_before: float, code: str | None,
+                     message: str | None) -> None:
+        """A submit call failed transiently: the same attempt (same idempotency key) is sent again later."""
+        with self._tx() as c:
+            c.execute("UPDATE attempts SET submit_tries=submit_tries+1, error_code=?, error_message=? WHERE id=?",
+                      (code, message, attempt_id))
+            c.execute("UPDATE requests SET not_before=?, updated_at=? WHERE key=?",
+                      (not_before, time.time(), request_key))
+
+    def record_outcomes(self, outcomes: Sequence[Outcome]) -> None:
+        """Apply the results of one poll (one transaction for a whole batch)."""
+        if not outcomes:
+            return
+        now = time.time()
+        with self._tx() as c:
+            for o in outcomes:
+                if o.kind == "running":
+                    if o.credits_reserved is not None:
+                        c.execute("UPDATE attempts SET credits_reserved=? WHERE id=?",
+                                  (o.credits_reserved, o.attempt_id))
+                elif o.kind == "completed":
+                    c.execute(
+                        "UPDATE attempts SET state='completed', finished_at=?, result_urls=?, "
+                        "credits_reserved=COALESCE(?, credits_reserved), "
+                        "credits_used=COALESCE(?, ?, credits_reserved), error_code=NULL, error_message=NULL "
+                        "WHERE id=?",
+                        (now, _j(list(o.result_urls)), o.credits_reserved, o.credits_used, o.credits_reserved,
+                         o.attempt_id))
+                    c.execute("UPDATE requests SET state='completed', updated_at=? WHERE key=?", (now, o.request_key))
+                elif o.kind in ("requeue", "failed"):
+                    c.execute(
+                        "UPDATE attempts SET state='failed', finished_at=?, credits_used=0, error_code=?, "
+                        "error_message=? WHERE id=?", (now, o.error_code, o.error_message, o.attempt_id))
+                    if o.kind == "requeue":
+                        self._requeue(c, o.request_key, o.not_before, o.error_code, o.error_message, o.model,
+                                      o.consume_attempt, now)
+                    else:
+                        self._fail(c, o.request_key, o.error_code, o.error_message, now)
+
+    def abandon_attempt(self, attempt_id: int, code: str, message: str) -> None:
+        """An attempt whose results cannot be used (expired URLs, lost task); a new attempt follows."""
+        with self._tx() as c:
+            c.execute("UPDATE attempts SET state='abandoned', error_code=?, error_message=?, finished_at=? "
+                      "WHERE id=?", (code, message, time.time(), attempt_id))
+
+    def update_result_urls(self, attempt_id: int, urls: Sequence[str]) -> None:
+        with self._tx() as c:
+            c.execute("UPDATE attempts SET result_urls=? WHERE id=?", (_j(list(urls)), attempt_id))
+
+    def record_image(self, img: ImageRecord, done: bool) -> None:
+        """An image is on disk (renamed into place): record it; `done` marks the request done with it."""
+        with self._tx() as c:
+            c.execute(
+                "INSERT INTO images (request_key, idx, path, url, bytes, sha256, width, height, format, attempt_id, "
+                "created_at) VALUES (?,?,?,?,?,?,?,?,?,?,?) ON CONFLICT(request_key, idx) DO UPDATE SET "
+                "path=excluded.path, url=excluded.url, bytes=excluded.bytes, sha256=excluded.sha256, "
+                "width=excluded.width, height=excluded.height, format=excluded.format, "
+                "attempt_id=excluded.attempt_id, created_at=excluded.created_at",
+                (img.request_key, img.idx, img.path, img.url, img.bytes, img.sha256, img.width, img.height,
+                 img.format, img.attempt_id, img.created_at))
+            if done:
+                c.execute("UPDATE requests SET state='done', error_code=NULL, error_message=NULL, updated_at=? "
+                          "WHERE key=?", (time.time(), img.request_key))
+
+    def path_owner(self, path: str) -> str | None:
+        row = self.conn.execute("SELECT request_key FROM images WHERE path=?", (path,)).fetchone()
+        return None if row is None else str(row[0])
+
+    def finish_request(self, key: str) -> None:
+        with self._tx() as c:
+            c.execute("UPDATE requests SET state='done', error_code=NULL, error_message=NULL, updated_at=? WHERE key=?",
+                      (time.time(), key))
+
+    def requeue(self, key: str, not_before: float, code: str | None, message: str | None, *,
+                model: str | None = None, consume_attempt: bool = True) -> None:
+        with self._tx() as c:
+            self._requeue(c, key, not_before, code, message, model, consume_attempt, time.time())
+
+    def fail(self, key: str, code: str | None, message: str | None) -> None:
+        with self._tx() as c:
+            self._fail(c, key, code, message, time.time())
+
+    @staticmethod
+    def _requeue(c: sqlite3.Connection, key: str, not_before: float, code: str | None, message: str | None,
+                 model: str | None, consume_attempt: bool, now: float) -> None:
+        c.execute(
+            "UPDATE requests SET state='pending', not_before=?, error_code=?, error_message=?, "
+            "model=COALESCE(?, model), attempts=attempts - ?, updated_at=? WHERE key=?",
+            (not_before, code, message, model, 0 if consume_attempt else 1, now, key))
+
+    @staticmethod
+    def _fail(c: sqlite3.Connection, key: str, code: str | None, message: str | None, now: float) -> None:
+        c.execute("UPDATE requests SET state='failed', error_code=?, error_message=?, updated_at=? WHERE key=?",
+                  (code, message, now, key))
+
+    def requeue_failed(self, codes: list[str] | None = None) -> int:
+        """`batchgen retry`: failed requests (optionally only these error codes) go back to pending with a
+        fresh attempt budget and their original model. History (attempts, errors) is kept."""
+        sql = ("UPDATE requests SET state='pending', attempts=0, not_before=0, "
+               "model=json_extract(params, '$.model'), updated_at=? WHERE state='failed'")
+        args: list[Any] = [time.time()]
+        if codes:
+            sql += f" AND error_code IN ({','.join('?' * len(codes))})"
+            args.extend(codes)
+        with self._tx() as c:
+            return int(c.execute(sql, args).rowcount)
+
+    # -- runs ----------------------------------------------------------------------------------------
+
+    def start_run(self) -> int:
+        with self._tx() as c:
+            cur = c.execute("INSERT INTO runs (started_at, pid, host) VALUES (?,?,?)",
+                            (time.time(), os.getpid(), socket.gethostname()))
+            return int(cur.lastrowid or 0)
+
+    def finish_run(self, run_id: int, exit_code: int, reason: str, summary: dict[str, Any]) -> None:
+        with self._tx() as c:
+            c.execute("UPDATE runs SET finished_at=?, exit_code=?, reason=?, summary=? WHERE id=?",
+                      (time.time(), exit_code, reason, _j(summary), run_id))

@@ -1,0 +1,205 @@
+"""The store alone: migrations, sync (idempotent, removed/revived, rollback on a bad manifest), transitions,
+the lock and the read API the export and report build on."""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import sqlite_utils
+
+from batchgen.errors import ManifestError, Problem, StoreLockedError
+from batchgen.models import GenerationRequest, JobSpec, PlannedRequest, State, request_key
+from batchgen.store import MIGRATIONS, NewAttempt, Outcome, Store, idempotency_key
+
+
+class FakeManifest:
+    """The Manifest contract (job, requests(), raise_if_problems(), fingerprint()) over a list of prompts."""
+
+    def __init__(self, tmp: Path, prompts: list[str], bad: bool = False) -> None:
+        self.job = JobSpec(name="t", manifest_path=tmp / "job.yaml")
+        self.prompts = prompts
+        self.bad = bad
+
+    def requests(self) -> Iterator[PlannedRequest]:
+        for i, prompt in enumerate(self.prompts):
+            req = GenerationRequest(prompt=prompt, model="z-image-turbo")
+            yield PlannedRequest(key=request_key(f"i{i}", {}, req), item_id=f"i{i}", request=req,
+                                 metadata={"sku": f"S{i}"}, source=f"job.csv row {i + 2}")
+
+    def raise_if_problems(self) -> None:
+        if self.bad:
+            raise ManifestError([Problem("job.csv", "row 3", "prompt", "is empty")])
+
+    def fingerprint(self) -> str:
+        return "fp-" + "|".join(self.prompts) + ("-bad" if self.bad else "")
+
+
+def keys_of(m: FakeManifest) -> list[str]:
+    return [p.key for p in m.requests()]
+
+
+def test_blank_database_gets_every_migration(tmp_path: Path) -> None:
+    with Store(tmp_path / "s.db") as store:
+        assert store.applied_migrations() == [m.name for m in MIGRATIONS._migrations]
+        assert store.schema_version() == len(MIGRATIONS._migrations)
+        mode = store.conn.execute("PRAGMA journal_mode").fetchone()[0]
+        assert mode == "wal"
+        assert store.job_record() is None
+
+
+def test_upgrade_from_m001_keeps_data(tmp_path: Path) -> None:
+    path = tmp_path / "old.db"
+    db = sqlite_utils.Database(path)
+    MIGRATIONS.apply(db, stop_before="m002_runs")
+    db.execute("INSERT INTO requests (key, item_id, params, model) VALUES ('k1', 'i1', '{}', 'z-image-turbo')")
+    db.conn.commit()
+    db.close()
+    with Store(path) as store:
+        assert "m002_runs" in store.applied_migrations()
+        assert store.schema_version() == 2
+        assert store.counts()["pending"] == 1
+        run_id = store.start_run()
+        store.finish_run(run_id, 0, "finished", {"done": 1})
+        assert store.runs()[0]["summary"] == {"done": 1}
+
+
+def test_sync_is_idempotent_and_skips_on_same_fingerprint(tmp_path: Path) -> None:
+    m = FakeManifest(tmp_path, ["a", "b", "c"])
+    with Store(tmp_path / "s.db") as store:
+        r1 = store.sync(m)
+        assert (r1.added, r1.removed, r1.total, r1.skipped) == (3, 0, 3, False)
+        r2 = store.sync(m)
+        assert r2.skipped and r2.total == 3
+        m.prompts = ["a", "b", "c"]  # a changed fingerprint with the same rows is still a no-op
+        m.fingerprint = lambda: "other"  # type: ignore[method-assign]
+        r3 = store.sync(m)
+        assert (r3.added, r3.removed, r3.total) == (0, 0, 3)
+        recs = list(store.iter_requests())
+        assert [r.metadata["sku"] for r in recs] == ["S0", "S1", "S2"]  # manifest order
+        assert recs[0].source == "job.csv row 2"
+        job = store.job_record()
+        assert job is not None and job["name"] == "t" and job["settings"]["max_attempts"] == 3
+
+
+def test_removed_and_revived(tmp_path: Path) -> None:
+    m = FakeManifest(tmp_path, ["a", "b", "c"])
+    with Store(tmp_path / "s.db") as store:
+        store.sync(m)
+        _, kb, kc = keys_of(m)
+        # b is in flight: it stays even when the row goes away
+        [aid] = store.start_attempts([NewAttempt(kb, 1, "z-image-turbo", 0.5)])
+        m.prompts = ["a"]
+        r = store.sync(m)
+        assert r.removed == 1 and r.total == 2
+        assert store.counts()["removed"] == 1
+        assert store.get_request(kc).state == State.REMOVED  # type: ignore[union-attr]
+        assert store.get_request(kb).state == State.SUBMITTED  # type: ignore[union-attr]
+        m.prompts = ["a", "b", "c", "d"]
+        r = store.sync(m)
+        assert r.added == 2 and r.removed == 0 and r.total == 4
+        assert store.get_request(kc).state == State.PENDING  # type: ignore[union-attr]
+        assert aid > 0
+
+
+def test_bad_manifest_changes_nothing(tmp_path: Path) -> None:
+    with Store(tmp_path / "s.db") as store:
+        store.sync(FakeManifest(tmp_path, ["a"]))
+        with pytest.raises(ManifestError):
+            store.sync(FakeManifest(tmp_path, ["x", "y", "z"], bad=True))
+        assert store.counts()["pending"] == 1
+        assert store.counts()["removed"] == 0
+        job = store.job_record()
+        assert job is not None and job["fingerprint"] == "fp-a"
+
+
+def test_transitions_and_credit_totals(tmp_path: Path) -> None:
+    m = FakeManifest(tmp_path, ["a", "b", "c"])
+    with Store(tmp_path / "s.db") as store:
+        store.sync(m)
+        ka, kb, kc = keys_of(m)
+        due = store.next_due(10)
+        assert [r.key for r in due] == [ka, kb, kc]
+        ids = store.start_attempts([NewAttempt(k, 1, "z-image-turbo", 0.5) for k in (ka, kb, kc)])
+        assert store.counts()["submitted"] == 3 and store.next_due(10) == []
+        assert store.credit_totals().reserved == 1.5
+        # a killed run resumes: attempts without a task id are resubmitted with the same key
+        open_ = store.open_attempts()
+        assert [a.idempotency_key for _, a in open_] == [idempotency_key(k, 1) for k in (ka, kb, kc)]
+        assert all(a.task_id is None for _, a in open_)
+        store.record_task(ids[0], "task-unified-1-aaaaaaaa", 0.5, replayed=False)
+        store.record_task(ids[1], "task-unified-1-bbbbbbbb", 0.5, replayed=True)
+        store.record_outcomes([
+            Outcome(ids[0], ka, "completed", result_urls=("http://x/1.png",), credits_used=0.5),
+            Outcome(ids[1], kb, "requeue", error_code="generation_timeout", error_message="slow",
+                    not_before=1e12),
+            Outcome(ids[2], kc, "failed", error_code="content_policy_violation", error_message="no"),
+        ])
+        c = store.counts()
+        assert (c["completed"], c["pending"], c["failed"]) == (1, 1, 1)
+        assert store.next_due(10) == []  # b waits for its not_before
+        assert store.next_not_before() == 1e12
+        totals = store.credit_totals()
+        assert (totals.reserved, totals.used) == (0, 0.5)
+        from batchgen.store import ImageRecord
+
+        store.record_image(ImageRecord(ka, 1, "i0_1.png", "http://x/1.png", 10, "ab", 1, 1, "PNG", ids[0], 0.0),
+                           done=True)
+        assert store.get_request(ka).state == State.DONE  # type: ignore[union-attr]
+        assert store.image_totals() == (1, 10)
+        fails = store.failures_by_code()
+        assert fails == [{"code": "content_policy_violation", "count": 1, "messages": [{"message": "no", "count": 1}]}]
+        # retry: fresh budget, history kept
+        assert store.requeue_failed(["other_code"]) == 0
+        assert store.requeue_failed(None) == 1
+        rec = store.get_request(kc)
+        assert rec is not None and rec.state == State.PENDING and rec.attempts == 0 and rec.attempt_no == 1
+        assert rec.attempt_rows[0].error_code == "content_policy_violation"
+        full = {r.key: r for r in store.iter_requests()}
+        assert full[ka].images[0].path == "i0_1.png"
+        assert full[kb].attempt_rows[0].replayed is True
+
+
+def test_submit_retry_keeps_attempt_and_budget(tmp_path: Path) -> None:
+    m = FakeManifest(tmp_path, ["a"])
+    with Store(tmp_path / "s.db") as store:
+        store.sync(m)
+        [k] = keys_of(m)
+        [aid] = store.start_attempts([NewAttempt(k, 1, "z-image-turbo", 0.5)])
+        store.retry_submit(aid, k, 5.0, "http_503", "busy")
+        rec = store.get_request(k)
+        assert rec is not None and rec.state == State.SUBMITTED and rec.not_before == 5.0
+        assert rec.attempt_rows[0].submit_tries == 1
+        # a requeue that does not consume an attempt gives the increment back
+        store.record_outcomes([Outcome(aid, k, "requeue", error_code="result_expired", consume_attempt=False)])
+        assert store.get_request(k).attempts == 0  # type: ignore[union-attr]
+
+
+def test_lock_names_holder_and_is_released(tmp_path: Path) -> None:
+    path = tmp_path / "s.db"
+    with Store(path) as a, Store(path) as b:
+        a.lock()
+        with pytest.raises(StoreLockedError) as info:
+            b.lock()
+        assert "pid" in str(info.value) and "in use" in str(info.value)
+        a.unlock()
+        b.lock()
+
+
+def test_readers_see_commits_while_a_writer_is_open(tmp_path: Path) -> None:
+    path = tmp_path / "s.db"
+    with Store(path) as store:
+        store.sync(FakeManifest(tmp_path, ["a", "b"]))
+        reader = sqlite3.connect(path)
+        assert reader.execute("SELECT COUNT(*) FROM requests").fetchone()[0] == 2
+        reader.close()
+
+
+def test_next_due_uses_the_state_index(tmp_path: Path) -> None:
+    with Store(tmp_path / "s.db") as store:
+        plan = " ".join(str(r) for r in store.conn.execute(
+            "EXPLAIN QUERY PLAN SELECT rowid, * FROM requests WHERE state='pending' AND not_before <= ? "
+            "ORDER BY not_before, rowid LIMIT ?", (0, 1)))
+        assert "requests_state_not_before" in plan and "TEMP B-TREE" not in plan
