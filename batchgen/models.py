@@ -117,9 +117,13 @@ def canonical_json(value: Any) -> str:
 def request_key(item_id: str, variant: dict[str, str], request: GenerationRequest) -> str:
     """Stable identity of a request: the same item, variant and parameters give the same key on every
     expansion; a changed prompt or parameter gives a new one. Versioned so the scheme can change."""
-    payload = canonical_json(
-        {"item": item_id, "variant": variant, "request": request.model_dump(mode="json", exclude_none=True)}
-    )
+    return request_key_for_fields(item_id, variant, request.model_dump(mode="json", exclude_none=True))
+
+
+def request_key_for_fields(item_id: str, variant: dict[str, str], fields: dict[str, Any]) -> str:
+    """`request_key()` for a request given as its `model_dump(mode="json", exclude_none=True)` dict, so the
+    manifest's hot loop can key a million rows without dumping each model; same scheme, same keys."""
+    payload = canonical_json({"item": item_id, "variant": variant, "request": fields})
     return KEY_SCHEME + "-" + hashlib.sha256(payload.encode()).hexdigest()[:32]
 
 

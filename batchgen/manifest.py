@@ -1,0 +1,1120 @@
+"""Manifests: a YAML or CSV job turned into a stream of validated, keyed generation requests.
+
+A catalogue team writes "every product in this CSV, in two styles and three aspect ratios" once; this module
+expands it into exact API requests and stops every bad one before it can cost a credit. Three things shape
+the code:
+
+* **Every problem, with its place.** A user fixes a manifest in one pass only if all mistakes are listed,
+  each with file, line or CSV row, field, the bad value and what is allowed. File-level mistakes (YAML
+  syntax, unknown keys, a missing or empty CSV) raise at once from `open_manifest`; row mistakes are
+  collected (up to `MAX_PROBLEMS`, with a count of the rest) while `Manifest.requests()` streams, and
+  `raise_if_problems()` raises them together. A consumer that writes iterates inside one transaction and
+  rolls back when that raises, so bad input changes nothing.
+* **A million rows in flat memory.** Rows stream from the CSV and are never held; duplicate item ids and
+  duplicate output files are found from one 64-bit hash per id/name in an `array('q')` (8 bytes each),
+  checked at the end, and only colliding hashes are looked at again to name the rows.
+* **Speed without a second rule book.** Pydantic-validating each row would cap expansion at a few thousand
+  rows a second. The rules live in `GenerationRequest` (catalogue, sizes, n, masks, editing models): each
+  distinct parameter combination (model, size, n, number of images, mask or not) is validated once through
+  it and the verdict cached; the prompt's length is checked against the same catalogue constant; only then
+  is the request built with `model_construct`.
+
+Row numbers are what a spreadsheet shows: the header is row 1, the first data row is row 2.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import itertools
+import json
+import os
+import re
+from array import array
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import ValidationError
+
+from batchgen import catalog, naming
+from batchgen.errors import ManifestError, Problem
+from batchgen.localfiles import ReferenceChecker
+from batchgen.manifest_schema import MATRIX_PARAMS, REQUEST_PARAMS, ManifestSchema
+from batchgen.models import (
+    KEY_SCHEME,
+    GenerationRequest,
+    JobSpec,
+    OutputSettings,
+    PlannedRequest,
+    RunSettings,
+    is_remote,
+    request_key_for_fields,
+)
+from batchgen.units import parse_duration_s, parse_rate
+
+MAX_PROBLEMS = 50
+# Bumped when expansion changes in a way that could change requests, so fingerprints change with it.
+EXPANSION_VERSION = "1"
+ID_FIELD_CANDIDATES: tuple[str, ...] = ("id", "sku", "name")
+YAML_SUFFIXES = (".yaml", ".yml")
+CSV_SUFFIXES = (".csv",)
+_PARAM_SET = frozenset(REQUEST_PARAMS)
+_INT_PARAMS = frozenset({"n", "seed"})
+_RESERVED_MATRIX = frozenset({"id", "variant", "key", "index"})
+_NAME_RE = re.compile(r"^[\w][\w.\- ]*$")
+# Cached verdicts per parameter combination / reference; cleared if a file of unique junk grows them.
+_CACHE_LIMIT = 20_000
+
+
+# --- YAML without YAML 1.1 surprises ----------------------------------------------------------------
+
+
+class _Loader(yaml.SafeLoader):
+    """SafeLoader minus sexagesimal numbers: YAML 1.1 reads an unquoted `16:9` as 969 (base 60), which
+    would turn every aspect ratio into a number."""
+
+
+_Loader.yaml_implicit_resolvers = {
+    first: [(tag, rx) for tag, rx in resolvers if tag not in ("tag:yaml.org,2002:int", "tag:yaml.org,2002:float")]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:int",
+    re.compile(r"^(?:[-+]?0b[0-1_]+|[-+]?0[0-7_]+|[-+]?(?:0|[1-9][0-9_]*)|[-+]?0x[0-9a-fA-F_]+)$"),
+    list("-+0123456789"),
+)
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+][0-9]+)?|\.[0-9][0-9_]*(?:[eE][-+][0-9]+)?"
+               r"|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$"),
+    list("-+0123456789."),
+)
+
+
+def _parse_yaml(text: str, file: str) -> tuple[Any, yaml.Node | None]:
+    """The document and its node tree (for line numbers), from one parse."""
+    loader = _Loader(text)
+    try:
+        node = loader.get_single_node()
+        data = loader.construct_document(node) if node is not None else None
+    except yaml.MarkedYAMLError as error:
+        mark = error.problem_mark or error.context_mark
+        where = f"line {mark.line + 1}" if mark else None
+        what = " ".join(x for x in (error.context, error.problem) if x)
+        raise ManifestError([Problem(file, where, None, f"YAML syntax error: {what}")]) from None
+    except yaml.YAMLError as error:
+        raise ManifestError([Problem(file, None, None, f"YAML error: {error}")]) from None
+    finally:
+        loader.dispose()
+    return data, node
+
+
+def _node_line(root: yaml.Node | None, loc: tuple[Any, ...]) -> int | None:
+    """1-based line of the deepest node along `loc` (a pydantic error location) that exists."""
+    node, line = root, (root.start_mark.line + 1 if root is not None else None)
+    for part in loc:
+        if isinstance(node, yaml.MappingNode):
+            for key_node, value_node in node.value:
+                if key_node.value == part:
+                    node, line = value_node, key_node.start_mark.line + 1
+                    break
+            else:
+                return line
+        elif isinstance(node, yaml.SequenceNode) and isinstance(part, int) and part < len(node.value):
+            node = node.value[part]
+            line = node.start_mark.line + 1
+        else:
+            return line
+    return line
+
+
+def _at(line: int | None) -> str | None:
+    return f"line {line}" if line else None
+
+
+# --- problems -----------------------------------------------------------------------------------------
+
+
+class _Problems:
+    """A capped list of problems with a count of the ones beyond the cap."""
+
+    def __init__(self, cap: int = MAX_PROBLEMS) -> None:
+        self.cap = cap
+        self.items: list[Problem] = []
+        self.rest = 0
+
+    def add(self, file: str, location: str | None, field_name: str | None, message: str) -> None:
+        if len(self.items) < self.cap:
+            self.items.append(Problem(file, location, field_name, message))
+        else:
+            self.rest += 1
+
+    def __bool__(self) -> bool:
+        return bool(self.items)
+
+    def raise_if_any(self) -> None:
+        if self.items:
+            raise ManifestError(list(self.items), truncated=self.rest)
+
+
+def _pydantic_problems(error: ValidationError, file: str, root: yaml.Node | None, problems: _Problems,
+                       prefix: tuple[Any, ...] = ()) -> None:
+    for err in error.errors():
+        loc = prefix + tuple(err["loc"])
+        dotted = ".".join(str(x) for x in loc) or None
+        if err["type"] == "extra_forbidden":
+            parent = _allowed_keys(prefix + tuple(err["loc"][:-1]))
+            allowed = f"; allowed keys: {', '.join(parent)}" if parent else ""
+            message = f"unknown key{allowed}"
+        else:
+            message = err["msg"].removeprefix("Value error, ")
+            if err["type"] not in ("missing",) and "input" in err and not isinstance(err["input"], dict | list):
+                message = f"{json.dumps(err['input'], default=str)} is not allowed: {message[0].lower()}{message[1:]}"
+        problems.add(file, _at(_node_line(root, loc)), dotted, message)
+
+
+def _allowed_keys(loc: tuple[Any, ...]) -> list[str]:
+    """The keys a mapping at `loc` may have, for 'unknown key' messages."""
+    from batchgen.manifest_schema import RequestDefaults
+
+    models: dict[tuple[Any, ...], type] = {(): ManifestSchema, ("defaults",): RequestDefaults,
+                                           ("output",): OutputSettings, ("run",): RunSettings}
+    model = models.get(loc)
+    return list(model.model_fields) if model else []
+
+
+# --- values from items and CSV cells --------------------------------------------------------------------
+
+
+def _is_unset(value: Any) -> bool:
+    return value is None or (isinstance(value, str) and not value.strip())
+
+
+def _text(value: Any) -> str:
+    """An item field as text (metadata, template values)."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if value is None:
+        return ""
+    return str(value)
+
+
+def _parse_url_list(value: Any) -> tuple[str, ...]:
+    """image_urls from a YAML list or one CSV cell: a JSON list, or entries separated by `|` or newlines."""
+    if isinstance(value, list | tuple):
+        items = list(value)
+    elif isinstance(value, str):
+        text = value.strip()
+        if text.startswith("["):
+            try:
+                items = json.loads(text)
+            except json.JSONDecodeError as error:
+                raise ValueError(f"{text[:60]!r} is not a valid JSON list ({error.msg}); write a JSON list "
+                                 'like ["a.png", "b.png"] or separate entries with |') from None
+            if not isinstance(items, list):
+                raise ValueError("must be a list of URLs or paths")
+        else:
+            items = re.split(r"[|\r\n]+", text)
+    else:
+        raise ValueError(f"{value!r} is not a list of URLs or paths")
+    out = []
+    for item in items:
+        if not isinstance(item, str):
+            raise ValueError(f"{json.dumps(item, default=str)} is not a URL or path (text expected)")
+        if item.strip():
+            out.append(item.strip())
+    return tuple(out)
+
+
+def _coerce_param(name: str, value: Any) -> Any:
+    """A request parameter from an item field, CSV cell or matrix value, in the request's type; ValueError
+    with the bad value and what is allowed. The caller has already dropped unset (empty) values."""
+    if name == "prompt":
+        if isinstance(value, dict | list):
+            raise ValueError("must be text")
+        return _text(value)
+    if name in _INT_PARAMS:
+        if isinstance(value, bool):
+            raise ValueError(f"{_text(value)} is not a whole number")
+        if isinstance(value, int):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        text = str(value).strip()
+        try:
+            return int(text)
+        except ValueError:
+            raise ValueError(f'"{text}" is not a whole number') from None
+    if name == "image_urls":
+        return _parse_url_list(value)
+    if name == "model_params":
+        if isinstance(value, dict):
+            return value
+        if isinstance(value, str):
+            try:
+                parsed = json.loads(value)
+            except json.JSONDecodeError as error:
+                raise ValueError(f"{value[:60]!r} is not valid JSON ({error.msg}); write a JSON object") from None
+            if isinstance(parsed, dict):
+                return parsed
+        raise ValueError("must be a JSON object of extra parameters")
+    # model, size, mask_url, quality, resolution: text
+    if isinstance(value, dict | list):
+        raise ValueError("must be text, not a list or mapping")
+    return _text(value).strip()
+
+
+# --- the expansion ----------------------------------------------------------------------------------------
+
+
+@dataclass
+class ModelTotals:
+    requests: int = 0
+    images: int = 0
+    credits: float = 0.0
+
+
+@dataclass
+class ValidationSummary:
+    """What `batchgen validate` prints: counts and an estimate of credits (catalogue estimates)."""
+
+    job: str
+    requests: int = 0
+    images: int = 0
+    credits: float = 0.0
+    by_model: dict[str, ModelTotals] = field(default_factory=dict)
+
+    def add(self, request: GenerationRequest) -> None:
+        credits = request.estimated_credits()
+        self.requests += 1
+        self.images += request.n
+        self.credits += credits
+        row = self.by_model.get(request.model)
+        if row is None:
+            row = self.by_model[request.model] = ModelTotals()
+        row.requests += 1
+        row.images += request.n
+        row.credits += credits
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "job": self.job,
+            "requests": self.requests,
+            "images": self.images,
+            "credits": round(self.credits, 4),
+            "credits_are_estimates": True,
+            "by_model": {m: {"requests": r.requests, "images": r.images, "credits": round(r.credits, 4)}
+                         for m, r in sorted(self.by_model.items())},
+        }
+
+
+@dataclass(frozen=True)
+class _Variant:
+    values: dict[str, str]  # matrix variable -> value as text (the request's `variant`)
+    params: dict[str, Any]  # the request parameters it sets
+
+
+@dataclass
+class _Csv:
+    path: Path
+    display: str
+    header: list[str]
+    param_cols: list[tuple[str, int]]
+    meta_cols: list[tuple[str, int]]
+    id_col: int | None
+
+
+@dataclass
+class _Inline:
+    """Inline YAML items: each a mapping, with its line and the line of each of its keys."""
+
+    items: list[Any]
+    lines: list[int]
+    field_lines: list[dict[str, int]]
+
+
+class Manifest:
+    """An opened manifest: the job's settings and a stream of its requests (see the module docstring)."""
+
+    def __init__(self, job: JobSpec, *, display: str, defaults: dict[str, Any], template: naming.Template | None,
+                 variants: list[_Variant], id_field: str | None, source: _Csv | _Inline | None,
+                 fingerprint_parts: list[str]) -> None:
+        self.job = job
+        self.display = display
+        self.problems: list[Problem] = []
+        self.truncated = 0
+        self._defaults = defaults
+        self._template = template
+        self._variants = variants
+        self._id_field = id_field
+        self._source = source
+        self._fingerprint_parts = fingerprint_parts
+        self._names = naming.NameRenderer(job.output.filename)
+        self._checker = ReferenceChecker()
+        self._combo_verdicts: dict[tuple[Any, ...], tuple[tuple[str | None, str], ...]] = {}
+        self._refs: dict[tuple[str, str], str] = {}
+        self._variant_names = frozenset(variants[0].values) if variants else frozenset()
+
+    # --- public ---------------------------------------------------------------------------------------
+
+    def requests(self) -> Iterator[PlannedRequest]:
+        """Every valid request, in manifest order. Invalid rows land in `.problems` (capped; the count of the
+        rest in `.truncated`); duplicate ids and output files are added once the stream ends."""
+        problems = _Problems()
+        self.problems, self.truncated = problems.items, 0
+        ids: array[int] = array("q")
+        names: array[int] = array("q")
+
+        def on_item(item_id: str, file: str, loc: str) -> None:
+            ids.append(hash(item_id))
+
+        def on_names(paths: list[str], file: str, loc: str) -> None:
+            for p in paths:
+                names.append(hash(p.casefold()))
+
+        try:
+            yield from self._generate(problems, on_item, on_names)
+            self._report_duplicates(problems, ids, names)
+        finally:
+            self.truncated = problems.rest
+
+    def raise_if_problems(self) -> None:
+        if self.problems:
+            raise ManifestError(list(self.problems), truncated=self.truncated)
+
+    def fingerprint(self) -> str:
+        """Changes when the manifest, its CSV (size and modification time) or a local reference file named
+        in the YAML changes, or when batchgen's expansion changes. Photos named only in CSV cells are not
+        included (the CSV's own change is)."""
+        parts = [EXPANSION_VERSION, KEY_SCHEME, *self._fingerprint_parts]
+        if isinstance(self._source, _Csv):
+            parts.append(_stat_part(self._source.path))
+        return hashlib.sha256("\n".join(parts).encode()).hexdigest()
+
+    # --- expansion ------------------------------------------------------------------------------------
+
+    def _generate(self, problems: _Problems, on_item: Callable[[str, str, str], None],
+                  on_names: Callable[[list[str], str, str], None]) -> Iterator[PlannedRequest]:
+        source = self._source
+        if isinstance(source, _Csv):
+            yield from self._generate_csv(source, problems, on_item, on_names)
+        elif isinstance(source, _Inline):
+            yield from self._generate_inline(source, problems, on_item, on_names)
+        else:
+            # No items: the job is one item, named after the job.
+            on_item(self.job.name, self.display, "")
+            yield from self._expand(self.display, None, self.job.name, {}, {}, None, self.job.base_dir,
+                                    problems, on_names)
+
+    def _generate_csv(self, src: _Csv, problems: _Problems, on_item: Callable[[str, str, str], None],
+                      on_names: Callable[[list[str], str, str], None]) -> Iterator[PlannedRequest]:
+        file = src.display
+        base = src.path.parent
+        ncols = len(src.header)
+        param_cols, meta_cols, id_col = src.param_cols, src.meta_cols, src.id_col
+        expand = self._expand
+        try:
+            with src.path.open(newline="", encoding="utf-8-sig") as fh:
+                reader = csv.reader(fh, strict=True)
+                next(reader, None)
+                rowno = 1
+                for row in reader:
+                    rowno += 1
+                    if len(row) != ncols:
+                        if not any(c.strip() for c in row):
+                            continue  # blank line (spreadsheets leave them at the end)
+                        if len(row) > ncols and any(c.strip() for c in row[ncols:]):
+                            problems.add(file, f"row {rowno}", None, f"has {len(row)} cells but the header "
+                                         f"has {ncols} columns; quote cells that contain commas")
+                            continue
+                        row = (row + [""] * ncols)[:ncols]
+                    loc = f"row {rowno}"
+                    if id_col is not None:
+                        item_id = row[id_col].strip()
+                        if not item_id:
+                            problems.add(file, loc, self._id_field, "is empty; every row needs an id")
+                            continue
+                    else:
+                        item_id = str(rowno)
+                    on_item(item_id, file, loc)
+                    metadata = {name: row[i] for name, i in meta_cols}
+                    params: dict[str, Any] = {}
+                    bad = False
+                    for name, i in param_cols:
+                        cell = row[i]
+                        if not cell or cell.isspace():
+                            continue
+                        if name == "prompt":
+                            params[name] = cell
+                            continue
+                        try:
+                            params[name] = _coerce_param(name, cell)
+                        except ValueError as error:
+                            problems.add(file, loc, name, str(error))
+                            bad = True
+                    if bad:
+                        continue
+                    yield from expand(file, loc, item_id, params, metadata, None, base, problems, on_names)
+        except UnicodeDecodeError as error:
+            problems.add(file, f"row {rowno + 1}", None, f"is not UTF-8 text ({error.reason}); save the CSV "
+                         "as UTF-8")
+        except csv.Error as error:
+            problems.add(file, f"row {rowno + 1}", None, f"cannot be read as CSV: {error}")
+
+    def _generate_inline(self, src: _Inline, problems: _Problems, on_item: Callable[[str, str, str], None],
+                         on_names: Callable[[list[str], str, str], None]) -> Iterator[PlannedRequest]:
+        file = self.display
+        base = self.job.base_dir
+        for position, (item, line, field_lines) in enumerate(
+                zip(src.items, src.lines, src.field_lines, strict=True), start=1):
+            loc = f"line {line}"
+            if not isinstance(item, dict):
+                problems.add(file, loc, "items", f"item {position} is not a mapping of fields")
+                continue
+            if self._id_field is not None:
+                raw_id = item.get(self._id_field)
+                if _is_unset(raw_id) or isinstance(raw_id, dict | list):
+                    problems.add(file, loc, self._id_field, f"item {position} has no {self._id_field}; every "
+                                 "item needs one (or remove id_field to number items)")
+                    continue
+                item_id = _text(raw_id).strip()
+            else:
+                item_id = str(position)
+            on_item(item_id, file, loc)
+            metadata: dict[str, str] = {}
+            params: dict[str, Any] = {}
+            bad = False
+            for key, value in item.items():
+                key = str(key)
+                where = f"line {field_lines.get(key, line)}"
+                if key in _PARAM_SET:
+                    if _is_unset(value):
+                        continue
+                    if key in self._variant_names:
+                        problems.add(file, where, key, "is also a matrix variable; set it in one place")
+                        bad = True
+                        continue
+                    try:
+                        params[key] = _coerce_param(key, value)
+                    except ValueError as error:
+                        problems.add(file, where, key, str(error))
+                        bad = True
+                elif isinstance(value, dict | list):
+                    problems.add(file, where, key, "item fields must be text or numbers, not lists or mappings")
+                    bad = True
+                elif key in self._variant_names:
+                    problems.add(file, where, key, "is also a matrix variable; rename one of them")
+                    bad = True
+                else:
+                    metadata[key] = _text(value)
+            if bad:
+                continue
+            yield from self._expand(file, loc, item_id, params, metadata, field_lines, base, problems, on_names)
+
+    def _expand(self, file: str, loc: str | None, item_id: str, item_params: dict[str, Any],
+                metadata: dict[str, str], field_lines: dict[str, int] | None, base: Path, problems: _Problems,
+                on_names: Callable[[list[str], str, str], None]) -> Iterator[PlannedRequest]:
+        """The requests of one item: one per matrix combination, each checked against the catalogue."""
+
+        reported: set[tuple[str | None, str]] = set()
+
+        def report(name: str | None, message: str, at_item: bool = False) -> None:
+            # Once per item: a bad n would otherwise repeat for every matrix combination.
+            if (name, message) in reported:
+                return
+            reported.add((name, message))
+            place = f"line {field_lines[name]}" if field_lines and name in field_lines and not at_item else loc
+            problems.add(file, place, name, message)
+
+        # Local references written in this item resolve against the file they are written in.
+        if "image_urls" in item_params or "mask_url" in item_params:
+            try:
+                item_params = self._resolve_refs(item_params, base)
+            except _RefError as error:
+                report(error.field, error.message)
+                return
+        template = self._template
+        values: dict[str, str] | None = None
+        source = f"{file} {loc}" if loc else file
+        for variant in self._variants:
+            params = {**self._defaults, **item_params, **variant.params} if variant.params or item_params \
+                else self._defaults
+            # Prompt: the item's own text, else the template filled from the item and the variant.
+            prompt = item_params.get("prompt")
+            if prompt is None:
+                if template is None:
+                    report("prompt", "missing: give the item a prompt, or set "
+                                 "prompt: (a template) in the manifest")
+                    return
+                if values is None:
+                    values = dict(metadata)
+                    values["id"] = item_id
+                if variant.values:
+                    values.update(variant.values)
+                missing = [f for f in template.fields if not values.get(f)]
+                if missing:
+                    available = ", ".join(sorted(k for k, v in values.items() if v)) or "none"
+                    report("prompt", at_item=True, message="the template uses "
+                                 + ", ".join("{" + f + "}" for f in missing)
+                                 + f", which this item does not have or leaves empty; it has: {available}")
+                    return
+                prompt = template.render(values)
+            ok = True
+            if not prompt.strip():
+                report("prompt", "is empty")
+                ok = False
+            elif len(prompt) > catalog.MAX_PROMPT_CHARS:
+                report("prompt", f"is {len(prompt)} characters long; at most "
+                             f"{catalog.MAX_PROMPT_CHARS} are allowed (starts {prompt[:40]!r})")
+                ok = False
+            model = params.get("model") or catalog.DEFAULT_MODEL
+            size = params.get("size")
+            n = params.get("n", 1)
+            urls: tuple[str, ...] = params.get("image_urls", ())
+            mask = params.get("mask_url")
+            for field_name, message in self._combo_verdict(model, size, n, len(urls), mask is not None):
+                report(field_name, message)
+                ok = False
+            for ref in urls:
+                if not is_remote(ref):
+                    error = self._checker.error_for(Path(ref))
+                    if error:
+                        report("image_urls", error)
+                        ok = False
+            if mask is not None and not is_remote(mask):
+                error = self._checker.error_for(Path(mask), mask=True)
+                if error:
+                    report("mask_url", error)
+                    ok = False
+            if not ok:
+                continue
+            # Mirrors GenerationRequest.model_dump(mode="json", exclude_none=True), so the key is the same
+            # as request_key() of the built request (tested).
+            dumped: dict[str, Any] = {"prompt": prompt, "model": model, "n": n, "image_urls": list(urls)}
+            for name in ("size", "mask_url", "quality", "resolution", "seed", "model_params"):
+                value = params.get(name)
+                if value is not None:
+                    dumped[name] = value
+            key = request_key_for_fields(item_id, variant.values, dumped)
+            try:
+                paths = self._names.paths(item_id=item_id, variant=variant.values, metadata=metadata, model=model,
+                                          key=key, n=n)
+            except ValueError as error:
+                report("output.filename", str(error))
+                continue
+            on_names(paths, file, loc or "")
+            request = GenerationRequest.model_construct(
+                prompt=prompt, model=model, size=size, n=n, image_urls=urls, mask_url=mask,
+                quality=params.get("quality"), resolution=params.get("resolution"), seed=params.get("seed"),
+                model_params=params.get("model_params"),
+            )
+            yield PlannedRequest.model_construct(key=key, item_id=item_id, variant=variant.values,
+                                                 metadata=metadata, request=request, source=source)
+
+    def _combo_verdict(self, model: str, size: str | None, n: Any, n_images: int,
+                       has_mask: bool) -> tuple[tuple[str | None, str], ...]:
+        """(field, message) for every rule the combination breaks, from GenerationRequest itself."""
+        cache_key = (model, size, n, n_images, has_mask)
+        verdict = self._combo_verdicts.get(cache_key)
+        if verdict is None:
+            if len(self._combo_verdicts) > _CACHE_LIMIT:
+                self._combo_verdicts.clear()
+            verdict = _check_combo(model, size, n, n_images, has_mask)
+            self._combo_verdicts[cache_key] = verdict
+        return verdict
+
+    def _resolve_refs(self, params: dict[str, Any], base: Path) -> dict[str, Any]:
+        params = dict(params)
+        if "image_urls" in params:
+            params["image_urls"] = tuple(self._resolve(r, base, "image_urls") for r in params["image_urls"])
+        if "mask_url" in params:
+            params["mask_url"] = self._resolve(params["mask_url"], base, "mask_url")
+        return params
+
+    def _resolve(self, ref: str, base: Path, field_name: str) -> str:
+        cache_key = (ref, str(base))
+        hit = self._refs.get(cache_key)
+        if hit is None:
+            if len(self._refs) > _CACHE_LIMIT:
+                self._refs.clear()
+            hit = _resolve_ref(ref, base, field_name)
+            self._refs[cache_key] = hit
+        return hit
+
+    # --- duplicates -----------------------------------------------------------------------------------
+
+    def _report_duplicates(self, problems: _Problems, ids: array[int], names: array[int]) -> None:
+        dup_ids = _colliding(ids)
+        dup_names = _colliding(names)
+        if not dup_ids and not dup_names:
+            return
+        # Rare: walk the manifest again, collecting only the colliding ids and names, to name their rows.
+        id_places: dict[str, list[tuple[str, str]]] = {}
+        name_places: dict[str, list[tuple[str, str]]] = {}
+
+        def on_item(item_id: str, file: str, loc: str) -> None:
+            if hash(item_id) in dup_ids:
+                id_places.setdefault(item_id, []).append((file, loc))
+
+        def on_names(paths: list[str], file: str, loc: str) -> None:
+            for p in paths:
+                if hash(p.casefold()) in dup_names:
+                    name_places.setdefault(p.casefold(), []).append((file, loc))
+
+        for _ in self._generate(_Problems(cap=0), on_item, on_names):
+            pass
+        id_label = self._id_field or "id"
+        for item_id, places in id_places.items():
+            if len(places) > 1:
+                problems.add(places[1][0], _locations(places[1:]), id_label,
+                             f'"{item_id}" is already used by {_locations(places[:1])}; item ids must be unique')
+        for name, places in name_places.items():
+            if len(places) > 1:
+                problems.add(places[1][0], _locations(places[1:]), "output.filename",
+                             f'"{name}" would also be written by {_locations(places[:1])}: each image needs its '
+                             "own file; add {variant}, {index} or a unique field to the file name template")
+
+
+class _RefError(Exception):
+    def __init__(self, field_name: str, message: str) -> None:
+        super().__init__(message)
+        self.field = field_name
+        self.message = message
+
+
+def _resolve_ref(ref: str, base: Path, field_name: str) -> str:
+    """A reference as the request holds it: an http(s) URL untouched, a local path made absolute."""
+    if is_remote(ref):
+        return ref
+    if "://" in ref or ref.startswith("data:"):
+        raise _RefError(field_name, f'"{ref[:80]}" is neither an http(s) URL nor a local file path')
+    path = Path(ref).expanduser()
+    if not path.is_absolute():
+        path = base / path
+    return os.path.normpath(path)
+
+
+def _check_combo(model: str, size: str | None, n: Any, n_images: int,
+                 has_mask: bool) -> tuple[tuple[str | None, str], ...]:
+    try:
+        GenerationRequest(prompt="x", model=model, size=size, n=n, image_urls=("x",) * n_images,
+                          mask_url="x" if has_mask else None)
+    except ValidationError as error:
+        return tuple(_explain(err, n_images) for err in error.errors())
+    return ()
+
+
+def _explain(err: Any, n_images: int) -> tuple[str | None, str]:
+    """A GenerationRequest error as (field, message) in the manifest's words."""
+    loc = err["loc"]
+    message: str = err["msg"].removeprefix("Value error, ")
+    if loc:
+        name = str(loc[0])
+        if name == "image_urls":
+            return name, f"{n_images} reference images; at most {catalog.MAX_IMAGE_URLS} are allowed"
+        if name == "n":
+            return name, f"{err['input']} is out of range; use {catalog.MIN_N} to {catalog.MAX_N}"
+        return name, f"{json.dumps(err.get('input'), default=str)} is not allowed: {message}"
+    # Errors of the catalogue check name their field first ('size "9:7" is not accepted by ...').
+    for name in ("model", "size", "mask_url", "prompt"):
+        if message.startswith(name + " "):
+            rest = message[len(name) + 1:]
+            return name, rest if rest.startswith('"') else message
+    if "image_urls" in message:
+        return "image_urls", message
+    return None, message
+
+
+def _colliding(hashes: array[int]) -> set[int]:
+    """Hash values that occur more than once, sorting at most ~250k values at a time so a million-row
+    check stays within a few MB beyond the array itself."""
+    total = len(hashes)
+    if total < 2:
+        return set()
+    buckets = max(1, total // 250_000 + (1 if total % 250_000 else 0))
+    out: set[int] = set()
+    for b in range(buckets):
+        part = sorted(hashes) if buckets == 1 else sorted(h for h in hashes if h % buckets == b)
+        prev = None
+        for h in part:
+            if h == prev:
+                out.add(h)
+            prev = h
+    return out
+
+
+def _locations(places: list[tuple[str, str]], limit: int = 5) -> str:
+    """'rows 3, 17' / 'line 4' from [(file, 'row 3'), (file, 'row 17')]."""
+    locs = [loc for _, loc in places if loc]
+    if not locs:
+        return places[0][0] if places else ""
+    kind = locs[0].split(" ")[0]
+    nums = [loc.split(" ", 1)[1] for loc in locs]
+    shown = ", ".join(nums[:limit]) + (f" and {len(nums) - limit} more" if len(nums) > limit else "")
+    return f"{kind}s {shown}" if len(nums) > 1 else f"{kind} {shown}"
+
+
+def _stat_part(path: Path) -> str:
+    try:
+        st = path.stat()
+    except OSError:
+        return f"{path}:missing"
+    return f"{path}:{st.st_size}:{st.st_mtime_ns}"
+
+
+# --- opening --------------------------------------------------------------------------------------------
+
+
+def _kind(path: Path) -> str:
+    suffix = path.suffix.lower()
+    if suffix in YAML_SUFFIXES:
+        return "yaml"
+    if suffix in CSV_SUFFIXES:
+        return "csv"
+    raise ManifestError([Problem(str(path), None, None, f'"{path.suffix}" is not a manifest type; use a .yaml, '
+                                 ".yml or .csv file")])
+
+
+def _read_text(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8-sig")
+    except FileNotFoundError:
+        raise ManifestError([Problem(str(path), None, None, "does not exist")]) from None
+    except IsADirectoryError:
+        raise ManifestError([Problem(str(path), None, None, "is a folder, not a manifest file")]) from None
+    except UnicodeDecodeError as error:
+        raise ManifestError([Problem(str(path), None, None, f"is not UTF-8 text ({error.reason})")]) from None
+    except OSError as error:
+        raise ManifestError([Problem(str(path), None, None, f"cannot be read: {error.strerror}")]) from None
+
+
+@dataclass
+class _Parsed:
+    """A YAML manifest after the schema and settings checks (what load_job needs and a bit more)."""
+
+    job: JobSpec
+    schema: ManifestSchema
+    root: yaml.Node | None
+    text: str
+
+
+def _parse_yaml_manifest(path: Path) -> _Parsed:
+    file = str(path)
+    text = _read_text(path)
+    data, root = _parse_yaml(text, file)
+    problems = _Problems()
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ManifestError([Problem(file, _at(_node_line(root, ())), None, "the manifest must be a mapping of "
+                                     "keys (name, defaults, prompt, items or items_csv, matrix, output, run)")])
+    try:
+        schema = ManifestSchema.model_validate(data)
+    except ValidationError as error:
+        _pydantic_problems(error, file, root, problems)
+        problems.raise_if_any()
+        raise  # unreachable: a ValidationError always has errors
+    name = schema.name if schema.name is not None else path.stem
+    if not _NAME_RE.match(name):
+        problems.add(file, _at(_node_line(root, ("name",))), "name", f'"{name}" is not a usable job name; use '
+                     "letters, digits, spaces, '.', '-' and '_', starting with a letter or digit")
+    run = schema.run
+    try:
+        parse_rate(run.rate)
+    except ValueError as error:
+        problems.add(file, _at(_node_line(root, ("run", "rate"))), "run.rate", str(error))
+    try:
+        parse_duration_s(run.max_wait)
+    except ValueError as error:
+        problems.add(file, _at(_node_line(root, ("run", "max_wait"))), "run.max_wait", str(error))
+    for i, model in enumerate(run.fallback_models):
+        if catalog.get(model) is None:
+            problems.add(file, _at(_node_line(root, ("run", "fallback_models", i))), "run.fallback_models",
+                         f'"{model}" is not in the catalogue; use one of '
+                         + catalog.describe_choices(catalog.names(), limit=20))
+    try:
+        naming.check_filename_template(schema.output.filename)
+    except ValueError as error:
+        problems.add(file, _at(_node_line(root, ("output", "filename"))), "output.filename", str(error))
+    problems.raise_if_any()
+    job = JobSpec(name=name, manifest_path=path.absolute(), output=schema.output, run=run)
+    return _Parsed(job=job, schema=schema, root=root, text=text)
+
+
+def load_job(path: Path) -> JobSpec:
+    """The job's settings only (fast, no expansion): name, output and run settings, paths absolute.
+    ManifestError if the file or its settings are bad."""
+    path = Path(path)
+    if _kind(path) == "csv":
+        return JobSpec(name=path.stem, manifest_path=path.absolute())
+    return _parse_yaml_manifest(path).job
+
+
+def open_manifest(path: Path) -> Manifest:
+    """Open a manifest for expansion; raises ManifestError at once for file-level problems (syntax,
+    unknown keys, a missing or empty CSV, no prompt, template fields no item can have)."""
+    path = Path(path)
+    if _kind(path) == "csv":
+        if not path.exists():
+            raise ManifestError([Problem(str(path), None, None, "does not exist")])
+        job = JobSpec(name=path.stem, manifest_path=path.absolute())
+        problems = _Problems()
+        src = _open_csv(path, str(path), id_field=None, matrix_names=frozenset(), problems=problems,
+                        display_of_manifest=str(path))
+        if src is not None and not any(name == "prompt" for name, _ in src.param_cols):
+            problems.add(str(path), "row 1", "prompt", "the CSV has no prompt column; a CSV job needs one "
+                         f"(columns found: {', '.join(src.header)})")
+        problems.raise_if_any()
+        return Manifest(job, display=str(path), defaults={}, template=None, variants=[_Variant({}, {})],
+                        id_field=_csv_id_name(src), source=src, fingerprint_parts=[])
+    parsed = _parse_yaml_manifest(path)
+    return _build_yaml_manifest(path, parsed)
+
+
+def _csv_id_name(src: _Csv | None) -> str | None:
+    if src is None or src.id_col is None:
+        return None
+    return src.header[src.id_col]
+
+
+def _build_yaml_manifest(path: Path, parsed: _Parsed) -> Manifest:
+    file = str(path)
+    schema, root, job = parsed.schema, parsed.root, parsed.job
+    problems = _Problems()
+
+    def line(*loc: Any) -> str | None:
+        return _at(_node_line(root, loc))
+
+    # Template.
+    if schema.prompt is not None and schema.defaults.prompt is not None:
+        problems.add(file, line("defaults", "prompt"), "defaults.prompt", "the prompt template is given twice "
+                     "(prompt: and defaults.prompt:); keep one")
+    template_text = schema.prompt if schema.prompt is not None else schema.defaults.prompt
+    template: naming.Template | None = None
+    if template_text is not None:
+        try:
+            template = naming.compile_template(template_text)
+        except ValueError as error:
+            where = line("prompt") if schema.prompt is not None else line("defaults", "prompt")
+            problems.add(file, where, "prompt", str(error))
+
+    # Defaults: everything but the prompt template; local references relative to the manifest.
+    defaults: dict[str, Any] = {}
+    fingerprint_parts = [hashlib.sha256(parsed.text.encode()).hexdigest()]
+    for name in REQUEST_PARAMS:
+        value = getattr(schema.defaults, name)
+        if name == "prompt" or value is None:
+            continue
+        defaults[name] = tuple(value) if name == "image_urls" else value
+    for name in ("image_urls", "mask_url"):
+        if name in defaults:
+            try:
+                if name == "image_urls":
+                    defaults[name] = tuple(_resolve_ref(r, job.base_dir, name) for r in defaults[name])
+                else:
+                    defaults[name] = _resolve_ref(defaults[name], job.base_dir, name)
+            except _RefError as error:
+                problems.add(file, line("defaults", name), f"defaults.{name}", error.message)
+    for ref in [*defaults.get("image_urls", ()), *([defaults["mask_url"]] if "mask_url" in defaults else [])]:
+        if not is_remote(ref):
+            fingerprint_parts.append(_stat_part(Path(ref)))
+
+    # Matrix.
+    variants = _build_variants(schema, file, line, problems)
+    matrix_names = frozenset(schema.matrix)
+
+    # Items.
+    if schema.items is not None and schema.items_csv is not None:
+        problems.add(file, line("items_csv"), "items_csv", "give items or items_csv, not both")
+    source: _Csv | _Inline | None = None
+    id_name: str | None = None
+    if schema.items_csv is not None:
+        csv_path = job.base_dir / schema.items_csv
+        display = os.path.normpath(os.path.join(os.path.dirname(file), schema.items_csv))
+        if not csv_path.is_file():
+            problems.add(file, line("items_csv"), "items_csv", f'"{schema.items_csv}" does not exist (looked '
+                         f"for {display})")
+        else:
+            src = _open_csv(csv_path, display, id_field=schema.id_field, matrix_names=matrix_names,
+                            problems=problems, display_of_manifest=file, id_line=line("id_field"))
+            if src is not None:
+                source, id_name = src, _csv_id_name(src)
+                columns = {name for name, _ in src.meta_cols}
+                has_prompt = any(name == "prompt" for name, _ in src.param_cols)
+                if template is None and not has_prompt:
+                    problems.add(file, line("prompt"), "prompt", f"missing: set prompt: (a template) or give "
+                                 f"{display} a prompt column (columns found: {', '.join(src.header)})")
+                if template is not None:
+                    known = columns | matrix_names | {"id"}
+                    for f in template.fields:
+                        if f not in known:
+                            problems.add(file, line("prompt") or line("defaults", "prompt"), "prompt",
+                                         f"the template uses {{{f}}}, which is neither a column of {display} "
+                                         f"nor a matrix variable; columns: {', '.join(sorted(columns))}")
+                fn_tpl = naming.compile_template(job.output.filename)
+                known_names = columns | matrix_names | set(naming.BUILTIN_FIELDS)
+                for f in fn_tpl.fields:
+                    if f not in known_names:
+                        problems.add(file, line("output", "filename"), "output.filename",
+                                     f"the template uses {{{f}}}, which is neither a column of {display}, a "
+                                     f"matrix variable nor one of {', '.join(naming.BUILTIN_FIELDS)}")
+    elif schema.items is not None:
+        items_node = _child(root, "items")
+        lines: list[int] = []
+        field_lines: list[dict[str, int]] = []
+        for i in range(len(schema.items)):
+            node = items_node.value[i] if isinstance(items_node, yaml.SequenceNode) else None
+            lines.append(node.start_mark.line + 1 if node is not None else 0)
+            field_lines.append({str(k.value): k.start_mark.line + 1 for k, _ in node.value}
+                               if isinstance(node, yaml.MappingNode) else {})
+        source = _Inline(items=schema.items, lines=lines, field_lines=field_lines)
+        if not schema.items:
+            problems.add(file, line("items"), "items", "is empty; list at least one item")
+        id_name = schema.id_field or _auto_id_field(
+            {str(k) for it in schema.items if isinstance(it, dict) for k in it})
+    else:
+        if template is None:
+            problems.add(file, None, "prompt", "missing: set prompt: (the prompt, or a template for items)")
+        elif template.fields:
+            problems.add(file, line("prompt"), "prompt", "the template uses "
+                         + ", ".join("{" + f + "}" for f in template.fields if f not in matrix_names and f != "id")
+                         + " but the manifest has no items; add items: or items_csv:")
+    problems.raise_if_any()
+    manifest = Manifest(job, display=file, defaults=defaults, template=template, variants=variants,
+                        id_field=id_name, source=source, fingerprint_parts=fingerprint_parts)
+    return manifest
+
+
+def _child(root: yaml.Node | None, key: str) -> yaml.Node | None:
+    if isinstance(root, yaml.MappingNode):
+        for k, v in root.value:
+            if k.value == key:
+                return v
+    return None
+
+
+def _auto_id_field(columns: set[str] | list[str]) -> str | None:
+    present = {c.lower(): c for c in columns}
+    for candidate in ID_FIELD_CANDIDATES:
+        if candidate in present:
+            return present[candidate]
+    return None
+
+
+def _build_variants(schema: ManifestSchema, file: str, line: Callable[..., str | None],
+                    problems: _Problems) -> list[_Variant]:
+    """The matrix as a list of combinations (one empty combination without a matrix)."""
+    axes: list[list[tuple[str, str, Any]]] = []
+    for name, values in schema.matrix.items():
+        where = line("matrix", name)
+        if not name.isidentifier():
+            problems.add(file, where, f"matrix.{name}", "is not a usable variable name; use letters, digits and "
+                         "_ (it is written {" + name + "} in templates)")
+            continue
+        if name in _RESERVED_MATRIX:
+            problems.add(file, where, f"matrix.{name}", f"{name} is a built-in file-name field; choose another "
+                         "name")
+            continue
+        if name in _PARAM_SET and name not in MATRIX_PARAMS:
+            problems.add(file, where, f"matrix.{name}", f"{name} cannot vary in the matrix; allowed parameters: "
+                         f"{', '.join(sorted(MATRIX_PARAMS))} (vary the prompt through the template)")
+            continue
+        if not values:
+            problems.add(file, where, f"matrix.{name}", "is an empty list; give at least one value")
+            continue
+        axis: list[tuple[str, str, Any]] = []
+        seen: set[str] = set()
+        for i, value in enumerate(values):
+            text = _text(value).strip()
+            if text in seen:
+                problems.add(file, line("matrix", name, i), f"matrix.{name}", f'lists "{text}" twice')
+                continue
+            seen.add(text)
+            param_value: Any = None
+            if name in MATRIX_PARAMS:
+                try:
+                    param_value = _coerce_param(name, value)
+                except ValueError as error:
+                    problems.add(file, line("matrix", name, i), f"matrix.{name}", str(error))
+                    continue
+            axis.append((name, text, param_value))
+        axes.append(axis)
+    variants = []
+    for combo in itertools.product(*axes):
+        values = {name: text for name, text, _ in combo}
+        params = {name: pv for name, _, pv in combo if name in MATRIX_PARAMS}
+        variants.append(_Variant(values, params))
+    return variants
+
+
+def _open_csv(path: Path, display: str, *, id_field: str | None, matrix_names: frozenset[str],
+              problems: _Problems, display_of_manifest: str, id_line: str | None = None) -> _Csv | None:
+    """Read a CSV's header (and make sure it has a data row); the rows stream later."""
+    try:
+        with path.open(newline="", encoding="utf-8-sig") as fh:
+            reader = csv.reader(fh, strict=True)
+            header = next(reader, None)
+            first_row = None
+            for row in reader:
+                if any(c.strip() for c in row):
+                    first_row = row
+                    break
+    except UnicodeDecodeError as error:
+        problems.add(display, None, None, f"is not UTF-8 text ({error.reason}); save the CSV as UTF-8")
+        return None
+    except csv.Error as error:
+        problems.add(display, None, None, f"cannot be read as CSV: {error}")
+        return None
+    except OSError as error:
+        problems.add(display, None, None, f"cannot be read: {error.strerror}")
+        return None
+    if header is None or not any(h.strip() for h in header):
+        problems.add(display, None, None, "is empty; the first row must name the columns (prompt, ...)")
+        return None
+    if first_row is None:
+        problems.add(display, None, None, "has a header but no rows")
+        return None
+    names = [h.strip() for h in header]
+    param_cols: list[tuple[str, int]] = []
+    meta_cols: list[tuple[str, int]] = []
+    seen: dict[str, int] = {}
+    for i, name in enumerate(names):
+        if not name:
+            continue  # unnamed columns (a spreadsheet's trailing commas) are ignored
+        if name in seen:
+            problems.add(display, "row 1", name, f"column {i + 1} has the same name as column {seen[name] + 1}")
+            continue
+        seen[name] = i
+        if name in matrix_names:
+            problems.add(display, "row 1", name, f"the column {name} is also a matrix variable in "
+                         f"{display_of_manifest}; rename or remove one")
+            continue
+        (param_cols if name in _PARAM_SET else meta_cols).append((name, i))
+    id_col: int | None = None
+    if id_field is not None:
+        if id_field not in seen:
+            problems.add(display_of_manifest, id_line, "id_field", f'"{id_field}" is not a column of {display}; '
+                         f"columns: {', '.join(n for n in names if n)}")
+        else:
+            id_col = seen[id_field]
+    else:
+        auto = _auto_id_field([n for n in seen if n not in _PARAM_SET])
+        id_col = seen[auto] if auto is not None else None
+    return _Csv(path=path, display=display, header=names, param_cols=param_cols, meta_cols=meta_cols,
+                id_col=id_col)
+
+
+# --- validate -------------------------------------------------------------------------------------------
+
+
+def validate(path: Path) -> ValidationSummary:
+    """Expand everything, check everything, send nothing; ManifestError with every problem found."""
+    manifest = open_manifest(Path(path))
+    summary = ValidationSummary(job=manifest.job.name)
+    for planned in manifest.requests():
+        summary.add(planned.request)
+    manifest.raise_if_problems()
+    return summary
