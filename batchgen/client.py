@@ -104,8 +104,8 @@ class TaskSnapshot:
         if not isinstance(task_id, str) or not task_id:
             raise TransportError("task object without an id", body_excerpt=_excerpt(json.dumps(doc)[:1000]))
         status = str(doc.get("status") or "pending").lower()
-        task_info = doc.get("task_info") if isinstance(doc.get("task_info"), dict) else {}
-        usage = doc.get("usage") if isinstance(doc.get("usage"), dict) else {}
+        task_info = _obj(doc.get("task_info"))
+        usage = _obj(doc.get("usage"))
         results = tuple(u for u in (doc.get("results") or []) if isinstance(u, str) and u)
         if not results:
             results = tuple(
@@ -152,9 +152,9 @@ class Credits:
 
     @classmethod
     def from_json(cls, doc: Mapping[str, Any]) -> Credits:
-        data = doc.get("data") if isinstance(doc.get("data"), dict) else doc
-        user = data.get("user") if isinstance(data.get("user"), dict) else {}
-        token = data.get("token") if isinstance(data.get("token"), dict) else {}
+        data = _obj(doc.get("data")) or dict(doc)
+        user = _obj(data.get("user"))
+        token = _obj(data.get("token"))
         unlimited = token.get("unlimited_credits") is True
         user_left = _number(user.get("remaining_credits"))
         token_left = None if unlimited else _number(token.get("remaining_credits"))
@@ -411,7 +411,9 @@ class EvolinkClient:
         with path.open("rb") as fh:
             head = fh.read(16)
             fh.seek(0)
-            form = aiohttp.FormData()
+            # quote_fields=False: aiohttp would otherwise percent-encode the filename ("a%20b.png"), and
+            # servers (the emulator's aiohttp among them) keep that as the name. Browsers send it raw too.
+            form = aiohttp.FormData(quote_fields=False)
             form.add_field("file", fh, filename=name, content_type=_sniff_mime(head, name))
             if file_name:
                 form.add_field("file_name", file_name)
@@ -607,6 +609,11 @@ class _Response:
 
 
 # --- parsing helpers ------------------------------------------------------------------------------
+
+
+def _obj(value: Any) -> dict[str, Any]:
+    """A JSON object field, or an empty one when the server sent something else (or nothing)."""
+    return value if isinstance(value, dict) else {}
 
 
 def _excerpt(text: str) -> str:
