@@ -1,0 +1,97 @@
+"""The emulator's settings, and the scenario YAML that sets them.
+
+One strict pydantic model holds everything that can change how the emulator behaves. A scenario file is
+that model written as YAML (any subset of its fields); `from_options` merges it with the CLI's flags.
+Mistakes in a scenario are a ConfigError that names the file and the field, never a traceback.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from batchgen import catalog
+from batchgen.emulator.faults import FaultRule, Faults
+from batchgen.errors import ConfigError
+
+
+class EmulatorConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    api_keys: list[str] = Field(default_factory=list, description="accepted Bearer keys; empty: any non-empty key")
+    time_scale: float = Field(default=1.0, gt=0, description="multiplies every emulated duration")
+    seed: int | None = Field(default=None, description="seed for every random choice")
+    rate_limit: float | None = Field(default=None, gt=0, description="requests per second per key across all "
+                                     "API routes (real time); None: unlimited")
+    initial_credits: float = Field(default=1_000_000.0, ge=0, description="starting balance of every key")
+    # Newer-gateway features, each switchable off to emulate an older server.
+    idempotency: bool = Field(default=True, description="honour Idempotency-Key on submits")
+    batch_poll: bool = Field(default=True, description="serve POST /v1/tasks/batch (404 when off)")
+    credits_endpoint: bool = Field(default=True, description="serve GET /v1/credits (404 when off)")
+    partial_results_share: float = Field(default=0.0, ge=0, le=1, description="share of n>1 tasks that "
+                                         "return fewer images than asked")
+    latency_s: float | None = Field(default=None, ge=0, description="fixed emulated latency of every task "
+                                    "instead of the model's distribution (0: tasks are done on submit)")
+    result_ttl_s: float = Field(default=catalog.RESULT_URL_TTL_S, gt=0, description="emulated lifetime of "
+                                "result URLs after completion")
+    upload_ttl_s: float = Field(default=catalog.UPLOAD_TTL_S, gt=0, description="emulated lifetime of uploads")
+    files_quota: int = Field(default=100, ge=0, description="uploaded files per key")
+    max_upload_bytes: int = Field(default=100 * 1024 * 1024, ge=1, description="largest accepted upload")
+    max_request_bytes: int = Field(default=1024 * 1024, ge=1024, description="largest JSON body on API routes")
+    files_errors_as_200: bool = Field(default=False, description="send Files API failures as HTTP 200 with "
+                                      "success=false (the contract's second variant)")
+    faults: Faults = Field(default_factory=Faults)
+    rules: list[FaultRule] = Field(default_factory=list)
+
+    @classmethod
+    def from_options(cls, api_keys: list[str] | None = None, time_scale: float = 1.0, seed: int | None = None,
+                     rate_limit: float | None = None, scenario_path: Path | None = None) -> EmulatorConfig:
+        """The CLI's view: a scenario file (if any) with the flags on top.
+
+        A flag overrides the scenario when it is given: keys when any, seed and rate limit when not None,
+        the time scale when it is not the default 1.
+        """
+        values: dict[str, Any] = load_scenario(scenario_path) if scenario_path is not None else {}
+        if api_keys:
+            values["api_keys"] = list(api_keys)
+        if seed is not None:
+            values["seed"] = seed
+        if rate_limit is not None:
+            values["rate_limit"] = rate_limit
+        if time_scale != 1.0 or "time_scale" not in values:
+            values["time_scale"] = time_scale
+        return _validated(values, str(scenario_path) if scenario_path else "emulator options")
+
+
+def load_scenario(path: Path) -> dict[str, Any]:
+    """A scenario file's mapping, checked against EmulatorConfig (ConfigError names file and field)."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as error:
+        raise ConfigError(f"{path}: cannot read the scenario: {error.strerror or error}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as error:
+        raise ConfigError(f"{path}: not valid YAML: {error}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: a scenario is a mapping of settings (see docs/emulator.md)")
+    _validated(data, str(path))
+    return data
+
+
+def _validated(values: dict[str, Any], source: str) -> EmulatorConfig:
+    try:
+        return EmulatorConfig.model_validate(values)
+    except ValidationError as error:
+        raise ConfigError(f"{source}: " + "; ".join(_describe(e) for e in error.errors())) from None
+
+
+def _describe(error: Any) -> str:
+    field = ".".join(str(part) for part in error["loc"]) or "(top level)"
+    message = "unknown field" if error["type"] == "extra_forbidden" else error["msg"]
+    return f"{field}: {message}"

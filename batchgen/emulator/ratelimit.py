@@ -1,0 +1,54 @@
+"""The emulator's per-key rate limit, and the meter that proves a client kept to its own.
+
+Both work on real (monotonic) time, never the emulated clock: a client's request budget is a real rate.
+The limit is a sliding window — at most `rate` accepted requests in any rolling second — so a client that
+never sends more than its rate in any one second (what `max_requests_in_1s` measures) never sees a 429.
+Rejected requests do not use up the window, so a client that backs off gets through.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections import deque
+
+
+class SlidingWindowLimiter:
+    def __init__(self, rate_per_s: float) -> None:
+        # A rate below 1/s is one request per 1/rate seconds; otherwise floor(rate) per second.
+        self.window_s = max(1.0, 1.0 / rate_per_s)
+        self.capacity = max(1, math.floor(rate_per_s * self.window_s + 1e-9))
+        self._seen: dict[str, deque[float]] = {}
+
+    def check(self, key: str, now: float | None = None) -> float | None:
+        """None if the request may go ahead (and counts it), else seconds until a slot frees."""
+        now = time.monotonic() if now is None else now
+        window = self._seen.get(key)
+        if window is None:
+            window = self._seen[key] = deque()
+        edge = now - self.window_s
+        while window and window[0] <= edge:
+            window.popleft()
+        if len(window) >= self.capacity:
+            return max(0.001, window[0] - edge)
+        window.append(now)
+        return None
+
+
+class RateMeter:
+    """The highest number of requests seen in any one-second window."""
+
+    def __init__(self, window_s: float = 1.0) -> None:
+        self.window_s = window_s
+        self.peak = 0
+        self._recent: deque[float] = deque()
+
+    def hit(self, now: float | None = None) -> None:
+        now = time.monotonic() if now is None else now
+        recent = self._recent
+        recent.append(now)
+        edge = now - self.window_s
+        while recent[0] <= edge:
+            recent.popleft()
+        if len(recent) > self.peak:
+            self.peak = len(recent)

@@ -1,0 +1,79 @@
+"""Counters for tests and benchmarks to assert on, served at GET /_emulator/stats.
+
+Plain integers bumped by the routes and the task simulation; `snapshot()` is the JSON shape (documented in
+docs/emulator.md). Nothing here decides behaviour.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter, defaultdict
+from typing import Any
+
+from batchgen.emulator.ratelimit import RateMeter
+
+
+class Stats:
+    def __init__(self) -> None:
+        self.started = time.monotonic()
+        self.requests: defaultdict[str, Counter[str]] = defaultdict(Counter)
+        self.api_meter = RateMeter()
+        self.api_requests = 0
+        self.tasks_created = 0
+        self.tasks_completed = 0
+        self.tasks_failed = 0
+        self.tasks_cancelled = 0
+        self.task_errors: Counter[str] = Counter()
+        self.images_returned = 0
+        self.polls = 0
+        self.batch_polls = 0
+        self.idempotent_replays = 0
+        self.idempotency_conflicts = 0
+        self.credits_charged = 0.0
+        self.rate_limited = 0
+        self.faults: Counter[str] = Counter()
+        self.dropped_connections = 0
+        self.downloads = 0
+        self.uploads = 0
+        self.uploads_by_sha256: Counter[str] = Counter()
+        self.files_deleted = 0
+
+    def request(self, route: str, status: str) -> None:
+        self.requests[route][status] += 1
+
+    def api_request(self) -> None:
+        self.api_requests += 1
+        self.api_meter.hit()
+
+    def snapshot(self, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+        by_route = {route: dict(sorted(c.items())) for route, c in sorted(self.requests.items())}
+        by_status: Counter[str] = Counter()
+        for counts in self.requests.values():
+            by_status.update(counts)
+        return {
+            "uptime_s": round(time.monotonic() - self.started, 3),
+            "requests_total": sum(by_status.values()),
+            "requests_by_route": by_route,
+            "requests_by_status": dict(sorted(by_status.items())),
+            "api_requests": self.api_requests,
+            "max_requests_in_1s": self.api_meter.peak,
+            "rate_limited": self.rate_limited,
+            "tasks_created": self.tasks_created,
+            "tasks_completed": self.tasks_completed,
+            "tasks_failed": self.tasks_failed,
+            "tasks_cancelled": self.tasks_cancelled,
+            "task_errors": dict(sorted(self.task_errors.items())),
+            "images_returned": self.images_returned,
+            "polls": self.polls,
+            "batch_polls": self.batch_polls,
+            "idempotent_replays": self.idempotent_replays,
+            "idempotency_conflicts": self.idempotency_conflicts,
+            "credits_charged": round(self.credits_charged, 4),
+            "faults_injected": dict(sorted(self.faults.items())),
+            "dropped_connections": self.dropped_connections,
+            "downloads": self.downloads,
+            "uploads": self.uploads,
+            "uploads_by_sha256": dict(self.uploads_by_sha256),
+            "files_deleted": self.files_deleted,
+            **(extra or {}),
+        }
