@@ -175,11 +175,32 @@ class NameRenderer:
         self, *, item_id: str, variant: Mapping[str, str], metadata: Mapping[str, str], model: str, key: str,
         n: int,
     ) -> list[str]:
-        """The paths of images 1..n, exactly as image_relpath gives them one by one."""
-        values = template_values(item_id=item_id, variant=variant, metadata=metadata, model=model, key=key,
-                                 index=1)
+        """The paths of images 1..n, exactly as image_relpath gives them one by one (tested), sanitising
+        only the fields the template uses."""
+        values: dict[str, str] = {}
+        for name in self.template.fields:
+            if name == "index":
+                continue
+            if name == "id":
+                raw: str | None = item_id
+            elif name == "variant":
+                raw = "".join("_" + v for v in variant.values())
+            elif name == "model":
+                raw = model
+            elif name == "key":
+                values[name] = key
+                continue
+            else:
+                raw = variant.get(name)
+                if raw is None:
+                    raw = metadata.get(name)
+                if raw is None:
+                    # Let the one slow path build the message with every available field.
+                    return [image_relpath(self.template.source, item_id=item_id, variant=variant,
+                                          metadata=metadata, model=model, key=key, index=1)]
+            values[name] = raw.translate(_VALUE_TABLE)
         out = []
         for index in range(1, n + 1):
             values["index"] = str(index)
-            out.append(_render_path(self.template, values))
+            out.append(check_relpath(self.template.render(values)))
         return out
