@@ -687,3 +687,90 @@ async def test_stream_upload_is_multipart_with_a_sniffed_type(live: tuple[Live, 
     assert first == {"filename": "product photo.bin", "content_type": "image/png", "data": tiny_png(),
                      "file_name": None, "authorization": f"Bearer {KEY}"}
     assert (second["filename"], second["file_name"]) == ("shoe.png", "shoe.png")
+
+
+# --- against the built-in emulator (skipped until it is available) --------------------------------
+
+
+@pytest.fixture
+async def start_emulator() -> AsyncIterator[Any]:
+    """`await start_emulator(**config)` runs the built-in emulator on 127.0.0.1 (fast time, fixed seed);
+    the tests skip where the emulator package is not there yet."""
+    emulator = pytest.importorskip("batchgen.emulator")
+    started: list[Any] = []
+
+    async def start(**config: Any) -> Any:
+        emu = emulator.Emulator(emulator.EmulatorConfig(**{"time_scale": 0.01, "seed": 1234, **config}))
+        await emu.start()
+        started.append(emu)
+        return emu
+
+    yield start
+    for emu in reversed(started):
+        await emu.close()
+
+
+async def test_emulator_round_trip(start_emulator: Any) -> None:
+    emu = await start_emulator(latency_s=0.0)
+    body = {"model": "gemini-3.1-flash-image-preview", "prompt": "a red shoe on marble"}
+    async with EvolinkClient(emu.base_url, emu.base_url, "sk-evo-test-key") as c:
+        first = await c.submit(body, idempotency_key="bg1-0123456789abcdef-a1")
+        again = await c.submit(body, idempotency_key="bg1-0123456789abcdef-a1")
+        assert (again.id, again.replayed, first.replayed) == (first.id, True, False)
+        assert first.request_id
+        snaps: dict[str, TaskSnapshot] = {}
+        for _ in range(200):
+            snaps = await c.get_tasks([first.id, "task-unified-1757156493-unknown0"])
+            if snaps[first.id].final:
+                break
+            await asyncio.sleep(0.01)
+        done = snaps[first.id]
+        assert set(snaps) == {first.id} and c.batch_supported is True
+        assert done.status == "completed" and done.results
+        image = await c.download(done.results[0])
+        assert image.content_type == "image/png" and image.data.startswith(PNG_HEAD)
+        credits = await c.credits()
+        assert credits is not None and credits.used == done.credits_used
+        with pytest.raises(HttpError) as exc_info:
+            await c.get_task("task-unified-1757156493-missing0")
+        assert (exc_info.value.status, exc_info.value.code) == (404, "task_not_found")
+    stats = emu.stats()
+    assert (stats["tasks_created"], stats["idempotent_replays"]) == (1, 1)
+
+
+async def test_emulator_older_gateway(start_emulator: Any) -> None:
+    emu = await start_emulator(latency_s=0.0, batch_poll=False, credits_endpoint=False)
+    async with EvolinkClient(emu.base_url, emu.base_url, "sk-evo-test-key") as c:
+        task = await c.submit({"model": "gemini-3.1-flash-image-preview", "prompt": "a shoe"})
+        snaps = await c.get_tasks([task.id])
+        assert c.batch_supported is False and set(snaps) == {task.id}
+        assert await c.credits() is None
+
+
+async def test_emulator_rate_limit_penalizes_the_limiter(start_emulator: Any) -> None:
+    emu = await start_emulator(rate_limit=2.0)
+    limiter = AdaptiveLimiter(Rate(50, 1))
+    async with EvolinkClient(emu.base_url, emu.base_url, "sk-evo-test-key", limiter=limiter) as c:
+        outcomes = await asyncio.gather(*(c.quota() for _ in range(6)), return_exceptions=True)
+    limited = [o for o in outcomes if isinstance(o, FilesApiError | HttpError) and o.status == 429]
+    assert limited and limiter.penalties == len(limited)
+    assert limiter.current_rate < 50
+    assert all(isinstance(o, Quota) or o in limited for o in outcomes)
+
+
+async def test_emulator_files_api(start_emulator: Any, tmp_path: Path) -> None:
+    emu = await start_emulator(files_quota=1, files_errors_as_200=True)
+    photo = tmp_path / "shoe.png"
+    photo.write_bytes(tiny_png())
+    async with EvolinkClient(emu.base_url, emu.base_url, "sk-evo-test-key") as c:
+        up = await c.upload_file(photo, file_name="catalogue-shoe.png")
+        assert (up.file_name, up.mime_type) == ("catalogue-shoe.png", "image/png")
+        assert up.expires_at > datetime.now(UTC)
+        assert await c.quota() == Quota(used_files=1, max_files=1, remain_files=0, user_group="default")
+        total, files = await c.list_files()
+        assert total == 1 and files[0]["file_id"] == up.file_id
+        with pytest.raises(FilesApiError) as exc_info:
+            await c.upload_base64(tiny_png(), "other.png", "image/png")
+        assert (exc_info.value.status, exc_info.value.code) == (200, "40003")
+        await c.delete_file(up.file_id)
+        assert (await c.quota()).used_files == 0
