@@ -138,7 +138,7 @@ async def create_task(request: web.Request) -> web.Response:
     if not state.accounts.reserve(key, price):
         return api_error(402, "insufficient_user_quota", f"Insufficient credits: this task needs {price:g}, "
                          f"the balance is {state.accounts.balance(key).remaining:g}.")
-    task = state.tasks.create(key, generation, idempotency_key=idem, forced=forced,
+    task = state.tasks.create(key, generation, request[NOW], idempotency_key=idem, forced=forced,
                               refs_ok=_references_ok(request, generation))
     if idem is not None:
         state.idempotency[(key, idem)] = IdempotentSubmit(body_hash, task.id)

@@ -121,7 +121,7 @@ class TaskBook:
         self._occurrences[body] = seen + 1
         return random.Random(f"{self.config.seed}|{seen}|{body}")
 
-    def create(self, key: str, request: GenerationRequest, *, idempotency_key: str | None = None,
+    def create(self, key: str, request: GenerationRequest, now: float, *, idempotency_key: str | None = None,
                forced: str | None = None, refs_ok: bool = True) -> Task:
         """A new task; `forced` is a rule's fault (an error code, "stall", "slow" or "cancel"), `refs_ok`
         False when an image reference points at an expired or deleted upload."""
@@ -137,7 +137,7 @@ class TaskBook:
         if forced is not None:
             if forced == "stall":
                 outcome = "stalled"
-            elif forced == "cancel":
+            elif forced in ("cancel", "request_cancelled"):
                 outcome, error_code = "cancelled", "request_cancelled"
             elif forced != "slow":
                 outcome, error_code = "failed", forced
@@ -161,7 +161,6 @@ class TaskBook:
         if outcome == "completed" and request.n > 1 and rng.random() < self.config.partial_results_share:
             images = rng.randint(1, request.n - 1)
 
-        now = self.clock.now()
         task_id = self._new_id(now, rng)
         scale = self.clock.time_scale
         task = Task(
