@@ -13,20 +13,22 @@ result downloads, which go to a media host):
   back as a burst of 429s, and they all describe the old rate, not the new one; lowering once per burst is
   the TCP-style reading of "one congestion signal".
 * `reward()` is called on every 2xx. It raises the rate additively, by `recovery_per_s` of the configured
-  rate per second of clean traffic since the last penalty (time in a pause does not count; a long idle gap
-  counts as at most a couple of request intervals), up to the configured rate and never above it.
+  rate per second of clean traffic since the last penalty, up to the configured rate and never above it.
+  Time in a pause does not count, nor do successes that arrive during it; an idle gap between two
+  successes counts as at most one second (or two request intervals, at rates below 2/s).
 
 How a lower rate is enforced — one bucket, costlier requests
 -------------------------------------------------------------
 There is exactly one `AsyncLimiter`, created once at the configured rate, in units where a request at full
 speed costs one unit. At a lower effective rate `r` a request costs `configured / r` units, paid in chunks no
 larger than the bucket's capacity. Its fields are never changed and it is never swapped, so there is no
-private state to patch and no window in which two buckets both let requests through. Because every request
-pays at least one unit of a bucket that leaks at the configured rate, no rate change can ever let more than
-the configured rate plus one bucket through in any second; a lower rate just makes each request pay more.
-The cost is re-read while a request pays, so a reward helps requests that are already waiting; a penalty
-forfeits what waiting requests have paid (they start again after the pause), so the requests held up by a
-pause cannot all leave together when it ends.
+private state to patch and no window in which two buckets both let requests through. Requests pay one at a
+time (first come, first served), each paying its whole cost after the one before it has left, and every
+cost is at least one unit of a bucket that leaks at the configured rate; so no rate change can let more
+than the configured rate plus the burst through in any one second (rounded up to whole requests); a lower
+rate just makes each request pay more. The cost is re-read while a request pays, so a reward helps the
+request that is paying; a penalty forfeits what it has paid (it starts again after the pause), so a
+request held up by a pause cannot leave on credit earned before the 429.
 
 Burst
 -----
