@@ -582,6 +582,11 @@ class Store:
         row = self.conn.execute("SELECT MIN(not_before) FROM requests WHERE state='pending'").fetchone()
         return None if row[0] is None else float(row[0])
 
+    def pending_estimate(self) -> float:
+        """Estimated credits of the requests still to submit (catalogue prices; the API's figures rule)."""
+        row = self.conn.execute("SELECT COALESCE(SUM(est_credits), 0) FROM requests WHERE state='pending'")
+        return float(row.fetchone()[0])
+
     def has_pending(self) -> bool:
         return self.conn.execute("SELECT 1 FROM requests WHERE state='pending' LIMIT 1").fetchone() is not None
 
@@ -701,6 +706,12 @@ class Store:
                 model: str | None = None, consume_attempt: bool = True) -> None:
         with self._tx() as c:
             self._requeue(c, key, not_before, code, message, model, consume_attempt, time.time())
+
+    def defer(self, key: str, not_before: float, code: str | None, message: str | None) -> None:
+        """A pending request could not be sent yet (its uploads failed transiently): try after not_before."""
+        with self._tx() as c:
+            c.execute("UPDATE requests SET not_before=?, error_code=?, error_message=?, updated_at=? WHERE key=?",
+                      (not_before, code, message, time.time(), key))
 
     def fail(self, key: str, code: str | None, message: str | None) -> None:
         with self._tx() as c:

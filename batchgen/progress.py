@@ -1,0 +1,125 @@
+"""What a run says while it works: a live line on a terminal, JSON events for logs, plain lines for cron.
+
+Three audiences, one source: the scheduler calls `event(kind, fields)` for things that happen to a
+request and keeps `Counters` up to date; this module decides what to print.
+
+* terminal: one progress line (done/total, failed, in flight, requests/s, credits, ETA), redrawn at most
+  four times a second on stderr, so stdout stays free for the summary;
+* `--json`: one compact JSON object per line on stdout for every event (`submitted`, `completed`,
+  `downloaded`, `done`, `requeued`, `failed`, `left`, `stopping`, `warning`, ...), each with `event`, `t`
+  (epoch seconds) and the request `key` where there is one, then a final `summary` event;
+* anything else (cron, a pipe): a plain progress line every `PLAIN_EVERY_S` seconds, warnings as they come.
+
+A summary ends every run in every mode. Nothing here ever sees the API key.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from typing import Any, TextIO
+
+from batchgen.scheduler import Counters
+
+TTY_REDRAW_S = 0.25
+PLAIN_EVERY_S = 15.0
+# Events worth a line even when not in --json mode.
+_NOTABLE = frozenset({"stopping", "warning", "preflight"})
+
+
+class Progress:
+    def __init__(self, mode: str, counters: Counters, *, out: TextIO | None = None, err: TextIO | None = None,
+                 clock: Any = time.monotonic) -> None:
+        if mode not in ("tty", "json", "plain"):
+            raise ValueError(f"unknown progress mode {mode!r}")
+        self.mode = mode
+        self.counters = counters
+        self.out = out or sys.stdout
+        self.err = err or sys.stderr
+        self.clock = clock
+        self._started = clock()
+        self._last_line = 0.0
+        self._line_shown = False
+
+    @classmethod
+    def for_stream(cls, json_events: bool, counters: Counters) -> Progress:
+        if json_events:
+            return cls("json", counters)
+        return cls("tty" if sys.stderr.isatty() else "plain", counters)
+
+    # --- events -----------------------------------------------------------------------------------
+
+    def event(self, kind: str, fields: dict[str, Any]) -> None:
+        if self.mode == "json":
+            self._json({"event": kind, "t": round(time.time(), 3), **fields})
+        elif kind in _NOTABLE:
+            self._clear()
+            self.err.write(f"batchgen: {fields.get('message', kind)}\n")
+            self.err.flush()
+
+    def _json(self, obj: dict[str, Any]) -> None:
+        self.out.write(json.dumps(obj, separators=(",", ":"), default=str) + "\n")
+        self.out.flush()
+
+    # --- the line ---------------------------------------------------------------------------------
+
+    def tick(self) -> None:
+        """Called periodically by the runner; prints only as often as the mode allows."""
+        now = self.clock()
+        if self.mode == "tty" and now - self._last_line >= TTY_REDRAW_S:
+            self._last_line = now
+            self.err.write("\r\x1b[2K" + self.line())
+            self.err.flush()
+            self._line_shown = True
+        elif self.mode == "plain" and now - self._last_line >= PLAIN_EVERY_S:
+            self._last_line = now
+            self.err.write(self.line() + "\n")
+            self.err.flush()
+
+    def tick_interval_s(self) -> float:
+        return TTY_REDRAW_S if self.mode == "tty" else PLAIN_EVERY_S if self.mode == "plain" else 3600.0
+
+    def line(self) -> str:
+        c = self.counters
+        elapsed = max(1e-6, self.clock() - self._started)
+        rate = c.done_this_run / elapsed
+        remaining = max(0, c.total - c.done - c.failed)
+        eta = _duration(remaining / rate) if rate > 0 and remaining else "-"
+        return (f"{c.done}/{c.total} done, {c.failed} failed, {c.in_flight} in flight, {rate:.1f} req/s, "
+                f"credits {c.credits_used:g} used + {c.credits_reserved:g} reserved, ETA {eta}")
+
+    def _clear(self) -> None:
+        if self.mode == "tty" and self._line_shown:
+            self.err.write("\r\x1b[2K")
+            self._line_shown = False
+
+    # --- the end ----------------------------------------------------------------------------------
+
+    def summary(self, summary: dict[str, Any]) -> None:
+        if self.mode == "json":
+            self._json({"event": "summary", "t": round(time.time(), 3), **summary})
+            return
+        self._clear()
+        c = summary
+        lines = [
+            f"batchgen: {c['outcome']} — {c['done']}/{c['total']} done, {c['failed']} failed, "
+            f"{c['pending']} pending, {c['in_flight']} in flight",
+            f"  this run: {c['submitted']} submitted, {c['images_saved']} images saved, {c['polls']} poll calls, "
+            f"{c['elapsed_s']:.1f}s; credits used {c['credits_used']:g}, reserved {c['credits_reserved']:g}",
+        ]
+        if c.get("message") and c["message"] != "finished":
+            lines.append(f"  {c['message']}")
+        if c.get("resumable"):
+            lines.append("  run the same command again to resume")
+        self.out.write("\n".join(lines) + "\n")
+        self.out.flush()
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(seconds)
+    if seconds < 90:
+        return f"{seconds}s"
+    if seconds < 5400:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    return f"{seconds // 3600}h{(seconds % 3600) // 60:02d}m"

@@ -1,0 +1,231 @@
+"""`batchgen run`: one job, from manifest to images on disk, resumable — the wiring around the scheduler.
+
+`run_job` opens the store and takes its lock (a second run on the same database exits 3 naming the
+holder), syncs the manifest into it (bad input raises ManifestError before anything is sent: exit 2), then
+runs the scheduler in a fresh event loop against the real API or the built-in emulator, with signal
+handlers that only set a flag. It owns the policy around the run: the settings (CLI flag over manifest over
+default), the credit preflight, the runtime limit's deadlines, the exit code and the summary.
+
+Exit codes: 0 every request done; 1 finished but some failed for good; 2 bad input (raised, mapped by the
+CLI); 3 stopped early and resumable (signal, budget, runtime limit, 401/402, policy pause, tasks left
+past max_wait, database locked).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+from pathlib import Path
+from typing import Any
+
+from batchgen.errors import ApiError, ConfigError
+from batchgen.models import JobSpec, RunOptions, RunSettings
+from batchgen.progress import Progress
+from batchgen.scheduler import BodyPreparer, Scheduler, SchedulerConfig, StopReason
+from batchgen.store import Store
+from batchgen.units import parse_duration_s, parse_rate
+
+DEFAULT_API_BASE = "https://api.evolink.ai"
+DEFAULT_FILES_BASE = "https://files-api.evolink.ai"
+EMULATOR_KEY = "sk-evo-emulator"
+EXIT_DONE, EXIT_FAILED, EXIT_STOPPED = 0, 1, 3
+
+
+def run_job(manifest_path: Path, options: RunOptions) -> int:
+    from batchgen.manifest import open_manifest
+
+    manifest = open_manifest(Path(manifest_path))
+    job = manifest.job
+    db_path = Path(options.db_path) if options.db_path else job.default_db_path()
+    out_dir = (Path(options.out_dir) if options.out_dir else job.output_dir()).resolve()
+    with Store(db_path) as store:
+        store.lock()
+        sync = store.sync(manifest)
+        return asyncio.run(_run(store, job, options, out_dir, sync.added, sync.removed))
+
+
+def effective_settings(job: JobSpec, options: RunOptions) -> RunSettings:
+    """The manifest's run settings with the CLI's flags on top."""
+    updates: dict[str, Any] = {}
+    if options.rate is not None:
+        updates["rate"] = options.rate
+    if options.concurrency is not None:
+        updates["concurrency"] = options.concurrency
+    if options.max_credits is not None:
+        updates["max_credits"] = options.max_credits
+    return job.run.model_copy(update=updates)
+
+
+async def _run(store: Store, job: JobSpec, options: RunOptions, out_dir: Path, added: int, removed: int) -> int:
+    settings = effective_settings(job, options)
+    try:
+        rate = parse_rate(settings.rate)
+        max_wait_s = parse_duration_s(settings.max_wait) * options.time_scale
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
+    async with contextlib.AsyncExitStack() as stack:
+        if options.emulator:
+            from batchgen.emulator import Emulator, EmulatorConfig
+
+            emu = await stack.enter_async_context(Emulator(EmulatorConfig.from_options(
+                time_scale=options.time_scale, seed=options.emulator_seed, scenario_path=options.emulator_scenario)))
+            api_base = files_base = emu.base_url
+            api_key = EMULATOR_KEY
+        else:
+            api_base = options.api_base or DEFAULT_API_BASE
+            files_base = options.files_base or DEFAULT_FILES_BASE
+            if not options.api_key:
+                raise ConfigError("no API key: set EVOLINK_API_KEY, or pass --emulator")
+            api_key = options.api_key
+        from batchgen.client import EvolinkClient
+        from batchgen.ratelimit import AdaptiveLimiter
+
+        limiter = AdaptiveLimiter(rate)
+        client = await stack.enter_async_context(EvolinkClient(api_base, files_base, api_key, limiter=limiter))
+        return await _drive(store, job, settings, options, out_dir, client, max_wait_s, added, removed)
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+async def _drive(store: Store, job: JobSpec, settings: RunSettings, options: RunOptions, out_dir: Path,
+                 client: Any, max_wait_s: float, added: int, removed: int) -> int:
+    loop = asyncio.get_running_loop()
+    start = loop.time()
+    submit_deadline = hard_deadline = None
+    if options.max_runtime_s is not None:
+        # Stop submitting early enough for tasks in flight to finish and download before the hard stop.
+        margin = min(max_wait_s + 5.0 * options.time_scale, 0.25 * options.max_runtime_s)
+        submit_deadline = start + options.max_runtime_s - margin
+        hard_deadline = start + options.max_runtime_s
+    cfg = SchedulerConfig(
+        out_dir=out_dir, filename_template=job.output.filename, concurrency=settings.concurrency,
+        max_attempts=settings.max_attempts, fallback_models=list(settings.fallback_models), max_wait_s=max_wait_s,
+        download_concurrency=settings.download_concurrency, regenerate_expired=settings.regenerate_expired,
+        policy_pause_after=settings.policy_pause_after, max_credits=settings.max_credits,
+        time_scale=options.time_scale, submit_deadline=submit_deadline, hard_deadline=hard_deadline)
+    progress: Progress | None = None
+    scheduler = Scheduler(store, client, cfg, emit=lambda k, f: progress.event(k, f) if progress else None,
+                          prepare_body=_upload_step(store, client))
+    progress = Progress.for_stream(options.json_events, scheduler.counters)
+    run_id = store.start_run()
+    if added or removed:
+        progress.event("synced", {"added": added, "removed": removed,
+                                  "message": f"manifest: {added} new request(s), {removed} removed"})
+
+    signals = 0
+    main_task = asyncio.current_task()
+
+    def on_signal(signum: int) -> None:
+        # Only flags: the first asks the scheduler to stop, a second one stops at once (state is committed).
+        nonlocal signals
+        signals += 1
+        if signals == 1:
+            scheduler.halt(StopReason.SIGNAL, f"stopped by {signal.Signals(signum).name}; resumable")
+        elif main_task is not None:
+            main_task.cancel()
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, on_signal, sig)
+    ticker = asyncio.ensure_future(_tick(progress))
+    reason, message = StopReason.FINISHED, "finished"
+    try:
+        await _preflight(store, client, scheduler, progress)
+        if scheduler.stop_state is not None:
+            reason, message = scheduler.stop_state
+        else:
+            result = await scheduler.run()
+            reason, message = result.reason, result.message
+    except asyncio.CancelledError:
+        reason, message = StopReason.SIGNAL, "stopped at once by a second signal; resumable"
+    finally:
+        ticker.cancel()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(sig)
+    code, summary = _finish(store, scheduler, reason, message, loop.time() - start)
+    store.finish_run(run_id, code, reason.value, summary)
+    _write_export(store, out_dir, progress)
+    progress.summary(summary)
+    return code
+
+
+def _finish(store: Store, scheduler: Scheduler, reason: StopReason, message: str,
+            elapsed_s: float) -> tuple[int, dict[str, Any]]:
+    counts = store.counts()
+    totals = store.credit_totals()
+    images, _ = store.image_totals()
+    c = scheduler.counters
+    total = sum(v for k, v in counts.items() if k != "removed")
+    unfinished = counts["pending"] + counts["submitted"] + counts["completed"]
+    if reason is not StopReason.FINISHED or unfinished:
+        code, outcome = EXIT_STOPPED, "stopped early (resumable)"
+        if reason is StopReason.FINISHED:
+            message = f"{unfinished} request(s) not finished yet; the next run continues them"
+    elif counts["failed"]:
+        code, outcome = EXIT_FAILED, "finished with failures"
+    else:
+        code, outcome = EXIT_DONE, "finished"
+    summary = {
+        "outcome": outcome, "exit_code": code, "reason": reason.value, "message": message,
+        "resumable": code == EXIT_STOPPED, "total": total, "done": counts["done"], "failed": counts["failed"],
+        "pending": counts["pending"], "in_flight": counts["submitted"] + counts["completed"],
+        "submitted": c.submitted, "replayed": c.replayed, "polls": c.polls, "tasks_polled": c.tasks_polled,
+        "requeued": c.requeued, "left": c.left, "images_saved": c.images, "images": images,
+        "credits_used": round(totals.used, 4), "credits_reserved": round(totals.reserved, 4),
+        "elapsed_s": round(elapsed_s, 3),
+    }
+    return code, summary
+
+
+async def _tick(progress: Progress) -> None:
+    while True:
+        await asyncio.sleep(progress.tick_interval_s())
+        progress.tick()
+
+
+async def _preflight(store: Store, client: Any, scheduler: Scheduler, progress: Progress) -> None:
+    """Check the key and the balance before sending work; say plainly when the balance falls short."""
+    if not store.has_pending():
+        return
+    estimate = store.pending_estimate()
+    try:
+        credits = await client.credits()
+    except ApiError as error:
+        if error.status in (401, 402):
+            scheduler.drain(StopReason.AUTH, f"the API refused the key ({error}); fix EVOLINK_API_KEY or the "
+                            "balance and run again")
+        else:
+            progress.event("warning", {"message": f"could not check the balance: {error}"})
+        return
+    if credits is None or credits.remaining is None:
+        return
+    fields = {"remaining": credits.remaining, "estimate": round(estimate, 4)}
+    if credits.remaining < estimate:
+        progress.event("warning", {**fields, "message": (
+            f"the balance ({credits.remaining:g} credits) cannot cover this run's estimate ({estimate:g} credits); "
+            "it will stop with 402 when the credits run out (resumable after a top-up)")})
+    else:
+        progress.event("preflight", {**fields, "message": f"balance {credits.remaining:g} credits, "
+                                     f"this run needs about {estimate:g}"})
+
+
+def _upload_step(store: Store, client: Any) -> BodyPreparer | None:
+    """The uploads step (issue 6) if it is installed: swaps local reference files for uploaded URLs."""
+    try:
+        from batchgen import uploads
+    except ImportError:
+        return None
+    factory = getattr(uploads, "body_preparer", None)
+    return factory(store, client) if factory is not None else None
+
+
+def _write_export(store: Store, out_dir: Path, progress: Progress) -> None:
+    """The export (issue 7) is written to the output folder at the end of every run, when available."""
+    try:
+        from batchgen.export import export_results
+    except ImportError:
+        return
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        export_results(store.path, fmt="csv", output=out_dir / "results.csv", per_request=False)
+    except Exception as error:  # an export problem must not turn a good run into a crash
+        progress.event("warning", {"message": f"could not write the export: {error}"})

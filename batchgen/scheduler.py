@@ -1,0 +1,821 @@
+"""The asyncio engine: submit under the rate limit, poll when tasks are likely done, download, retry.
+
+Why it is shaped like this: the API's request budget is the bottleneck, not our CPU. Every image costs one
+submission; polls are batched (50 tasks per call) and timed by the task's own `estimated_time`, so they cost
+a few percent of the budget; downloads go to a media host and cost none. The store is the only state that
+matters: everything held here (the poll heap, the in-flight table) is rebuilt from it on start, so a run
+killed at any instant resumes by polling the tasks it has, never by paying for them again.
+
+Moving parts (one task each, no per-request timers):
+
+* **submitter** — claims due pending requests (as many as free slots, `concurrency` at most in flight),
+  checks the credit cap, commits an attempt row with its `Idempotency-Key` *before* the call, then sends
+  each submit as its own task (they queue on the limiter). The task id is committed as soon as it arrives.
+  Attempts whose answer never came (killed, or a transient error) are sent again with the same key from
+  a due-time heap.
+* **poller** — a heap of (due time, task); when the earliest is due it takes every due task (≤ 50) into one
+  `get_tasks` call (the client falls back to single polls on servers without the batch route) and applies
+  the whole answer in one transaction. A task is polled at its `estimated_time` (plus a small margin);
+  without one, at the reference's 3 s, then every 3–5 s (× time_scale). A task past `max_wait` keeps its
+  task id and is left for the next run.
+* **downloaders** — `download_concurrency` workers save each result (outputs.py), record it, and mark the
+  request done when all its images are on disk.
+
+Every failure goes through `errors.decide()`. Failed *tasks* requeue the request (a new attempt, a new key)
+or fail it; failed *calls* (a poll, a download, a submit that got no answer) are retried in place and do
+not use up the request's attempts. 429s are the limiter's business (the client penalises it) and never
+fail a request.
+
+Stopping: `drain()` (credit cap, runtime limit, content-policy pause) stops new submissions and lets the
+tasks in flight finish; `halt()` (signals, 401/402, the hard runtime limit) also stops polling and, after a
+short grace for calls already answered, cancels what is left. Store writes are synchronous and happen
+between awaits, so a cancellation can never interrupt one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import enum
+import heapq
+import itertools
+import random
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from batchgen import catalog, naming, outputs
+from batchgen.errors import CONTENT_POLICY_CODE, Action, ApiError, BatchgenError, HttpError, decide
+from batchgen.models import GenerationRequest
+from batchgen.store import AttemptState, ImageRecord, NewAttempt, Outcome, RequestRecord, Store
+
+if TYPE_CHECKING:
+    from batchgen.client import EvolinkClient, TaskSnapshot
+
+BATCH_MAX = 50
+POLL_MARGIN = 0.03  # poll a little after the estimate: an early poll is a wasted request
+DOWNLOAD_TRIES = 5
+EXPIRED_STATUSES = frozenset({403, 404, 410})
+HALT_GRACE_S = 2.0
+
+# (request, body) -> body actually sent; the uploads step swaps local paths for uploaded URLs here.
+BodyPreparer = Callable[[RequestRecord, GenerationRequest], Awaitable[dict[str, Any]]]
+EventSink = Callable[[str, dict[str, Any]], None]
+
+
+class StopReason(enum.StrEnum):
+    FINISHED = "finished"
+    SIGNAL = "signal"
+    BUDGET = "budget"
+    RUNTIME = "runtime"
+    AUTH = "auth"  # 401/402: fix the key or the balance, then run again
+    POLICY = "policy"  # too many content-policy refusals in a row
+
+
+@dataclass
+class SchedulerConfig:
+    out_dir: Path
+    filename_template: str
+    concurrency: int = 20
+    max_attempts: int = 3
+    fallback_models: list[str] = field(default_factory=list)
+    max_wait_s: float = catalog.POLL_MAX_WAIT_S
+    download_concurrency: int = 8
+    regenerate_expired: bool = False
+    policy_pause_after: int = 20
+    max_credits: float | None = None
+    time_scale: float = 1.0
+    submit_deadline: float | None = None  # loop time: no new submissions after it
+    hard_deadline: float | None = None  # loop time: halt
+
+
+@dataclass
+class Counters:
+    """What the progress line and the summary show; updated in place."""
+
+    total: int = 0
+    done: int = 0
+    failed: int = 0
+    in_flight: int = 0
+    submitted: int = 0  # submits sent this run
+    replayed: int = 0
+    polls: int = 0  # poll calls this run (a batch poll is one)
+    tasks_polled: int = 0
+    images: int = 0
+    requeued: int = 0
+    left: int = 0  # tasks left past max_wait for the next run
+    credits_reserved: float = 0.0
+    credits_used: float = 0.0
+    done_this_run: int = 0
+    started: float = 0.0  # loop time
+
+
+@dataclass
+class RunResult:
+    reason: StopReason
+    message: str
+    counters: Counters
+
+
+@dataclass(eq=False)
+class _Tracked:
+    """A request in flight in this run: its current attempt and where it is."""
+
+    req: RequestRecord
+    attempt_id: int
+    attempt_no: int
+    attempts: int  # the request's charged attempts including this one
+    model: str
+    body: dict[str, Any]
+    est_credits: float
+    reserved: float
+    task_id: str | None = None
+    since: float = 0.0  # loop time this run started tracking it (max_wait counts from here)
+    submitted_wall: float = 0.0
+    submit_tries: int = 0
+    http429: int = 0
+    poll_errors: int = 0
+    missing: int = 0
+    result_urls: tuple[str, ...] = ()
+    refetched: bool = False
+
+
+class Scheduler:
+    def __init__(self, store: Store, client: EvolinkClient, config: SchedulerConfig, *,
+                 emit: EventSink | None = None, prepare_body: BodyPreparer | None = None,
+                 rng: random.Random | None = None) -> None:
+        self.store = store
+        self.client = client
+        self.cfg = config
+        self.emit: EventSink = emit or (lambda kind, fields: None)
+        self.prepare_body = prepare_body
+        self.rng = rng or random.Random()
+        self.counters = Counters()
+        self._tracked: dict[int, _Tracked] = {}  # attempt id → tracked (submitted, not yet final)
+        self._poll_heap: list[tuple[float, int, int]] = []  # (due, seq, attempt id)
+        self._send_heap: list[tuple[float, int, int]] = []  # resends with the same key
+        self._seq = itertools.count()
+        self._downloads: asyncio.Queue[_Tracked] = asyncio.Queue()
+        self._downloading = 0
+        self._wake = asyncio.Event()  # something changed: the submitter re-checks
+        self._poll_wake = asyncio.Event()
+        self._send_wake = asyncio.Event()
+        self._draining: tuple[StopReason, str] | None = None
+        self._halting: tuple[StopReason, str] | None = None
+        self._policy_streak = 0
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._polling = False
+        self._crash: BaseException | None = None
+
+    # --- control ----------------------------------------------------------------------------------
+
+    def drain(self, reason: StopReason, message: str) -> None:
+        """No new submissions; tasks in flight finish and download."""
+        if self._draining is None:
+            self._draining = (reason, message)
+            self.emit("stopping", {"reason": reason.value, "message": message})
+        self._wake.set()
+
+    def halt(self, reason: StopReason, message: str) -> None:
+        """Stop as soon as calls already under way are answered (or the grace ends); all is resumable."""
+        if self._halting is None:
+            self._halting = (reason, message)
+            self.drain(reason, message)
+        self._wake.set()
+        self._poll_wake.set()
+        self._send_wake.set()
+
+    @property
+    def stop_state(self) -> tuple[StopReason, str] | None:
+        """Why the run is stopping (None while it is not)."""
+        return self._halting or self._draining
+
+    # --- the run ----------------------------------------------------------------------------------
+
+    async def run(self) -> RunResult:
+        loop = self._loop = asyncio.get_running_loop()
+        c = self.counters
+        c.started = loop.time()
+        self._load_from_store()
+        workers = [self._spawn(self._poller()), self._spawn(self._sender())]
+        workers += [self._spawn(self._downloader()) for _ in range(self.cfg.download_concurrency)]
+        try:
+            await self._submitter()
+        finally:
+            if self._halting is not None:
+                await self._grace()
+            for t in list(self._tasks):
+                t.cancel()
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+            del workers
+        if self._crash is not None:
+            raise self._crash
+        return self._result()
+
+    def _result(self) -> RunResult:
+        c = self.counters
+        stop = self._halting or self._draining
+        if stop is not None:
+            return RunResult(stop[0], stop[1], c)
+        if c.left:
+            return RunResult(StopReason.RUNTIME, f"{c.left} task(s) still running after the maximum wait; "
+                             "their task ids are kept and the next run polls them", c)
+        return RunResult(StopReason.FINISHED, "finished", c)
+
+    async def _grace(self) -> None:
+        """Give calls already under way a moment to be answered and committed."""
+        assert self._loop is not None
+        end = self._loop.time() + HALT_GRACE_S
+        while self._loop.time() < end and (self._polling or any(
+                not t.done() for t in self._tasks if t.get_name() == "call")):
+            await asyncio.sleep(0.05)
+
+    def _spawn(self, coro: Awaitable[Any], name: str = "worker") -> asyncio.Task[Any]:
+        task = asyncio.ensure_future(coro)
+        task.set_name(name)
+        self._tasks.add(task)
+        task.add_done_callback(self._task_done)
+        return task
+
+    def _task_done(self, task: asyncio.Task[Any]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            # A bug in a worker: stop everything rather than hang with a dead worker.
+            exc = task.exception()
+            self.halt(StopReason.SIGNAL, f"internal error: {exc!r}")
+            self._crash = exc
+
+    def _load_from_store(self) -> None:
+        """Rebuild the in-flight state from the store (a fresh run, or a resume after a kill)."""
+        assert self._loop is not None
+        now_loop, now_wall = self._loop.time(), time.time()
+        counts = self.store.counts()
+        c = self.counters
+        c.total = sum(v for k, v in counts.items() if k != "removed")
+        c.done, c.failed = counts["done"], counts["failed"]
+        totals = self.store.credit_totals()
+        c.credits_reserved, c.credits_used = totals.reserved, totals.used
+        for req, att in self.store.open_attempts():
+            t = _Tracked(req=req, attempt_id=att.id, attempt_no=att.attempt_no, attempts=req.attempts,
+                         model=att.model, body=att.body or self._body_for(req, att.model),
+                         est_credits=att.credits_estimated or 0.0,
+                         reserved=att.credits_reserved or att.credits_estimated or 0.0,
+                         task_id=att.task_id, since=now_loop, submitted_wall=att.submitted_at or now_wall,
+                         submit_tries=att.submit_tries, result_urls=tuple(att.result_urls))
+            if req.state == "completed":
+                if att.state == AttemptState.COMPLETED:
+                    self._downloads.put_nowait(t)
+                    self._downloading += 1
+                continue
+            self._tracked[att.id] = t
+            if att.task_id is None:
+                due = now_loop + max(0.0, req.not_before - now_wall)
+                self._push(self._send_heap, due, t)
+            else:
+                self._push(self._poll_heap, now_loop, t)
+        c.in_flight = len(self._tracked)
+
+    def _push(self, heap: list[tuple[float, int, int]], due: float, t: _Tracked) -> None:
+        heapq.heappush(heap, (due, next(self._seq), t.attempt_id))
+        (self._poll_wake if heap is self._poll_heap else self._send_wake).set()
+
+    def _body_for(self, req: RequestRecord, model: str) -> dict[str, Any]:
+        body = GenerationRequest.model_validate(req.params).api_body()
+        body["model"] = model
+        return body
+
+    # --- submitting -------------------------------------------------------------------------------
+
+    async def _submitter(self) -> None:
+        assert self._loop is not None
+        loop = self._loop
+        cfg = self.cfg
+        while True:
+            # Cleared before looking, so a wake-up that arrives while we look is not lost.
+            self._wake.clear()
+            if self._halting is not None:
+                return
+            if cfg.hard_deadline is not None and loop.time() >= cfg.hard_deadline:
+                self.halt(StopReason.RUNTIME, "runtime limit reached; the rest is left for the next run")
+                return
+            if cfg.submit_deadline is not None and loop.time() >= cfg.submit_deadline:
+                self.drain(StopReason.RUNTIME, "the runtime limit is near: no new submissions; the rest is "
+                           "left for the next run")
+            if self._draining is not None:
+                if not self._tracked and self._downloading == 0:
+                    return
+                await self._wait(self._wake, self._deadline_timeout())
+                continue
+            free = cfg.concurrency - len(self._tracked)
+            timeout: float | None = None
+            if free > 0:
+                if await self._claim(min(free, BATCH_MAX)):
+                    continue
+                nb = self.store.next_not_before()
+                if nb is None and not self._tracked and self._downloading == 0:
+                    return  # nothing pending, nothing in flight: the job is finished
+                timeout = None if nb is None else max(0.0, nb - time.time())
+            await self._wait(self._wake, _min_opt(timeout, self._deadline_timeout()))
+
+    def _deadline_timeout(self) -> float | None:
+        assert self._loop is not None
+        now = self._loop.time()
+        ahead = [self.cfg.hard_deadline]
+        if self._draining is None:
+            ahead.append(self.cfg.submit_deadline)
+        outs = [d - now for d in ahead if d is not None]
+        return max(0.0, min(outs)) if outs else None
+
+    async def _wait(self, event: asyncio.Event, timeout: float | None) -> None:
+        """Wait for `event` (cleared by the caller before it looked at the state) or the timeout."""
+        if event.is_set():
+            return
+        if timeout is not None and timeout <= 0:
+            await asyncio.sleep(0)
+            return
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(event.wait(), timeout)
+
+    async def _claim(self, limit: int) -> int:
+        """Claim up to `limit` due requests: budget check, body, attempt rows committed, submits started."""
+        rows = self.store.next_due(limit)
+        if not rows:
+            return 0
+        new: list[NewAttempt] = []
+        prepared: list[tuple[RequestRecord, dict[str, Any], float]] = []
+        cap = self.cfg.max_credits
+        c = self.counters
+        pending_reserve = 0.0
+        for req in rows:
+            est = _estimate(req.model, req.n)
+            if cap is not None and c.credits_reserved + c.credits_used + pending_reserve + est > cap + 1e-9:
+                self.drain(StopReason.BUDGET, f"the credit cap of {cap:g} would be passed (spent "
+                           f"{c.credits_used:g}, reserved {c.credits_reserved + pending_reserve:g}, next request "
+                           f"about {est:g}); raise --max-credits to continue")
+                break
+            try:
+                body, rewritten = await self._prepare(req)
+            except ApiError as error:
+                self._defer_unsent(req, error)
+                continue
+            except BatchgenError as error:
+                self.store.fail(req.key, "upload_failed", str(error))
+                self._on_failed(req.key, "upload_failed", str(error))
+                continue
+            if self._halting is not None:
+                break
+            # The body is kept only when uploads rewrote it: a resend must carry exactly the same body.
+            new.append(NewAttempt(req.key, req.attempt_no + 1, req.model, est, body if rewritten else None))
+            prepared.append((req, body, est))
+            pending_reserve += est
+        if not new:
+            return 0
+        ids = self.store.start_attempts(new)
+        loop_now = self._loop.time() if self._loop else 0.0
+        for attempt_id, (req, body, est), na in zip(ids, prepared, new, strict=True):
+            t = _Tracked(req=req, attempt_id=attempt_id, attempt_no=na.attempt_no, attempts=req.attempts + 1,
+                         model=na.model, body=body, est_credits=est, reserved=est, since=loop_now,
+                         submitted_wall=time.time())
+            self._tracked[attempt_id] = t
+            c.credits_reserved += est
+            self._spawn(self._send(t), name="call")
+        c.in_flight = len(self._tracked)
+        return len(new)
+
+    async def _prepare(self, req: RequestRecord) -> tuple[dict[str, Any], bool]:
+        request = GenerationRequest.model_validate(req.params)
+        if request.model != req.model:
+            request = request.model_copy(update={"model": req.model})
+        if request.local_paths():
+            if self.prepare_body is None:
+                raise BatchgenError("this request has local reference files and no upload step is available")
+            return await self.prepare_body(req, request), True
+        return request.api_body(), False
+
+    def _defer_unsent(self, req: RequestRecord, error: ApiError) -> None:
+        """Preparing the body (uploads) failed before anything was submitted."""
+        d = decide(error, req.attempts + 1, self.cfg.max_attempts, self.rng, self.cfg.time_scale)
+        code, message = _code_of(error), error.message
+        if d.action is Action.STOP:
+            self.halt(StopReason.AUTH, f"{error}: {d.why}")
+        elif d.action is Action.RETRY:
+            self.store.defer(req.key, time.time() + d.delay_s, code, message)
+        else:
+            self.store.fail(req.key, code, message)
+            self._on_failed(req.key, code, message)
+
+    async def _sender(self) -> None:
+        """Sends again, with the same idempotency key, attempts whose submit got no answer."""
+        assert self._loop is not None
+        heap = self._send_heap
+        while True:
+            self._send_wake.clear()
+            if self._halting is not None:
+                return
+            if not heap:
+                await self._wait(self._send_wake, None)
+                continue
+            due = heap[0][0]
+            wait = due - self._loop.time()
+            if wait > 0:
+                await self._wait(self._send_wake, wait)
+                continue
+            _, _, attempt_id = heapq.heappop(heap)
+            t = self._tracked.get(attempt_id)
+            if t is not None and t.task_id is None:
+                self._spawn(self._send(t), name="call")
+
+    async def _send(self, t: _Tracked) -> None:
+        key = t.req.key
+        try:
+            snap = await self.client.submit(t.body, idempotency_key=_idem(key, t.attempt_no))
+        except ApiError as error:
+            self._submit_failed(t, error)
+            return
+        reserved = snap.credits_reserved if snap.credits_reserved is not None else t.est_credits
+        self.store.record_task(t.attempt_id, snap.id, snap.credits_reserved, snap.replayed)
+        t.task_id = snap.id
+        self.counters.credits_reserved += reserved - t.reserved
+        t.reserved = reserved
+        self.counters.submitted += 1
+        if snap.replayed:
+            self.counters.replayed += 1
+        self.emit("submitted", {"key": key, "attempt": t.attempt_no, "model": t.model, "task_id": snap.id,
+                                "replayed": snap.replayed})
+        if snap.final:
+            self._apply([(t, snap)])
+        else:
+            self._schedule_poll(t, snap, first=True)
+
+    def _submit_failed(self, t: _Tracked, error: ApiError) -> None:
+        assert self._loop is not None
+        if error.status == 429:
+            t.http429 += 1
+            d = decide(error, t.http429, 1 << 30, self.rng, self.cfg.time_scale)
+        else:
+            t.submit_tries += 1
+            d = decide(error, t.submit_tries, self.cfg.max_attempts, self.rng, self.cfg.time_scale)
+        code, message = _code_of(error), error.message
+        if d.action is Action.RETRY:
+            # Same attempt, same key: if the server did create the task, the resend gets it back.
+            self.store.retry_submit(t.attempt_id, t.req.key, time.time() + d.delay_s, code, message)
+            self._push(self._send_heap, self._loop.time() + d.delay_s, t)
+            return
+        if d.action is Action.STOP:
+            # Left as `sending`: the next run sends it again with the same key once the cause is fixed.
+            self.halt(StopReason.AUTH, f"{error}: {d.why}")
+            return
+        self._finish_tracking(t)
+        self.store.record_outcomes([Outcome(t.attempt_id, t.req.key, "failed", error_code=code,
+                                            error_message=message)])
+        self._on_failed(t.req.key, code, message)
+
+    # --- polling ----------------------------------------------------------------------------------
+
+    def _schedule_poll(self, t: _Tracked, snap: TaskSnapshot | None, first: bool = False) -> None:
+        assert self._loop is not None
+        ts = self.cfg.time_scale
+        est = snap.estimated_time_s if snap is not None else None
+        if est is not None and est > 0:
+            delay = est * (1 + POLL_MARGIN) + 0.05 * ts
+        elif first:
+            delay = catalog.POLL_INITIAL_WAIT_S * ts
+        else:
+            lo, hi = catalog.POLL_INTERVAL_S
+            delay = self.rng.uniform(lo, hi) * ts
+        now = self._loop.time()
+        if now + delay - t.since > self.cfg.max_wait_s:
+            # Do not sleep past the maximum wait: one last look at it, then leave it.
+            delay = max(0.0, t.since + self.cfg.max_wait_s - now)
+        self._push(self._poll_heap, now + delay, t)
+
+    async def _poller(self) -> None:
+        assert self._loop is not None
+        heap = self._poll_heap
+        while True:
+            self._poll_wake.clear()
+            if self._halting is not None:
+                return
+            if not heap:
+                await self._wait(self._poll_wake, None)
+                continue
+            wait = heap[0][0] - self._loop.time()
+            if wait > 0:
+                await self._wait(self._poll_wake, wait)
+                continue
+            now = self._loop.time()
+            batch: list[_Tracked] = []
+            while heap and heap[0][0] <= now and len(batch) < BATCH_MAX:
+                _, _, attempt_id = heapq.heappop(heap)
+                t = self._tracked.get(attempt_id)
+                if t is not None and t.task_id is not None and t not in batch:
+                    batch.append(t)
+            if batch:
+                self._polling = True
+                try:
+                    await self._poll(batch)
+                finally:
+                    self._polling = False
+
+    async def _poll(self, batch: list[_Tracked]) -> None:
+        assert self._loop is not None
+        self.counters.polls += 1
+        self.counters.tasks_polled += len(batch)
+        try:
+            found = await self.client.get_tasks([t.task_id for t in batch if t.task_id])
+        except ApiError as error:
+            self._poll_failed(batch, error)
+            return
+        finals: list[tuple[_Tracked, TaskSnapshot]] = []
+        running: list[Outcome] = []
+        for t in batch:
+            snap = found.get(t.task_id or "")
+            if snap is None:
+                self._task_missing(t)
+                continue
+            t.poll_errors = t.missing = 0
+            if snap.final:
+                finals.append((t, snap))
+                continue
+            if snap.credits_reserved is not None and snap.credits_reserved != t.reserved:
+                self.counters.credits_reserved += snap.credits_reserved - t.reserved
+                t.reserved = snap.credits_reserved
+                running.append(Outcome(t.attempt_id, t.req.key, "running", credits_reserved=snap.credits_reserved))
+            if self._loop.time() - t.since >= self.cfg.max_wait_s:
+                self._leave(t)
+            else:
+                self._schedule_poll(t, snap)
+        self.store.record_outcomes(running)
+        self._apply(finals)
+
+    def _poll_failed(self, batch: list[_Tracked], error: ApiError) -> None:
+        assert self._loop is not None
+        for t in batch:
+            t.poll_errors += 1
+        worst = max(t.poll_errors for t in batch)
+        d = decide(error, worst if error.status != 429 else 1, 1 << 30, self.rng, self.cfg.time_scale)
+        if d.action is Action.STOP:
+            self.halt(StopReason.AUTH, f"{error}: {d.why}")
+            return
+        # Anything else (even a 400 on a batch call) is retried in place, with backoff; the task ids stay.
+        delay = d.delay_s if d.action is Action.RETRY else min(60.0, 2.0 ** worst) * self.cfg.time_scale
+        now = self._loop.time()
+        self.emit("poll_error", {"tasks": len(batch), "error": str(error), "retry_in_s": round(delay, 3)})
+        for t in batch:
+            if now - t.since >= self.cfg.max_wait_s:
+                self._leave(t)
+            else:
+                self._push(self._poll_heap, now + delay, t)
+
+    def _task_missing(self, t: _Tracked) -> None:
+        """The server does not know the task (404 or absent from a batch answer)."""
+        t.missing += 1
+        if t.missing < 3:
+            assert self._loop is not None
+            self._push(self._poll_heap, self._loop.time() + catalog.POLL_INITIAL_WAIT_S * self.cfg.time_scale, t)
+            return
+        # Lost for good: the task was never going to finish; submit again as a new attempt.
+        self._task_failed(t, "task_not_found", "the API no longer knows task " + (t.task_id or "?"))
+
+    def _leave(self, t: _Tracked) -> None:
+        """Past max_wait: keep the task id for the next run, unless it has been running for so long that it
+        is clearly stuck (twice max_wait since it was submitted, across runs): then it is retried."""
+        if time.time() - t.submitted_wall >= 2 * self.cfg.max_wait_s:
+            self._task_failed(t, "generation_timeout",
+                              f"task {t.task_id} gave no result within {2 * self.cfg.max_wait_s:g}s; submitting again")
+            return
+        self._finish_tracking(t)
+        self.counters.left += 1
+        self.emit("left", {"key": t.req.key, "task_id": t.task_id,
+                           "message": "still running after the maximum wait; the next run polls it again"})
+
+    def _finish_tracking(self, t: _Tracked) -> None:
+        if self._tracked.pop(t.attempt_id, None) is not None:
+            self.counters.credits_reserved -= t.reserved
+            self.counters.in_flight = len(self._tracked)
+            self._wake.set()
+
+    # --- outcomes ---------------------------------------------------------------------------------
+
+    def _apply(self, finals: list[tuple[_Tracked, TaskSnapshot]]) -> None:
+        """Final task snapshots: decide, commit them in one transaction, then act."""
+        outcomes: list[Outcome] = []
+        after: list[Callable[[], None]] = []
+        for t, snap in finals:
+            self._finish_tracking(t)
+            if snap.status == "completed" and snap.results:
+                used = snap.credits_used if snap.credits_used is not None else t.reserved
+                outcomes.append(Outcome(t.attempt_id, t.req.key, "completed", result_urls=snap.results,
+                                        credits_reserved=snap.credits_reserved, credits_used=used))
+                self.counters.credits_used += used
+                t.result_urls = snap.results
+                self._policy_streak = 0
+                after.append(lambda t=t, snap=snap: self._completed(t, snap))
+                continue
+            code = snap.error_code or "generation_failed_no_content"
+            message = snap.error_message or ("the task completed without images" if snap.status == "completed"
+                                             else "the task failed")
+            outcome, then = self._failure_outcome(t, code, message)
+            outcomes.append(outcome)
+            after.append(then)
+        self.store.record_outcomes(outcomes)
+        for fn in after:
+            fn()
+
+    def _task_failed(self, t: _Tracked, code: str, message: str) -> None:
+        self._finish_tracking(t)
+        outcome, then = self._failure_outcome(t, code, message)
+        self.store.record_outcomes([outcome])
+        then()
+
+    def _failure_outcome(self, t: _Tracked, code: str, message: str) -> tuple[Outcome, Callable[[], None]]:
+        d = decide(code, t.attempts, self.cfg.max_attempts, self.rng, self.cfg.time_scale)
+        key = t.req.key
+        if code == CONTENT_POLICY_CODE:
+            self._policy_streak += 1
+            if self._policy_streak >= self.cfg.policy_pause_after:
+                self.drain(StopReason.POLICY, f"{self._policy_streak} content-policy refusals in a row: the job is "
+                           "paused so the account is not put at risk; review the prompts (batchgen status shows "
+                           "them), then run again")
+        if d.action is Action.FALLBACK:
+            nxt = self._fallback_for(t.model, t.req.params.get("model", t.model))
+            if nxt is not None:
+                return (Outcome(t.attempt_id, key, "requeue", error_code=code, error_message=message,
+                                not_before=time.time(), model=nxt, consume_attempt=False),
+                        lambda: self._on_requeued(key, code, 0.0, nxt))
+            message = f"{message} (no fallback model left)"
+        if d.action is Action.RETRY:
+            return (Outcome(t.attempt_id, key, "requeue", error_code=code, error_message=message,
+                            not_before=time.time() + d.delay_s),
+                    lambda: self._on_requeued(key, code, d.delay_s, None))
+        return (Outcome(t.attempt_id, key, "failed", error_code=code, error_message=message),
+                lambda: self._on_failed(key, code, message))
+
+    def _fallback_for(self, current: str, original: str) -> str | None:
+        chain = [original, *[m for m in self.cfg.fallback_models if m != original]]
+        if current in chain:
+            rest = chain[chain.index(current) + 1:]
+            return rest[0] if rest else None
+        return chain[1] if len(chain) > 1 else None
+
+    def _on_requeued(self, key: str, code: str, delay_s: float, model: str | None) -> None:
+        self.counters.requeued += 1
+        fields: dict[str, Any] = {"key": key, "code": code, "retry_in_s": round(delay_s, 3)}
+        if model:
+            fields["model"] = model
+        self.emit("requeued", fields)
+        self._wake.set()
+
+    def _on_failed(self, key: str, code: str, message: str) -> None:
+        self.counters.failed += 1
+        self.emit("failed", {"key": key, "code": code, "message": message})
+        self._wake.set()
+
+    def _completed(self, t: _Tracked, snap: TaskSnapshot) -> None:
+        self.emit("completed", {"key": t.req.key, "task_id": snap.id, "images": len(snap.results),
+                                "credits_used": snap.credits_used})
+        self._downloading += 1
+        self._downloads.put_nowait(t)
+
+    # --- downloads --------------------------------------------------------------------------------
+
+    async def _downloader(self) -> None:
+        while True:
+            t = await self._downloads.get()
+            try:
+                if self._halting is None:
+                    await self._download_request(t)
+            finally:
+                self._downloading -= 1
+                self._wake.set()
+
+    async def _download_request(self, t: _Tracked) -> None:
+        req = t.req
+        have = {img.idx: img for img in self.store.images_for(req.key)}
+        urls = t.result_urls
+        index = 1
+        while index <= len(urls):
+            url = urls[index - 1]
+            rec = have.get(index)
+            last = index == len(urls)
+            if rec is not None and await asyncio.to_thread(
+                    outputs.file_matches, self.cfg.out_dir / rec.path, rec.sha256):
+                if last:
+                    self.store.finish_request(req.key)
+                    self._on_done(t)
+                index += 1
+                continue
+            data = await self._fetch(t, url)
+            if data is None:
+                return  # failed, requeued or halted: already recorded
+            if isinstance(data, tuple):
+                urls = data  # fresh result URLs after an expiry: start over with them
+                index = 1
+                continue
+            try:
+                rel = self._relpath(t, index)
+                rel, info = await asyncio.to_thread(outputs.save_image, self.cfg.out_dir, rel, data)
+            except outputs.NotAnImageError as error:
+                self._download_failed(t, "bad_image", f"{url}: {error}")
+                return
+            except ValueError as error:
+                self._download_failed(t, "unsafe_path", str(error))
+                return
+            self.store.record_image(ImageRecord(req.key, index, rel, url, info.bytes, info.sha256, info.width,
+                                                info.height, info.format, t.attempt_id, time.time()), done=last)
+            self.counters.images += 1
+            self.emit("downloaded", {"key": req.key, "index": index, "path": rel, "bytes": info.bytes})
+            if last:
+                self._on_done(t)
+            index += 1
+
+    def _relpath(self, t: _Tracked, index: int) -> str:
+        req = t.req
+        rel = naming.image_relpath(self.cfg.filename_template, item_id=req.item_id, variant=req.variant,
+                                   metadata=req.metadata, model=t.model, key=req.key, index=index)
+        # Two requests must never share a file: a template that names them alike gets the key appended.
+        for ext in outputs.EXTENSIONS.values():
+            owner = self.store.path_owner(rel + ext)
+            if owner is not None and owner != req.key:
+                return f"{rel}-{req.key[-8:]}"
+        return rel
+
+    async def _fetch(self, t: _Tracked, url: str) -> bytes | tuple[str, ...] | None:
+        """The bytes of one result; transient errors retried in place; an expired URL re-fetched once
+        through the task. Returns new URLs (tuple) after a re-fetch, None when the request was dealt with."""
+        tries = 0
+        while True:
+            if self._halting is not None:
+                return None
+            try:
+                return (await self.client.download(url)).data
+            except ApiError as error:
+                tries += 1
+                if error.status in EXPIRED_STATUSES:
+                    return await self._expired(t, error)
+                d = decide(error, tries, DOWNLOAD_TRIES, self.rng, self.cfg.time_scale)
+                if d.action is Action.RETRY:
+                    await asyncio.sleep(d.delay_s)
+                    continue
+                self._download_failed(t, _code_of(error), error.message)
+                return None
+
+    async def _expired(self, t: _Tracked, error: ApiError) -> tuple[str, ...] | None:
+        if not t.refetched and t.task_id:
+            t.refetched = True
+            try:
+                snap = await self.client.get_task(t.task_id)
+            except ApiError:
+                snap = None
+            if snap is not None and snap.status == "completed" and snap.results and snap.results != t.result_urls:
+                t.result_urls = snap.results
+                self.store.update_result_urls(t.attempt_id, snap.results)
+                return snap.results
+        message = f"result URL no longer available ({error}); results expire 24 hours after completion"
+        if self.cfg.regenerate_expired:
+            self.store.abandon_attempt(t.attempt_id, "result_expired", message)
+            self.store.requeue(t.req.key, time.time(), "result_expired", message, consume_attempt=False)
+            self._on_requeued(t.req.key, "result_expired", 0.0, None)
+        else:
+            self._download_failed(t, "result_expired", message + "; set run.regenerate_expired to generate again")
+        return None
+
+    def _download_failed(self, t: _Tracked, code: str, message: str) -> None:
+        self.store.fail(t.req.key, code, message)
+        self._on_failed(t.req.key, code, message)
+
+    def _on_done(self, t: _Tracked) -> None:
+        c = self.counters
+        c.done += 1
+        c.done_this_run += 1
+        self.emit("done", {"key": t.req.key, "images": len(t.result_urls)})
+
+
+def _estimate(model: str, n: int) -> float:
+    info = catalog.get(model)
+    return info.credits_for(n) if info else 0.0
+
+
+def _idem(key: str, attempt_no: int) -> str:
+    from batchgen.store import idempotency_key
+
+    return idempotency_key(key, attempt_no)
+
+
+def _code_of(error: ApiError) -> str:
+    if error.code and not error.code.isdigit():
+        return error.code
+    if isinstance(error, HttpError) and error.status is not None:
+        return f"http_{error.status}"
+    return "transport_error" if error.status is None else f"http_{error.status}"
+
+
+def _min_opt(a: float | None, b: float | None) -> float | None:
+    if a is None:
+        return b
+    if b is None:
+        return a
+    return min(a, b)

@@ -1,0 +1,96 @@
+"""`batchgen status`: where a job stands, read from its store without disturbing a run in progress.
+
+`collect(db_path)` returns a plain dict (the `--json` output, stable keys) and `render_text()` turns it into
+the human view. It reads only: the database is in WAL mode, so a running `batchgen run` and any number of
+status calls can look at it at the same time, and no lock is taken.
+
+JSON keys: `job`, `total` (every request but removed ones), `pending`, `in_flight` (submitted + completed,
+i.e. a task exists and its images are not all on disk), `submitted`, `completed`, `done`, `failed`,
+`removed`, `waiting_retry` (pending with a future not-before), `credits` {`reserved` (tasks in flight),
+`used` (finished tasks), `spent` (both), `estimated_remaining` (catalogue estimate of what is pending)},
+`images` (files saved), `image_bytes`, `failures` [{`code`, `count`, `messages` [{`message`, `count`}]}],
+`last_run` ({`started_at`, `finished_at`, `exit_code`, `reason`} or null).
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+from batchgen.store import Store
+
+
+def collect(db_path: Path) -> dict[str, Any]:
+    with Store(db_path) as store:
+        job = store.job_record()
+        counts = store.counts()
+        credits = store.credit_totals()
+        images, image_bytes = store.image_totals()
+        now = time.time()
+        waiting = store.conn.execute(
+            "SELECT COUNT(*) FROM requests WHERE state='pending' AND not_before > ?", (now,)).fetchone()[0]
+        runs = store.runs()
+        out: dict[str, Any] = {
+            "job": job["name"] if job else None,
+            "output_dir": job["output_dir"] if job else None,
+            "total": sum(v for k, v in counts.items() if k != "removed"),
+            "pending": counts["pending"],
+            "in_flight": counts["submitted"] + counts["completed"],
+            "submitted": counts["submitted"],
+            "completed": counts["completed"],
+            "done": counts["done"],
+            "failed": counts["failed"],
+            "removed": counts["removed"],
+            "waiting_retry": int(waiting),
+            "credits": {"reserved": round(credits.reserved, 4), "used": round(credits.used, 4),
+                        "spent": round(credits.spent, 4),
+                        "estimated_remaining": round(store.pending_estimate(), 4)},
+            "images": images,
+            "image_bytes": image_bytes,
+            "failures": store.failures_by_code(),
+            "last_run": None,
+        }
+        if runs:
+            last = runs[-1]
+            out["last_run"] = {k: last[k] for k in ("started_at", "finished_at", "exit_code", "reason")}
+        return out
+
+
+def render_text(s: dict[str, Any]) -> str:
+    total = s["total"] or 0
+    pct = f" ({100 * s['done'] / total:.0f}%)" if total else ""
+    lines = [
+        f"job {s['job'] or '?'}: {s['done']}/{total} done{pct}, {s['failed']} failed, {s['pending']} pending"
+        + (f" ({s['waiting_retry']} waiting to retry)" if s["waiting_retry"] else "")
+        + f", {s['in_flight']} in flight",
+        f"credits: {s['credits']['used']:g} used, {s['credits']['reserved']:g} reserved by tasks in flight"
+        + (f", about {s['credits']['estimated_remaining']:g} still to spend (estimate)"
+           if s["credits"]["estimated_remaining"] else ""),
+        f"images: {s['images']} saved ({_size(s['image_bytes'])})"
+        + (f" in {s['output_dir']}" if s.get("output_dir") else ""),
+    ]
+    if s["removed"]:
+        lines.append(f"removed: {s['removed']} request(s) no longer in the manifest")
+    if s["failures"]:
+        lines.append("failures by error code:")
+        for f in s["failures"]:
+            lines.append(f"  {f['code']}: {f['count']}")
+            for m in f["messages"]:
+                lines.append(f"      {m['count']} × {m['message']}")
+        lines.append("  (`batchgen retry` requeues them; `--code CODE` picks some)")
+    last = s.get("last_run")
+    if last:
+        when = time.strftime("%Y-%m-%d %H:%M", time.localtime(last["started_at"]))
+        ended = f"exit {last['exit_code']}, {last['reason']}" if last["finished_at"] else "running or killed"
+        lines.append(f"last run: {when} ({ended})")
+    return "\n".join(lines)
+
+
+def _size(n: int) -> str:
+    size = float(n)
+    for unit in ("B", "KB", "MB", "GB"):
+        if size < 1024 or unit == "GB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    return f"{n} B"
