@@ -165,7 +165,10 @@ class _Problems:
 
 def _pydantic_problems(error: ValidationError, file: str, root: yaml.Node | None, problems: _Problems,
                        prefix: tuple[Any, ...] = ()) -> None:
-    for err in error.errors():
+    def line_of(err: Any) -> int:
+        return _node_line(root, prefix + tuple(err["loc"])) or 0
+
+    for err in sorted(error.errors(), key=line_of):  # in file order, as the user reads them
         loc = prefix + tuple(err["loc"])
         dotted = ".".join(str(x) for x in loc) or None
         if err["type"] == "extra_forbidden":
@@ -426,9 +429,9 @@ class Manifest:
                 rowno = 1
                 for row in reader:
                     rowno += 1
+                    if not any(row):
+                        continue  # a blank line, or a row of empty cells (spreadsheets leave them at the end)
                     if len(row) != ncols:
-                        if not any(c.strip() for c in row):
-                            continue  # blank line (spreadsheets leave them at the end)
                         if len(row) > ncols and any(c.strip() for c in row[ncols:]):
                             problems.add(file, f"row {rowno}", None, f"has {len(row)} cells but the header "
                                          f"has {ncols} columns; quote cells that contain commas")
@@ -677,8 +680,10 @@ class Manifest:
             if len(places) > 1:
                 problems.add(places[1][0], _locations(places[1:]), id_label,
                              f'"{item_id}" is already used by {_locations(places[:1])}; item ids must be unique')
+        # Items sharing an id usually share file names too; the id is the mistake to report.
+        explained = {place for places in id_places.values() if len(places) > 1 for place in places}
         for name, places in name_places.items():
-            if len(places) > 1:
+            if len(places) > 1 and not set(places) <= explained:
                 problems.add(places[1][0], _locations(places[1:]), "output.filename",
                              f'"{name}" would also be written by {_locations(places[:1])}: each image needs its '
                              "own file; add {variant}, {index} or a unique field to the file name template")

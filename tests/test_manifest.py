@@ -1,0 +1,623 @@
+"""Manifests: expansion rules, stable keys, and every bad input of issue 4 with file, place and field."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from batchgen import catalog
+from batchgen.errors import ManifestError, Problem
+from batchgen.manifest import load_job, open_manifest, validate
+from batchgen.models import GenerationRequest, PlannedRequest, request_key
+
+NB2 = catalog.NANO_BANANA_2
+
+
+def write(path: Path, text: str) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def png(path: Path, fmt: str = "PNG") -> Path:
+    buf = io.BytesIO()
+    Image.new("RGB", (8, 8), (0, 120, 200)).save(buf, format=fmt)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(buf.getvalue())
+    return path
+
+
+def expand(path: Path) -> tuple[list[PlannedRequest], list[Problem]]:
+    manifest = open_manifest(path)
+    requests = list(manifest.requests())
+    return requests, manifest.problems
+
+
+def problems_of(path: Path) -> list[Problem]:
+    """Every problem, whether raised at open or collected while expanding."""
+    try:
+        _, problems = expand(path)
+    except ManifestError as error:
+        return error.problems
+    return problems
+
+
+def only_problem(path: Path) -> Problem:
+    problems = problems_of(path)
+    assert len(problems) == 1, [str(p) for p in problems]
+    return problems[0]
+
+
+CATALOGUE = """\
+name: cat
+defaults:
+  model: gemini-3.1-flash-image-preview
+items_csv: products.csv
+prompt: "A {style} photo of a {colour} {name}"
+matrix:
+  style: [studio, lifestyle]
+  size: [1:1, 4:5, 16:9]
+output:
+  filename: "{category}/{sku}{variant}_{index}"
+"""
+PRODUCTS = "sku,name,colour,category\nA1,mug,blue,kitchen\nA2,lamp,yellow,home\n"
+
+
+@pytest.fixture
+def catalogue(tmp_path: Path) -> Path:
+    write(tmp_path / "products.csv", PRODUCTS)
+    return write(tmp_path / "cat.yaml", CATALOGUE)
+
+
+# --- expansion rules -------------------------------------------------------------------------------
+
+
+def test_catalogue_expands_items_times_matrix(catalogue: Path) -> None:
+    requests, problems = expand(catalogue)
+    assert problems == []
+    assert len(requests) == 2 * 2 * 3
+    first = requests[0]
+    assert first.item_id == "A1"  # sku picked as the id
+    assert first.variant == {"style": "studio", "size": "1:1"}  # unquoted 1:1 is not YAML base-60
+    assert first.request.size == "1:1"
+    assert first.request.model == NB2
+    assert first.request.prompt == "A studio photo of a blue mug"
+    assert first.metadata == {"sku": "A1", "name": "mug", "colour": "blue", "category": "kitchen"}
+    assert first.source == f"{catalogue.parent / 'products.csv'} row 2"
+    assert [r.request.size for r in requests[:3]] == ["1:1", "4:5", "16:9"]
+
+
+def test_every_yielded_request_passes_full_validation_and_keys_match(catalogue: Path) -> None:
+    requests, _ = expand(catalogue)
+    for planned in requests:
+        rebuilt = GenerationRequest.model_validate(planned.request.model_dump())
+        assert rebuilt == planned.request
+        assert request_key(planned.item_id, planned.variant, planned.request) == planned.key
+        assert PlannedRequest.model_validate(planned.model_dump()) == planned
+
+
+def test_keys_are_stable_new_rows_add_keys_changed_rows_change_keys(catalogue: Path) -> None:
+    before = {r.key for r in expand(catalogue)[0]}
+    assert before == {r.key for r in expand(catalogue)[0]}
+    write(catalogue.parent / "products.csv", PRODUCTS + "A3,sock,red,shoes\n")
+    grown = {r.key for r in expand(catalogue)[0]}
+    assert before < grown and len(grown - before) == 6
+    write(catalogue.parent / "products.csv", PRODUCTS.replace("blue", "green") + "A3,sock,red,shoes\n")
+    changed = {r.key for r in expand(catalogue)[0]}
+    assert len(changed - grown) == 6  # only A1's six requests changed
+    assert len(grown & changed) == 12
+
+
+def test_item_columns_override_defaults(tmp_path: Path) -> None:
+    write(tmp_path / "p.csv", "sku,name,model,n\nA,mug,,\nB,lamp,gpt-image-1.5,3\n")
+    path = write(tmp_path / "j.yaml", "defaults: {model: z-image-turbo, n: 2}\nitems_csv: p.csv\n"
+                 "prompt: 'a {name}'\n")
+    requests, problems = expand(path)
+    assert problems == []
+    assert [(r.request.model, r.request.n) for r in requests] == [("z-image-turbo", 2), ("gpt-image-1.5", 3)]
+    assert "model" not in requests[0].metadata  # parameters are not metadata
+
+
+def test_matrix_variable_named_like_a_parameter_sets_it(tmp_path: Path) -> None:
+    path = write(tmp_path / "j.yaml", "prompt: a cat\nmatrix:\n  model: [z-image-turbo, gpt-image-1]\n"
+                 "  n: [1, 2]\n")
+    requests, problems = expand(path)
+    assert problems == []
+    assert [(r.request.model, r.request.n) for r in requests] == [
+        ("z-image-turbo", 1), ("z-image-turbo", 2), ("gpt-image-1", 1), ("gpt-image-1", 2)]
+    assert requests[0].item_id == "j"  # no items: one item named after the job
+
+
+def test_inline_items_with_override_and_template(tmp_path: Path) -> None:
+    path = write(tmp_path / "j.yaml", """\
+defaults: {model: z-image-turbo}
+prompt: "{thing} in {place}"
+items:
+  - {id: a, thing: a cat, place: Paris}
+  - {id: b, thing: a dog, place: Rome, prompt: "my own prompt", size: "9:16"}
+""")
+    requests, problems = expand(path)
+    assert problems == []
+    assert [r.request.prompt for r in requests] == ["a cat in Paris", "my own prompt"]
+    assert requests[1].request.size == "9:16"
+    assert requests[1].source.endswith("line 5")
+
+
+def test_csv_job_bom_quotes_multiline_and_url_lists(tmp_path: Path) -> None:
+    png(tmp_path / "imgs" / "a.png")
+    png(tmp_path / "imgs" / "b.jpg", "JPEG")
+    text = ('id,prompt,model,image_urls,shop\n'
+            '1,"Edit this, please\nsecond line",qwen-image-edit,imgs/a.png|imgs/b.jpg,x\n'
+            '2,plain,qwen-image-edit,"[""imgs/a.png"", ""https://e.com/x.png""]",y\n'
+            '3,plain,qwen-image-edit,"imgs/a.png\nimgs/b.jpg",z\n')
+    path = tmp_path / "job.csv"
+    path.write_bytes(b"\xef\xbb\xbf" + text.encode())
+    requests, problems = expand(path)
+    assert problems == []
+    assert requests[0].request.prompt == "Edit this, please\nsecond line"
+    a, b = str(tmp_path / "imgs" / "a.png"), str(tmp_path / "imgs" / "b.jpg")
+    assert requests[0].request.image_urls == (a, b)  # absolute, relative to the CSV
+    assert requests[1].request.image_urls == (a, "https://e.com/x.png")
+    assert requests[2].request.image_urls == (a, b)
+    assert requests[0].metadata == {"id": "1", "shop": "x"}
+    assert requests[0].source == f"{path} row 2"
+    assert requests[1].source == f"{path} row 3"  # a multi-line cell is still one row
+
+
+def test_csv_without_id_column_numbers_rows_and_skips_blank_lines(tmp_path: Path) -> None:
+    path = write(tmp_path / "j.csv", "prompt,colour\na cat,red\n\nb dog,blue\n,\n")
+    requests, problems = expand(path)
+    assert problems == []
+    assert [r.item_id for r in requests] == ["2", "4"]
+
+
+def test_local_paths_in_yaml_resolve_against_the_manifest(tmp_path: Path) -> None:
+    png(tmp_path / "photos" / "mug.png")
+    png(tmp_path / "mask.png")
+    path = write(tmp_path / "j.yaml", "defaults: {model: gpt-4o-image, image_urls: [photos/mug.png], "
+                 "mask_url: mask.png}\nprompt: edit it\n")
+    (request,), problems = expand(path)
+    assert problems == []
+    assert request.request.image_urls == (str(tmp_path / "photos" / "mug.png"),)
+    assert request.request.mask_url == str(tmp_path / "mask.png")
+    assert request.request.local_paths() == [str(tmp_path / "photos" / "mug.png"), str(tmp_path / "mask.png")]
+
+
+def test_load_job_settings_and_paths(catalogue: Path) -> None:
+    write(catalogue, CATALOGUE + "run:\n  rate: 300/min\n  max_credits: 50\n  fallback_models: [z-image-turbo]\n")
+    job = load_job(catalogue)
+    assert job.name == "cat"
+    assert job.run.rate == "300/min" and job.run.max_credits == 50
+    assert job.output_dir() == (catalogue.parent / "out" / "cat").resolve()
+    assert job.default_db_path() == catalogue.parent / "cat.batchgen.db"
+    csv_job = load_job(catalogue.parent / "products.csv")
+    assert csv_job.name == "products" and csv_job.manifest_path.is_absolute()
+
+
+def test_fingerprint_follows_yaml_and_csv(catalogue: Path) -> None:
+    first = open_manifest(catalogue).fingerprint()
+    assert open_manifest(catalogue).fingerprint() == first
+    write(catalogue.parent / "products.csv", PRODUCTS + "A3,sock,red,shoes\n")
+    second = open_manifest(catalogue).fingerprint()
+    assert second != first
+    write(catalogue, CATALOGUE.replace("studio", "bright studio"))
+    assert open_manifest(catalogue).fingerprint() != second
+
+
+def test_validate_summary(catalogue: Path) -> None:
+    write(catalogue.parent / "products.csv", "sku,name,colour,category,model,n\nA1,mug,blue,k,,\n"
+          "A2,lamp,red,h,z-image-turbo,2\n")
+    summary = validate(catalogue)
+    assert summary.requests == 12 and summary.images == 6 + 12
+    assert summary.by_model[NB2].requests == 6
+    assert summary.by_model["z-image-turbo"].images == 12
+    expected = catalog.MODELS[NB2].credits_for(6) + catalog.MODELS["z-image-turbo"].credits_for(12)
+    assert summary.credits == pytest.approx(expected)
+    as_dict = summary.to_dict()
+    assert as_dict["by_model"]["z-image-turbo"] == {"requests": 6, "images": 12, "credits": 6.0}
+    json.dumps(as_dict)
+
+
+def test_problems_are_capped_with_a_count_of_the_rest(tmp_path: Path) -> None:
+    rows = "".join(f"{i},x,bogus-model\n" for i in range(120))
+    path = write(tmp_path / "j.csv", "id,prompt,model\n" + rows)
+    manifest = open_manifest(path)
+    assert list(manifest.requests()) == []
+    assert len(manifest.problems) == 50
+    with pytest.raises(ManifestError) as raised:
+        manifest.raise_if_problems()
+    assert raised.value.truncated == 70
+    assert "and 70 more problem(s)" in str(raised.value)
+
+
+def test_one_bad_row_does_not_hide_the_good_ones(tmp_path: Path) -> None:
+    path = write(tmp_path / "j.csv", "id,prompt,size\na,cat,1:1\nb,dog,7:7\nc,eel,\n")
+    requests, problems = expand(path)
+    assert [r.item_id for r in requests] == ["a", "c"]
+    assert [str(p) for p in problems] == [
+        f'{path} row 3: size: "7:7" is not accepted by gpt-image-1.5; use one of '
+        + ", ".join(catalog.MODELS["gpt-image-1.5"].sizes)]
+
+
+# --- bad input: every case of issue 4 -----------------------------------------------------------------
+
+
+def test_yaml_syntax_error_names_the_line(tmp_path: Path) -> None:
+    path = write(tmp_path / "j.yaml", "name: x\nprompt: [unclosed\nmatrix: {}\n")
+    problem = only_problem(path)
+    assert problem.file == str(path) and problem.location and problem.location.startswith("line ")
+    assert "YAML syntax error" in problem.message
+
+
+def test_unknown_keys_name_line_key_and_allowed_keys(tmp_path: Path) -> None:
+    path = write(tmp_path / "j.yaml", "prompt: a cat\nmatirx:\n  style: [a]\nrun:\n  ratee: 5/s\n")
+    problems = problems_of(path)
+    assert [(p.location, p.field) for p in problems] == [("line 2", "matirx"), ("line 5", "run.ratee")]
+    assert "allowed keys: name, defaults, prompt" in problems[0].message
+    assert "rate" in problems[1].message
+
+
+def test_missing_prompt_yaml_without_template(tmp_path: Path) -> None:
+    problem = only_problem(write(tmp_path / "j.yaml", "defaults: {model: z-image-turbo}\n"))
+    assert problem.field == "prompt" and "missing" in problem.message
+
+
+def test_missing_prompt_inline_item(tmp_path: Path) -> None:
+    path = write(tmp_path / "j.yaml", "items:\n  - {id: a, prompt: ok}\n  - {id: b}\n")
+    problem = only_problem(path)
+    assert (problem.location, problem.field) == ("line 3", "prompt")
+
+
+def test_missing_prompt_empty_cell(tmp_path: Path) -> None:
+    problem = only_problem(write(tmp_path / "j.csv", "id,prompt\na,cat\nb,  \n"))
+    assert (problem.location, problem.field) == ("row 3", "prompt")
+
+
+def test_csv_without_prompt_column(tmp_path: Path) -> None:
+    path = write(tmp_path / "j.csv", "id,description\na,cat\n")
+    problem = only_problem(path)
+    assert problem.file == str(path) and problem.field == "prompt"
+    assert "no prompt column" in problem.message and "id, description" in problem.message
+
+
+def test_items_csv_without_prompt_column_or_template(tmp_path: Path) -> None:
+    write(tmp_path / "p.csv", "sku,name\nA,mug\n")
+    problem = only_problem(write(tmp_path / "j.yaml", "items_csv: p.csv\n"))
+    assert problem.field == "prompt" and "prompt column" in problem.message
+
+
+def test_template_field_missing_from_csv_columns_is_one_file_level_problem(tmp_path: Path) -> None:
+    write(tmp_path / "p.csv", "sku,name\nA,mug\nB,lamp\n")
+    path = write(tmp_path / "j.yaml", "items_csv: p.csv\nprompt: 'a {colour} {name}'\n")
+    problem = only_problem(path)
+    assert problem.file == str(path) and problem.location == "line 2" and problem.field == "prompt"
+    assert "{colour}" in problem.message and "sku" in problem.message
+
+
+def test_template_field_an_inline_item_lacks(tmp_path: Path) -> None:
+    path = write(tmp_path / "j.yaml", "prompt: 'a {colour} {name}'\nitems:\n  - {id: a, name: mug, colour: red}\n"
+                 "  - {id: b, name: lamp}\n")
+    problem = only_problem(path)
+    assert (problem.location, problem.field) == ("line 4", "prompt")
+    assert "{colour}" in problem.message and "has: id, name" in problem.message
+
+
+def test_template_field_empty_in_a_row(tmp_path: Path) -> None:
+    write(tmp_path / "p.csv", "sku,name,colour\nA,mug,red\nB,lamp,\n")
+    problem = only_problem(write(tmp_path / "j.yaml", "items_csv: p.csv\nprompt: 'a {colour} {name}'\n"))
+    assert problem.file == str(tmp_path / "p.csv") and problem.location == "row 3"
+    assert "{colour}" in problem.message
+
+
+def test_unsafe_template_syntax_is_refused(tmp_path: Path) -> None:
+    problem = only_problem(write(tmp_path / "j.yaml", "prompt: '{name.__class__}'\nitems: [{name: a}]\n"))
+    assert problem.field == "prompt" and "only plain {field}" in problem.message
+
+
+def test_unknown_model(tmp_path: Path) -> None:
+    problem = only_problem(write(tmp_path / "j.csv", "id,prompt,model\na,cat,gpt-5-image\n"))
+    assert (problem.location, problem.field) == ("row 2", "model")
+    assert problem.message.startswith('"gpt-5-image" is not in the catalogue; use one of ')
+    assert NB2 in problem.message
+
+
+def test_unknown_model_in_defaults_names_yaml_line(tmp_path: Path) -> None:
+    path = write(tmp_path / "j.yaml", "prompt: a\ndefaults:\n  model: banana\nitems: [{id: x}]\n")
+    problem = only_problem(path)
+    assert problem.field == "model" and '"banana"' in problem.message
+
+
+def test_bad_size_for_model_message_matches_the_issue(tmp_path: Path) -> None:
+    path = write(tmp_path / "products.csv", "sku,prompt,model,size\n" + "".join(
+        f"S{i},cat,{NB2},1:1\n" for i in range(15)) + f"S17,cat,{NB2},1024x1024\n")
+    problem = only_problem(path)
+    assert str(problem).startswith(f'{path} row 17: size: "1024x1024" is not accepted by {NB2}; use one of 1:1, '
+                                   "16:9, ")
+
+
+def test_pixel_size_is_fine_for_gpt_models(tmp_path: Path) -> None:
+    requests, problems = expand(write(tmp_path / "j.csv", "prompt,model,size\ncat,gpt-image-1,1024x1536\n"))
+    assert problems == [] and requests[0].request.size == "1024x1536"
+
+
+@pytest.mark.parametrize("n", ["0", "5", "-1"])
+def test_n_out_of_range(tmp_path: Path, n: str) -> None:
+    problem = only_problem(write(tmp_path / "j.csv", f"prompt,n\ncat,{n}\n"))
+    assert (problem.location, problem.field) == ("row 2", "n")
+    assert problem.message == f"{n} is out of range; use 1 to 4"
+
+
+def test_n_not_a_number(tmp_path: Path) -> None:
+    problem = only_problem(write(tmp_path / "j.csv", "prompt,n\ncat,two\n"))
+    assert problem.field == "n" and '"two" is not a whole number' in problem.message
+
+
+def test_n_out_of_range_in_matrix_is_reported_once_per_item(tmp_path: Path) -> None:
+    path = write(tmp_path / "j.yaml", "prompt: cat\nmatrix:\n  n: [1, 9]\n  style: [a, b]\n")
+    problems = problems_of(path)
+    assert [(p.field, p.message) for p in problems] == [("n", "9 is out of range; use 1 to 4")]
+
+
+def test_too_many_reference_images(tmp_path: Path) -> None:
+    urls = "|".join(f"https://example.com/{i}.png" for i in range(15))
+    problem = only_problem(write(tmp_path / "j.csv", f"prompt,model,image_urls\ncat,qwen-image-edit,{urls}\n"))
+    assert (problem.location, problem.field) == ("row 2", "image_urls")
+    assert "15 reference images; at most 14" in problem.message
+
+
+def test_mask_on_a_model_without_masks(tmp_path: Path) -> None:
+    problem = only_problem(write(tmp_path / "j.csv", "prompt,model,mask_url,image_urls\n"
+                                 f"cat,{NB2},https://e.com/m.png,https://e.com/a.png\n"))
+    assert problem.field == "mask_url" and "not supported by" in problem.message
+    assert "gpt-4o-image" in problem.message
+
+
+def test_editing_model_without_reference_images(tmp_path: Path) -> None:
+    problem = only_problem(write(tmp_path / "j.csv", "prompt,model\ncat,qwen-image-edit\n"))
+    assert (problem.location, problem.field) == ("row 2", "image_urls")
+    assert "editing model" in problem.message
+
+
+def test_prompt_over_2000_characters(tmp_path: Path) -> None:
+    long = "x" * 2001
+    problem = only_problem(write(tmp_path / "j.csv", f"prompt\n{'y' * 2000}\n{long}\n"))
+    assert (problem.location, problem.field) == ("row 3", "prompt")
+    assert "2001 characters" in problem.message and "at most 2000" in problem.message
+
+
+def test_template_that_renders_over_2000_characters(tmp_path: Path) -> None:
+    write(tmp_path / "p.csv", f"sku,text\nA,{'z' * 1996}\n")
+    problem = only_problem(write(tmp_path / "j.yaml", "items_csv: p.csv\nprompt: 'long {text}'\n"))
+    assert problem.location == "row 2" and "2000" in problem.message
+
+
+def test_missing_local_image(tmp_path: Path) -> None:
+    path = write(tmp_path / "j.csv", "sku,prompt,model,image_urls\nA,cat,qwen-image-edit,photos/missing.png\n")
+    problem = only_problem(path)
+    assert (problem.file, problem.location, problem.field) == (str(path), "row 2", "image_urls")
+    assert str(tmp_path / "photos" / "missing.png") in problem.message and "does not exist" in problem.message
+
+
+def test_oversized_local_image(tmp_path: Path) -> None:
+    big = png(tmp_path / "big.png")
+    with big.open("ab") as fh:
+        fh.write(b"\x00" * (catalog.MAX_REFERENCE_IMAGE_BYTES + 10))
+    problem = only_problem(write(tmp_path / "j.csv", "prompt,model,image_urls\ncat,qwen-image-edit,big.png\n"))
+    assert problem.field == "image_urls" and "at most 4 MB" in problem.message
+
+
+def test_local_file_that_is_not_an_image(tmp_path: Path) -> None:
+    write(tmp_path / "fake.jpg", "not really a jpeg")
+    problem = only_problem(write(tmp_path / "j.csv", "prompt,model,image_urls\ncat,qwen-image-edit,fake.jpg\n"))
+    assert "use a JPEG, PNG or WebP" in problem.message
+
+
+def test_missing_local_image_in_yaml_defaults_names_the_line(tmp_path: Path) -> None:
+    path = write(tmp_path / "j.yaml", "prompt: a\ndefaults:\n  model: qwen-image-edit\n  image_urls: [gone.png]\n"
+                 "items:\n  - {id: a}\n  - {id: b}\n")
+    problems = problems_of(path)
+    assert len(problems) == 2  # one per item: each request would fail
+    assert all(p.field == "image_urls" and "does not exist" in p.message for p in problems)
+
+
+def test_shared_photo_is_checked_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    png(tmp_path / "p.png")
+    calls: list[Path] = []
+    import batchgen.localfiles as lf
+
+    real = lf.check_reference_image
+
+    def counting(path: Path, *, mask: bool = False) -> str:
+        calls.append(path)
+        return real(path, mask=mask)
+
+    monkeypatch.setattr(lf, "check_reference_image", counting)
+    rows = "".join(f"{i},edit,qwen-image-edit,p.png\n" for i in range(50))
+    requests, problems = expand(write(tmp_path / "j.csv", "id,prompt,model,image_urls\n" + rows))
+    assert problems == [] and len(requests) == 50
+    assert calls == [tmp_path / "p.png"]
+
+
+def test_non_http_scheme_is_refused(tmp_path: Path) -> None:
+    problem = only_problem(write(tmp_path / "j.csv", "prompt,model,image_urls\ncat,qwen-image-edit,ftp://x/a.png\n"))
+    assert problem.field == "image_urls" and "neither an http(s) URL nor a local file path" in problem.message
+
+
+def test_duplicate_item_ids_in_csv(tmp_path: Path) -> None:
+    path = write(tmp_path / "p.csv", "sku,prompt\nA,cat\nB,dog\nA,eel\nC,fox\nA,gnu\n")
+    problem = only_problem(path)
+    assert (problem.file, problem.location, problem.field) == (str(path), "rows 4, 6", "sku")
+    assert '"A" is already used by row 2' in problem.message
+
+
+def test_duplicate_item_ids_inline(tmp_path: Path) -> None:
+    path = write(tmp_path / "j.yaml", "prompt: a\nitems:\n  - {id: x}\n  - {id: y}\n  - {id: x}\n")
+    problem = only_problem(path)
+    assert (problem.location, problem.field) == ("line 5", "id")
+    assert "line 3" in problem.message
+
+
+def test_explicit_id_field_missing_from_csv(tmp_path: Path) -> None:
+    write(tmp_path / "p.csv", "sku,prompt\nA,cat\n")
+    problem = only_problem(write(tmp_path / "j.yaml", "items_csv: p.csv\nid_field: code\n"))
+    assert problem.field == "id_field" and '"code" is not a column' in problem.message
+
+
+def test_empty_id_cell(tmp_path: Path) -> None:
+    problem = only_problem(write(tmp_path / "j.csv", "id,prompt\na,cat\n,dog\n"))
+    assert (problem.location, problem.field) == ("row 3", "id")
+
+
+def test_empty_csv(tmp_path: Path) -> None:
+    path = write(tmp_path / "j.csv", "")
+    problem = only_problem(path)
+    assert problem.file == str(path) and "is empty" in problem.message
+
+
+def test_csv_with_header_only(tmp_path: Path) -> None:
+    problem = only_problem(write(tmp_path / "j.csv", "id,prompt\n"))
+    assert "no rows" in problem.message
+
+
+def test_missing_items_csv(tmp_path: Path) -> None:
+    path = write(tmp_path / "j.yaml", "prompt: a\nitems_csv: nowhere.csv\n")
+    problem = only_problem(path)
+    assert (problem.file, problem.location, problem.field) == (str(path), "line 2", "items_csv")
+    assert "does not exist" in problem.message
+
+
+def test_missing_manifest_and_wrong_type(tmp_path: Path) -> None:
+    with pytest.raises(ManifestError, match="does not exist"):
+        open_manifest(tmp_path / "none.yaml")
+    with pytest.raises(ManifestError, match="not a manifest type"):
+        load_job(write(tmp_path / "j.txt", "x"))
+
+
+@pytest.mark.parametrize("filename", ["../{sku}_{index}", "/tmp/{sku}_{index}", "{sku}/../../x_{index}"])
+def test_filename_template_that_escapes(tmp_path: Path, filename: str) -> None:
+    write(tmp_path / "p.csv", "sku,prompt\nA,cat\n")
+    path = write(tmp_path / "j.yaml", f"items_csv: p.csv\noutput:\n  filename: '{filename}'\n")
+    problem = only_problem(path)
+    assert (problem.file, problem.location, problem.field) == (str(path), "line 3", "output.filename")
+    assert "inside the output folder" in problem.message or "absolute" in problem.message
+
+
+def test_untrusted_csv_values_cannot_escape(tmp_path: Path) -> None:
+    write(tmp_path / "p.csv", "sku,category,prompt\nA,../../../etc,cat\nB,..,dog\n")
+    path = write(tmp_path / "j.yaml", "items_csv: p.csv\noutput:\n  filename: '{category}/{sku}_{index}'\n")
+    requests, problems = expand(path)
+    assert [r.item_id for r in requests] == ["A"]  # "../../../etc" is sanitised to one segment
+    assert [(p.location, p.field) for p in problems] == [("row 3", "output.filename")]
+    assert "stay inside the output folder" in problems[0].message
+
+
+def test_unknown_filename_field(tmp_path: Path) -> None:
+    write(tmp_path / "p.csv", "sku,prompt\nA,cat\n")
+    problem = only_problem(write(tmp_path / "j.yaml", "items_csv: p.csv\noutput: {filename: '{colour}_{index}'}\n"))
+    assert problem.field == "output.filename" and "{colour}" in problem.message
+
+
+def test_two_requests_writing_the_same_file(tmp_path: Path) -> None:
+    write(tmp_path / "p.csv", "sku,category,prompt\nA,x,cat\nB,x,dog\n")
+    path = write(tmp_path / "j.yaml", "items_csv: p.csv\nmatrix: {style: [a, b]}\n"
+                 "output: {filename: '{category}/{style}_{index}'}\n")
+    problems = problems_of(path)
+    assert len(problems) == 2
+    assert {p.location for p in problems} == {"row 3"}
+    assert all(p.field == "output.filename" and "row 2" in p.message for p in problems)
+
+
+def test_template_without_index_and_n_above_one_collides(tmp_path: Path) -> None:
+    problem = only_problem(write(tmp_path / "j.yaml", "prompt: a\ndefaults: {n: 2}\noutput: {filename: '{id}'}\n"))
+    assert problem.field == "output.filename" and "{index}" in problem.message
+
+
+def test_names_differing_only_in_case_collide(tmp_path: Path) -> None:
+    problem = only_problem(write(tmp_path / "j.csv", "sku,prompt\nab,cat\nAB,dog\n"))
+    assert problem.field == "output.filename" and problem.location == "row 3"
+
+
+def test_run_settings_are_checked(tmp_path: Path) -> None:
+    path = write(tmp_path / "j.yaml", "prompt: a\nrun:\n  rate: fast\n  max_wait: soon\n"
+                 "  fallback_models: [z-image-turbo, nope]\n  concurrency: 0\n")
+    problems = problems_of(path)
+    assert [(p.location, p.field) for p in problems] == [("line 6", "run.concurrency")]
+    write(path, "prompt: a\nrun:\n  rate: fast\n  max_wait: soon\n  fallback_models: [z-image-turbo, nope]\n")
+    problems = problems_of(path)
+    assert [(p.location, p.field) for p in problems] == [
+        ("line 3", "run.rate"), ("line 4", "run.max_wait"), ("line 5", "run.fallback_models")]
+    assert '"nope" is not in the catalogue' in problems[2].message
+
+
+def test_matrix_problems(tmp_path: Path) -> None:
+    path = write(tmp_path / "j.yaml", "prompt: a\nmatrix:\n  style: []\n  prompt: [x]\n  index: [1]\n"
+                 "  size: [1:1, 1:1]\n")
+    problems = problems_of(path)
+    assert [p.field for p in problems] == ["matrix.style", "matrix.prompt", "matrix.index", "matrix.size"]
+    assert "empty" in problems[0].message and "twice" in problems[3].message
+
+
+def test_matrix_variable_clashing_with_a_csv_column(tmp_path: Path) -> None:
+    write(tmp_path / "p.csv", "sku,size,prompt\nA,1:1,cat\n")
+    problem = only_problem(write(tmp_path / "j.yaml", "items_csv: p.csv\nmatrix: {size: [1:1, 16:9]}\n"))
+    assert problem.location == "row 1" and problem.field == "size"
+
+
+def test_both_items_and_items_csv(tmp_path: Path) -> None:
+    write(tmp_path / "p.csv", "sku,prompt\nA,cat\n")
+    problem = only_problem(write(tmp_path / "j.yaml", "items_csv: p.csv\nitems: [{id: a, prompt: b}]\n"))
+    assert problem.field == "items_csv" and "not both" in problem.message
+
+
+def test_wrong_type_in_schema(tmp_path: Path) -> None:
+    path = write(tmp_path / "j.yaml", "prompt: a\ndefaults:\n  n: many\nmatrix: [a, b]\n")
+    problems = problems_of(path)
+    assert [(p.location, p.field) for p in problems] == [("line 3", "defaults.n"), ("line 4", "matrix")]
+    assert '"many" is not allowed' in problems[0].message
+
+
+def test_manifest_that_is_not_a_mapping(tmp_path: Path) -> None:
+    problem = only_problem(write(tmp_path / "j.yaml", "- a\n- b\n"))
+    assert "must be a mapping" in problem.message
+
+
+def test_csv_row_with_too_many_cells(tmp_path: Path) -> None:
+    problem = only_problem(write(tmp_path / "j.csv", "id,prompt\na,cat,extra\n"))
+    assert problem.location == "row 2" and "3 cells" in problem.message
+
+
+def test_csv_not_utf8(tmp_path: Path) -> None:
+    path = tmp_path / "j.csv"
+    path.write_bytes("id,prompt\na,caf\xe9\n".encode("latin-1"))
+    problem = only_problem(path)
+    assert "UTF-8" in problem.message
+
+
+def test_bad_input_changes_nothing_the_consumer_can_roll_back(tmp_path: Path) -> None:
+    """The store's contract: it sees every good row, then raise_if_problems raises."""
+    path = write(tmp_path / "j.csv", "id,prompt,n\na,cat,1\nb,dog,9\n")
+    manifest = open_manifest(path)
+    seen = [r.item_id for r in manifest.requests()]
+    assert seen == ["a"]
+    with pytest.raises(ManifestError) as raised:
+        manifest.raise_if_problems()
+    assert f"{path} row 3: n: 9 is out of range" in str(raised.value)
+
+
+def test_requests_can_be_iterated_again(catalogue: Path) -> None:
+    manifest = open_manifest(catalogue)
+    assert [r.key for r in manifest.requests()] == [r.key for r in manifest.requests()]
+    assert manifest.problems == []
+
+
+def test_no_traceback_for_errors_in_paths_with_spaces(tmp_path: Path) -> None:
+    folder = tmp_path / "my jobs"
+    path = write(folder / "j.csv", "prompt,size\ncat,99:1\n")
+    problem = only_problem(path)
+    assert problem.file == str(path)
+    assert os.sep in problem.file
