@@ -1,0 +1,68 @@
+"""Every shipped manifest validates, and `batchgen validate` reports bad input with exit code 2."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from batchgen.cli import main
+from batchgen.manifest import open_manifest, validate
+
+ROOT = Path(__file__).resolve().parent.parent
+SHIPPED = sorted([*ROOT.glob("examples/*.yaml"), ROOT / "examples" / "products_direct.csv",
+                  *ROOT.glob("jobs/*.yaml")])
+
+
+def test_the_shipped_manifests_exist() -> None:
+    names = {p.relative_to(ROOT).as_posix() for p in SHIPPED}
+    assert {"examples/quickstart.yaml", "examples/catalogue.yaml", "examples/edit_products.yaml",
+            "examples/products_direct.csv", "jobs/nightly-catalogue.yaml"} <= names
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.relative_to(ROOT).as_posix())
+def test_shipped_manifest_validates(path: Path) -> None:
+    summary = validate(path)
+    assert summary.requests > 0 and summary.images >= summary.requests
+
+
+def test_quickstart_is_small_and_uses_nano_banana_2() -> None:
+    summary = validate(ROOT / "examples" / "quickstart.yaml")
+    assert 6 <= summary.requests <= 12
+    assert set(summary.by_model) == {"gemini-3.1-flash-image-preview"}
+
+
+def test_edit_example_uses_local_photos() -> None:
+    requests = list(open_manifest(ROOT / "examples" / "edit_products.yaml").requests())
+    local = {p for r in requests for p in r.request.local_paths()}
+    assert local and all(Path(p).is_file() and Path(p).stat().st_size < 30_000 for p in local)
+
+
+def test_cli_validate_ok_text_and_json() -> None:
+    runner = CliRunner()
+    result = runner.invoke(main, ["validate", str(ROOT / "examples" / "catalogue.yaml")])
+    assert result.exit_code == 0, result.output
+    assert "72 request(s)" in result.output and "gemini-3.1-flash-image-preview" in result.output
+    result = runner.invoke(main, ["validate", "--json", str(ROOT / "examples" / "quickstart.yaml")])
+    assert result.exit_code == 0
+    assert json.loads(result.output)["requests"] == 12
+
+
+def test_cli_validate_bad_input_exits_2_with_file_row_and_field(tmp_path: Path) -> None:
+    path = tmp_path / "products.csv"
+    path.write_text("sku,prompt,model,size\nA,cat,gemini-3.1-flash-image-preview,1024x1024\nB,dog,nope,\n")
+    result = CliRunner().invoke(main, ["validate", str(path)])
+    assert result.exit_code == 2
+    assert "Traceback" not in result.output
+    assert f'{path} row 2: size: "1024x1024" is not accepted by gemini-3.1-flash-image-preview' in result.output
+    assert f'{path} row 3: model: "nope" is not in the catalogue' in result.output
+
+
+def test_cli_validate_yaml_syntax_error_exits_2(tmp_path: Path) -> None:
+    path = tmp_path / "job.yaml"
+    path.write_text("prompt: [oops\n")
+    result = CliRunner().invoke(main, ["validate", str(path)])
+    assert result.exit_code == 2
+    assert f"{path} line 2: YAML syntax error" in result.output
