@@ -33,6 +33,12 @@ EXIT_DONE, EXIT_FAILED, EXIT_STOPPED = 0, 1, 3
 
 
 def run_job(manifest_path: Path, options: RunOptions) -> int:
+    """Run a job to completion (or a resumable stop) and return the exit code; bad input raises."""
+    return asyncio.run(run_job_async(manifest_path, options))
+
+
+async def run_job_async(manifest_path: Path, options: RunOptions) -> int:
+    """`run_job` inside a running loop (tests run it next to an in-process emulator)."""
     from batchgen.manifest import open_manifest
 
     manifest = open_manifest(Path(manifest_path))
@@ -42,7 +48,7 @@ def run_job(manifest_path: Path, options: RunOptions) -> int:
     with Store(db_path) as store:
         store.lock()
         sync = store.sync(manifest)
-        return asyncio.run(_run(store, job, options, out_dir, sync.added, sync.removed))
+        return await _run(store, job, options, out_dir, sync.added, sync.removed)
 
 
 def effective_settings(job: JobSpec, options: RunOptions) -> RunSettings:

@@ -775,10 +775,13 @@ class Scheduler:
                 self.store.update_result_urls(t.attempt_id, snap.results)
                 return snap.results
         message = f"result URL no longer available ({error}); results expire 24 hours after completion"
-        if self.cfg.regenerate_expired:
+        if self.cfg.regenerate_expired and t.attempts < self.cfg.max_attempts:
+            # A regeneration is paid again, so it counts towards max_attempts.
             self.store.abandon_attempt(t.attempt_id, "result_expired", message)
-            self.store.requeue(t.req.key, time.time(), "result_expired", message, consume_attempt=False)
+            self.store.requeue(t.req.key, time.time(), "result_expired", message)
             self._on_requeued(t.req.key, "result_expired", 0.0, None)
+        elif self.cfg.regenerate_expired:
+            self._download_failed(t, "result_expired", f"{message}; gave up after {t.attempts} attempt(s)")
         else:
             self._download_failed(t, "result_expired", message + "; set run.regenerate_expired to generate again")
         return None

@@ -1,0 +1,124 @@
+"""The run engine end to end against the in-process emulator over real HTTP: a job finishes with every
+image on disk, a re-run is a no-op, new rows are picked up, and the budget, lock, retry, fallback,
+policy-pause and expiry rules each do what docs/run-engine.md says."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from batchgen.cli import main
+from batchgen.errors import StoreLockedError
+from batchgen.status import collect
+from batchgen.store import Store
+from tests.emulator_fixtures import EmulatorFactory
+from tests.run_support import check_outputs, db_of, prompts, run, write_job
+
+
+async def test_job_finishes_and_rerun_sends_nothing(tmp_path: Path, emulator_factory: EmulatorFactory,
+                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    emu = await emulator_factory(partial_results_share=0.5)
+    rows = prompts(30) + [{"id": f"multi{i}", "prompt": f"four tiles {i}", "n": 4} for i in range(10)]
+    manifest = write_job(tmp_path, rows)
+    assert await run(manifest, emu.base_url) == 0
+    result = check_outputs(manifest)
+    assert result["states"] == {"done": 40}
+    assert 40 < result["images"] < 70  # n=4 requests may return fewer images: done, not failed
+    created = emu.stats()["tasks_created"]
+    assert created == 40
+    out = capsys.readouterr().out
+    assert '"event":"summary"' in out and '"event":"downloaded"' in out
+    assert "sk-evo" not in out  # never the key
+    # Re-running a finished job sends nothing.
+    assert await run(manifest, emu.base_url) == 0
+    assert emu.stats()["tasks_created"] == created
+    # New rows in the CSV: only they are generated.
+    write_job(tmp_path, rows + prompts(45)[40:])
+    assert await run(manifest, emu.base_url) == 0
+    assert emu.stats()["tasks_created"] == created + 5
+    status = collect(db_of(manifest))
+    assert {k: status[k] for k in ("total", "pending", "in_flight", "done", "failed")} == {
+        "total": 45, "pending": 0, "in_flight": 0, "done": 45, "failed": 0}
+    assert status["images"] == check_outputs(manifest)["images"]
+    assert status["credits"]["used"] > 0 and status["credits"]["reserved"] == 0
+
+
+async def test_old_server_without_batch_poll_idempotency_or_credits(tmp_path: Path,
+                                                                  emulator_factory: EmulatorFactory) -> None:
+    emu = await emulator_factory(batch_poll=False, idempotency=False, credits_endpoint=False)
+    manifest = write_job(tmp_path, prompts(15))
+    assert await run(manifest, emu.base_url) == 0
+    assert check_outputs(manifest)["states"] == {"done": 15}
+
+
+async def test_max_credits_stops_resumably_then_finishes(tmp_path: Path, emulator_factory: EmulatorFactory) -> None:
+    emu = await emulator_factory()
+    manifest = write_job(tmp_path, prompts(20), run={"concurrency": 4})  # z-image-turbo: 0.5 credits each
+    assert await run(manifest, emu.base_url, max_credits=3.2) == 3
+    with Store(db_of(manifest)) as store:
+        spent = store.credit_totals()
+        assert spent.spent <= 3.2 and spent.reserved == 0
+        assert 1 <= store.counts()["done"] <= 6
+    assert emu.stats()["tasks_created"] <= 6
+    assert await run(manifest, emu.base_url) == 0
+    assert check_outputs(manifest)["states"] == {"done": 20}
+
+
+async def test_second_run_on_a_locked_database_names_the_holder(tmp_path: Path,
+                                                                emulator_factory: EmulatorFactory) -> None:
+    emu = await emulator_factory()
+    manifest = write_job(tmp_path, prompts(3))
+    with Store(db_of(manifest)) as holder:
+        holder.lock()
+        with pytest.raises(StoreLockedError) as info:
+            await run(manifest, emu.base_url)
+        assert info.value.exit_code == 3 and "pid" in str(info.value)
+    assert emu.stats()["tasks_created"] == 0
+    assert await run(manifest, emu.base_url) == 0  # released: the next run works
+
+
+async def test_failures_are_grouped_and_batchgen_retry_requeues_them(tmp_path: Path,
+                                                                     emulator_factory: EmulatorFactory) -> None:
+    emu = await emulator_factory(rules=[{"prompt": "^broken", "fail_with": "invalid_parameters", "times": 1}])
+    rows = prompts(6) + [{"id": f"b{i}", "prompt": f"broken thing {i}"} for i in range(3)]
+    manifest = write_job(tmp_path, rows)
+    assert await run(manifest, emu.base_url) == 1
+    status = collect(db_of(manifest))
+    assert status["failed"] == 3 and status["done"] == 6
+    assert status["failures"][0]["code"] == "invalid_parameters" and status["failures"][0]["count"] == 3
+    result = CliRunner().invoke(main, ["retry", "--db", str(db_of(manifest)), "--code", "invalid_parameters"])
+    assert result.exit_code == 0 and "requeued 3" in result.output
+    assert await run(manifest, emu.base_url) == 0
+    assert check_outputs(manifest)["states"] == {"done": 9}
+
+
+async def test_model_unavailable_falls_back(tmp_path: Path, emulator_factory: EmulatorFactory) -> None:
+    emu = await emulator_factory(rules=[{"model": "z-image-turbo", "fail_with": "model_unavailable"}])
+    manifest = write_job(tmp_path, prompts(4), run={"fallback_models": ["nano-banana-2-lite"], "max_attempts": 1})
+    assert await run(manifest, emu.base_url) == 0
+    with Store(db_of(manifest)) as store:
+        for rec in store.iter_requests():
+            assert [a.model for a in rec.attempt_rows] == ["z-image-turbo", "nano-banana-2-lite"]
+
+
+async def test_a_run_of_policy_refusals_pauses_the_job(tmp_path: Path, emulator_factory: EmulatorFactory,
+                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    emu = await emulator_factory(rules=[{"prompt": "forbidden", "fail_with": "content_policy_violation"}])
+    manifest = write_job(tmp_path, prompts(40, "forbidden"), run={"policy_pause_after": 5, "concurrency": 2})
+    assert await run(manifest, emu.base_url) == 3
+    assert "content-policy refusals in a row" in capsys.readouterr().out
+    assert emu.stats()["tasks_created"] < 10
+
+
+@pytest.mark.parametrize("regenerate", [False, True])
+async def test_expired_result_urls(tmp_path: Path, emulator_factory: EmulatorFactory, regenerate: bool) -> None:
+    # Result URLs that expire at once: the re-fetch through the task cannot help either.
+    emu = await emulator_factory(result_ttl_s=1e-6)
+    manifest = write_job(tmp_path, prompts(2), run={"regenerate_expired": regenerate, "max_attempts": 2})
+    assert await run(manifest, emu.base_url) == 1
+    with Store(db_of(manifest)) as store:
+        for rec in store.iter_requests():
+            assert rec.error_code == "result_expired"
+            assert len(rec.attempt_rows) == (2 if regenerate else 1)
