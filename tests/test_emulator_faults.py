@@ -136,3 +136,17 @@ async def test_stats_count_requests_by_route_and_status(emulator: Emulator) -> N
         assert isinstance(stats[field], int | float)
     status, over_http, _ = await call(emulator, "GET", "/_emulator/stats", headers={})
     assert status == 200 and over_http["tasks_created"] == 1
+
+
+@pytest.mark.parametrize(("status", "type_"), [(400, "invalid_request_error"), (401, "authentication_error"),
+                                               (402, "insufficient_quota_error"), (403, "permission_error"),
+                                               (404, "not_found_error"), (413, "request_too_large_error"),
+                                               (429, "rate_limit_error"), (500, "internal_server_error"),
+                                               (502, "upstream_error"), (503, "service_unavailable_error")])
+async def test_every_http_error_of_the_contract_can_be_injected_by_a_rule(
+    emulator_factory: EmulatorFactory, status: int, type_: str
+) -> None:
+    emu = await emulator_factory(rules=[{"prompt": "^trouble", "fail_with": status}])
+    got, body, _ = await call(emu, "POST", GEN, {"prompt": "trouble ahead"})
+    assert got == status
+    assert body["error"]["type"] == type_ and body["error"]["code"] == status and body["error"]["message"]
