@@ -68,6 +68,7 @@ def test_flags_override_the_scenario(tmp_path: Path) -> None:
     ("faults:\n  submitt: {http_429: 0.1}\n", "faults.submitt: unknown field"),
     ("bogus: 1\n", "bogus: unknown field"),
     ("faults:\n  poll: {http_500: 1.5}\n", "faults.poll.http_500"),
+    ("faults:\n  poll: {http_500: 0.6, drop: 0.6}\n", "faults.poll"),
     ("time_scale: 0\n", "time_scale"),
     ("faults:\n  tasks: {errors: {made_up_code: 0.1}}\n", "made_up_code"),
     ("rules:\n  - prompt: '(unclosed'\n    fail_with: upstream_error\n", "rules.0.prompt"),

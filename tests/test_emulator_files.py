@@ -195,3 +195,11 @@ async def test_injected_upload_faults_use_the_envelope(emulator_factory: Emulato
     emu = await emulator_factory(faults={"upload": {"http_503": 1.0}})
     status, body = await upload_b64(emu, image_bytes("PNG"))
     assert status == 503 and body["success"] is False and body["code"] == 503
+
+
+async def test_a_gif_upload_is_not_a_usable_reference_image(emulator_factory: EmulatorFactory) -> None:
+    emu = await emulator_factory(latency_s=0.0)
+    _, body = await upload_b64(emu, image_bytes("GIF"))
+    request = {"prompt": "edit", "model": "qwen-image-edit", "image_urls": [body["data"]["file_url"]]}
+    status, task = await call(emu, "POST", "/v1/images/generations", json=request)
+    assert status == 200 and task["error"]["code"] == "image_processing_error"

@@ -147,9 +147,13 @@ async def create_task(request: web.Request) -> web.Response:
     return json_response(state.tasks.view(task, request[NOW], origin(request)))
 
 
+_REFERENCE_MIME_TYPES = frozenset(f"image/{fmt.lower()}" for fmt in catalog.REFERENCE_IMAGE_FORMATS)
+
+
 def _references_ok(request: web.Request, generation: GenerationRequest) -> bool:
-    """False when an image reference cannot be fetched: not a URL, or an emulator file URL (an upload or
-    a result) that expired, was deleted or never existed. Other hosts' URLs are trusted unchecked."""
+    """False when an image reference cannot be used: not a URL; an emulator file URL (an upload or a
+    result) that expired, was deleted or never existed; or an upload the reference does not allow as an
+    input image (GIF, over 4 MB). Other hosts' URLs are trusted unchecked."""
     state = request.app[STATE]
     now = request[NOW]
     refs = [*generation.image_urls, *([generation.mask_url] if generation.mask_url else [])]
@@ -159,7 +163,12 @@ def _references_ok(request: web.Request, generation: GenerationRequest) -> bool:
             return False
         if parts.netloc == request.host and parts.path.startswith(FILES_PREFIX):
             tail = parts.path[len(FILES_PREFIX):]
-            if state.files.lookup(tail, now) is None and state.tasks.result(tail, now) is None:
+            upload = state.files.lookup(tail, now)
+            if upload is not None:
+                too_big = len(upload.data) > catalog.MAX_REFERENCE_IMAGE_BYTES
+                if upload.mime_type not in _REFERENCE_MIME_TYPES or too_big:
+                    return False
+            elif state.tasks.result(tail, now) is None:
                 return False
     return True
 

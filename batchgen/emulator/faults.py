@@ -17,7 +17,7 @@ import re
 from dataclasses import dataclass
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from batchgen.errors import TASK_RULES
 
@@ -45,6 +45,13 @@ class HttpFaults(BaseModel):
     drop: Probability = Field(default=0.0, description="close the connection without answering")
     drop_after: Probability = Field(default=0.0, description="submit only: create the task, then close "
                                     "the connection (the client loses the response)")
+
+    @model_validator(mode="after")
+    def _one_draw(self) -> HttpFaults:
+        # One draw decides between them, so together they cannot exceed certainty.
+        if self.http_429 + self.http_500 + self.http_503 + self.drop + self.drop_after > 1.0:
+            raise ValueError("these probabilities add up to more than 1")
+        return self
 
 
 class TaskFaults(BaseModel):
