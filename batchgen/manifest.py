@@ -30,6 +30,8 @@ import itertools
 import json
 import os
 import re
+import shutil
+import tempfile
 from array import array
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -371,20 +373,23 @@ class Manifest:
         rest in `.truncated`); duplicate ids and output files are added once the stream ends."""
         problems = _Problems()
         self.problems, self.truncated = problems.items, 0
-        ids: array[int] = array("q")
-        names: array[int] = array("q")
+        ids, names = _HashLog(), _HashLog()
+        add_id, add_name = ids.add, names.add
 
         def on_item(item_id: str, file: str, loc: str) -> None:
-            ids.append(hash(item_id))
+            add_id(hash(item_id))
 
         def on_names(paths: list[str], file: str, loc: str) -> None:
             for p in paths:
-                names.append(hash(p.casefold()))
+                # casefold: on a case-insensitive disk "A1" and "a1" are the same file
+                add_name(hash(p.casefold()))
 
         try:
             yield from self._generate(problems, on_item, on_names)
-            self._report_duplicates(problems, ids, names)
+            self._report_duplicates(problems, ids.repeated(), names.repeated())
         finally:
+            ids.close()
+            names.close()
             self.truncated = problems.rest
 
     def raise_if_problems(self) -> None:
@@ -655,9 +660,7 @@ class Manifest:
 
     # --- duplicates -----------------------------------------------------------------------------------
 
-    def _report_duplicates(self, problems: _Problems, ids: array[int], names: array[int]) -> None:
-        dup_ids = _colliding(ids)
-        dup_names = _colliding(names)
+    def _report_duplicates(self, problems: _Problems, dup_ids: set[int], dup_names: set[int]) -> None:
         if not dup_ids and not dup_names:
             return
         # Rare: walk the manifest again, collecting only the colliding ids and names, to name their rows.
@@ -756,22 +759,53 @@ def _explain(err: Any, n_images: int) -> tuple[str | None, str]:
     return None, message
 
 
-def _colliding(hashes: array[int]) -> set[int]:
-    """Hash values that occur more than once, sorting at most ~250k values at a time so a million-row
-    check stays within a few MB beyond the array itself."""
-    total = len(hashes)
-    if total < 2:
-        return set()
-    buckets = max(1, total // 250_000 + (1 if total % 250_000 else 0))
-    out: set[int] = set()
-    for b in range(buckets):
-        part = sorted(hashes) if buckets == 1 else sorted(h for h in hashes if h % buckets == b)
-        prev = None
-        for h in part:
-            if h == prev:
-                out.add(h)
-            prev = h
-    return out
+class _HashLog:
+    """A multiset of 64-bit hashes in flat memory: buffered in `PARTITIONS` arrays by hash value, each
+    spilled to its own temporary file when full, and checked for repeats one partition at a time. A million
+    ids cost about 8 MB of temporary disk and a few MB of memory however many rows there are."""
+
+    PARTITIONS = 64
+    BUFFER = 2048  # hashes per partition held in memory before spilling (16 KB)
+
+    def __init__(self) -> None:
+        self._buffers = [array("q") for _ in range(self.PARTITIONS)]
+        self._dir: str | None = None
+
+    def add(self, value: int) -> None:
+        buf = self._buffers[value % self.PARTITIONS]
+        buf.append(value)
+        if len(buf) >= self.BUFFER:
+            self._spill(value % self.PARTITIONS)
+
+    def _spill(self, part: int) -> None:
+        if self._dir is None:
+            self._dir = tempfile.mkdtemp(prefix="batchgen-dups-")
+        with open(os.path.join(self._dir, str(part)), "ab") as fh:
+            self._buffers[part].tofile(fh)
+        self._buffers[part] = array("q")
+
+    def repeated(self) -> set[int]:
+        """Hash values added more than once."""
+        out: set[int] = set()
+        for part in range(self.PARTITIONS):
+            values = array("q")
+            if self._dir is not None:
+                path = os.path.join(self._dir, str(part))
+                if os.path.exists(path):
+                    with open(path, "rb") as fh:
+                        values.frombytes(fh.read())
+            values.extend(self._buffers[part])
+            prev = None
+            for h in sorted(values):
+                if h == prev:
+                    out.add(h)
+                prev = h
+        return out
+
+    def close(self) -> None:
+        if self._dir is not None:
+            shutil.rmtree(self._dir, ignore_errors=True)
+            self._dir = None
 
 
 def _locations(places: list[tuple[str, str]], limit: int = 5) -> str:

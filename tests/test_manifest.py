@@ -621,3 +621,17 @@ def test_no_traceback_for_errors_in_paths_with_spaces(tmp_path: Path) -> None:
     problem = only_problem(path)
     assert problem.file == str(path)
     assert os.sep in problem.file
+
+
+def test_duplicates_found_when_hashes_spill_to_disk(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Large jobs spill id hashes to temporary files; duplicates are still found and the files removed."""
+    from batchgen import manifest as manifest_module
+
+    monkeypatch.setattr(manifest_module._HashLog, "BUFFER", 4)
+    rows = "".join(f"S{i},cat {i}\n" for i in range(300)) + "S7,again\n"
+    path = write(tmp_path / "p.csv", "sku,prompt\n" + rows)
+    before = set(Path(manifest_module.tempfile.gettempdir()).glob("batchgen-dups-*"))
+    problems = problems_of(path)
+    assert [(p.location, p.field) for p in problems] == [("row 302", "sku")]
+    assert '"S7" is already used by row 9' in problems[0].message
+    assert set(Path(manifest_module.tempfile.gettempdir()).glob("batchgen-dups-*")) == before
