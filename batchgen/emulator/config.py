@@ -31,6 +31,8 @@ class EmulatorConfig(BaseModel):
     idempotency: bool = Field(default=True, description="honour Idempotency-Key on submits")
     batch_poll: bool = Field(default=True, description="serve POST /v1/tasks/batch (404 when off)")
     credits_endpoint: bool = Field(default=True, description="serve GET /v1/credits (404 when off)")
+    estimated_time: bool = Field(default=True, description="report task_info.estimated_time on running tasks "
+                                 "(off: clients must fall back to fixed-interval polling)")
     partial_results_share: float = Field(default=0.0, ge=0, le=1, description="share of n>1 tasks that "
                                          "return fewer images than asked")
     latency_s: float | None = Field(default=None, ge=0, description="fixed emulated latency of every task "

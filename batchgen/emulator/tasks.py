@@ -288,8 +288,9 @@ class TaskBook:
         else:
             body["progress"] = 0 if elapsed < task.pending_s else _progress(task, elapsed)
             body["status"] = "pending" if elapsed < task.pending_s else "processing"
-            body["task_info"] = {"can_cancel": True,
-                                 "estimated_time": self.clock.report_s(task.nominal_s - elapsed)}
+            body["task_info"] = {"can_cancel": True}
+            if self.config.estimated_time:
+                body["task_info"]["estimated_time"] = self.clock.report_s(task.nominal_s - elapsed)
         body["type"] = "image"
         body["usage"] = usage
         return body
