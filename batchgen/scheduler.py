@@ -59,6 +59,7 @@ POLL_MARGIN = 0.03  # poll a little after the estimate: an early poll is a waste
 DOWNLOAD_TRIES = 5
 EXPIRED_STATUSES = frozenset({403, 404, 410})
 HALT_GRACE_S = 2.0
+POLL_ERRORS_BEFORE_LEAVING = 5
 
 # (request, body) -> body actually sent; the uploads step swaps local paths for uploaded URLs here.
 BodyPreparer = Callable[[RequestRecord, GenerationRequest], Awaitable[dict[str, Any]]]
@@ -565,7 +566,9 @@ class Scheduler:
         now = self._loop.time()
         self.emit("poll_error", {"tasks": len(batch), "error": str(error), "retry_in_s": round(delay, 3)})
         for t in batch:
-            if now - t.since >= self.cfg.max_wait_s:
+            # Past max_wait a task is left only once polls keep failing: a few 429s on the poll are the
+            # limiter's problem, not a sign that the task is stuck.
+            if now - t.since >= self.cfg.max_wait_s and t.poll_errors >= POLL_ERRORS_BEFORE_LEAVING:
                 self._leave(t)
             else:
                 self._push(self._poll_heap, now + delay, t)
