@@ -87,8 +87,18 @@ def sanitize_value(value: str) -> str:
     return value.translate(_VALUE_TABLE)
 
 
+# Anything check_relpath might object to; a path without any of it (the usual case) needs no further look.
+_SUSPECT_RE = re.compile(r"^$|^/|/$|//|^[A-Za-z]:|(?:^|/)\.\.?(?:/|$)|[\x00-\x1f\x7f\\]|^ | $| /|/ ")
+
+
 def check_relpath(path: str) -> str:
     """Return `path` if it is a safe relative POSIX path inside the output folder, else raise ValueError."""
+    if len(path) <= MAX_SEGMENT_BYTES // 4 and not _SUSPECT_RE.search(path):
+        return path  # short (no segment can be too long in UTF-8) and nothing suspect
+    return _check_relpath_slow(path)
+
+
+def _check_relpath_slow(path: str) -> str:
     if not path:
         raise ValueError("the file name is empty")
     if len(path) > MAX_PATH_CHARS:

@@ -118,3 +118,20 @@ def test_name_renderer_agrees_with_image_relpath(metadata: dict[str, str], varia
         for path in got:
             assert not path.startswith("/")
             assert ".." not in path.split("/")
+
+
+def test_fast_path_check_agrees_with_the_full_check() -> None:
+    """check_relpath skips the segment walk for ordinary names; it must refuse exactly what the walk does."""
+    import itertools
+
+    alphabet = ["a", ".", "/", "\\", " ", "C:", "\x00", "..", "é"]
+    for length in range(1, 5):
+        for parts in itertools.product(alphabet, repeat=length):
+            path = "".join(parts)
+            outcomes = []
+            for check in (naming.check_relpath, naming._check_relpath_slow):
+                try:
+                    outcomes.append(check(path))
+                except ValueError:
+                    outcomes.append(None)
+            assert outcomes[0] == outcomes[1], repr(path)
