@@ -306,3 +306,9 @@ async def test_downloads_need_no_key_and_skip_the_rate_limit(emulator_factory: E
     for _ in range(5):
         assert (await download(url))[0] == 200
     assert emu.stats()["rate_limited"] == 0
+
+
+async def test_estimated_time_can_be_switched_off(emulator_factory: EmulatorFactory) -> None:
+    emu = await emulator_factory(estimated_time=False, latency_s=100.0)
+    task = await submit(emu)
+    assert task["task_info"] == {"can_cancel": True}
