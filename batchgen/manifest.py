@@ -1165,7 +1165,7 @@ def _open_csv(path: Path, display: str, *, id_field: str | None, matrix_names: f
     else:
         auto = _auto_id_field([n for n in seen if n not in _PARAM_SET])
         id_col = seen[auto] if auto is not None else None
-    return _Csv(path=path, display=display, header=names, param_cols=param_cols, meta_cols=meta_cols,
+    return _Csv(path=path.absolute(), display=display, header=names, param_cols=param_cols, meta_cols=meta_cols,
                 id_col=id_col)
 
 
