@@ -1,0 +1,248 @@
+"""`batchgen export`: the job's results as a flat file a catalogue team can import — one row per image.
+
+A shop system does not read SQLite; it reads a CSV keyed by its own SKUs. So every row starts with the
+item's own columns (whatever the manifest's CSV or inline items had, in the input's order), then one
+column per matrix variable, then batchgen's columns (`COLUMNS_PER_IMAGE` / `COLUMNS_PER_REQUEST`), ending
+with the image's path relative to the output folder. Requests without images (failed, or not finished
+yet) still get one row, with an empty path, so nothing silently disappears from the import.
+
+Names: batchgen's columns always have the names below, so tooling can rely on them. An item column with
+the same name as one of them is written as `item.<name>`; a matrix variable that collides with a
+batchgen or item column (typically `size`, which is also a request parameter) as `variant.<name>`.
+
+CSV cells a spreadsheet would run as a formula (leading `=`, `+`, `-`, `@`, tab, CR or LF) get a leading
+`'` (`neutralise_cell`): a prompt or an item name is untrusted text, and `=HYPERLINK(...)` in a shop
+export is a known attack. JSONL carries the values unmodified (JSON readers do not evaluate them).
+
+Rows stream from the store in chunks; a file target is written atomically (`atomicfile.atomic_text`).
+`write_run_files` is what the runner calls at the end of every run: `results.csv` and the provenance
+index (`provenance.py`) in the output folder.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import sys
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Any
+
+from batchgen.atomicfile import atomic_text
+from batchgen.errors import BatchgenError, ConfigError
+from batchgen.store import AttemptRecord, ImageRecord, RequestRecord, Store
+
+FORMATS = ("csv", "jsonl")
+RESULTS_NAME = "results.csv"
+
+# batchgen's own columns, after the item's and the variant's. `credits` per image is the request's charge
+# shared evenly by its images, so the column sums to what the job cost.
+COLUMNS_PER_IMAGE: tuple[str, ...] = (
+    "item_id", "model", "size", "prompt", "status", "error_code", "error_message", "credits", "task_id",
+    "image_index", "width", "height", "sha256", "request_key", "source", "path",
+)
+COLUMNS_PER_REQUEST: tuple[str, ...] = (
+    "item_id", "model", "size", "n", "prompt", "status", "error_code", "error_message", "credits", "task_id",
+    "attempts", "images", "request_key", "source", "paths",
+)
+PATH_SEPARATOR = "|"  # between the paths of one request in per-request CSV rows (JSONL gives a list)
+
+# What a spreadsheet treats as the start of a formula (OWASP "CSV injection"), plus line breaks, which
+# some importers split on before the cell is parsed.
+_FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r", "\n")
+
+
+def neutralise_cell(value: Any) -> Any:
+    """A CSV cell that no spreadsheet will execute: text starting like a formula gets a leading `'`.
+
+    Numbers and None pass through (a negative number is data, and ours are never negative)."""
+    if isinstance(value, str) and value.startswith(_FORMULA_STARTS):
+        return "'" + value
+    return value
+
+
+@dataclass(frozen=True)
+class Columns:
+    """The export's header: item columns and matrix variables (as (column name, field) pairs), then ours."""
+
+    item: tuple[tuple[str, str], ...]
+    variant: tuple[tuple[str, str], ...]
+    fixed: tuple[str, ...]
+
+    @property
+    def names(self) -> list[str]:
+        return [c for c, _ in self.item] + [c for c, _ in self.variant] + list(self.fixed)
+
+
+def plan_columns(item_fields: Iterable[str], variant_fields: Iterable[str], *, per_request: bool = False) -> Columns:
+    """Name the columns; batchgen's keep their names and user columns that collide get a prefix."""
+    fixed = COLUMNS_PER_REQUEST if per_request else COLUMNS_PER_IMAGE
+    taken = set(fixed)
+    item = []
+    for f in item_fields:
+        name = f"item.{f}" if f in taken else f
+        item.append((name, f))
+    taken |= {c for c, _ in item}
+    variant = []
+    for f in variant_fields:
+        name = f"variant.{f}" if f in taken else f
+        variant.append((name, f))
+    return Columns(tuple(item), tuple(variant), fixed)
+
+
+def ordered(seen: Iterable[str], preferred: Iterable[str]) -> list[str]:
+    """`seen` fields in the input's order (`preferred`) first, any others after in their first-seen order."""
+    seen_list = list(dict.fromkeys(seen))
+    present = set(seen_list)
+    head = [f for f in dict.fromkeys(preferred) if f in present]
+    return head + [f for f in seen_list if f not in set(head)]
+
+
+def input_field_order(manifest_path: str | None) -> tuple[list[str], list[str]]:
+    """The item fields and matrix variables in the order the manifest gives them, from its first request.
+
+    The store keeps metadata as sorted JSON, so the input's column order (SKU, name, colour, ... as the
+    user laid it out) only survives in the manifest. Best effort: a manifest moved, edited into something
+    invalid or unreadable since the run gives ([], []), and the export falls back to alphabetical order."""
+    if not manifest_path:
+        return [], []
+    try:
+        from batchgen.manifest import open_manifest
+
+        requests = open_manifest(Path(manifest_path)).requests()
+        try:
+            first = next(requests, None)
+        finally:
+            close = getattr(requests, "close", None)
+            if close is not None:
+                close()
+    except (BatchgenError, OSError, ValueError):
+        return [], []
+    if first is None:
+        return [], []
+    return list(first.metadata), list(first.variant)
+
+
+def discover_columns(store: Store, *, per_request: bool = False) -> Columns:
+    """Every item field and matrix variable the job's requests use (a first, cheap pass over the store)."""
+    item_seen: dict[str, None] = {}
+    variant_seen: dict[str, None] = {}
+    for rec in store.iter_requests(with_history=False):
+        item_seen.update(dict.fromkeys(rec.metadata))
+        variant_seen.update(dict.fromkeys(rec.variant))
+    job = store.job_record() or {}
+    item_order, variant_order = input_field_order(job.get("manifest_path"))
+    return plan_columns(ordered(item_seen, item_order), ordered(variant_seen, variant_order),
+                        per_request=per_request)
+
+
+def request_credits(req: RequestRecord) -> float:
+    """Credits the request was charged across all its attempts (failed tasks are refunded: 0)."""
+    return round(sum(a.credits_used or 0.0 for a in req.attempt_rows), 6)
+
+
+def producing_attempt(req: RequestRecord, img: ImageRecord | None = None) -> AttemptRecord | None:
+    """The attempt that made `img` (or, without an image, the request's latest attempt)."""
+    if img is not None and img.attempt_id is not None:
+        for a in req.attempt_rows:
+            if a.id == img.attempt_id:
+                return a
+    return req.attempt_rows[-1] if req.attempt_rows else None
+
+
+def _common(req: RequestRecord, columns: Columns, attempt: AttemptRecord | None) -> dict[str, Any]:
+    row: dict[str, Any] = {name: req.metadata.get(field, "") for name, field in columns.item}
+    row.update({name: req.variant.get(field, "") for name, field in columns.variant})
+    row.update({
+        "item_id": req.item_id,
+        "model": attempt.model if attempt is not None else req.model,
+        "size": req.params.get("size") or "",
+        "prompt": req.params.get("prompt", ""),
+        "status": req.state.value,
+        "error_code": req.error_code or "",
+        "error_message": req.error_message or "",
+        "task_id": (attempt.task_id if attempt is not None else None) or "",
+        "request_key": req.key,
+        "source": req.source,
+    })
+    return row
+
+
+def row_for_image(req: RequestRecord, img: ImageRecord | None, columns: Columns) -> dict[str, Any]:
+    """One per-image row; `img` None gives the row of a request without images (empty path)."""
+    row = _common(req, columns, producing_attempt(req, img))
+    total = request_credits(req)
+    row.update({
+        "credits": round(total / len(req.images), 6) if img is not None and req.images else total,
+        "image_index": img.idx if img is not None else "",
+        "width": img.width if img is not None and img.width is not None else "",
+        "height": img.height if img is not None and img.height is not None else "",
+        "sha256": img.sha256 if img is not None else "",
+        "path": img.path if img is not None else "",
+    })
+    return {name: row[name] for name in columns.names}
+
+
+def row_for_request(req: RequestRecord, columns: Columns) -> dict[str, Any]:
+    """One per-request row; `paths` is a list (joined with `PATH_SEPARATOR` in CSV)."""
+    row = _common(req, columns, producing_attempt(req, req.images[-1] if req.images else None))
+    row.update({
+        "n": req.n, "credits": request_credits(req), "attempts": req.attempt_no,
+        "images": len(req.images), "paths": [img.path for img in req.images],
+    })
+    return {name: row[name] for name in columns.names}
+
+
+def iter_rows(store: Store, columns: Columns, *, per_request: bool = False) -> Iterator[dict[str, Any]]:
+    """Rows in manifest order, streamed from the store."""
+    for req in store.iter_requests(with_history=True):
+        if per_request:
+            yield row_for_request(req, columns)
+        elif req.images:
+            for img in req.images:
+                yield row_for_image(req, img, columns)
+        else:
+            yield row_for_image(req, None, columns)
+
+
+def write_rows(fh: IO[str], fmt: str, columns: Columns, rows: Iterable[dict[str, Any]]) -> int:
+    """Write `rows` to `fh` as CSV (neutralised) or JSONL (as is); returns the number of rows."""
+    count = 0
+    if fmt == "csv":
+        writer = csv.writer(fh)
+        writer.writerow([neutralise_cell(c) for c in columns.names])
+        for row in rows:
+            writer.writerow([neutralise_cell(PATH_SEPARATOR.join(v) if isinstance(v, list) else v)
+                             for v in row.values()])
+            count += 1
+    else:
+        for row in rows:
+            fh.write(json.dumps(row, ensure_ascii=False) + "\n")
+            count += 1
+    return count
+
+
+def export_results(db_path: Path, *, fmt: str = "csv", output: Path | None = None, per_request: bool = False) -> int:
+    """Export the job in `db_path` to `output` (atomically) or stdout; returns the number of rows."""
+    if fmt not in FORMATS:
+        raise ConfigError(f'unknown export format "{fmt}"; use one of {", ".join(FORMATS)}')
+    with Store(db_path) as store:
+        columns = discover_columns(store, per_request=per_request)
+        rows = iter_rows(store, columns, per_request=per_request)
+        if output is None:
+            return write_rows(sys.stdout, fmt, columns, rows)
+        with atomic_text(Path(output), newline="" if fmt == "csv" else None) as fh:
+            return write_rows(fh, fmt, columns, rows)
+
+
+def write_run_files(db_path: Path, out_dir: Path) -> dict[str, int]:
+    """The files every run leaves in its output folder: the provenance index and `results.csv`.
+
+    The index goes first: it is what makes an image on disk traceable, so an export problem must not
+    cost it. Returns rows written per file name."""
+    from batchgen.provenance import INDEX_NAME, write_index
+
+    written = {INDEX_NAME: write_index(db_path, out_dir)}
+    written[RESULTS_NAME] = export_results(db_path, fmt="csv", output=out_dir / RESULTS_NAME)
+    return written
