@@ -50,6 +50,7 @@ from batchgen import catalog, naming, outputs
 from batchgen.errors import CONTENT_POLICY_CODE, Action, ApiError, BatchgenError, HttpError, decide
 from batchgen.models import GenerationRequest
 from batchgen.store import AttemptState, ImageRecord, NewAttempt, Outcome, RequestRecord, Store
+from batchgen.uploads import UploadWaitError
 
 if TYPE_CHECKING:
     from batchgen.client import EvolinkClient, TaskSnapshot
@@ -63,6 +64,8 @@ POLL_ERRORS_BEFORE_LEAVING = 5
 
 # (request, body) -> body actually sent; the uploads step swaps local paths for uploaded URLs here.
 BodyPreparer = Callable[[RequestRecord, GenerationRequest], Awaitable[dict[str, Any]]]
+# (body sent, epoch it was sent) -> True when an upload of ours in it may explain an image_processing_error.
+ReferenceCheck = Callable[[dict[str, Any], float], bool]
 EventSink = Callable[[str, dict[str, Any]], None]
 
 
@@ -141,17 +144,19 @@ class _Tracked:
     missing: int = 0
     result_urls: tuple[str, ...] = ()
     refetched: bool = False
+    resumed: bool = False  # loaded from the store at start (not submitted by this run)
 
 
 class Scheduler:
     def __init__(self, store: Store, client: EvolinkClient, config: SchedulerConfig, *,
                  emit: EventSink | None = None, prepare_body: BodyPreparer | None = None,
-                 rng: random.Random | None = None) -> None:
+                 reference_failed: ReferenceCheck | None = None, rng: random.Random | None = None) -> None:
         self.store = store
         self.client = client
         self.cfg = config
         self.emit: EventSink = emit or (lambda kind, fields: None)
         self.prepare_body = prepare_body
+        self.reference_failed = reference_failed
         self.rng = rng or random.Random()
         self.counters = Counters()
         self._tracked: dict[int, _Tracked] = {}  # attempt id → tracked (submitted, not yet final)
@@ -265,7 +270,7 @@ class Scheduler:
                          est_credits=att.credits_estimated or 0.0,
                          reserved=att.credits_reserved or att.credits_estimated or 0.0,
                          task_id=att.task_id, since=now_loop, submitted_wall=att.submitted_at or now_wall,
-                         submit_tries=att.submit_tries, result_urls=tuple(att.result_urls))
+                         submit_tries=att.submit_tries, result_urls=tuple(att.result_urls), resumed=True)
             if req.state == "completed":
                 if att.state == AttemptState.COMPLETED:
                     self._downloads.put_nowait(t)
@@ -361,6 +366,10 @@ class Scheduler:
                 body, rewritten = await self._prepare(req)
             except ApiError as error:
                 self._defer_unsent(req, error)
+                continue
+            except UploadWaitError as wait:
+                # The file quota is full of our own files that requests in progress hold: try again later.
+                self.store.defer(req.key, time.time() + wait.delay_s, wait.code, str(wait))
                 continue
             except BatchgenError as error:
                 self.store.fail(req.key, "upload_failed", str(error))
@@ -637,6 +646,14 @@ class Scheduler:
     def _failure_outcome(self, t: _Tracked, code: str, message: str) -> tuple[Outcome, Callable[[], None]]:
         d = decide(code, t.attempts, self.cfg.max_attempts, self.rng, self.cfg.time_scale)
         key = t.req.key
+        if (code == "image_processing_error" and self.reference_failed is not None
+                and t.attempts < self.cfg.max_attempts and self.reference_failed(t.body, t.submitted_wall)):
+            # Not the user's photo but our upload of it (expired or deleted): the next attempt checks it and
+            # uploads it again. Bounded by max_attempts, like the regeneration of expired results.
+            message = f"{message} (a reference batchgen uploaded may have expired or been deleted; retrying)"
+            return (Outcome(t.attempt_id, key, "requeue", error_code=code, error_message=message,
+                            not_before=time.time()),
+                    lambda: self._on_requeued(key, code, 0.0, None))
         if code == CONTENT_POLICY_CODE:
             self._policy_streak += 1
             if self._policy_streak >= self.cfg.policy_pause_after:
@@ -697,7 +714,8 @@ class Scheduler:
 
     async def _download_request(self, t: _Tracked) -> None:
         req = t.req
-        have = {img.idx: img for img in self.store.images_for(req.key)}
+        # Only a request carried over from an earlier run can have images on disk already.
+        have = {img.idx: img for img in self.store.images_for(req.key)} if t.resumed else {}
         urls = t.result_urls
         index = 1
         while index <= len(urls):
@@ -740,10 +758,9 @@ class Scheduler:
         rel = naming.image_relpath(self.cfg.filename_template, item_id=req.item_id, variant=req.variant,
                                    metadata=req.metadata, model=t.model, key=req.key, index=index)
         # Two requests must never share a file: a template that names them alike gets the key appended.
-        for ext in outputs.EXTENSIONS.values():
-            owner = self.store.path_owner(rel + ext)
-            if owner is not None and owner != req.key:
-                return f"{rel}-{req.key[-8:]}"
+        owner = self.store.path_owner([rel + ext for ext in outputs.EXTENSIONS.values()])
+        if owner is not None and owner != req.key:
+            return f"{rel}-{req.key[-8:]}"
         return rel
 
     async def _fetch(self, t: _Tracked, url: str) -> bytes | tuple[str, ...] | None:

@@ -28,6 +28,9 @@ Schema (times are wall-clock epoch seconds as REAL; JSON columns hold compact JS
     images     (request_key, idx) PK (idx 1-based), path UNIQUE (relative to the output folder, with
                extension), url, bytes, sha256, width, height, format, attempt_id, created_at
     runs       (m002) id PK, started_at, finished_at, pid, host, exit_code, reason, summary JSON
+    uploads    (m003) file_id PK, sha256 (of the content; indexed), file_url, expires_at, size, mime, path
+               (local file it came from), uploaded_at, checked_at (last proven live), suspect_at (a task
+               using it failed to fetch it), deleted_at. Only files batchgen uploaded; see uploads.py
 
 Migrations are numbered, append-only functions registered on ``MIGRATIONS`` (sqlite-utils runs each in
 its own transaction and records it in ``_sqlite_migrations``); ``PRAGMA user_version`` mirrors the count.
@@ -142,6 +145,21 @@ def m002_runs(db: sqlite_utils.Database) -> None:
             exit_code INTEGER, reason TEXT, summary TEXT)"""
     )
     db.execute("PRAGMA user_version = 2")
+
+
+@MIGRATIONS()
+def m003_uploads(db: sqlite_utils.Database) -> None:
+    # Every file batchgen uploaded through the Files API, so a photo is uploaded once per content (across
+    # resumed runs) and only batchgen's own files are ever deleted to free the quota (uploads.py).
+    db.execute(
+        """CREATE TABLE uploads (
+            file_id TEXT PRIMARY KEY, sha256 TEXT NOT NULL, file_url TEXT NOT NULL, expires_at REAL NOT NULL,
+            size INTEGER, mime TEXT, path TEXT, uploaded_at REAL NOT NULL, checked_at REAL, suspect_at REAL,
+            deleted_at REAL)"""
+    )
+    db.execute("CREATE INDEX uploads_sha256 ON uploads (sha256, uploaded_at)")
+    db.execute("CREATE INDEX uploads_file_url ON uploads (file_url)")
+    db.execute("PRAGMA user_version = 3")
 
 
 # --- records --------------------------------------------------------------------------------------
@@ -693,8 +711,10 @@ class Store:
                 c.execute("UPDATE requests SET state='done', error_code=NULL, error_message=NULL, updated_at=? "
                           "WHERE key=?", (time.time(), img.request_key))
 
-    def path_owner(self, path: str) -> str | None:
-        row = self.conn.execute("SELECT request_key FROM images WHERE path=?", (path,)).fetchone()
+    def path_owner(self, paths: Sequence[str]) -> str | None:
+        """The request that already saved an image under one of these relative paths, if any."""
+        row = self.conn.execute(f"SELECT request_key FROM images WHERE path IN ({','.join('?' * len(paths))}) "
+                                "LIMIT 1", tuple(paths)).fetchone()
         return None if row is None else str(row[0])
 
     def finish_request(self, key: str) -> None:
@@ -754,3 +774,82 @@ class Store:
         with self._tx() as c:
             c.execute("UPDATE runs SET finished_at=?, exit_code=?, reason=?, summary=? WHERE id=?",
                       (time.time(), exit_code, reason, _j(summary), run_id))
+
+    # -- uploads (issue 6: local reference files through the Files API; used by uploads.py) -----------
+
+    def record_upload(self, rec: UploadRecord) -> None:
+        """Commit an upload the moment the Files API answered, so a killed run does not upload it again."""
+        with self._tx() as c:
+            c.execute(
+                "INSERT OR REPLACE INTO uploads (file_id, sha256, file_url, expires_at, size, mime, path, uploaded_at, "
+                "checked_at, suspect_at, deleted_at) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+                (rec.file_id, rec.sha256, rec.file_url, rec.expires_at, rec.size, rec.mime, rec.path, rec.uploaded_at,
+                 rec.checked_at, rec.suspect_at, rec.deleted_at))
+
+    def current_upload(self, sha256: str) -> UploadRecord | None:
+        """The newest upload of this content that batchgen has not deleted (it may have expired)."""
+        rows = self._upload_rows("sha256 = ? AND deleted_at IS NULL ORDER BY uploaded_at DESC LIMIT 1", [sha256])
+        return rows[0] if rows else None
+
+    def uploads_by_url(self, urls: Iterable[str]) -> list[UploadRecord]:
+        """batchgen's uploads (deleted ones too) behind these URLs; other URLs are simply not found."""
+        urls = list(dict.fromkeys(urls))
+        if not urls:
+            return []
+        return self._upload_rows(f"file_url IN ({','.join('?' * len(urls))})", urls)
+
+    def live_uploads(self) -> list[UploadRecord]:
+        """batchgen's uploads not deleted yet (expired ones included), oldest first."""
+        return self._upload_rows("deleted_at IS NULL ORDER BY uploaded_at", [])
+
+    def mark_upload(self, file_id: str, *, checked_at: float | None = None, suspect_at: float | None = None,
+                    deleted_at: float | None = None) -> None:
+        """Set the given times on an upload (None leaves a column as it is)."""
+        with self._tx() as c:
+            c.execute("UPDATE uploads SET checked_at=COALESCE(?, checked_at), suspect_at=COALESCE(?, suspect_at), "
+                      "deleted_at=COALESCE(?, deleted_at) WHERE file_id=?",
+                      (checked_at, suspect_at, deleted_at, file_id))
+
+    def local_references(self, states: Sequence[str] = ("pending", "submitted")) -> list[tuple[str, str]]:
+        """(request key, local path) for every image_urls entry and mask_url that is not an http(s) URL, of
+        the requests in these states: what the job still needs uploaded."""
+        qs = ",".join("?" * len(states))
+        cur = self.conn.execute(
+            f"SELECT r.key, j.value FROM requests r, json_each(r.params, '$.image_urls') j WHERE r.state IN ({qs}) "
+            f"UNION ALL SELECT key, json_extract(params, '$.mask_url') FROM requests WHERE state IN ({qs}) "
+            "AND json_extract(params, '$.mask_url') IS NOT NULL", (*states, *states))
+        return [(k, v) for k, v in cur.fetchall()
+                if isinstance(v, str) and not v.startswith(("http://", "https://"))]
+
+    def open_attempt_urls(self) -> set[str]:
+        """Every reference URL in the bodies of attempts still open (sending or running): files the API may
+        still fetch, which must not be deleted."""
+        cur = self.conn.execute(
+            "SELECT j.value FROM attempts a, json_each(a.body, '$.image_urls') j "
+            "WHERE a.state IN ('sending', 'running') AND a.body IS NOT NULL "
+            "UNION SELECT json_extract(body, '$.mask_url') FROM attempts "
+            "WHERE state IN ('sending', 'running') AND body IS NOT NULL")
+        return {v for (v,) in cur.fetchall() if isinstance(v, str)}
+
+    def _upload_rows(self, where: str, args: Sequence[Any]) -> list[UploadRecord]:
+        cur = self.conn.execute(
+            "SELECT file_id, sha256, file_url, expires_at, size, mime, path, uploaded_at, checked_at, suspect_at, "
+            f"deleted_at FROM uploads WHERE {where}", tuple(args))
+        return [UploadRecord(*row) for row in cur.fetchall()]
+
+
+@dataclass
+class UploadRecord:
+    """One file batchgen uploaded (times are epoch seconds)."""
+
+    file_id: str
+    sha256: str
+    file_url: str
+    expires_at: float
+    size: int | None
+    mime: str | None
+    path: str | None
+    uploaded_at: float
+    checked_at: float | None = None  # last time its URL was fetched successfully (None: only the upload vouches)
+    suspect_at: float | None = None  # a task using it failed with image_processing_error
+    deleted_at: float | None = None  # deleted by batchgen, or found gone (expired, deleted elsewhere)
