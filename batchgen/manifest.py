@@ -24,6 +24,7 @@ Row numbers are what a spreadsheet shows: the header is row 1, the first data ro
 
 from __future__ import annotations
 
+import copy
 import csv
 import hashlib
 import itertools
@@ -349,8 +350,10 @@ class Manifest:
 
     def __init__(self, job: JobSpec, *, display: str, defaults: dict[str, Any], template: naming.Template | None,
                  variants: list[_Variant], id_field: str | None, source: _Csv | _Inline | None,
-                 fingerprint_parts: list[str]) -> None:
+                 fingerprint_parts: list[str], settings_problems: list[Problem] | None = None) -> None:
         self.job = job
+        # Problems in the manifest's settings, reported together with the items' problems.
+        self._settings_problems = list(settings_problems or [])
         self.display = display
         self.problems: list[Problem] = []
         self.truncated = 0
@@ -372,6 +375,7 @@ class Manifest:
         """Every valid request, in manifest order. Invalid rows land in `.problems` (capped; the count of the
         rest in `.truncated`); duplicate ids and output files are added once the stream ends."""
         problems = _Problems()
+        problems.items.extend(self._settings_problems)
         self.problems, self.truncated = problems.items, 0
         ids, names = _HashLog(), _HashLog()
         add_id, add_name = ids.add, names.add
@@ -861,9 +865,54 @@ class _Parsed:
     schema: ManifestSchema
     root: yaml.Node | None
     text: str
+    problems: list[Problem] = field(default_factory=list)  # settings problems found with keep_going
 
 
-def _parse_yaml_manifest(path: Path) -> _Parsed:
+def _validate_schema(data: dict[str, Any], file: str, root: yaml.Node | None, problems: _Problems,
+                     keep_going: bool) -> ManifestSchema:
+    """Validate the YAML against the schema, recording every error.
+
+    With `keep_going`, keys that cannot change what the items expand to (unknown keys anywhere, bad
+    `name`, `run` or `output` values) are reported, dropped and validation repeated, so the user sees
+    those problems together with the items' own problems in one pass. A bad `defaults`, `prompt`,
+    `items` or `matrix` value would make every item's report a cascade of the same mistake: that stops
+    here, with everything found so far.
+    """
+    for _ in range(10):
+        try:
+            return ManifestSchema.model_validate(data)
+        except ValidationError as error:
+            _pydantic_problems(error, file, root, problems)
+            droppable = keep_going and all(
+                e["type"] == "extra_forbidden" or (e["loc"] and e["loc"][0] in ("name", "run", "output"))
+                for e in error.errors()
+            )
+            if not droppable:
+                problems.raise_if_any()
+                raise  # unreachable: a ValidationError always has errors
+            data = copy.deepcopy(data)
+            for e in error.errors():
+                _drop(data, tuple(e["loc"]))
+    problems.raise_if_any()
+    raise AssertionError("unreachable")
+
+
+def _drop(data: Any, loc: tuple[Any, ...]) -> None:
+    """Remove the value at `loc` (a pydantic error location) so its default applies."""
+    for part in loc[:-1]:
+        if (isinstance(data, dict) and part in data) or (
+            isinstance(data, list) and isinstance(part, int) and part < len(data)
+        ):
+            data = data[part]
+        else:
+            return
+    if isinstance(data, dict):
+        data.pop(loc[-1], None)
+
+
+def _parse_yaml_manifest(path: Path, keep_going: bool = False) -> _Parsed:
+    """Parse and check a YAML manifest's settings. Without `keep_going` any problem raises at once; with
+    it, problems that leave the items' expansion meaningful are returned in `_Parsed.problems`."""
     file = str(path)
     text = _read_text(path)
     data, root = _parse_yaml(text, file)
@@ -873,12 +922,7 @@ def _parse_yaml_manifest(path: Path) -> _Parsed:
     if not isinstance(data, dict):
         raise ManifestError([Problem(file, _at(_node_line(root, ())), None, "the manifest must be a mapping of "
                                      "keys (name, defaults, prompt, items or items_csv, matrix, output, run)")])
-    try:
-        schema = ManifestSchema.model_validate(data)
-    except ValidationError as error:
-        _pydantic_problems(error, file, root, problems)
-        problems.raise_if_any()
-        raise  # unreachable: a ValidationError always has errors
+    schema = _validate_schema(data, file, root, problems, keep_going)
     name = schema.name if schema.name is not None else path.stem
     if not _NAME_RE.match(name):
         problems.add(file, _at(_node_line(root, ("name",))), "name", f'"{name}" is not a usable job name; use '
@@ -901,9 +945,11 @@ def _parse_yaml_manifest(path: Path) -> _Parsed:
         naming.check_filename_template(schema.output.filename)
     except ValueError as error:
         problems.add(file, _at(_node_line(root, ("output", "filename"))), "output.filename", str(error))
-    problems.raise_if_any()
+        problems.raise_if_any()  # every row's names would repeat this mistake
+    if not keep_going:
+        problems.raise_if_any()
     job = JobSpec(name=name, manifest_path=path.absolute(), output=schema.output, run=run)
-    return _Parsed(job=job, schema=schema, root=root, text=text)
+    return _Parsed(job=job, schema=schema, root=root, text=text, problems=list(problems.items))
 
 
 def load_job(path: Path) -> JobSpec:
@@ -932,7 +978,7 @@ def open_manifest(path: Path) -> Manifest:
         problems.raise_if_any()
         return Manifest(job, display=str(path), defaults={}, template=None, variants=[_Variant({}, {})],
                         id_field=_csv_id_name(src), source=src, fingerprint_parts=[])
-    parsed = _parse_yaml_manifest(path)
+    parsed = _parse_yaml_manifest(path, keep_going=True)
     return _build_yaml_manifest(path, parsed)
 
 
@@ -946,6 +992,7 @@ def _build_yaml_manifest(path: Path, parsed: _Parsed) -> Manifest:
     file = str(path)
     schema, root, job = parsed.schema, parsed.root, parsed.job
     problems = _Problems()
+    problems.items.extend(parsed.problems)
 
     def line(*loc: Any) -> str | None:
         return _at(_node_line(root, loc))
@@ -1044,9 +1091,11 @@ def _build_yaml_manifest(path: Path, parsed: _Parsed) -> Manifest:
             problems.add(file, line("prompt"), "prompt", "the template uses "
                          + ", ".join("{" + f + "}" for f in template.fields if f not in matrix_names and f != "id")
                          + " but the manifest has no items; add items: or items_csv:")
-    problems.raise_if_any()
+    if len(problems.items) > len(parsed.problems):
+        problems.raise_if_any()  # the items cannot be expanded meaningfully
     manifest = Manifest(job, display=file, defaults=defaults, template=template, variants=variants,
-                        id_field=id_name, source=source, fingerprint_parts=fingerprint_parts)
+                        id_field=id_name, source=source, fingerprint_parts=fingerprint_parts,
+                        settings_problems=parsed.problems)
     return manifest
 
 

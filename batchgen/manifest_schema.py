@@ -13,6 +13,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from batchgen import catalog
 from batchgen.models import OutputSettings, RunSettings
 
 # The request parameters a manifest can set (defaults, item fields or CSV columns, matrix variables).
@@ -35,7 +36,8 @@ class RequestDefaults(BaseModel):
                               "gpt-image-1.5)")
     size: str | None = Field(default=None, description='aspect ratio such as "16:9", or pixels "1024x1536" '
                              "for GPT models; unset = the model's default")
-    n: int | None = Field(default=None, description="images per request, 1-4 (default 1)")
+    n: int | None = Field(default=None, ge=catalog.MIN_N, le=catalog.MAX_N,
+                          description="images per request, 1-4 (default 1)")
     image_urls: list[str] | None = Field(default=None, description="reference images: http(s) URLs or local "
                                          "paths relative to the manifest; at most 14")
     mask_url: str | None = Field(default=None, description="PNG mask (URL or local path); gpt-4o-image only")

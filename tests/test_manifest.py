@@ -546,7 +546,10 @@ def test_run_settings_are_checked(tmp_path: Path) -> None:
     path = write(tmp_path / "j.yaml", "prompt: a\nrun:\n  rate: fast\n  max_wait: soon\n"
                  "  fallback_models: [z-image-turbo, nope]\n  concurrency: 0\n")
     problems = problems_of(path)
-    assert [(p.location, p.field) for p in problems] == [("line 6", "run.concurrency")]
+    # A bad value in run: does not hide the others: all four come back together.
+    assert {(p.location, p.field) for p in problems} == {
+        ("line 6", "run.concurrency"), ("line 3", "run.rate"), ("line 4", "run.max_wait"),
+        ("line 5", "run.fallback_models")}
     write(path, "prompt: a\nrun:\n  rate: fast\n  max_wait: soon\n  fallback_models: [z-image-turbo, nope]\n")
     problems = problems_of(path)
     assert [(p.location, p.field) for p in problems] == [
@@ -635,3 +638,20 @@ def test_duplicates_found_when_hashes_spill_to_disk(tmp_path: Path, monkeypatch:
     assert [(p.location, p.field) for p in problems] == [("row 302", "sku")]
     assert '"S7" is already used by row 9' in problems[0].message
     assert set(Path(manifest_module.tempfile.gettempdir()).glob("batchgen-dups-*")) == before
+
+
+def test_unknown_keys_do_not_hide_the_items_problems(tmp_path: Path) -> None:
+    path = write(tmp_path / "j.yaml", 'name: j\nprompt: "{thing} in {colour}"\nitems:\n  - {id: a, thing: cat}\n'
+                 '  - {id: a, thing: dog, colour: red, size: "1024x1024"}\n'
+                 "defaults:\n  model: gemini-3.1-flash-image-preview\nbogus: 1\nrun:\n  concurency: 3\n")
+    found = {(p.location, p.field) for p in problems_of(path)}
+    assert found == {("line 8", "bogus"), ("line 10", "run.concurency"), ("line 4", "prompt"),
+                     ("line 5", "size"), ("line 5", "id")}
+
+
+def test_a_bad_default_is_reported_once_at_its_line(tmp_path: Path) -> None:
+    path = write(tmp_path / "j.yaml", 'prompt: "{thing}"\nitems:\n  - {id: a, thing: cat}\n  - {id: b, thing: dog}\n'
+                 "defaults:\n  n: 9\n")
+    problem = only_problem(path)
+    assert (problem.location, problem.field) == ("line 6", "defaults.n")
+    assert "4" in problem.message
