@@ -53,6 +53,13 @@ PATH_SEPARATOR = "|"  # between the paths of one request in per-request CSV rows
 _FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r", "\n")
 
 
+def json_line(value: Any) -> str:
+    """One JSONL line: UTF-8 as is, except the characters Python's `str.splitlines` and JavaScript treat
+    as line breaks inside a string (NEL, U+2028, U+2029), which are escaped so a line is always a record."""
+    text = json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+    return text.replace("\x85", "\\u0085").replace("\u2028", "\\u2028").replace("\u2029", "\\u2029") + "\n"
+
+
 def neutralise_cell(value: Any) -> Any:
     """A CSV cell that no spreadsheet will execute: text starting like a formula gets a leading `'`.
 
@@ -218,7 +225,7 @@ def write_rows(fh: IO[str], fmt: str, columns: Columns, rows: Iterable[dict[str,
             count += 1
     else:
         for row in rows:
-            fh.write(json.dumps(row, ensure_ascii=False) + "\n")
+            fh.write(json_line(row))
             count += 1
     return count
 

@@ -35,6 +35,7 @@ from typing import Any
 
 from batchgen import __version__
 from batchgen.atomicfile import atomic_text
+from batchgen.export import json_line
 from batchgen.store import ImageRecord, RequestRecord, Store
 
 INDEX_NAME = "index.jsonl"
@@ -84,7 +85,7 @@ def write_index(db_path: Path, out_dir: Path) -> int:
     count = 0
     with Store(db_path) as store, atomic_text(Path(out_dir) / INDEX_NAME) as fh:
         for record in iter_records(store):
-            fh.write(json.dumps(record, ensure_ascii=False, separators=(",", ":")) + "\n")
+            fh.write(json_line(record))
             count += 1
     return count
 

@@ -1,0 +1,244 @@
+"""The export and the provenance index: rows joined to the item's own columns, one per image (or request),
+failed requests included, formula cells neutralised in CSV but not in JSONL, atomic files, the files every
+run leaves in its output folder, and a provenance record that is enough to regenerate its image."""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import pytest
+from click.testing import CliRunner
+
+from batchgen import export as export_mod
+from batchgen.cli import main
+from batchgen.export import (
+    COLUMNS_PER_IMAGE,
+    export_results,
+    neutralise_cell,
+    ordered,
+    plan_columns,
+)
+from batchgen.models import GenerationRequest, request_key
+from batchgen.provenance import INDEX_NAME, find
+from batchgen.store import Store
+from tests.emulator_fixtures import API_KEY, EmulatorFactory
+from tests.results_support import FAILED, IMAGES, ITEMS, REQUESTS, TILES, Job, build_job
+from tests.run_support import run
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+
+
+@pytest.fixture(scope="module")
+def job(tmp_path_factory: pytest.TempPathFactory) -> Job:
+    return build_job(tmp_path_factory.mktemp("job"))
+
+
+def read_csv(path: Path) -> list[dict[str, str]]:
+    with path.open(newline="", encoding="utf-8") as fh:
+        return list(csv.DictReader(fh))
+
+
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+
+
+# --- pure functions ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("value", ["=1+1", '=HYPERLINK("http://x","y")', "+1", "-5", "@SUM(A1)", "\t=1", "\r=1",
+                                   "\n=1"])
+def test_formula_like_cells_get_a_leading_quote(value: str) -> None:
+    assert neutralise_cell(value) == "'" + value
+
+
+@pytest.mark.parametrize("value", ["mug", "", "a=b", "1+1", "SKU-1", " =1", 1.5, 0, None])
+def test_other_cells_pass_unchanged(value: Any) -> None:
+    assert neutralise_cell(value) == value
+
+
+def test_user_columns_that_collide_get_a_prefix_and_ours_keep_their_names() -> None:
+    cols = plan_columns(["sku", "status", "name"], ["style", "size", "name"])
+    assert [c for c, _ in cols.item] == ["sku", "item.status", "name"]
+    assert [c for c, _ in cols.variant] == ["style", "variant.size", "variant.name"]
+    assert cols.names[-len(COLUMNS_PER_IMAGE):] == list(COLUMNS_PER_IMAGE)
+    assert len(set(cols.names)) == len(cols.names)
+
+
+def test_fields_follow_the_inputs_order_then_first_seen() -> None:
+    assert ordered(["colour", "name", "sku", "extra"], ["sku", "name", "colour", "gone"]) == [
+        "sku", "name", "colour", "extra"]
+    assert ordered(["b", "a"], []) == ["b", "a"]
+
+
+# --- against a finished job ----------------------------------------------------------------------------
+
+
+def test_one_row_per_image_plus_one_per_request_without_images(job: Job, tmp_path: Path) -> None:
+    assert job.exit_code == 1  # two requests failed for good
+    out = tmp_path / "images.csv"
+    assert export_results(job.db, output=out) == TILES
+    rows = read_csv(out)
+    assert len(rows) == TILES
+    # The item's own columns first, in the CSV's order, then the matrix variable, then ours.
+    assert list(rows[0])[:4] == ["sku", "name", "colour", "style"]
+    assert list(rows[0])[4:] == list(COLUMNS_PER_IMAGE)
+    done = [r for r in rows if r["status"] == "done"]
+    failed = [r for r in rows if r["status"] == "failed"]
+    assert len(done) == IMAGES and len(failed) == FAILED
+    for r in failed:
+        assert r["path"] == "" and r["error_code"] == "invalid_parameters" and r["error_message"]
+        assert r["sku"] == "SKU-5"
+    for r in done:
+        assert (job.out_dir / r["path"]).is_file() and not Path(r["path"]).is_absolute()
+        assert r["task_id"].startswith("task-") and r["model"] == "z-image-turbo"
+    assert sorted(r["path"] for r in done if r["sku"] == "SKU-6") == [
+        "SKU-6/bold_1.png", "SKU-6/bold_2.png", "SKU-6/plain_1.png", "SKU-6/plain_2.png"]
+    with Store(job.db) as store:
+        assert sum(float(r["credits"]) for r in rows) == pytest.approx(store.credit_totals().used)
+
+
+def test_csv_neutralises_formulas_and_jsonl_keeps_the_data(job: Job, tmp_path: Path) -> None:
+    export_results(job.db, output=tmp_path / "x.csv")
+    export_results(job.db, fmt="jsonl", output=tmp_path / "x.jsonl")
+    by_sku_csv = {r["sku"]: r for r in read_csv(tmp_path / "x.csv")}
+    by_sku_json = {r["sku"]: r for r in read_jsonl(tmp_path / "x.jsonl")}
+    for item in ITEMS:
+        row_csv, row_json = by_sku_csv[item["sku"]], by_sku_json[item["sku"]]
+        assert row_json["name"] == item["name"] and row_json["colour"] == item["colour"]
+        assert row_csv["name"] == neutralise_cell(item["name"])
+        assert row_csv["colour"] == neutralise_cell(item["colour"])
+    assert by_sku_csv["SKU-3"]["name"].startswith("'=HYPERLINK(")
+    assert by_sku_csv["SKU-3"]["prompt"].startswith("'=HYPERLINK(")
+    assert by_sku_csv["SKU-2"]["colour"] == "'@SUM(1+1)"
+    assert by_sku_json["SKU-3"]["prompt"].startswith("=HYPERLINK(")
+    assert "\u2028" in by_sku_json["SKU-4"]["name"]  # JSONL is the data, unicode separators and all
+    # No cell of the CSV starts like a formula.
+    with (tmp_path / "x.csv").open(newline="", encoding="utf-8") as fh:
+        for row in csv.reader(fh):
+            assert not any(cell.startswith(("=", "+", "-", "@", "\t", "\r")) for cell in row)
+
+
+def test_per_request_rows(job: Job, tmp_path: Path) -> None:
+    out = tmp_path / "requests.jsonl"
+    assert export_results(job.db, fmt="jsonl", output=out, per_request=True) == REQUESTS
+    rows = read_jsonl(out)
+    assert sum(r["images"] for r in rows) == IMAGES
+    sku6 = [r for r in rows if r["sku"] == "SKU-6"]
+    assert [len(r["paths"]) for r in sku6] == [2, 2] and all(r["n"] == 2 for r in sku6)
+    assert all(r["paths"] == [] and r["status"] == "failed" for r in rows if r["sku"] == "SKU-5")
+    export_results(job.db, output=tmp_path / "requests.csv", per_request=True)
+    csv_rows = read_csv(tmp_path / "requests.csv")
+    assert next(r["paths"] for r in csv_rows if r["sku"] == "SKU-6").split("|") == sku6[0]["paths"]
+
+
+def test_stdout_when_no_output(job: Job, capsys: pytest.CaptureFixture[str]) -> None:
+    assert export_results(job.db, fmt="jsonl") == TILES
+    assert len(capsys.readouterr().out.splitlines()) == TILES
+
+
+def test_a_failed_export_leaves_the_previous_file(job: Job, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    out = tmp_path / "images.csv"
+    out.write_text("previous\n")
+
+    def broken(*args: Any, **kwargs: Any) -> Any:
+        yield {c: "" for c in export_mod.discover_columns(Store(job.db)).names}
+        raise RuntimeError("disk on fire")
+
+    monkeypatch.setattr(export_mod, "iter_rows", broken)
+    with pytest.raises(RuntimeError):
+        export_results(job.db, output=out)
+    assert out.read_text() == "previous\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["images.csv"]  # no temporary file left behind
+
+
+def test_every_run_leaves_results_and_provenance_in_the_output_folder(job: Job) -> None:
+    results = read_csv(job.out_dir / "results.csv")
+    assert len(results) == TILES
+    index = read_jsonl(job.out_dir / INDEX_NAME)
+    on_disk = sorted(p.relative_to(job.out_dir).as_posix() for p in job.out_dir.rglob("*.png"))
+    assert sorted(r["path"] for r in index) == on_disk and len(on_disk) == IMAGES
+    for name in ("results.csv", INDEX_NAME):
+        assert API_KEY not in (job.out_dir / name).read_text(encoding="utf-8")
+
+
+def test_provenance_is_enough_to_trace_and_regenerate_an_image(job: Job) -> None:
+    image = job.out_dir / "SKU-6" / "bold_2.png"
+    sha = hashlib.sha256(image.read_bytes()).hexdigest()
+    record = find(job.out_dir, sha)  # found by content, e.g. after the file was renamed
+    assert record is not None and record == find(job.out_dir, "SKU-6/bold_2.png")
+    assert record["item_id"] == "SKU-6" and record["variant"] == {"style": "bold"} and record["index"] == 2
+    assert record["metadata"] == {"sku": "SKU-6", "name": "blue mug", "colour": "blue"}
+    assert record["task_id"].startswith("task-") and record["credits"] == 1.0 and record["model"] == "z-image-turbo"
+    for when in ("submitted_at", "completed_at", "downloaded_at"):
+        assert record[when].endswith("Z")
+    assert record["submitted_at"] <= record["completed_at"] <= record["downloaded_at"]
+    # The recorded parameters rebuild the very request: same key, same body to send again.
+    request = GenerationRequest(**record["request"])
+    assert request.prompt == "blue mug in bold style" and request.n == 2
+    assert request_key(record["item_id"], record["variant"], request) == record["request_key"]
+
+
+async def test_a_failing_export_only_warns_and_keeps_the_exit_code(
+        tmp_path: Path, emulator_factory: EmulatorFactory, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    from tests.results_support import write_manifest
+
+    emu = await emulator_factory()
+
+    def broken(db_path: Path, out_dir: Path) -> dict[str, int]:
+        raise OSError("read-only file system")
+
+    monkeypatch.setattr(export_mod, "write_run_files", broken)
+    manifest = write_manifest(tmp_path)
+    assert await run(manifest, emu.base_url) == 0  # nothing is refused by this emulator
+    out = capsys.readouterr().out
+    assert "could not write the export" in out and "read-only file system" in out
+
+
+async def test_readme_example_job_export_and_report_match_the_requests(
+        tmp_path: Path, emulator_factory: EmulatorFactory) -> None:
+    """The acceptance: the README's quickstart job, then `batchgen export` and `batchgen report`."""
+    shutil.copy(EXAMPLES / "quickstart.yaml", tmp_path / "quickstart.yaml")
+    emu = await emulator_factory()
+    assert await run(tmp_path / "quickstart.yaml", emu.base_url, rate="200/s") == 0
+    with Store(tmp_path / "quickstart.batchgen.db") as store:
+        requests = store.counts()["done"]
+        images, _ = store.image_totals()
+    assert requests == images == 12
+    cli = CliRunner()
+    manifest = str(tmp_path / "quickstart.yaml")
+    result = cli.invoke(main, ["export", manifest, "-o", str(tmp_path / "quickstart.csv")])
+    assert result.exit_code == 0, result.output
+    rows = read_csv(tmp_path / "quickstart.csv")
+    assert len(rows) == images and len({r["request_key"] for r in rows}) == requests
+    assert [r["subject"] for r in rows][:1] == ["a red fox curled up asleep in fresh snow"]
+    result = cli.invoke(main, ["export", manifest, "--format", "jsonl", "--per-request"])
+    assert result.exit_code == 0 and len(result.output.splitlines()) == requests
+    result = cli.invoke(main, ["report", manifest, "-o", str(tmp_path / "quickstart-report.html")])
+    assert result.exit_code == 0 and "(12 tile(s))" in result.output, result.output
+    html_text = (tmp_path / "quickstart-report.html").read_text(encoding="utf-8")
+    assert html_text.count('<figure class="tile">') == images
+    assert len(list((tmp_path / "thumbs").glob("*.jpg"))) == images
+    # Without -o, the report goes to the job's output folder.
+    result = cli.invoke(main, ["report", manifest])
+    assert result.exit_code == 0 and (tmp_path / "out" / "quickstart" / "report.html").is_file()
+
+
+def test_export_of_an_unknown_format_is_refused(job: Job) -> None:
+    from batchgen.errors import ConfigError
+
+    with pytest.raises(ConfigError):
+        export_results(job.db, fmt="xlsx", output=None)
+
+
+def test_csv_header_is_neutralised_too(tmp_path: Path) -> None:
+    cols = plan_columns(["=cmd"], [])
+    buf = io.StringIO()
+    export_mod.write_rows(buf, "csv", cols, [])
+    assert buf.getvalue().startswith("'=cmd,")
