@@ -22,9 +22,10 @@ from typing import Any
 from batchgen.errors import ApiError, ConfigError
 from batchgen.models import JobSpec, RunOptions, RunSettings
 from batchgen.progress import Progress
-from batchgen.scheduler import BodyPreparer, Scheduler, SchedulerConfig, StopReason
+from batchgen.scheduler import Scheduler, SchedulerConfig, StopReason
 from batchgen.store import Store
 from batchgen.units import parse_duration_s, parse_rate
+from batchgen.uploads import Uploader
 
 DEFAULT_API_BASE = "https://api.evolink.ai"
 DEFAULT_FILES_BASE = "https://files-api.evolink.ai"
@@ -110,8 +111,10 @@ async def _drive(store: Store, job: JobSpec, settings: RunSettings, options: Run
         policy_pause_after=settings.policy_pause_after, max_credits=settings.max_credits,
         time_scale=options.time_scale, submit_deadline=submit_deadline, hard_deadline=hard_deadline)
     progress: Progress | None = None
+    # Local reference files → Files API URLs, once per content (issue 6, uploads.py).
+    uploader = Uploader(store, client, options.time_scale)
     scheduler = Scheduler(store, client, cfg, emit=lambda k, f: progress.event(k, f) if progress else None,
-                          prepare_body=_upload_step(store, client))
+                          prepare_body=uploader.prepare_body, reference_failed=uploader.reference_failed)
     progress = Progress.for_stream(options.json_events, scheduler.counters)
     run_id = store.start_run()
     if added or removed:
@@ -212,16 +215,6 @@ async def _preflight(store: Store, client: Any, scheduler: Scheduler, progress: 
     else:
         progress.event("preflight", {**fields, "message": f"balance {credits.remaining:g} credits, "
                                      f"this run needs about {estimate:g}"})
-
-
-def _upload_step(store: Store, client: Any) -> BodyPreparer | None:
-    """The uploads step (issue 6) if it is installed: swaps local reference files for uploaded URLs."""
-    try:
-        from batchgen import uploads
-    except ImportError:
-        return None
-    factory = getattr(uploads, "body_preparer", None)
-    return factory(store, client) if factory is not None else None
 
 
 def _write_export(store: Store, out_dir: Path, progress: Progress) -> None:
