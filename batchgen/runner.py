@@ -218,13 +218,13 @@ async def _preflight(store: Store, client: Any, scheduler: Scheduler, progress: 
 
 
 def _write_export(store: Store, out_dir: Path, progress: Progress) -> None:
-    """The export (issue 7) is written to the output folder at the end of every run, when available."""
+    """The export and provenance index (issue 7) go to the output folder at the end of every run."""
     try:
-        from batchgen.export import export_results
+        from batchgen.export import write_run_files
     except ImportError:
         return
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
-        export_results(store.path, fmt="csv", output=out_dir / "results.csv", per_request=False)
+        write_run_files(store.path, out_dir)  # index.jsonl (provenance) and results.csv
     except Exception as error:  # an export problem must not turn a good run into a crash
         progress.event("warning", {"message": f"could not write the export: {error}"})
