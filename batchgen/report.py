@@ -149,21 +149,22 @@ class _Renderer:
         self.tiles = 0
         self.statuses: dict[str, int] = {}
         self.models: dict[str, int] = {}
+        self.item_order: list[str] = []  # the input's field order (the store keeps them sorted)
         self.variant_order: list[str] = []
 
     def tile(self, req: RequestRecord, img: ImageRecord) -> str:
         self.tiles += 1
         src = self.out_dir / img.path
-        label = f"{req.item_id} {' '.join(req.variant.values())} #{img.idx}".strip()
+        label = " ".join([req.item_id, *req.variant.values(), f"#{img.idx}"])
         if not src.is_file():
             return (f'<figure class="tile missing"><div class="ph">file missing</div>'
                     f"<figcaption>{esc(img.path)}</figcaption></figure>")
-        thumb = self.thumbs / f"{img.sha256[:40]}.jpg"
+        thumb = self.thumbs / f"{img.sha256[:24]}.jpg"  # 96 bits of the content hash: unique enough, short
         self.jobs.append(self.pool.submit(make_thumbnail, src, thumb))
         w, h = fit(img.width, img.height)
         return (f'<figure class="tile"><a href="{esc(href(src, self.report_dir))}" target="_blank">'
                 f'<img src="{esc(href(thumb, self.report_dir))}" width="{w}" height="{h}" loading="lazy" '
-                f'decoding="async" alt="{esc(label)}"></a></figure>')
+                f'alt="{esc(label)}"></a></figure>')
 
     def card(self, req: RequestRecord) -> str:
         attempt = producing_attempt(req, req.images[-1] if req.images else None)
@@ -183,20 +184,22 @@ class _Renderer:
             else:
                 body = f'<div class="tile ph">{esc(status)}</div>'
         keys = ordered(req.variant, self.variant_order)
-        variant = " · ".join(f"{k}: {req.variant[k]}" for k in keys) or "—"
+        variant = " · ".join(f"{k}: {req.variant[k]}" for k in keys)
         credits = request_credits(req)
+        variant_p = f'<p class="variant">{esc(variant)}</p>' if variant else ""
         return (f'<article class="req {esc(status)}" data-status="{esc(status)}" data-model="{esc(model)}" '
-                f'data-tiles="{tiles}"><div class="imgs">{body}</div><div class="cap">'
-                f'<p class="variant">{esc(variant)}</p>'
+                f'data-tiles="{tiles}"><div class="imgs">{body}</div><div class="cap">{variant_p}'
                 f'<p class="prompt">{esc(req.params.get("prompt", ""))}</p>'
                 f'<p class="facts"><span class="st">{esc(status)}</span> · {esc(model)} · {credits:g} credits</p>'
                 f"</div></article>")
 
     def section(self, item_id: str, metadata: dict[str, str], cards: list[str]) -> str:
-        fields = " ".join(f"{k}: {v}" for k, v in metadata.items() if v != item_id)
-        search = " ".join([item_id, *metadata.values()]).lower()
-        return (f'<section class="item" data-search="{esc(search)}"><h2>{esc(item_id)} '
-                f'<small>{esc(fields)}</small></h2><div class="grid">{"".join(cards)}</div></section>\n')
+        keys = ordered(metadata, self.item_order)
+        fields = " · ".join(f"{k}: {metadata[k]}" for k in keys if metadata[k] != item_id)
+        search = " ".join(dict.fromkeys(v.lower() for v in [item_id, *metadata.values()]))
+        small = f" <small>{esc(fields)}</small>" if fields else ""
+        return (f'<section class="item" data-search="{esc(search)}"><h2>{esc(item_id)}{small}</h2>'
+                f'<div class="grid">{"".join(cards)}</div></section>\n')
 
     def sections(self, requests: Iterator[RequestRecord]) -> None:
         current: tuple[str, dict[str, str]] | None = None
@@ -303,7 +306,7 @@ def write_report(db_path: Path, output: Path | None = None, *, out_dir: Path | N
             # and models it found; cards are small, so even 5,000 of them fit comfortably in memory.
             body = io.StringIO()
             renderer = _Renderer(body, images_dir, report_dir, pool)
-            renderer.variant_order = input_field_order(job.get("manifest_path"))[1]
+            renderer.item_order, renderer.variant_order = input_field_order(job.get("manifest_path"))
             renderer.sections(store.iter_requests(with_history=True))
             fh.write('<!doctype html>\n<html lang="en"><head><meta charset="utf-8">'
                      '<meta name="viewport" content="width=device-width,initial-scale=1">'
