@@ -114,8 +114,11 @@ class Uploader:
                 to_blame = True  # already replaced: the next attempt gets the new file
             elif row.expires_at - now <= self.margin_s:
                 to_blame = True  # the next attempt uploads it again anyway
-            elif (row.suspect_at is not None and row.checked_at is not None
-                  and row.suspect_at <= row.checked_at <= sent_at):
+            elif row.checked_at is not None and sent_at < row.checked_at:
+                # Proven fetchable after this attempt was sent (another request's doubt was checked): no new
+                # doubt, but the retry is sent with a checked file, which settles it.
+                to_blame = True
+            elif row.suspect_at is not None and row.checked_at is not None and row.suspect_at <= row.checked_at:
                 continue  # proven fetchable after the last doubt and before this send: the image is the problem
             else:
                 self.store.mark_upload(row.file_id, suspect_at=now)

@@ -145,6 +145,9 @@ async def test_stale_upload_behind_image_processing_error_is_checked_and_uploade
             sent_at = time.time()
             assert uploader.reference_failed({"image_urls": [url2]}, sent_at) is True  # first doubt: suspect
             assert await uploader.url_for(a, req) == url2  # checked: still there, kept
+            # A task sent before that check failing now raises no new doubt, but is worth one more attempt.
+            assert uploader.reference_failed({"image_urls": [url2]}, sent_at) is True
+            assert await uploader.url_for(a, req) == url2
             assert uploader.reference_failed({"image_urls": [url2]}, time.time()) is False
             assert emu.stats()["uploads"] == 2
 
