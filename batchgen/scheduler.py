@@ -37,6 +37,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import enum
+import functools
 import heapq
 import itertools
 import random
@@ -625,7 +626,7 @@ class Scheduler:
                 self.counters.credits_used += used
                 t.result_urls = snap.results
                 self._policy_streak = 0
-                after.append(lambda t=t, snap=snap: self._completed(t, snap))
+                after.append(functools.partial(self._completed, t, snap))
                 continue
             code = snap.error_code or "generation_failed_no_content"
             message = snap.error_message or ("the task completed without images" if snap.status == "completed"

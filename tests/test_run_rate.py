@@ -22,10 +22,11 @@ async def test_busiest_second_stays_within_the_rate(tmp_path: Path, emulator_fac
 
 async def test_server_limit_below_the_configured_rate(tmp_path: Path, emulator_factory: EmulatorFactory) -> None:
     emu = await emulator_factory(rate_limit=20)
-    manifest = write_job(tmp_path, prompts(100), run={"rate": "40/s", "concurrency": 40})
+    manifest = write_job(tmp_path, prompts(100), run={"rate": "30/s", "concurrency": 40})
     assert await run(manifest, emu.base_url) == 0
     stats = emu.stats()
     assert check_outputs(manifest)["states"] == {"done": 100}
-    # The only excess is the limiter's first burst (one second of the configured rate); after the first
-    # 429s it runs below the server's limit, so the count does not grow with the job.
+    # The excess is about the limiter's first burst (one second of the configured rate) and one step of
+    # its multiplicative decrease; after that it runs below the server's limit, so the count does not grow
+    # with the job.
     assert stats["rate_limited"] <= 40, stats
