@@ -132,6 +132,7 @@ class _Tracked:
     attempt_id: int
     attempt_no: int
     attempts: int  # the request's charged attempts including this one
+    idempotency_key: str  # as committed on the attempt row; every send of this attempt uses it
     model: str
     body: dict[str, Any]
     est_credits: float
@@ -267,7 +268,8 @@ class Scheduler:
         c.credits_reserved, c.credits_used = totals.reserved, totals.used
         for req, att in self.store.open_attempts():
             t = _Tracked(req=req, attempt_id=att.id, attempt_no=att.attempt_no, attempts=req.attempts,
-                         model=att.model, body=att.body or self._body_for(req, att.model),
+                         idempotency_key=att.idempotency_key, model=att.model,
+                         body=att.body or self._body_for(req, att.model),
                          est_credits=att.credits_estimated or 0.0,
                          reserved=att.credits_reserved or att.credits_estimated or 0.0,
                          task_id=att.task_id, since=now_loop, submitted_wall=att.submitted_at or now_wall,
@@ -388,6 +390,7 @@ class Scheduler:
         loop_now = self._loop.time() if self._loop else 0.0
         for attempt_id, (req, body, est), na in zip(ids, prepared, new, strict=True):
             t = _Tracked(req=req, attempt_id=attempt_id, attempt_no=na.attempt_no, attempts=req.attempts + 1,
+                         idempotency_key=self.store.idempotency_key(na.request_key, na.attempt_no),
                          model=na.model, body=body, est_credits=est, reserved=est, since=loop_now,
                          submitted_wall=time.time())
             self._tracked[attempt_id] = t
@@ -442,7 +445,7 @@ class Scheduler:
     async def _send(self, t: _Tracked) -> None:
         key = t.req.key
         try:
-            snap = await self.client.submit(t.body, idempotency_key=_idem(key, t.attempt_no))
+            snap = await self.client.submit(t.body, idempotency_key=t.idempotency_key)
         except ApiError as error:
             self._submit_failed(t, error)
             return
@@ -822,11 +825,6 @@ def _estimate(model: str, n: int) -> float:
     info = catalog.get(model)
     return info.credits_for(n) if info else 0.0
 
-
-def _idem(key: str, attempt_no: int) -> str:
-    from batchgen.store import idempotency_key
-
-    return idempotency_key(key, attempt_no)
 
 
 def _code_of(error: ApiError) -> str:

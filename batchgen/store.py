@@ -21,7 +21,7 @@ Schema (times are wall-clock epoch seconds as REAL; JSON columns hold compact JS
                attempt_no (attempts ever made; numbers the idempotency keys), not_before (epoch: do not
                submit before), error_code, error_message, sync_gen, created_at, updated_at.
                Index (state, not_before) — rowid order is manifest order.
-    attempts   id PK, request_key, attempt_no, idempotency_key UNIQUE ("bg1-<key>-a<attempt_no>"), model,
+    attempts   id PK, request_key, attempt_no, idempotency_key UNIQUE ("bg1-<store id>-<key>-a<attempt_no>"), model,
                body (JSON actually sent, kept only when uploads rewrote it), state (AttemptState),
                submit_tries, task_id, submitted_at, finished_at, credits_estimated, credits_reserved,
                credits_used, error_code, error_message, result_urls JSON, replayed (0/1)
@@ -58,6 +58,7 @@ import contextlib
 import fcntl
 import json
 import os
+import secrets
 import socket
 import sqlite3
 import time
@@ -162,6 +163,17 @@ def m003_uploads(db: sqlite_utils.Database) -> None:
     db.execute("PRAGMA user_version = 3")
 
 
+@MIGRATIONS()
+def m004_store_id(db: sqlite_utils.Database) -> None:
+    # A random id per database, part of every Idempotency-Key: a server keeps idempotency records for a
+    # while, and without it a fresh database (or another --db) asking for the same request would be handed
+    # the old task back, often with result URLs that have already expired. Attempts made before this
+    # migration keep the key they were sent with (it is stored on the attempt row).
+    db.execute("CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
+    db.execute("INSERT INTO meta (key, value) VALUES ('store_id', ?)", [secrets.token_hex(4)])
+    db.execute("PRAGMA user_version = 4")
+
+
 # --- records --------------------------------------------------------------------------------------
 
 
@@ -254,9 +266,6 @@ class NewAttempt:
     credits_estimated: float
     body: dict[str, Any] | None = None  # kept only when it cannot be rebuilt from params (uploads)
 
-    @property
-    def idempotency_key(self) -> str:
-        return idempotency_key(self.request_key, self.attempt_no)
 
 
 @dataclass(frozen=True)
@@ -280,9 +289,11 @@ class Outcome:
     consume_attempt: bool = True
 
 
-def idempotency_key(request_key: str, attempt_no: int) -> str:
-    """`bg1-<request key>-a<n>`: the same attempt always sends the same key (16–96 chars of [A-Za-z0-9._-])."""
-    return f"{IDEMPOTENCY_PREFIX}-{request_key}-a{attempt_no}"
+def idempotency_key(request_key: str, attempt_no: int, store_id: str = "") -> str:
+    """`bg1-<store id>-<request key>-a<n>`: the same attempt of the same database always sends the same key,
+    and no other database ever sends it (16–96 chars of [A-Za-z0-9._-])."""
+    scope = f"{store_id}-" if store_id else ""
+    return f"{IDEMPOTENCY_PREFIX}-{scope}{request_key}-a{attempt_no}"
 
 
 # Built once: `json.dumps` with non-default options constructs a new JSONEncoder on every call, which cost
@@ -355,6 +366,7 @@ class Store:
         self.db.execute("PRAGMA synchronous=NORMAL")
         self.db.execute("PRAGMA foreign_keys=OFF")  # integrity is kept by the code paths; FKs cost time
         MIGRATIONS.apply(self.db)
+        self.store_id: str = self.conn.execute("SELECT value FROM meta WHERE key='store_id'").fetchone()[0]
         self._lock: RunLock | None = None
 
     # -- plumbing ----------------------------------------------------------------------------------
@@ -628,6 +640,10 @@ class Store:
                 out.append((req, rows[0]))
         return out
 
+    def idempotency_key(self, request_key: str, attempt_no: int) -> str:
+        """The key a new attempt is sent with (an existing attempt's key is on its row)."""
+        return idempotency_key(request_key, attempt_no, self.store_id)
+
     def start_attempts(self, items: Sequence[NewAttempt]) -> list[int]:
         """Commit attempt rows (state `sending`) and mark their requests submitted — before any call."""
         now = time.time()
@@ -637,7 +653,7 @@ class Store:
                 cur = c.execute(
                     "INSERT INTO attempts (request_key, attempt_no, idempotency_key, model, body, state, submitted_at, "
                     "credits_estimated) VALUES (?,?,?,?,?,'sending',?,?)",
-                    (a.request_key, a.attempt_no, a.idempotency_key, a.model,
+                    (a.request_key, a.attempt_no, self.idempotency_key(a.request_key, a.attempt_no), a.model,
                      _j(a.body) if a.body is not None else None, now, a.credits_estimated))
                 ids.append(int(cur.lastrowid or 0))
                 c.execute(

@@ -45,6 +45,21 @@ async def test_job_finishes_and_rerun_sends_nothing(tmp_path: Path, emulator_fac
     assert status["credits"]["used"] > 0 and status["credits"]["reserved"] == 0
 
 
+async def test_a_fresh_database_generates_anew_instead_of_replaying_old_tasks(
+        tmp_path: Path, emulator_factory: EmulatorFactory) -> None:
+    # Idempotency keys are scoped to the database: a new database for the same job must not be handed the
+    # first one's tasks (their result URLs may long have expired), while resends within one database are.
+    emu = await emulator_factory()
+    manifest = write_job(tmp_path, prompts(5))
+    assert await run(manifest, emu.base_url) == 0
+    assert await run(manifest, emu.base_url, db_path=tmp_path / "other.db", out_dir=tmp_path / "other") == 0
+    stats = emu.stats()
+    assert stats["tasks_created"] == 10
+    assert stats["idempotent_replays"] == 0
+    keys = [t["idempotency_key"] for t in emu.tasks()]
+    assert len(set(keys)) == 10
+
+
 async def test_old_server_without_batch_poll_idempotency_or_credits(tmp_path: Path,
                                                                   emulator_factory: EmulatorFactory) -> None:
     emu = await emulator_factory(batch_poll=False, idempotency=False, credits_endpoint=False)

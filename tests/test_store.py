@@ -127,7 +127,7 @@ def test_transitions_and_credit_totals(tmp_path: Path) -> None:
         assert store.credit_totals().reserved == 1.5
         # a killed run resumes: attempts without a task id are resubmitted with the same key
         open_ = store.open_attempts()
-        assert [a.idempotency_key for _, a in open_] == [idempotency_key(k, 1) for k in (ka, kb, kc)]
+        assert [a.idempotency_key for _, a in open_] == [idempotency_key(k, 1, store.store_id) for k in (ka, kb, kc)]
         assert all(a.task_id is None for _, a in open_)
         store.record_task(ids[0], "task-unified-1-aaaaaaaa", 0.5, replayed=False)
         store.record_task(ids[1], "task-unified-1-bbbbbbbb", 0.5, replayed=True)
