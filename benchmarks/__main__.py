@@ -73,6 +73,11 @@ def render_markdown(rows: list[Row]) -> str:
     return "\n".join(lines)
 
 
+def _save(path: Path, args: argparse.Namespace, rows: list[Row], broken: list[str]) -> None:
+    path.write_text(json.dumps({"machine": machine(), "quick": args.quick, "runs": args.runs,
+                                "rows": [r.to_dict() for r in rows], "broken": broken}, indent=2))
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="smaller N: a smoke pass of a few minutes")
@@ -105,6 +110,9 @@ def main(argv: list[str] | None = None) -> int:
                 continue
             rows.extend(got)
             print(f"== {name}: {time.monotonic() - started:.0f} s", file=sys.stderr, flush=True)
+            print(render_text(got), file=sys.stderr, flush=True)
+            if args.json:  # saved after every scenario, so a long pass that is stopped keeps what it measured
+                _save(args.json, args, rows, broken)
     info = machine()
     print(f"\nbatchgen benchmarks — {'quick' if args.quick else 'full'} pass, median of {args.runs} run(s); "
           f"{info['nproc']} cores, {info['memory']}, Python {info['python']}, SQLite {info['sqlite']}, "
@@ -115,8 +123,7 @@ def main(argv: list[str] | None = None) -> int:
     if broken:
         print(f"\nscenarios that could not run: {', '.join(broken)}")
     if args.json:
-        args.json.write_text(json.dumps({"machine": info, "quick": args.quick, "runs": args.runs,
-                                         "rows": [r.to_dict() for r in rows], "broken": broken}, indent=2))
+        _save(args.json, args, rows, broken)
     if broken:
         return 2
     return 1 if any(r.passed is False for r in rows) else 0

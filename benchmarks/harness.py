@@ -201,7 +201,7 @@ def check(result: ChildResult, what: str, ok: Sequence[int] = (0,)) -> ChildResu
 def fresh_dir(path: Path) -> Path:
     """An empty directory: a run must never resume a previous run's store (with --workdir it could)."""
     shutil.rmtree(path, ignore_errors=True)
-    path.mkdir(parents=True)
+    path.mkdir(parents=True, exist_ok=True)
     return path
 
 
