@@ -112,6 +112,13 @@ async def _drive(store: Store, job: JobSpec, settings: RunSettings, options: Run
         time_scale=options.time_scale, submit_deadline=submit_deadline, hard_deadline=hard_deadline)
     progress: Progress | None = None
     # Local reference files → Files API URLs, once per content (issue 6, uploads.py).
+    if options.emulator:
+        # The in-process emulator's tasks die with the process that ran it: a resumed --emulator run faces a
+        # fresh emulator, so the previous run's tasks are resubmitted (the emulator charges nothing).
+        released = store.release_open_attempts(
+            "emulator_restarted", "the previous run's emulator is gone; resubmitted to this run's emulator")
+    else:
+        released = 0
     uploader = Uploader(store, client, options.time_scale)
     scheduler = Scheduler(store, client, cfg, emit=lambda k, f: progress.event(k, f) if progress else None,
                           prepare_body=uploader.prepare_body, reference_failed=uploader.reference_failed)
@@ -120,6 +127,9 @@ async def _drive(store: Store, job: JobSpec, settings: RunSettings, options: Run
     if added or removed:
         progress.event("synced", {"added": added, "removed": removed,
                                   "message": f"manifest: {added} new request(s), {removed} removed"})
+    if released:
+        progress.event("warning", {"message": f"{released} request(s) in flight belonged to the previous run's "
+                                   "emulator, which is gone; resubmitting them"})
 
     signals = 0
     main_task = asyncio.current_task()

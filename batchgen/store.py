@@ -714,6 +714,23 @@ class Store:
             c.execute("UPDATE attempts SET state='abandoned', error_code=?, error_message=?, finished_at=? "
                       "WHERE id=?", (code, message, time.time(), attempt_id))
 
+    def release_open_attempts(self, code: str, message: str) -> int:
+        """Give up every attempt in flight and requeue its request, without charging it an attempt.
+
+        Only for tasks that can no longer exist: the built-in emulator keeps its tasks in memory, so a
+        resumed `--emulator` run faces a fresh emulator that never heard of them. Never used against a real
+        API, where the task ids are polled instead."""
+        now = time.time()
+        with self._tx() as c:
+            rows = c.execute(
+                "SELECT a.id, r.key FROM requests r JOIN attempts a ON a.request_key = r.key AND "
+                "a.attempt_no = r.attempt_no WHERE r.state IN ('submitted', 'completed')").fetchall()
+            for attempt_id, key in rows:
+                c.execute("UPDATE attempts SET state='abandoned', error_code=?, error_message=?, finished_at=? "
+                          "WHERE id=?", (code, message, now, attempt_id))
+                self._requeue(c, key, 0.0, code, message, None, False, now)
+        return len(rows)
+
     def update_result_urls(self, attempt_id: int, urls: Sequence[str]) -> None:
         with self._tx() as c:
             c.execute("UPDATE attempts SET result_urls=? WHERE id=?", (_j(list(urls)), attempt_id))
