@@ -48,7 +48,7 @@ async def run_job_async(manifest_path: Path, options: RunOptions) -> int:
     out_dir = (Path(options.out_dir) if options.out_dir else job.output_dir()).resolve()
     with Store(db_path) as store:
         store.lock()
-        sync = store.sync(manifest)
+        sync = store.sync(manifest, out_dir)
         return await _run(store, job, options, out_dir, sync.added, sync.removed)
 
 

@@ -60,6 +60,22 @@ async def test_a_fresh_database_generates_anew_instead_of_replaying_old_tasks(
     assert len(set(keys)) == 10
 
 
+async def test_out_overrides_the_manifest_folder_and_later_commands_find_it(
+        tmp_path: Path, emulator_factory: EmulatorFactory) -> None:
+    from batchgen.report import write_report
+
+    emu = await emulator_factory()
+    manifest = write_job(tmp_path, prompts(4))
+    elsewhere = tmp_path / "elsewhere"
+    assert await run(manifest, emu.base_url, out_dir=elsewhere) == 0
+    assert len(list(elsewhere.glob("*.png"))) == 4
+    assert collect(db_of(manifest))["output_dir"] == str(elsewhere.resolve())
+    path, tiles = write_report(db_of(manifest), None)
+    assert path.parent == elsewhere.resolve() and tiles == 4
+    html = path.read_text()
+    assert all(f'href="{p.name}"' in html for p in elsewhere.glob("*.png"))
+
+
 async def test_old_server_without_batch_poll_idempotency_or_credits(tmp_path: Path,
                                                                   emulator_factory: EmulatorFactory) -> None:
     emu = await emulator_factory(batch_poll=False, idempotency=False, credits_endpoint=False)
