@@ -70,6 +70,10 @@ ReferenceCheck = Callable[[dict[str, Any], float], bool]
 EventSink = Callable[[str, dict[str, Any]], None]
 
 
+# Tries at preparing one request's body (uploading its local files) in one run before it fails; they cost
+# no credits, so they are not limited by the request's max_attempts.
+PREPARE_MAX_TRIES = 5
+
 class StopReason(enum.StrEnum):
     FINISHED = "finished"
     SIGNAL = "signal"
@@ -162,6 +166,7 @@ class Scheduler:
         self.rng = rng or random.Random()
         self.counters = Counters()
         self._tracked: dict[int, _Tracked] = {}  # attempt id → tracked (submitted, not yet final)
+        self._prepare_failures: dict[str, int] = {}  # request key → failed body preparations (uploads) this run
         self._poll_heap: list[tuple[float, int, int]] = []  # (due, seq, attempt id)
         self._send_heap: list[tuple[float, int, int]] = []  # resends with the same key
         self._seq = itertools.count()
@@ -410,8 +415,14 @@ class Scheduler:
         return request.api_body(), False
 
     def _defer_unsent(self, req: RequestRecord, error: ApiError) -> None:
-        """Preparing the body (uploads) failed before anything was submitted."""
-        d = decide(error, req.attempts + 1, self.cfg.max_attempts, self.rng, self.cfg.time_scale)
+        """Preparing the body (uploads) failed before anything was submitted.
+
+        Nothing was charged, so these failures have their own count (per request, this run) instead of
+        using up the request's submissions: a flaky Files API on a request's last attempt waits and tries
+        again rather than failing it, and repeated failures back off and finally give up."""
+        tries = self._prepare_failures.get(req.key, 0) + 1
+        self._prepare_failures[req.key] = tries
+        d = decide(error, tries, max(self.cfg.max_attempts, PREPARE_MAX_TRIES), self.rng, self.cfg.time_scale)
         code, message = _code_of(error), error.message
         if d.action is Action.STOP:
             self.halt(StopReason.AUTH, f"{error}: {d.why}")

@@ -264,3 +264,18 @@ def test_upgrade_from_m002_adds_the_uploads_table(tmp_path: Path) -> None:
         assert "m003_uploads" in store.applied_migrations()
         assert store.counts()["pending"] == 1
         assert store.live_uploads() == [] and store.current_upload("0" * 64) is None
+
+
+async def test_upload_retries_do_not_use_up_the_requests_submissions(tmp_path: Path,
+                                                                      emulator_factory: EmulatorFactory) -> None:
+    # max_attempts 1: each request may be submitted once. Refused uploads happen before any submission and
+    # cost nothing, so they are retried on their own count instead of failing the request.
+    emu = await emulator_factory(seed=2, faults={"upload": {"http_503": 0.6}, "retry_after_s": 0.5})
+    p = photo(tmp_path / "shared.png", "red")
+    rows = [{"id": f"r{i}", "prompt": f"scene {i}", "image_urls": p.name} for i in range(3)]
+    manifest = write_job(tmp_path, rows, run={"max_attempts": 1})
+    assert await run(manifest, emu.base_url) == 0
+    stats = emu.stats()
+    assert stats["faults_injected"]
+    assert stats["uploads_by_sha256"] == {sha(p): 1}
+    assert stats["tasks_created"] == 3
