@@ -38,6 +38,7 @@ from batchgen.client import (
 from batchgen.errors import ApiError, FilesApiError, HttpError, TransportError
 from batchgen.ratelimit import AdaptiveLimiter
 from batchgen.units import Rate
+from tests.emulator_fixtures import EmulatorFactory
 
 API = "https://api.evolink.test"
 FILES = "https://files-api.evolink.test"
@@ -689,29 +690,11 @@ async def test_stream_upload_is_multipart_with_a_sniffed_type(live: tuple[Live, 
     assert (second["filename"], second["file_name"]) == ("shoe.png", "shoe.png")
 
 
-# --- against the built-in emulator (skipped until it is available) --------------------------------
+# --- against the built-in emulator (shared fixture from tests/emulator_fixtures.py) ------------------
 
 
-@pytest.fixture
-async def start_emulator() -> AsyncIterator[Any]:
-    """`await start_emulator(**config)` runs the built-in emulator on 127.0.0.1 (fast time, fixed seed);
-    the tests skip where the emulator package is not there yet."""
-    emulator = pytest.importorskip("batchgen.emulator")
-    started: list[Any] = []
-
-    async def start(**config: Any) -> Any:
-        emu = emulator.Emulator(emulator.EmulatorConfig(**{"time_scale": 0.01, "seed": 1234, **config}))
-        await emu.start()
-        started.append(emu)
-        return emu
-
-    yield start
-    for emu in reversed(started):
-        await emu.close()
-
-
-async def test_emulator_round_trip(start_emulator: Any) -> None:
-    emu = await start_emulator(latency_s=0.0)
+async def test_emulator_round_trip(emulator_factory: EmulatorFactory) -> None:
+    emu = await emulator_factory(latency_s=0.0)
     body = {"model": "gemini-3.1-flash-image-preview", "prompt": "a red shoe on marble"}
     async with EvolinkClient(emu.base_url, emu.base_url, "sk-evo-test-key") as c:
         first = await c.submit(body, idempotency_key="bg1-0123456789abcdef-a1")
@@ -738,8 +721,8 @@ async def test_emulator_round_trip(start_emulator: Any) -> None:
     assert (stats["tasks_created"], stats["idempotent_replays"]) == (1, 1)
 
 
-async def test_emulator_older_gateway(start_emulator: Any) -> None:
-    emu = await start_emulator(latency_s=0.0, batch_poll=False, credits_endpoint=False)
+async def test_emulator_older_gateway(emulator_factory: EmulatorFactory) -> None:
+    emu = await emulator_factory(latency_s=0.0, batch_poll=False, credits_endpoint=False)
     async with EvolinkClient(emu.base_url, emu.base_url, "sk-evo-test-key") as c:
         task = await c.submit({"model": "gemini-3.1-flash-image-preview", "prompt": "a shoe"})
         snaps = await c.get_tasks([task.id])
@@ -747,8 +730,8 @@ async def test_emulator_older_gateway(start_emulator: Any) -> None:
         assert await c.credits() is None
 
 
-async def test_emulator_rate_limit_penalizes_the_limiter(start_emulator: Any) -> None:
-    emu = await start_emulator(rate_limit=2.0)
+async def test_emulator_rate_limit_penalizes_the_limiter(emulator_factory: EmulatorFactory) -> None:
+    emu = await emulator_factory(rate_limit=2.0)
     limiter = AdaptiveLimiter(Rate(50, 1))
     async with EvolinkClient(emu.base_url, emu.base_url, "sk-evo-test-key", limiter=limiter) as c:
         outcomes = await asyncio.gather(*(c.quota() for _ in range(6)), return_exceptions=True)
@@ -758,8 +741,8 @@ async def test_emulator_rate_limit_penalizes_the_limiter(start_emulator: Any) ->
     assert all(isinstance(o, Quota) or o in limited for o in outcomes)
 
 
-async def test_emulator_files_api(start_emulator: Any, tmp_path: Path) -> None:
-    emu = await start_emulator(files_quota=1, files_errors_as_200=True)
+async def test_emulator_files_api(emulator_factory: EmulatorFactory, tmp_path: Path) -> None:
+    emu = await emulator_factory(files_quota=1, files_errors_as_200=True)
     photo = tmp_path / "shoe.png"
     photo.write_bytes(tiny_png())
     async with EvolinkClient(emu.base_url, emu.base_url, "sk-evo-test-key") as c:
