@@ -109,7 +109,7 @@ class ChildResult:
     wall_s: float
     user_s: float
     sys_s: float
-    max_rss_mb: float
+    max_rss_mb: float  # the child's own peak resident size (VmHWM), see run_child
     stdout: str
     stderr: str
 
@@ -135,38 +135,55 @@ class ChildResult:
 
 def run_child(cmd: Sequence[str], *, env: dict[str, str] | None = None, cwd: Path = REPO,
               timeout_s: float = 600.0, workdir: Path | None = None) -> ChildResult:
-    """Run `cmd` to completion and return its own rusage via `os.wait4`.
+    """Run `cmd` to completion and return its own CPU time (`os.wait4`) and peak memory.
 
-    Output goes to files, not pipes, so a chatty child can never block on a full pipe while we wait.
-    A child still running after `timeout_s` is killed and reported with returncode -9.
+    CPU: user + sys of that child alone, from wait4. Peak memory: a Python child (`python -m ...` or
+    `python -c ...`) runs under `benchmarks.peak`, which records its own VmHWM at exit, because a child's
+    `ru_maxrss` starts from this process's size at fork (see peak.py); other commands fall back to
+    `ru_maxrss`. Output goes to files, not pipes, so a chatty child can never block on a full pipe while
+    we wait. A child still running after `timeout_s` is killed and reported with returncode -9; a child is
+    never left behind if this process is interrupted.
     """
     tmp = workdir or Path(os.environ.get("TMPDIR", "/tmp"))
     stamp = time.monotonic_ns()
     out_path, err_path = tmp / f"child-{stamp}.out", tmp / f"child-{stamp}.err"
+    peak_path = tmp / f"child-{stamp}.peak"
+    argv = list(cmd)
+    if len(argv) > 2 and argv[0] == sys.executable and argv[1] in ("-m", "-c"):
+        argv = [sys.executable, "-m", "benchmarks.peak", str(peak_path), *argv[1:]]
+        env = dict(env if env is not None else os.environ)
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH", "")]))
     with out_path.open("w") as out, err_path.open("w") as err:
         started_wall = time.time()
         started = time.monotonic()
-        process = subprocess.Popen(list(cmd), stdout=out, stderr=err, env=env, cwd=cwd)
+        process = subprocess.Popen(argv, stdout=out, stderr=err, env=env, cwd=cwd)
         deadline = started + timeout_s
-        status, usage = 0, None
-        while True:
-            pid, status, usage = os.wait4(process.pid, os.WNOHANG)
-            if pid:
-                break
-            if time.monotonic() > deadline:
-                process.kill()
-                pid, status, usage = os.wait4(process.pid, 0)
-                status = -9 << 8 if os.WIFSIGNALED(status) else status
-                break
-            time.sleep(0.01)
+        try:
+            while True:
+                pid, status, usage = os.wait4(process.pid, os.WNOHANG)
+                if pid:
+                    break
+                if time.monotonic() > deadline:
+                    process.kill()
+                    pid, status, usage = os.wait4(process.pid, 0)
+                    status = -9 << 8 if os.WIFSIGNALED(status) else status
+                    break
+                time.sleep(0.01)
+        except BaseException:
+            process.kill()
+            process.wait()
+            raise
         wall_s = time.monotonic() - started
         process.returncode = 0  # reaped by wait4; keep Popen from trying again
     code = os.waitstatus_to_exitcode(status) if status >= 0 else -9
+    peak_kb = 0
+    with contextlib.suppress(OSError, ValueError):
+        peak_kb = int(peak_path.read_text())
     result = ChildResult(returncode=code, started_wall=started_wall, wall_s=wall_s, user_s=usage.ru_utime,
-                         sys_s=usage.ru_stime, max_rss_mb=usage.ru_maxrss / 1024.0,
+                         sys_s=usage.ru_stime, max_rss_mb=(peak_kb or usage.ru_maxrss) / 1024.0,
                          stdout=out_path.read_text(errors="replace"), stderr=err_path.read_text(errors="replace"))
-    out_path.unlink(missing_ok=True)
-    err_path.unlink(missing_ok=True)
+    for path in (out_path, err_path, peak_path):
+        path.unlink(missing_ok=True)
     return result
 
 
