@@ -44,7 +44,7 @@ from urllib.parse import quote
 import aiohttp
 
 from batchgen import __version__
-from batchgen.errors import ApiError, FilesApiError, HttpError, TransportError
+from batchgen.errors import ApiError, ConnectError, FilesApiError, HttpError, TransportError
 
 if TYPE_CHECKING:
     from batchgen.ratelimit import AdaptiveLimiter
@@ -530,6 +530,8 @@ class EvolinkClient:
         if isinstance(exc, TimeoutError) and not str(exc):
             detail = f"timed out after {self.timeout_s:g} s without an answer"
         message = self._redact(f"{method} {where}: {type(exc).__name__}: {detail}")
+        if isinstance(exc, aiohttp.ClientConnectorError):  # refused, DNS, unreachable: nothing was sent
+            return ConnectError(message[:EXCERPT_CHARS])
         return TransportError(message[:EXCERPT_CHARS])
 
     def _redact(self, text: str) -> str:

@@ -9,7 +9,8 @@ The tree::
     ├── StoreLockedError          another run holds the database (exit 3: try again later)
     ├── RunStoppedError           the run must stop as a whole, resumably (exit 3)
     └── ApiError                  the Evolink API (or a transport to it) said no
-        ├── TransportError        timeout, refused or dropped connection, malformed response
+        ├── TransportError        timeout, dropped connection, malformed response
+        │   └── ConnectError      no connection at all (refused, DNS): the server never saw the call
         └── HttpError             a non-2xx answer; `.status`, `.code`, `.message`, `.retry_after_s`
         └── FilesApiError         the Files API's envelope with success=false (codes 40001...)
 
@@ -103,6 +104,11 @@ class ApiError(BatchgenError):
 
 class TransportError(ApiError):
     """No usable HTTP answer: timeout, connection refused or dropped, malformed body."""
+
+
+class ConnectError(TransportError):
+    """No connection could be made at all (refused, unknown host, unreachable network): the server cannot
+    have seen the request, so resending it can never pay twice, and it says nothing about the request."""
 
 
 class HttpError(ApiError):

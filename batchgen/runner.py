@@ -7,8 +7,8 @@ handlers that only set a flag. It owns the policy around the run: the settings (
 default), the credit preflight, the runtime limit's deadlines, the exit code and the summary.
 
 Exit codes: 0 every request done; 1 finished but some failed for good; 2 bad input (raised, mapped by the
-CLI); 3 stopped early and resumable (signal, budget, runtime limit, 401/402, policy pause, tasks left
-past max_wait, database locked).
+CLI); 3 stopped early and resumable (signal, budget, runtime limit, 401/402, API unreachable, policy pause,
+tasks left past max_wait, database locked).
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import signal
 from pathlib import Path
 from typing import Any
 
-from batchgen.errors import ApiError, ConfigError
+from batchgen.errors import ApiError, ConfigError, ConnectError
 from batchgen.models import JobSpec, RunOptions, RunSettings
 from batchgen.progress import Progress
 from batchgen.scheduler import Scheduler, SchedulerConfig, StopReason
@@ -208,6 +208,10 @@ async def _preflight(store: Store, client: Any, scheduler: Scheduler, progress: 
     estimate = store.pending_estimate()
     try:
         credits = await client.credits()
+    except ConnectError as error:
+        scheduler.halt(StopReason.UNREACHABLE, f"cannot reach the API ({error}); nothing was sent: check the "
+                       "network or --api-base and run again")
+        return
     except ApiError as error:
         if error.status in (401, 402):
             scheduler.drain(StopReason.AUTH, f"the API refused the key ({error}); fix EVOLINK_API_KEY or the "

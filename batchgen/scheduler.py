@@ -48,7 +48,15 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from batchgen import catalog, naming, outputs
-from batchgen.errors import CONTENT_POLICY_CODE, Action, ApiError, BatchgenError, HttpError, decide
+from batchgen.errors import (
+    CONTENT_POLICY_CODE,
+    Action,
+    ApiError,
+    BatchgenError,
+    ConnectError,
+    HttpError,
+    decide,
+)
 from batchgen.models import GenerationRequest
 from batchgen.store import AttemptState, ImageRecord, NewAttempt, Outcome, RequestRecord, Store
 from batchgen.uploads import UploadWaitError
@@ -73,6 +81,10 @@ EventSink = Callable[[str, dict[str, Any]], None]
 # Tries at preparing one request's body (uploading its local files) in one run before it fails; they cost
 # no credits, so they are not limited by the request's max_attempts.
 PREPARE_MAX_TRIES = 5
+# Consecutive API calls that could not even connect before the run stops (resumable). An unreachable API
+# (network down, wrong --api-base) says nothing about the requests, so they are neither charged attempts
+# nor failed: the run ends with exit 3 and the next one picks up where it stopped.
+UNREACHABLE_AFTER = 12
 
 class StopReason(enum.StrEnum):
     FINISHED = "finished"
@@ -81,6 +93,7 @@ class StopReason(enum.StrEnum):
     RUNTIME = "runtime"
     AUTH = "auth"  # 401/402: fix the key or the balance, then run again
     POLICY = "policy"  # too many content-policy refusals in a row
+    UNREACHABLE = "unreachable"  # no connection to the API at all, call after call
 
 
 @dataclass
@@ -167,6 +180,7 @@ class Scheduler:
         self.counters = Counters()
         self._tracked: dict[int, _Tracked] = {}  # attempt id → tracked (submitted, not yet final)
         self._prepare_failures: dict[str, int] = {}  # request key → failed body preparations (uploads) this run
+        self._connect_failures = 0  # API calls in a row that could not connect at all
         self._poll_heap: list[tuple[float, int, int]] = []  # (due, seq, attempt id)
         self._send_heap: list[tuple[float, int, int]] = []  # resends with the same key
         self._seq = itertools.count()
@@ -353,6 +367,12 @@ class Scheduler:
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(event.wait(), timeout)
 
+    def _connect_failed(self, error: ApiError) -> None:
+        self._connect_failures += 1
+        if self._connect_failures >= UNREACHABLE_AFTER:
+            self.halt(StopReason.UNREACHABLE, f"cannot reach the API ({error}); nothing was lost: check the "
+                      "network or --api-base/--files-base and run again")
+
     async def _claim(self, limit: int) -> int:
         """Claim up to `limit` due requests: budget check, body, attempt rows committed, submits started."""
         rows = self.store.next_due(limit)
@@ -383,6 +403,8 @@ class Scheduler:
                 self.store.fail(req.key, "upload_failed", str(error))
                 self._on_failed(req.key, "upload_failed", str(error))
                 continue
+            if rewritten:
+                self._connect_failures = 0  # the Files API answered
             if self._halting is not None:
                 break
             # The body is kept only when uploads rewrote it: a resend must carry exactly the same body.
@@ -420,6 +442,11 @@ class Scheduler:
         Nothing was charged, so these failures have their own count (per request, this run) instead of
         using up the request's submissions: a flaky Files API on a request's last attempt waits and tries
         again rather than failing it, and repeated failures back off and finally give up."""
+        if isinstance(error, ConnectError):  # the Files API is unreachable: nothing about this request
+            self._connect_failed(error)
+            d = decide(error, self._connect_failures, 1 << 30, self.rng, self.cfg.time_scale)
+            self.store.defer(req.key, time.time() + d.delay_s, _code_of(error), error.message)
+            return
         tries = self._prepare_failures.get(req.key, 0) + 1
         self._prepare_failures[req.key] = tries
         d = decide(error, tries, max(self.cfg.max_attempts, PREPARE_MAX_TRIES), self.rng, self.cfg.time_scale)
@@ -460,6 +487,7 @@ class Scheduler:
         except ApiError as error:
             self._submit_failed(t, error)
             return
+        self._connect_failures = 0
         reserved = snap.credits_reserved if snap.credits_reserved is not None else t.est_credits
         self.store.record_task(t.attempt_id, snap.id, snap.credits_reserved, snap.replayed)
         t.task_id = snap.id
@@ -480,6 +508,10 @@ class Scheduler:
         if error.status == 429:
             t.http429 += 1
             d = decide(error, t.http429, 1 << 30, self.rng, self.cfg.time_scale)
+        elif isinstance(error, ConnectError):
+            # Never reached the server: resend (same key) without using up the request's tries.
+            self._connect_failed(error)
+            d = decide(error, self._connect_failures, 1 << 30, self.rng, self.cfg.time_scale)
         else:
             t.submit_tries += 1
             d = decide(error, t.submit_tries, self.cfg.max_attempts, self.rng, self.cfg.time_scale)
@@ -554,6 +586,7 @@ class Scheduler:
         except ApiError as error:
             self._poll_failed(batch, error)
             return
+        self._connect_failures = 0
         finals: list[tuple[_Tracked, TaskSnapshot]] = []
         running: list[Outcome] = []
         for t in batch:
@@ -578,6 +611,8 @@ class Scheduler:
 
     def _poll_failed(self, batch: list[_Tracked], error: ApiError) -> None:
         assert self._loop is not None
+        if isinstance(error, ConnectError):
+            self._connect_failed(error)
         for t in batch:
             t.poll_errors += 1
         worst = max(t.poll_errors for t in batch)
