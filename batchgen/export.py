@@ -133,11 +133,8 @@ def input_field_order(manifest_path: str | None) -> tuple[list[str], list[str]]:
 
 def discover_columns(store: Store, *, per_request: bool = False) -> Columns:
     """Every item field and matrix variable the job's requests use (a first, cheap pass over the store)."""
-    item_seen: dict[str, None] = {}
-    variant_seen: dict[str, None] = {}
-    for rec in store.iter_requests(with_history=False):
-        item_seen.update(dict.fromkeys(rec.metadata))
-        variant_seen.update(dict.fromkeys(rec.variant))
+    item_fields, variant_fields = store.field_names()
+    item_seen, variant_seen = dict.fromkeys(item_fields), dict.fromkeys(variant_fields)
     job = store.job_record() or {}
     item_order, variant_order = input_field_order(job.get("manifest_path"))
     return plan_columns(ordered(item_seen, item_order), ordered(variant_seen, variant_order),
@@ -213,6 +210,11 @@ def iter_rows(store: Store, columns: Columns, *, per_request: bool = False) -> I
             yield row_for_image(req, None, columns)
 
 
+def csv_cells(row: dict[str, Any]) -> list[str]:
+    """A row's cells as a spreadsheet may safely open them (lists joined, formulas neutralised)."""
+    return [neutralise_cell(PATH_SEPARATOR.join(v) if isinstance(v, list) else v) for v in row.values()]
+
+
 def write_rows(fh: IO[str], fmt: str, columns: Columns, rows: Iterable[dict[str, Any]]) -> int:
     """Write `rows` to `fh` as CSV (neutralised) or JSONL (as is); returns the number of rows."""
     count = 0
@@ -220,8 +222,7 @@ def write_rows(fh: IO[str], fmt: str, columns: Columns, rows: Iterable[dict[str,
         writer = csv.writer(fh)
         writer.writerow([neutralise_cell(c) for c in columns.names])
         for row in rows:
-            writer.writerow([neutralise_cell(PATH_SEPARATOR.join(v) if isinstance(v, list) else v)
-                             for v in row.values()])
+            writer.writerow(csv_cells(row))
             count += 1
     else:
         for row in rows:
@@ -246,10 +247,30 @@ def export_results(db_path: Path, *, fmt: str = "csv", output: Path | None = Non
 def write_run_files(db_path: Path, out_dir: Path) -> dict[str, int]:
     """The files every run leaves in its output folder: the provenance index and `results.csv`.
 
-    The index goes first: it is what makes an image on disk traceable, so an export problem must not
-    cost it. Returns rows written per file name."""
-    from batchgen.provenance import INDEX_NAME, write_index
+    Both come from one pass over the store and replace the previous pair atomically (a failure leaves the
+    previous files in place), and nothing is rewritten when nothing changed since they were last written:
+    a nightly run of a large job with nothing new costs nothing. Returns rows written per file name
+    (empty when the files were already up to date)."""
+    from batchgen.provenance import INDEX_NAME, provenance_record
 
-    written = {INDEX_NAME: write_index(db_path, out_dir)}
-    written[RESULTS_NAME] = export_results(db_path, fmt="csv", output=out_dir / RESULTS_NAME)
-    return written
+    out_dir = Path(out_dir)
+    index_path, results_path = out_dir / INDEX_NAME, out_dir / RESULTS_NAME
+    with Store(db_path) as store:
+        stamp = f"{store.last_change()!r} {out_dir.resolve()}"
+        if store.get_meta("run_files") == stamp and index_path.exists() and results_path.exists():
+            return {}
+        job = store.job_record() or {}
+        columns = discover_columns(store)
+        images = rows = 0
+        with atomic_text(index_path) as index, atomic_text(results_path, newline="") as results:
+            writer = csv.writer(results)
+            writer.writerow([neutralise_cell(c) for c in columns.names])
+            for req in store.iter_requests(with_history=True):
+                for img in req.images:
+                    index.write(json_line(provenance_record(job, req, img)))
+                    images += 1
+                for img in req.images or [None]:
+                    writer.writerow(csv_cells(row_for_image(req, img, columns)))
+                    rows += 1
+        store.set_meta("run_files", stamp)
+    return {INDEX_NAME: images, RESULTS_NAME: rows}

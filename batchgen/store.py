@@ -78,7 +78,7 @@ if TYPE_CHECKING:
 MIGRATIONS = sqlite_utils.Migrations("batchgen")
 IDEMPOTENCY_PREFIX = "bg1"
 _SYNC_CHUNK = 5000
-_READ_CHUNK = 500
+_READ_CHUNK = 2000
 
 
 class AttemptState:
@@ -533,7 +533,8 @@ class Store:
         last = 0
         while True:
             cur = self.conn.execute(
-                f"SELECT rowid, * FROM requests WHERE rowid > ? AND state IN ({marks}) ORDER BY rowid LIMIT ?",
+                # `+state`: walk the table in rowid order; using the state index would sort every chunk anew.
+                f"SELECT rowid, * FROM requests WHERE rowid > ? AND +state IN ({marks}) ORDER BY rowid LIMIT ?",
                 (last, *wanted, _READ_CHUNK))
             names = [d[0] for d in cur.description]
             chunk = [self._request_record(dict(zip(names, row, strict=True))) for row in cur.fetchall()]
@@ -549,6 +550,34 @@ class Store:
                 for img in self._image_rows(f"request_key IN ({qs}) ORDER BY request_key, idx", keys):
                     by_key[img.request_key].images.append(img)
             yield from chunk
+
+    def field_names(self) -> tuple[list[str], list[str]]:
+        """The item fields and matrix variables the job's requests use, each in first-seen order (SQLite's
+        json_each does in C what decoding every request would do in Python)."""
+        out: list[list[str]] = []
+        for column in ("metadata", "variant"):
+            rows = self.conn.execute(
+                f"SELECT j.key FROM requests r, json_each(r.{column}) j WHERE r.state != 'removed' "
+                "GROUP BY j.key ORDER BY MIN(r.rowid), MIN(j.id)").fetchall()
+            out.append([str(k) for (k,) in rows])
+        return out[0], out[1]
+
+    def get_meta(self, key: str) -> str | None:
+        row = self.conn.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+        return None if row is None else str(row[0])
+
+    def set_meta(self, key: str, value: str) -> None:
+        with self._tx() as c:
+            c.execute("INSERT INTO meta (key, value) VALUES (?, ?) ON CONFLICT(key) DO UPDATE SET value=excluded.value",
+                      (key, value))
+
+    def last_change(self) -> float:
+        """When anything an export shows last changed (a request's state, an attempt, an image)."""
+        row = self.conn.execute(
+            "SELECT MAX(t) FROM (SELECT MAX(updated_at) AS t FROM requests UNION ALL "
+            "SELECT MAX(MAX(COALESCE(finished_at, 0)), MAX(COALESCE(submitted_at, 0))) FROM attempts "
+            "UNION ALL SELECT MAX(created_at) FROM images)").fetchone()
+        return float(row[0] or 0.0)
 
     def get_request(self, key: str) -> RequestRecord | None:
         cur = self.conn.execute("SELECT rowid, * FROM requests WHERE key = ?", (key,))

@@ -242,3 +242,28 @@ def test_csv_header_is_neutralised_too(tmp_path: Path) -> None:
     buf = io.StringIO()
     export_mod.write_rows(buf, "csv", cols, [])
     assert buf.getvalue().startswith("'=cmd,")
+
+
+def test_run_files_are_rewritten_only_when_something_changed(job: Job, tmp_path: Path) -> None:
+    from batchgen.export import RESULTS_NAME, write_run_files
+
+    db = tmp_path / "copy.db"
+    for suffix in ("", "-wal", "-shm"):
+        if Path(f"{job.db}{suffix}").exists():
+            shutil.copy(f"{job.db}{suffix}", f"{db}{suffix}")
+    out = tmp_path / "out"
+    assert write_run_files(db, out) == {INDEX_NAME: IMAGES, RESULTS_NAME: TILES}
+    assert write_run_files(db, out) == {}  # nothing changed: a large job's nightly no-op costs nothing
+    with Store(db) as store:
+        assert store.requeue_failed(None) == FAILED  # a change the export shows
+    assert write_run_files(db, out) == {INDEX_NAME: IMAGES, RESULTS_NAME: TILES}
+    (out / INDEX_NAME).unlink()
+    assert write_run_files(db, out)[INDEX_NAME] == IMAGES  # a file that went missing is written again
+
+
+def test_field_names_come_in_first_seen_order(job: Job) -> None:
+    with Store(job.db) as store:
+        items, variants = store.field_names()
+    # Each request's metadata is stored with sorted keys; fields first seen in later requests would follow.
+    assert items == ["colour", "name", "sku"]
+    assert variants == ["style"]
