@@ -28,15 +28,12 @@ url (the result URL it was downloaded from; it expires), submitted_at, completed
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from batchgen import __version__
-from batchgen.atomicfile import atomic_text
-from batchgen.export import json_line
-from batchgen.store import ImageRecord, RequestRecord, Store
+from batchgen.store import ImageRecord, RequestRecord
 
 INDEX_NAME = "index.jsonl"
 
@@ -70,24 +67,6 @@ def provenance_record(job: dict[str, Any], req: RequestRecord, img: ImageRecord)
     if attempt is not None and attempt.body is not None:
         record["api_body"] = attempt.body
     return record
-
-
-def iter_records(store: Store) -> Iterator[dict[str, Any]]:
-    """Provenance records of every saved image, in manifest order."""
-    job = store.job_record() or {}
-    for req in store.iter_requests(with_history=True):
-        for img in req.images:
-            yield provenance_record(job, req, img)
-
-
-def write_index(db_path: Path, out_dir: Path) -> int:
-    """(Re)write `out_dir/index.jsonl` from the store, atomically; returns the number of images."""
-    count = 0
-    with Store(db_path) as store, atomic_text(Path(out_dir) / INDEX_NAME) as fh:
-        for record in iter_records(store):
-            fh.write(json_line(record))
-            count += 1
-    return count
 
 
 def find(out_dir: Path, path_or_sha256: str) -> dict[str, Any] | None:

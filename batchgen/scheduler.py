@@ -459,22 +459,26 @@ class Scheduler:
             self.store.fail(req.key, code, message)
             self._on_failed(req.key, code, message)
 
+    async def _until_due(self, heap: list[tuple[float, int, int]], wake: asyncio.Event) -> bool:
+        """Wait until the earliest entry of `heap` is due (woken early by `wake` when an earlier one is
+        pushed); False once the run is halting. The one timer of the sender and of the poller."""
+        assert self._loop is not None
+        while True:
+            wake.clear()
+            if self._halting is not None:
+                return False
+            if not heap:
+                await self._wait(wake, None)
+                continue
+            wait = heap[0][0] - self._loop.time()
+            if wait <= 0:
+                return True
+            await self._wait(wake, wait)
+
     async def _sender(self) -> None:
         """Sends again, with the same idempotency key, attempts whose submit got no answer."""
-        assert self._loop is not None
         heap = self._send_heap
-        while True:
-            self._send_wake.clear()
-            if self._halting is not None:
-                return
-            if not heap:
-                await self._wait(self._send_wake, None)
-                continue
-            due = heap[0][0]
-            wait = due - self._loop.time()
-            if wait > 0:
-                await self._wait(self._send_wake, wait)
-                continue
+        while await self._until_due(heap, self._send_wake):
             _, _, attempt_id = heapq.heappop(heap)
             t = self._tracked.get(attempt_id)
             if t is not None and t.task_id is None:
@@ -550,19 +554,10 @@ class Scheduler:
         self._push(self._poll_heap, now + delay, t)
 
     async def _poller(self) -> None:
+        """Polls every due task, up to BATCH_MAX in one call."""
         assert self._loop is not None
         heap = self._poll_heap
-        while True:
-            self._poll_wake.clear()
-            if self._halting is not None:
-                return
-            if not heap:
-                await self._wait(self._poll_wake, None)
-                continue
-            wait = heap[0][0] - self._loop.time()
-            if wait > 0:
-                await self._wait(self._poll_wake, wait)
-                continue
+        while await self._until_due(heap, self._poll_wake):
             now = self._loop.time()
             batch: list[_Tracked] = []
             while heap and heap[0][0] <= now and len(batch) < BATCH_MAX:
