@@ -62,7 +62,7 @@ def _resolve_db(manifest: str | None, db: str | None, must_exist: bool = True) -
     if db:
         path = Path(db)
     elif manifest:
-        from batchgen.manifest import load_job
+        from batchgen.manifest.load import load_job
 
         path = load_job(Path(manifest)).default_db_path()
     else:
@@ -132,7 +132,7 @@ def validate(manifest: str, as_json: bool) -> None:
     Example:
       batchgen validate examples/catalogue.yaml
     """
-    from batchgen.manifest import validate as validate_manifest
+    from batchgen.manifest.load import validate as validate_manifest
 
     summary = validate_manifest(Path(manifest))
     if as_json:
@@ -205,7 +205,7 @@ def run(manifest: str, db: str | None, out: str | None, emulator: bool, api_base
         emulator_seed=emulator_seed,
         emulator_scenario=Path(emulator_scenario) if emulator_scenario else None,
     )
-    from batchgen.runner import run_job
+    from batchgen.engine.runner import run_job
 
     sys.exit(run_job(Path(manifest), options))
 
@@ -224,7 +224,7 @@ def status(manifest: str | None, db: str | None, as_json: bool) -> None:
       batchgen status examples/quickstart.yaml
       batchgen status --db examples/quickstart.batchgen.db --json
     """
-    from batchgen.status import collect, render_text
+    from batchgen.results.status import collect, render_text
 
     summary = collect(_resolve_db(manifest, db))
     if as_json:
@@ -247,7 +247,7 @@ def retry(manifest: str | None, db: str | None, codes: tuple[str, ...]) -> None:
       batchgen retry examples/quickstart.yaml
       batchgen retry --db jobs/nightly.batchgen.db --code generation_timeout --code upstream_error
     """
-    from batchgen.store import Store
+    from batchgen.store.sqlite import Store
 
     with Store(_resolve_db(manifest, db)) as store:
         count = store.requeue_failed(list(codes) or None)
@@ -269,7 +269,7 @@ def export(manifest: str | None, db: str | None, fmt: str, output: str | None, p
       batchgen export examples/catalogue.yaml -o images.csv
       batchgen export --db jobs/nightly.batchgen.db --format jsonl --per-request
     """
-    from batchgen.export import export_results
+    from batchgen.results.export import export_results
 
     count = export_results(_resolve_db(manifest, db), fmt=fmt, output=Path(output) if output else None,
                            per_request=per_request)
@@ -290,7 +290,7 @@ def report(manifest: str | None, db: str | None, output: str | None) -> None:
     Example:
       batchgen report examples/catalogue.yaml -o report.html
     """
-    from batchgen.report import write_report
+    from batchgen.results.report import write_report
 
     path, tiles = write_report(_resolve_db(manifest, db), Path(output) if output else None)
     click.echo(f"wrote {path} ({tiles} tile(s))")

@@ -15,7 +15,7 @@ latencies (median 5 s, 2-20 s), because polling is about timing. No rate limit o
 rate of 1,000/s in every poller: under a shared request budget, polls queue behind submissions at the
 limiter and leave later than the strategy asked, which flatters every strategy (a first try with R = 50/s
 and N = 200 gave the fixed poller 1.18 polls per image instead of about 2). Concurrency 500. The baseline
-is a tiny poller written here on `batchgen.client.EvolinkClient` (single `GET /v1/tasks/{id}` polls at
+is a tiny poller written here on `batchgen.api.client.EvolinkClient` (single `GET /v1/tasks/{id}` polls at
 3 s, then uniform 3-5 s); it is not part of the engine. It ignores `estimated_time`, so it runs once,
 against the emulator that reports it.
 """
@@ -27,9 +27,9 @@ import random
 from pathlib import Path
 
 from batchgen import catalog
-from batchgen.client import EvolinkClient
+from batchgen.api.client import EvolinkClient
+from batchgen.engine.ratelimit import AdaptiveLimiter
 from batchgen.errors import ApiError
-from batchgen.ratelimit import AdaptiveLimiter
 from batchgen.units import parse_rate
 from benchmarks.harness import API_KEY, FAST_MODEL, Row, check, emulator, fresh_dir, median, run_batchgen, write_csv
 

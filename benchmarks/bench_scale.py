@@ -33,8 +33,8 @@ RATE_RATIO_TARGET = 1 / 3
 EXPAND = """
 import json, sys, time
 from pathlib import Path
-from batchgen.manifest import open_manifest
-from batchgen.store import Store
+from batchgen.manifest.load import open_manifest
+from batchgen.store.sqlite import Store
 started = time.perf_counter()
 with Store(Path(sys.argv[2])) as store:
     result = store.sync(open_manifest(Path(sys.argv[1])))

@@ -16,7 +16,7 @@ from pathlib import Path
 import yaml
 
 from batchgen.emulator import Emulator, EmulatorConfig
-from batchgen.runner import run_job_async
+from batchgen.engine.runner import run_job_async
 from tests.emulator_fixtures import FAST_TIME_SCALE, SEED
 from tests.run_support import options
 

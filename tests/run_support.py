@@ -8,9 +8,9 @@ from typing import Any
 
 import yaml
 
+from batchgen.engine.runner import run_job_async
 from batchgen.models import RunOptions
-from batchgen.runner import run_job_async
-from batchgen.store import Store
+from batchgen.store.sqlite import Store
 from tests.emulator_fixtures import API_KEY, FAST_TIME_SCALE
 
 MODEL = "z-image-turbo"  # fast emulated latency

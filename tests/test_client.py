@@ -27,7 +27,7 @@ from aioresponses import aioresponses
 from yarl import URL
 
 from batchgen import __version__
-from batchgen.client import (
+from batchgen.api.client import (
     Credits,
     Downloaded,
     EvolinkClient,
@@ -35,8 +35,8 @@ from batchgen.client import (
     TaskSnapshot,
     UploadedFile,
 )
+from batchgen.engine.ratelimit import AdaptiveLimiter
 from batchgen.errors import ApiError, FilesApiError, HttpError, TransportError
-from batchgen.ratelimit import AdaptiveLimiter
 from batchgen.units import Rate
 from tests.emulator_fixtures import EmulatorFactory
 

@@ -15,18 +15,18 @@ from typing import Any
 import pytest
 from click.testing import CliRunner
 
-from batchgen import export as export_mod
 from batchgen.cli import main
-from batchgen.export import (
+from batchgen.models import GenerationRequest, request_key
+from batchgen.results import export as export_mod
+from batchgen.results.export import (
     COLUMNS_PER_IMAGE,
     export_results,
     neutralise_cell,
     ordered,
     plan_columns,
 )
-from batchgen.models import GenerationRequest, request_key
-from batchgen.provenance import INDEX_NAME, find
-from batchgen.store import Store
+from batchgen.results.provenance import INDEX_NAME, find
+from batchgen.store.sqlite import Store
 from tests.emulator_fixtures import API_KEY, EmulatorFactory
 from tests.results_support import FAILED, IMAGES, ITEMS, REQUESTS, TILES, Job, build_job
 from tests.run_support import run
@@ -245,7 +245,7 @@ def test_csv_header_is_neutralised_too(tmp_path: Path) -> None:
 
 
 def test_run_files_are_rewritten_only_when_something_changed(job: Job, tmp_path: Path) -> None:
-    from batchgen.export import RESULTS_NAME, write_run_files
+    from batchgen.results.export import RESULTS_NAME, write_run_files
 
     db = tmp_path / "copy.db"
     for suffix in ("", "-wal", "-shm"):

@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 from batchgen import catalog
-from batchgen.localfiles import ReferenceChecker, check_reference_image, sniff_format
+from batchgen.manifest.localfiles import ReferenceChecker, check_reference_image, sniff_format
 
 
 def image_bytes(fmt: str, size: tuple[int, int] = (8, 8)) -> bytes:

@@ -12,7 +12,7 @@ from PIL import Image
 
 from batchgen import catalog
 from batchgen.errors import ManifestError, Problem
-from batchgen.manifest import load_job, open_manifest, validate
+from batchgen.manifest.load import load_job, open_manifest, validate
 from batchgen.models import GenerationRequest, PlannedRequest, request_key
 
 NB2 = catalog.NANO_BANANA_2
@@ -428,7 +428,7 @@ def test_missing_local_image_in_yaml_defaults_names_the_line(tmp_path: Path) -> 
 def test_shared_photo_is_checked_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     png(tmp_path / "p.png")
     calls: list[Path] = []
-    import batchgen.localfiles as lf
+    import batchgen.manifest.localfiles as lf
 
     real = lf.check_reference_image
 
@@ -628,7 +628,7 @@ def test_no_traceback_for_errors_in_paths_with_spaces(tmp_path: Path) -> None:
 
 def test_duplicates_found_when_hashes_spill_to_disk(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Large jobs spill id hashes to temporary files; duplicates are still found and the files removed."""
-    from batchgen import manifest as manifest_module
+    from batchgen.manifest import load as manifest_module
 
     monkeypatch.setattr(manifest_module._HashLog, "BUFFER", 4)
     rows = "".join(f"S{i},cat {i}\n" for i in range(300)) + "S7,again\n"

@@ -9,7 +9,7 @@ import pytest
 from click.testing import CliRunner
 
 from batchgen.cli import main
-from batchgen.manifest import open_manifest, validate
+from batchgen.manifest.load import open_manifest, validate
 
 ROOT = Path(__file__).resolve().parent.parent
 SHIPPED = sorted([*ROOT.glob("examples/*.yaml"), ROOT / "examples" / "products_direct.csv",

@@ -13,7 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from batchgen import catalog
-from batchgen.manifest import open_manifest
+from batchgen.manifest.load import open_manifest
 from batchgen.models import GenerationRequest, request_key
 
 words = st.text(alphabet="abcdefghijklmnopqrstuvwxyz -,\"'é", min_size=1, max_size=12).filter(

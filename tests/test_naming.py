@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from batchgen import naming
+from batchgen.manifest import naming
 
 
 def relpath(template: str, *, metadata: dict[str, str] | None = None, variant: dict[str, str] | None = None,

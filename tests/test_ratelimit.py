@@ -9,7 +9,7 @@ from collections.abc import AsyncIterator
 
 import pytest
 
-from batchgen.ratelimit import AdaptiveLimiter
+from batchgen.engine.ratelimit import AdaptiveLimiter
 from batchgen.units import Rate, parse_rate
 
 

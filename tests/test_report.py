@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from batchgen.export import export_results
-from batchgen.report import REPORT_NAME, THUMB_PX, esc, fit, format_duration, script_json, write_report
+from batchgen.results.export import export_results
+from batchgen.results.report import REPORT_NAME, THUMB_PX, esc, fit, format_duration, script_json, write_report
 from tests.emulator_fixtures import API_KEY
 from tests.results_support import FAILED, IMAGES, ITEMS, LS, PS, TILES, Job, build_job
 

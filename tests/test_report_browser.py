@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from batchgen.report import write_report
+from batchgen.results.report import write_report
 from tests.results_support import FAILED, IMAGES, TILES, Job, build_job
 
 sync_api = pytest.importorskip("playwright.sync_api", reason="the playwright package is not installed")

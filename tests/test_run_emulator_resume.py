@@ -12,7 +12,7 @@ import sys
 import time
 from pathlib import Path
 
-from batchgen.store import Outcome, Store
+from batchgen.store.sqlite import Outcome, Store
 from tests.run_support import check_outputs, db_of, prompts, write_job
 
 REPO = Path(__file__).resolve().parent.parent

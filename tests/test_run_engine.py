@@ -11,8 +11,8 @@ from click.testing import CliRunner
 
 from batchgen.cli import main
 from batchgen.errors import StoreLockedError
-from batchgen.status import collect
-from batchgen.store import Store
+from batchgen.results.status import collect
+from batchgen.store.sqlite import Store
 from tests.emulator_fixtures import EmulatorFactory
 from tests.run_support import check_outputs, db_of, prompts, run, write_job
 
@@ -62,7 +62,7 @@ async def test_a_fresh_database_generates_anew_instead_of_replaying_old_tasks(
 
 async def test_out_overrides_the_manifest_folder_and_later_commands_find_it(
         tmp_path: Path, emulator_factory: EmulatorFactory) -> None:
-    from batchgen.report import write_report
+    from batchgen.results.report import write_report
 
     emu = await emulator_factory()
     manifest = write_job(tmp_path, prompts(4))

@@ -9,7 +9,7 @@ from collections import Counter
 from pathlib import Path
 
 from batchgen.errors import TASK_RULES, Action
-from batchgen.store import Store
+from batchgen.store.sqlite import Store
 from tests.emulator_fixtures import EmulatorFactory
 from tests.run_support import check_outputs, db_of, prompts, run, write_job
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from batchgen.status import collect
+from batchgen.results.status import collect
 from tests.emulator_fixtures import EmulatorProcess
 from tests.run_support import db_of, prompts, run, write_job
 

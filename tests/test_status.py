@@ -8,8 +8,8 @@ from pathlib import Path
 from click.testing import CliRunner
 
 from batchgen.cli import main
-from batchgen.status import collect, render_text
-from batchgen.store import ImageRecord, NewAttempt, Outcome, Store
+from batchgen.results.status import collect, render_text
+from batchgen.store.sqlite import ImageRecord, NewAttempt, Outcome, Store
 from tests.test_store import FakeManifest, keys_of
 
 

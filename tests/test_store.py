@@ -12,7 +12,7 @@ import sqlite_utils
 
 from batchgen.errors import ManifestError, Problem, StoreLockedError
 from batchgen.models import GenerationRequest, JobSpec, PlannedRequest, State, request_key
-from batchgen.store import MIGRATIONS, NewAttempt, Outcome, Store, idempotency_key
+from batchgen.store.sqlite import MIGRATIONS, NewAttempt, Outcome, Store, idempotency_key
 
 
 class FakeManifest:
@@ -143,7 +143,7 @@ def test_transitions_and_credit_totals(tmp_path: Path) -> None:
         assert store.next_not_before() == 1e12
         totals = store.credit_totals()
         assert (totals.reserved, totals.used) == (0, 0.5)
-        from batchgen.store import ImageRecord
+        from batchgen.store.sqlite import ImageRecord
 
         store.record_image(ImageRecord(ka, 1, "i0_1.png", "http://x/1.png", 10, "ab", 1, 1, "PNG", ids[0], 0.0),
                            done=True)

@@ -17,11 +17,11 @@ import sqlite_utils
 from click.testing import CliRunner
 from PIL import Image
 
+from batchgen.api.client import EvolinkClient
 from batchgen.cli import main
-from batchgen.client import EvolinkClient
+from batchgen.engine.uploads import Uploader
 from batchgen.models import State
-from batchgen.store import MIGRATIONS, RequestRecord, Store
-from batchgen.uploads import Uploader
+from batchgen.store.sqlite import MIGRATIONS, RequestRecord, Store
 from tests.emulator_fixtures import API_KEY, FAST_TIME_SCALE, EmulatorFactory
 from tests.run_support import check_outputs, db_of, run, write_job
 

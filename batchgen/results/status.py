@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from batchgen.store import Store
+from batchgen.store.sqlite import Store
 
 
 def collect(db_path: Path) -> dict[str, Any]:

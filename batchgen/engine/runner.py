@@ -19,13 +19,13 @@ import signal
 from pathlib import Path
 from typing import Any
 
+from batchgen.engine.progress import Progress
+from batchgen.engine.scheduler import Scheduler, SchedulerConfig, StopReason
+from batchgen.engine.uploads import Uploader
 from batchgen.errors import ApiError, ConfigError, ConnectError
 from batchgen.models import JobSpec, RunOptions, RunSettings
-from batchgen.progress import Progress
-from batchgen.scheduler import Scheduler, SchedulerConfig, StopReason
-from batchgen.store import Store
+from batchgen.store.sqlite import Store
 from batchgen.units import parse_duration_s, parse_rate
-from batchgen.uploads import Uploader
 
 DEFAULT_API_BASE = "https://api.evolink.ai"
 DEFAULT_FILES_BASE = "https://files-api.evolink.ai"
@@ -40,7 +40,7 @@ def run_job(manifest_path: Path, options: RunOptions) -> int:
 
 async def run_job_async(manifest_path: Path, options: RunOptions) -> int:
     """`run_job` inside a running loop (tests run it next to an in-process emulator)."""
-    from batchgen.manifest import open_manifest
+    from batchgen.manifest.load import open_manifest
 
     manifest = open_manifest(Path(manifest_path))
     job = manifest.job
@@ -85,8 +85,8 @@ async def _run(store: Store, job: JobSpec, options: RunOptions, out_dir: Path, a
             if not options.api_key:
                 raise ConfigError("no API key: set EVOLINK_API_KEY, or pass --emulator")
             api_key = options.api_key
-        from batchgen.client import EvolinkClient
-        from batchgen.ratelimit import AdaptiveLimiter
+        from batchgen.api.client import EvolinkClient
+        from batchgen.engine.ratelimit import AdaptiveLimiter
 
         limiter = AdaptiveLimiter(rate)
         client = await stack.enter_async_context(EvolinkClient(api_base, files_base, api_key, limiter=limiter))
@@ -234,7 +234,7 @@ async def _preflight(store: Store, client: Any, scheduler: Scheduler, progress: 
 def _write_export(store: Store, out_dir: Path, progress: Progress) -> None:
     """The export and provenance index (issue 7) go to the output folder at the end of every run."""
     try:
-        from batchgen.export import write_run_files
+        from batchgen.results.export import write_run_files
     except ImportError:
         return
     try:

@@ -51,10 +51,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from batchgen.errors import ApiError, BatchgenError, FilesApiError
-from batchgen.store import RequestRecord, Store, UploadRecord
+from batchgen.store.sqlite import RequestRecord, Store, UploadRecord
 
 if TYPE_CHECKING:
-    from batchgen.client import EvolinkClient
+    from batchgen.api.client import EvolinkClient
     from batchgen.models import GenerationRequest
 
 log = logging.getLogger(__name__)

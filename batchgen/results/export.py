@@ -29,9 +29,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
-from batchgen.atomicfile import atomic_text
 from batchgen.errors import BatchgenError, ConfigError
-from batchgen.store import AttemptRecord, ImageRecord, RequestRecord, Store
+from batchgen.storage.atomicfile import atomic_text
+from batchgen.store.sqlite import AttemptRecord, ImageRecord, RequestRecord, Store
 
 FORMATS = ("csv", "jsonl")
 RESULTS_NAME = "results.csv"
@@ -115,7 +115,7 @@ def input_field_order(manifest_path: str | None) -> tuple[list[str], list[str]]:
     if not manifest_path:
         return [], []
     try:
-        from batchgen.manifest import open_manifest
+        from batchgen.manifest.load import open_manifest
 
         requests = open_manifest(Path(manifest_path)).requests()
         try:
@@ -251,7 +251,7 @@ def write_run_files(db_path: Path, out_dir: Path) -> dict[str, int]:
     previous files in place), and nothing is rewritten when nothing changed since they were last written:
     a nightly run of a large job with nothing new costs nothing. Returns rows written per file name
     (empty when the files were already up to date)."""
-    from batchgen.provenance import INDEX_NAME, provenance_record
+    from batchgen.results.provenance import INDEX_NAME, provenance_record
 
     out_dir = Path(out_dir)
     index_path, results_path = out_dir / INDEX_NAME, out_dir / RESULTS_NAME

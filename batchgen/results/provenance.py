@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from batchgen import __version__
-from batchgen.store import ImageRecord, RequestRecord
+from batchgen.store.sqlite import ImageRecord, RequestRecord
 
 INDEX_NAME = "index.jsonl"
 

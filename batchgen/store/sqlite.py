@@ -73,7 +73,7 @@ from batchgen.errors import StoreLockedError
 from batchgen.models import State
 
 if TYPE_CHECKING:
-    from batchgen.manifest import Manifest
+    from batchgen.manifest.load import Manifest
 
 MIGRATIONS = sqlite_utils.Migrations("batchgen")
 IDEMPOTENCY_PREFIX = "bg1"

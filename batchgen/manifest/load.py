@@ -42,10 +42,11 @@ from typing import Any, TypeVar
 import yaml
 from pydantic import BaseModel, ValidationError
 
-from batchgen import catalog, naming
+from batchgen import catalog
 from batchgen.errors import ManifestError, Problem
-from batchgen.localfiles import ReferenceChecker
-from batchgen.manifest_schema import MATRIX_PARAMS, REQUEST_PARAMS, ManifestSchema
+from batchgen.manifest import naming
+from batchgen.manifest.localfiles import ReferenceChecker
+from batchgen.manifest.schema import MATRIX_PARAMS, REQUEST_PARAMS, ManifestSchema
 from batchgen.models import (
     KEY_SCHEME,
     GenerationRequest,
@@ -187,7 +188,7 @@ def _pydantic_problems(error: ValidationError, file: str, root: yaml.Node | None
 
 def _allowed_keys(loc: tuple[Any, ...]) -> list[str]:
     """The keys a mapping at `loc` may have, for 'unknown key' messages."""
-    from batchgen.manifest_schema import RequestDefaults
+    from batchgen.manifest.schema import RequestDefaults
 
     models: dict[tuple[Any, ...], type] = {(): ManifestSchema, ("defaults",): RequestDefaults,
                                            ("output",): OutputSettings, ("run",): RunSettings}

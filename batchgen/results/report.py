@@ -39,9 +39,9 @@ from typing import IO, Any
 
 from PIL import Image, ImageOps
 
-from batchgen.atomicfile import atomic_text
-from batchgen.export import input_field_order, ordered, producing_attempt, request_credits
-from batchgen.store import ImageRecord, RequestRecord, Store
+from batchgen.results.export import input_field_order, ordered, producing_attempt, request_credits
+from batchgen.storage.atomicfile import atomic_text
+from batchgen.store.sqlite import ImageRecord, RequestRecord, Store
 
 REPORT_NAME = "report.html"
 THUMBS_DIR = "thumbs"

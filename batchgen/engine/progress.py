@@ -20,7 +20,7 @@ import sys
 import time
 from typing import Any, TextIO
 
-from batchgen.scheduler import Counters
+from batchgen.engine.scheduler import Counters
 
 TTY_REDRAW_S = 0.25
 PLAIN_EVERY_S = 15.0

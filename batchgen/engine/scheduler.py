@@ -47,7 +47,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from batchgen import catalog, naming, outputs
+from batchgen import catalog
+from batchgen.engine.uploads import UploadWaitError
 from batchgen.errors import (
     CONTENT_POLICY_CODE,
     Action,
@@ -57,12 +58,13 @@ from batchgen.errors import (
     HttpError,
     decide,
 )
+from batchgen.manifest import naming
 from batchgen.models import GenerationRequest
-from batchgen.store import AttemptState, ImageRecord, NewAttempt, Outcome, RequestRecord, Store
-from batchgen.uploads import UploadWaitError
+from batchgen.storage import outputs
+from batchgen.store.sqlite import AttemptState, ImageRecord, NewAttempt, Outcome, RequestRecord, Store
 
 if TYPE_CHECKING:
-    from batchgen.client import EvolinkClient, TaskSnapshot
+    from batchgen.api.client import EvolinkClient, TaskSnapshot
 
 BATCH_MAX = 50
 POLL_MARGIN = 0.03  # poll a little after the estimate: an early poll is a wasted request

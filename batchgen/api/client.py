@@ -47,7 +47,7 @@ from batchgen import __version__
 from batchgen.errors import ApiError, ConnectError, FilesApiError, HttpError, TransportError
 
 if TYPE_CHECKING:
-    from batchgen.ratelimit import AdaptiveLimiter
+    from batchgen.engine.ratelimit import AdaptiveLimiter
 
 log = logging.getLogger(__name__)
 

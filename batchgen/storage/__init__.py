@@ -1,0 +1,1 @@
+"""Where images land: checked, named safely and written atomically."""
