@@ -13,6 +13,13 @@ showing anything; as files, the HTML stays small (a few hundred bytes per tile p
 every thumbnail already made, and two reports in one folder share them. Each thumbnail links to the
 full-size image by a relative path (the report and the output folder move together).
 
+Where the images are in a bucket (`s3://...`, docs/storage.md), `ImageLinks` — the report's data layer for
+images — gives each tile its two hrefs: relative keys when the report sits in the same bucket (it is
+written there by default, thumbnails under `thumbs/` beside it), and presigned GET URLs valid for
+`LINK_LIFETIME_S` (7 days, SigV4's limit) when the report is written to a local file; thumbnails are then
+local files beside it, so the page still shows them after the links expire. Thumbnails already made are
+found with one listing, so a second report fetches only the images it has not seen.
+
 Everything that comes from a manifest or the API (prompts, item fields, ids, error messages, model names,
 paths) is untrusted: text and attributes go through `html.escape`, URLs are percent-encoded first, and
 the JSON embedded in `<script>` escapes `<`, `>`, `&` and U+2028/U+2029 (`script_json`), so a prompt like
@@ -29,6 +36,7 @@ import html
 import io
 import json
 import os
+import posixpath
 import time
 import urllib.parse
 from collections.abc import Iterator
@@ -39,14 +47,18 @@ from typing import IO, Any
 
 from PIL import Image, ImageOps
 
+from batchgen.errors import ConfigError
 from batchgen.results.export import input_field_order, ordered, producing_attempt, request_credits
-from batchgen.storage.atomicfile import atomic_text
+from batchgen.storage.base import Storage
+from batchgen.storage.local import LocalStorage
+from batchgen.storage.location import is_bucket_url, open_storage, storage_for_job
 from batchgen.store.sqlite import ImageRecord, RequestRecord, Store
 
 REPORT_NAME = "report.html"
 THUMBS_DIR = "thumbs"
 THUMB_PX = 160
 THUMB_QUALITY = 80
+LINK_LIFETIME_S = 7 * 24 * 3600  # presigned links from a local report to a bucket's images (SigV4's maximum)
 
 
 def esc(value: Any) -> str:
@@ -82,11 +94,9 @@ def format_duration(seconds: float) -> str:
     return f"{h}h {m:02d}m {s:02d}s" if h else (f"{m}m {s:02d}s" if m else f"{s}s")
 
 
-def make_thumbnail(src: Path, dst: Path, box: int = THUMB_PX) -> None:
-    """Write a JPEG thumbnail of `src` to `dst` (skipped when it exists: names are content hashes)."""
-    if dst.exists():
-        return
-    with Image.open(src) as source:
+def thumbnail_jpeg(data: bytes, box: int = THUMB_PX) -> bytes:
+    """A JPEG thumbnail of the image `data`, fitted into `box` (transparency on white)."""
+    with Image.open(io.BytesIO(data)) as source:
         source.draft("RGB", (box, box))  # JPEG sources decode at a reduced scale: much faster
         img: Image.Image = ImageOps.exif_transpose(source)
         img.thumbnail((box, box))
@@ -98,9 +108,88 @@ def make_thumbnail(src: Path, dst: Path, box: int = THUMB_PX) -> None:
             img = img.convert("RGB")
         buf = io.BytesIO()
         img.save(buf, "JPEG", quality=THUMB_QUALITY, optimize=True)
+    return buf.getvalue()
+
+
+@dataclass(frozen=True)
+class TileLinks:
+    """What a tile needs of its image: where the full-size image and its thumbnail are, for the browser."""
+
+    href: str
+    thumb_href: str
+
+
+class ImageLinks:
+    """The report's data layer for images: each image's thumbnail (made once, on a thread pool, from the
+    image's bytes wherever they are stored) and the two hrefs, relative or presigned (module docstring).
+
+    `images` holds the job's outputs; `report` is the folder or prefix the report sits in (its `thumbs/`
+    go there too). Thumbnails already present are found with one listing."""
+
+    def __init__(self, images: Storage, report: Storage, pool: ThreadPoolExecutor) -> None:
+        if is_bucket_url(report.location) and not is_bucket_url(images.location):
+            raise ConfigError("a report in a bucket needs the job's images in a bucket; write it to a local file")
+        self.images = images
+        self.report = report
+        self.thumbs_dir = THUMBS_DIR
+        self.pool = pool
+        self.jobs: list[Future[None]] = []
+        self.existing = report.names_under(self.thumbs_dir)
+        self.relative = self._same_bucket() or not is_bucket_url(images.location)
+
+    def _same_bucket(self) -> bool:
+        return (is_bucket_url(self.images.location) and is_bucket_url(self.report.location)
+                and _bucket_key(self.images.location)[0] == _bucket_key(self.report.location)[0])
+
+    def _href(self, storage: Storage, rel: str) -> str:
+        """A relative, percent-encoded URL from the report to `rel` in `storage` (`#`, `?`, spaces stay literal)."""
+        if isinstance(storage, LocalStorage) and isinstance(self.report, LocalStorage):
+            return href(storage.path(rel), self.report.root)
+        _, key = _bucket_key(storage.describe(rel))
+        _, base = _bucket_key(self.report.location)
+        return urllib.parse.quote(posixpath.relpath(key, base or "."), safe="/")
+
+    def tile_links(self, img: ImageRecord) -> TileLinks | None:
+        """The tile's hrefs, queueing its thumbnail if it is not made yet; None when the image is missing
+        from a local folder (an image in a bucket is trusted to the store's record: a HEAD per tile
+        would cost as much as the thumbnails)."""
+        if isinstance(self.images, LocalStorage) and not self.images.exists(img.path):
+            return None
+        name = f"{img.sha256[:24]}.jpg"  # 96 bits of the content hash: unique enough, short
+        thumb_rel = posixpath.join(self.thumbs_dir, name)
+        if name not in self.existing:
+            self.existing.add(name)
+            self.jobs.append(self.pool.submit(self._make_thumbnail, img.path, thumb_rel))
+        full = (self._href(self.images, img.path) if self.relative
+                else self.images.link(img.path, LINK_LIFETIME_S))
+        return TileLinks(href=full, thumb_href=self._href(self.report, thumb_rel))
+
+    def _make_thumbnail(self, rel: str, thumb_rel: str) -> None:
+        data = self.images.read_bytes(rel)
+        if data is not None:
+            self.report.put_bytes(thumb_rel, thumbnail_jpeg(data), "image/jpeg")
+
+    def wait(self) -> None:
+        for job_future in self.jobs:
+            # An unreadable image gets no thumbnail; its tile still links to the file.
+            with contextlib.suppress(OSError, ValueError):
+                job_future.result()
+
+
+def _bucket_key(url: str) -> tuple[str, str]:
+    """`s3://bucket/a/b` → ("bucket", "a/b")."""
+    bucket, _, key = url[len("s3://"):].partition("/")
+    return bucket, key
+
+
+def make_thumbnail(src: Path, dst: Path, box: int = THUMB_PX) -> None:
+    """Write a JPEG thumbnail of `src` to `dst` (skipped when it exists: names are content hashes)."""
+    if dst.exists():
+        return
+    data = thumbnail_jpeg(src.read_bytes(), box)
     # A cache, not a result: renamed into place (never half-written) but not fsynced; delete thumbs/ to rebuild.
     tmp = dst.with_name(f".{dst.name}.part")
-    tmp.write_bytes(buf.getvalue())
+    tmp.write_bytes(data)
     os.replace(tmp, dst)
 
 
@@ -139,13 +228,9 @@ def collect_totals(store: Store) -> Totals:
 class _Renderer:
     """Writes the page while queueing thumbnails on a thread pool (Pillow releases the GIL)."""
 
-    def __init__(self, fh: IO[str], out_dir: Path, report_dir: Path, pool: ThreadPoolExecutor) -> None:
+    def __init__(self, fh: IO[str], links: ImageLinks) -> None:
         self.fh = fh
-        self.out_dir = out_dir
-        self.report_dir = report_dir
-        self.thumbs = report_dir / THUMBS_DIR
-        self.pool = pool
-        self.jobs: list[Future[None]] = []
+        self.links = links
         self.tiles = 0
         self.statuses: dict[str, int] = {}
         self.models: dict[str, int] = {}
@@ -154,16 +239,14 @@ class _Renderer:
 
     def tile(self, req: RequestRecord, img: ImageRecord) -> str:
         self.tiles += 1
-        src = self.out_dir / img.path
         label = " ".join([req.item_id, *req.variant.values(), f"#{img.idx}"])
-        if not src.is_file():
+        links = self.links.tile_links(img)
+        if links is None:
             return (f'<figure class="tile missing"><div class="ph">file missing</div>'
                     f"<figcaption>{esc(img.path)}</figcaption></figure>")
-        thumb = self.thumbs / f"{img.sha256[:24]}.jpg"  # 96 bits of the content hash: unique enough, short
-        self.jobs.append(self.pool.submit(make_thumbnail, src, thumb))
         w, h = fit(img.width, img.height)
-        return (f'<figure class="tile"><a href="{esc(href(src, self.report_dir))}" target="_blank">'
-                f'<img src="{esc(href(thumb, self.report_dir))}" width="{w}" height="{h}" loading="lazy" '
+        return (f'<figure class="tile"><a href="{esc(links.href)}" target="_blank">'
+                f'<img src="{esc(links.thumb_href)}" width="{w}" height="{h}" loading="lazy" '
                 f'alt="{esc(label)}"></a></figure>')
 
     def card(self, req: RequestRecord) -> str:
@@ -288,24 +371,47 @@ JS = """
 """
 
 
-def write_report(db_path: Path, output: Path | None = None, *, out_dir: Path | None = None) -> tuple[Path, int]:
-    """Write the contact sheet for the job in `db_path`; returns (report path, tiles).
+def links_are_presigned(db_path: Path, output: Path | str | None) -> bool:
+    """Whether a report written to `output` links the job's images by presigned URLs (they expire after
+    LINK_LIFETIME_S): the images are in a bucket and the report is not in that bucket."""
+    with Store(Path(db_path)) as store:
+        location = str((store.job_record() or {}).get("output_dir") or "")
+    if not is_bucket_url(location) or output is None:
+        return False
+    return not (is_bucket_url(str(output)) and _bucket_key(str(output))[0] == _bucket_key(location)[0])
 
-    `output` defaults to report.html in the job's output folder; `out_dir` (where the images are) to the
-    output folder the store records for the job."""
+
+def write_report(db_path: Path, output: Path | str | None = None, *,
+                 out_dir: Path | None = None) -> tuple[Path | str, int]:
+    """Write the contact sheet for the job in `db_path`; returns (report path or s3:// URL, tiles).
+
+    `output` defaults to report.html in the job's output folder or bucket, and may be an
+    `s3://bucket/prefix/name.html` URL; `out_dir` (where the images are) defaults to the output location
+    the store records for the job."""
     db_path = Path(db_path)
-    with Store(db_path) as store:
+    with Store(db_path) as store, contextlib.ExitStack() as stack:
         job = store.job_record() or {}
-        images_dir = Path(out_dir or job.get("output_dir") or db_path.parent).resolve()
-        path = Path(output) if output is not None else images_dir / REPORT_NAME
-        report_dir = path.resolve().parent
+        images = stack.enter_context(storage_for_job(store, str(Path(out_dir).resolve()) if out_dir else None))
+        if output is None:
+            report, name = images, REPORT_NAME
+            shown: Path | str = images.path(REPORT_NAME) if isinstance(images, LocalStorage) else \
+                images.describe(REPORT_NAME)
+        elif is_bucket_url(str(output)):
+            folder, _, name = str(output).rstrip("/").rpartition("/")
+            settings = json.loads(store.get_meta("output_storage") or "{}")
+            report = stack.enter_context(open_storage(folder, endpoint_url=settings.get("endpoint_url"),
+                                                      region=settings.get("region")))
+            shown = report.describe(name)
+        else:
+            path = Path(output).resolve()
+            report, name, shown = LocalStorage(path.parent), path.name, Path(output)
         totals = collect_totals(store)
-        with atomic_text(path) as fh, ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 2)) as pool:
-            (report_dir / THUMBS_DIR).mkdir(parents=True, exist_ok=True)
+        with report.open_text(name) as fh, ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 2)) as pool:
             # The body is rendered first (into a temporary buffer) because the filters list the statuses
             # and models it found; cards are small, so even 5,000 of them fit comfortably in memory.
             body = io.StringIO()
-            renderer = _Renderer(body, images_dir, report_dir, pool)
+            links = ImageLinks(images, report, pool)
+            renderer = _Renderer(body, links)
             renderer.item_order, renderer.variant_order = input_field_order(job.get("manifest_path"))
             renderer.sections(store.iter_requests(with_history=True))
             fh.write('<!doctype html>\n<html lang="en"><head><meta charset="utf-8">'
@@ -320,8 +426,5 @@ def write_report(db_path: Path, output: Path | None = None, *, out_dir: Path | N
             data = {"totals": totals.as_dict(), "tiles": renderer.tiles}
             fh.write(f'</main>\n<script type="application/json" id="report-data">{script_json(data)}</script>\n'
                      f"<script>{JS}</script>\n</body></html>\n")
-            for job_future in renderer.jobs:
-                # An unreadable image gets no thumbnail; its tile still links to the file.
-                with contextlib.suppress(OSError):
-                    job_future.result()
-        return path, renderer.tiles
+            links.wait()
+        return shown, renderer.tiles
