@@ -57,7 +57,7 @@ async def run_job_async(manifest_path: Path, options: RunOptions) -> int:
         sync = store.sync(manifest, out)
         # Opening a bucket checks it (and creates it when missing) before anything is sent.
         storage = await asyncio.to_thread(open_storage, out, endpoint_url=job.output.endpoint_url,
-                                          region=job.output.region)
+                                          region=job.output.region, time_scale=options.time_scale)
         try:
             if out.startswith("s3://"):
                 record_storage(store, job.output.endpoint_url, job.output.region)

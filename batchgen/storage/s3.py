@@ -76,6 +76,10 @@ class RetryPolicy:
     cap_s: float = 20.0
     transport_tries: int = 8
 
+    def scaled(self, time_scale: float) -> RetryPolicy:
+        """The same policy with its waits multiplied by `time_scale` (the run's `--time-scale`)."""
+        return RetryPolicy(self.base_s * time_scale, self.cap_s * time_scale, self.transport_tries)
+
     def delay_s(self, attempt: int, rng: random.Random) -> float:
         return rng.uniform(0.0, min(self.cap_s, self.base_s * (2 ** min(attempt, 30))))
 
