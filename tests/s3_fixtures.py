@@ -24,6 +24,8 @@ from aiohttp import web
 
 SLOW_DOWN = (b'<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>SlowDown</Code>'
              b"<Message>Please reduce your request rate.</Message></Error>")
+ACCESS_DENIED = (b'<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>AccessDenied</Code>'
+                 b"<Message>Access Denied</Message></Error>")
 _HOP_HEADERS = {"host", "content-length", "transfer-encoding", "expect", "connection", "content-encoding"}
 
 
@@ -82,6 +84,7 @@ class ThrottlingProxy:
     upstream: str
     throttle: Callable[[str, str, int], bool] = lambda method, path, n: False
     log: list[tuple[str, str, int]] = field(default_factory=list)
+    refuse: Callable[[str, str], bool] = lambda method, path: False  # answered 403 AccessDenied
     url: str = ""
 
     def __post_init__(self) -> None:
@@ -110,6 +113,10 @@ class ThrottlingProxy:
 
     async def _handle(self, request: web.Request) -> web.StreamResponse:
         n = len(self.log) + 1
+        if self.refuse(request.method, request.path):
+            await request.read()
+            self.log.append((request.method, request.path, 403))
+            return web.Response(status=403, body=ACCESS_DENIED, content_type="application/xml")
         if self.throttle(request.method, request.path, n):
             await request.read()
             self.log.append((request.method, request.path, 503))

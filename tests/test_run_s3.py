@@ -146,3 +146,21 @@ def test_bad_bucket_urls_are_input_errors(tmp_path: Path) -> None:
     with_output(manifest, folder="s3://ok-bucket/../up")
     result = CliRunner().invoke(main, ["validate", str(manifest)])
     assert result.exit_code == 2 and "output.folder" in result.output, result.output
+
+
+async def test_a_store_that_refuses_writes_stops_the_run_resumably(
+        tmp_path: Path, emulator_factory: EmulatorFactory, s3: S3Env,
+        s3_proxy: Callable[..., ThrottlingProxy], capsys: pytest.CaptureFixture[str]) -> None:
+    emu = await emulator_factory()
+    proxy = s3_proxy()
+    proxy.refuse = lambda method, path: method == "PUT" and path.endswith(".png")
+    manifest = with_output(write_job(tmp_path, prompts(6)), endpoint_url=proxy.url)
+    assert await run(manifest, emu.base_url, out_dir=s3.url("denied")) == 3
+    out = capsys.readouterr().out
+    assert "AccessDenied" in out and "resumable" in out and s3.secret not in out
+    with Store(db_of(manifest)) as store:
+        assert store.counts()["done"] == 0 and store.image_totals()[0] == 0  # nothing counted as stored
+    proxy.refuse = lambda method, path: False
+    assert await run(manifest, emu.base_url, out_dir=s3.url("denied")) == 0
+    assert check_bucket(manifest, s3, "denied") == {"done": 6}
+    assert emu.stats()["tasks_created"] == 6  # the second run stored the first run's results, paid nothing

@@ -182,17 +182,6 @@ def _bucket_key(url: str) -> tuple[str, str]:
     return bucket, key
 
 
-def make_thumbnail(src: Path, dst: Path, box: int = THUMB_PX) -> None:
-    """Write a JPEG thumbnail of `src` to `dst` (skipped when it exists: names are content hashes)."""
-    if dst.exists():
-        return
-    data = thumbnail_jpeg(src.read_bytes(), box)
-    # A cache, not a result: renamed into place (never half-written) but not fsynced; delete thumbs/ to rebuild.
-    tmp = dst.with_name(f".{dst.name}.part")
-    tmp.write_bytes(data)
-    os.replace(tmp, dst)
-
-
 @dataclass(frozen=True)
 class Totals:
     job: str
