@@ -56,6 +56,24 @@ def stored_when_done(manifest: Path, s3: S3Env, prefix: str) -> int:
     return len(rows)
 
 
+def wait_for_images(manifest: Path, count: int, proc: subprocess.Popen[bytes], timeout_s: float = 60) -> None:
+    import sqlite3
+
+    db = manifest.parent / f"{manifest.stem}.batchgen.db"
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline and proc.poll() is None:
+        if db.exists():
+            conn = sqlite3.connect(db, timeout=5)
+            try:
+                if conn.execute("SELECT COUNT(*) FROM images").fetchone()[0] >= count:
+                    return
+            except sqlite3.OperationalError:
+                pass  # not migrated yet
+            finally:
+                conn.close()
+        time.sleep(0.05)
+
+
 def test_sigkill_mid_job_then_resume_into_a_bucket(tmp_path: Path, s3: S3Env,
                                                    emulator_process: Callable[..., EmulatorProcess]) -> None:
     emu = emulator_process(time_scale=TIME_SCALE)
@@ -68,7 +86,10 @@ def test_sigkill_mid_job_then_resume_into_a_bucket(tmp_path: Path, s3: S3Env,
     recorded = [0]
     for _ in range(3):
         proc = batchgen(args, s3, tmp_path)
-        time.sleep(rng.uniform(2.0, 3.5))  # past start-up (imports, the bucket check)
+        # Killed in the middle of storing: once a few more images are recorded, after a random extra moment
+        # (a fixed sleep would depend on how loaded the machine is).
+        wait_for_images(manifest, recorded[-1] + rng.randint(3, 12), proc)
+        time.sleep(rng.uniform(0.0, 0.3))
         if proc.poll() is None:
             proc.send_signal(signal.SIGKILL)
             kills += 1

@@ -15,8 +15,9 @@ The guarantees are the same for both implementations, and the tests hold both to
 * Nothing is written outside the root: a name with `..`, an absolute name or a NUL raises ValueError.
 
 The methods block (fsync, network); async code calls them with `asyncio.to_thread`. Faults of the storage
-itself (a bucket that refuses the credentials, a store unreachable for minutes) raise `StorageError`: the
-run stops, resumable, with a message and no traceback. Throttling is not a fault: it is retried inside.
+itself stop the run, resumable, with a message and no traceback: a local folder raises `LocalFaultError`
+(disk full, read-only or vanished folder), a bucket `StorageError` (credentials refused, the store
+unreachable call after call). Throttling is not a fault: it is retried inside.
 """
 
 from __future__ import annotations
@@ -25,16 +26,13 @@ import abc
 import contextlib
 from typing import IO
 
-from batchgen.errors import BatchgenError
+from batchgen.errors import RunStoppedError
 from batchgen.storage.outputs import ImageInfo
 
 
-class StorageError(BatchgenError):
-    """The output storage refused or failed an operation; the run stops and can be resumed once fixed.
-
-    Messages name the location and the store's error code, never a credential."""
-
-    exit_code = 3
+class StorageError(RunStoppedError):
+    """The output bucket refused or failed an operation; the run stops and can be resumed once fixed
+    (exit 3). Messages name the location and the store's error code, never a credential."""
 
 
 class Storage(abc.ABC):

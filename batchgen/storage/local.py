@@ -15,6 +15,7 @@ import os
 from pathlib import Path
 from typing import IO
 
+from batchgen.errors import LocalFaultError
 from batchgen.storage.atomicfile import atomic_text
 from batchgen.storage.base import Storage
 from batchgen.storage.outputs import ImageInfo, inspect_image
@@ -32,19 +33,30 @@ def safe_target(out_dir: Path, relpath: str) -> Path:
 
 
 def write_atomic(target: Path, data: bytes) -> None:
-    """Write `data` to `target` so that the file is either complete or absent, even if we are killed."""
-    target.parent.mkdir(parents=True, exist_ok=True)
+    """Write `data` to `target` so that the file is either complete or absent, even if we are killed.
+
+    A write that fails (no space left, a read-only or vanished folder) removes its partial file and raises
+    LocalFaultError naming the file and the cause: a fault of this machine, which stops the run resumably.
+    """
     tmp = target.with_name(f".{target.stem}.part")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
     try:
-        view = memoryview(data)
-        while view:
-            written = os.write(fd, view)
-            view = view[written:]
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, target)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        try:
+            view = memoryview(data)
+            while view:
+                written = os.write(fd, view)
+                view = view[written:]
+            # fsync per file: "done" in the store means the bytes are on disk, even after a power cut; the
+            # store's own commits are WAL/NORMAL, so at worst a done image is recorded again, never lost.
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, target)
+    except OSError as error:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise LocalFaultError("cannot write the image", str(target), error) from None
 
 
 def file_matches(path: Path, sha256: str) -> bool:
