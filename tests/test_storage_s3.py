@@ -122,3 +122,14 @@ def test_refusals_are_faults_with_a_message_not_a_retry_loop(s3: S3Env, monkeypa
         S3Storage(s3.url("x"), retry=FAST)
     assert "credentials" in str(caught.value) and s3.secret not in str(caught.value)
     assert caught.value.exit_code == 3
+
+
+def test_a_store_throttling_past_the_patience_stops_instead_of_waiting_forever(
+        s3: S3Env, s3_proxy: Callable[..., ThrottlingProxy]) -> None:
+    proxy = s3_proxy(lambda method, path, n: method == "PUT" and path.endswith(".png"))
+    policy = RetryPolicy(base_s=0.005, cap_s=0.02, patience_s=0.3)
+    with S3Storage(s3.url("p"), endpoint_url=proxy.url, retry=policy) as storage, \
+            pytest.raises(StorageError) as caught:
+        storage.save_image("x_1", png())
+    assert "SlowDown" in str(caught.value) and "nothing failed" in str(caught.value)
+    assert len(proxy.requests("PUT", 503)) >= 3 and s3.object_keys("p/") == []

@@ -59,8 +59,13 @@ async def run_job_async(manifest_path: Path, options: RunOptions) -> int:
         store.lock()
         sync = store.sync(manifest, out)
         # Opening a bucket checks it (and creates it when missing) before anything is sent.
+        try:
+            patience_s: float | None = parse_duration_s(effective_settings(job, options).patience)
+        except ValueError:
+            patience_s = None  # reported as bad input by _run, before anything is sent
         storage = await asyncio.to_thread(open_storage, out, endpoint_url=job.output.endpoint_url,
-                                          region=job.output.region, time_scale=options.time_scale)
+                                          region=job.output.region, time_scale=options.time_scale,
+                                          patience_s=patience_s)
         try:
             if out.startswith("s3://"):
                 record_storage(store, job.output.endpoint_url, job.output.region)

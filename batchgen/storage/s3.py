@@ -70,15 +70,22 @@ MAX_PRESIGN_S = 7 * 24 * 3600  # SigV4's limit on a presigned URL's lifetime
 class RetryPolicy:
     """Capped exponential backoff with full jitter: wait uniform(0, min(cap, base·2^n)) before retry n+1.
 
-    Throttling and 5xx retry without limit; transport failures (no answer at all) `transport_tries` times."""
+    Throttling and 5xx never fail a request: they are retried until the call passes or, with `patience_s`
+    (the run's `run.patience`), until one call has been throttled that long — then the run stops,
+    resumably, instead of waiting on a store that is down. Transport failures (no answer at all) are
+    retried `transport_tries` times."""
 
     base_s: float = 0.2
     cap_s: float = 20.0
     transport_tries: int = 8
+    patience_s: float | None = None
 
-    def scaled(self, time_scale: float) -> RetryPolicy:
-        """The same policy with its waits multiplied by `time_scale` (the run's `--time-scale`)."""
-        return RetryPolicy(self.base_s * time_scale, self.cap_s * time_scale, self.transport_tries)
+    def scaled(self, time_scale: float, patience_s: float | None = None) -> RetryPolicy:
+        """This policy with its waits multiplied by `time_scale` (the run's `--time-scale`) and the patience
+        (unscaled seconds) applied on the same scale."""
+        patience = patience_s if patience_s is not None else self.patience_s
+        return RetryPolicy(self.base_s * time_scale, self.cap_s * time_scale, self.transport_tries,
+                           None if patience is None else patience * time_scale)
 
     def delay_s(self, attempt: int, rng: random.Random) -> float:
         return rng.uniform(0.0, min(self.cap_s, self.base_s * (2 ** min(attempt, 30))))
@@ -195,6 +202,7 @@ class S3Storage(Storage):
         from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError, PartialCredentialsError
 
         throttled = transport = 0
+        since = asyncio.get_running_loop().time()
         while True:
             try:
                 return await fn()
@@ -206,6 +214,10 @@ class S3Storage(Storage):
                 code, status = _error_code(error)
                 if code in THROTTLE_CODES or status == 429 or (status is not None and status >= 500):
                     throttled += 1
+                    patience = self.retry.patience_s
+                    if patience is not None and asyncio.get_running_loop().time() - since > patience:
+                        raise StorageError(f"{what}: the object store kept answering {code or status} "
+                                           f"({throttled} tries); nothing failed: run again later") from None
                     await asyncio.sleep(self.retry.delay_s(throttled, self._rng))
                     continue
                 raise StorageError(f"{what}: the object store refused it ({code or 'error'}, HTTP {status})"
