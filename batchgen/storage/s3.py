@@ -157,6 +157,9 @@ class S3Storage(Storage):
         self._client: Any = None
         self._client_cm: Any = None
         self._closed = False
+        # Held while submitting to the loop and while closing: a call is either refused, or submitted
+        # before the shutdown and cancelled by it; none can wait forever on a stopped loop.
+        self._lock = threading.Lock()
         try:
             self._call(self._open)
             if create_bucket:
@@ -169,9 +172,11 @@ class S3Storage(Storage):
 
     def _call(self, fn: Callable[..., Awaitable[T]], *args: Any) -> T:
         """Run `fn(*args)` on the private loop and wait for it (from any thread but that loop's)."""
-        if self._closed:
-            raise StorageError(f"{self.location}: storage already closed")
-        future: concurrent.futures.Future[T] = asyncio.run_coroutine_threadsafe(fn(*args), self._loop)  # type: ignore[arg-type]
+        with self._lock:
+            if self._closed:
+                raise StorageError(f"{self.location}: the run is stopping; not stored")
+            future: concurrent.futures.Future[T] = asyncio.run_coroutine_threadsafe(
+                fn(*args), self._loop)  # type: ignore[arg-type]
         try:
             return future.result()
         except concurrent.futures.CancelledError:
@@ -402,8 +407,10 @@ class S3Storage(Storage):
         return f"{SCHEME}{self.bucket}/{self.key(rel)}"
 
     def close(self) -> None:
-        if self._closed:
-            return
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
 
         async def shutdown() -> None:
             current = asyncio.current_task()
@@ -419,6 +426,5 @@ class S3Storage(Storage):
                 asyncio.run_coroutine_threadsafe(shutdown(), self._loop).result(timeout=10)
             self._loop.call_soon_threadsafe(self._loop.stop)
             self._thread.join(timeout=10)
-        self._closed = True
         if not self._loop.is_running():
             self._loop.close()
