@@ -26,6 +26,10 @@ TTY_REDRAW_S = 0.25
 PLAIN_EVERY_S = 15.0
 # Events worth a line even when not in --json mode.
 _NOTABLE = frozenset({"stopping", "warning", "preflight"})
+# --json: events are written as they happen and flushed at least this often, and at once for these.
+JSON_FLUSH_S = 0.5
+JSON_MAX_PENDING = 2000
+_FLUSH_AT_ONCE = frozenset({"stopping", "warning", "preflight", "synced", "summary", "failed"})
 
 
 class Progress:
@@ -37,6 +41,7 @@ class Progress:
         self.counters = counters
         self.out = out or sys.stdout
         self.err = err or sys.stderr
+        self._pending: list[str] = []  # --json lines not yet written
         self.clock = clock
         self._started = clock()
         self._last_line = 0.0
@@ -59,7 +64,18 @@ class Progress:
             self.err.flush()
 
     def _json(self, obj: dict[str, Any]) -> None:
-        self.out.write(json.dumps(obj, separators=(",", ":"), default=str) + "\n")
+        # Written out by tick() (at most JSON_FLUSH_S later), at once for the events a reader waits for. A
+        # write per event was a system call per event (stdout is unbuffered under PYTHONUNBUFFERED), the
+        # largest part of the runner's own cost per image.
+        self._pending.append(json.dumps(obj, separators=(",", ":"), default=str) + "\n")
+        if obj["event"] in _FLUSH_AT_ONCE or len(self._pending) >= JSON_MAX_PENDING:
+            self.flush()
+
+    def flush(self) -> None:
+        """Write out the JSON events held back (the runner calls it on its way out too)."""
+        if self._pending:
+            self.out.write("".join(self._pending))
+            self._pending.clear()
         self.out.flush()
 
     # --- the line ---------------------------------------------------------------------------------
@@ -67,6 +83,9 @@ class Progress:
     def tick(self) -> None:
         """Called periodically by the runner; prints only as often as the mode allows."""
         now = self.clock()
+        if self.mode == "json":
+            self.flush()
+            return
         if self.mode == "tty" and now - self._last_line >= TTY_REDRAW_S:
             self._last_line = now
             self.err.write("\r\x1b[2K" + self.line())
@@ -78,7 +97,7 @@ class Progress:
             self.err.flush()
 
     def tick_interval_s(self) -> float:
-        return TTY_REDRAW_S if self.mode == "tty" else PLAIN_EVERY_S if self.mode == "plain" else 3600.0
+        return TTY_REDRAW_S if self.mode == "tty" else PLAIN_EVERY_S if self.mode == "plain" else JSON_FLUSH_S
 
     def line(self) -> str:
         c = self.counters

@@ -212,6 +212,9 @@ class Scheduler:
         self._poll_slots = asyncio.Semaphore(POLLS_IN_FLIGHT)
         self._answered: list[tuple[_Tracked, TaskSnapshot]] = []  # submits answered, not yet committed
         self._flush_handle: asyncio.Handle | None = None
+        self._saved: list[tuple[ImageRecord, bool, asyncio.Future[None]]] = []  # images on disk, not yet recorded
+        self._saved_flush: asyncio.Handle | None = None
+        self._claimed: dict[str, str] = {}  # file name (no extension) → request key, claimed by this run
         self._crash: BaseException | None = None
 
     # --- control ----------------------------------------------------------------------------------
@@ -259,6 +262,9 @@ class Scheduler:
             if self._flush_handle is not None:  # answers of the last turn: their task ids go to disk too
                 self._flush_handle.cancel()
                 self._flush_answered()
+            if self._saved_flush is not None:  # and images already renamed into place
+                self._saved_flush.cancel()
+                self._flush_saved()
             del workers
         if self._crash is not None:
             raise self._crash
@@ -895,8 +901,8 @@ class Scheduler:
             except ValueError as error:
                 self._download_failed(t, "unsafe_path", str(error))
                 return
-            self.store.record_image(ImageRecord(req.key, index, rel, url, info.bytes, info.sha256, info.width,
-                                                info.height, info.format, t.attempt_id, time.time()), done=last)
+            await self._commit_image(ImageRecord(req.key, index, rel, url, info.bytes, info.sha256, info.width,
+                                                 info.height, info.format, t.attempt_id, time.time()), done=last)
             self.counters.images += 1
             self.emit("downloaded", {"key": req.key, "index": index, "path": rel, "bytes": info.bytes})
             if last:
@@ -915,11 +921,39 @@ class Scheduler:
         req = t.req
         rel = naming.image_relpath(self.cfg.filename_template, item_id=req.item_id, variant=req.variant,
                                    metadata=req.metadata, model=t.model, key=req.key, index=index)
-        # Two requests must never share a file: a template that names them alike gets the key appended.
-        owner = self.store.path_owner([rel + ext for ext in outputs.EXTENSIONS.values()])
+        # Two requests must never share a file: a template that names them alike gets the key appended. A
+        # name is claimed here, before the write, so two downloads in flight cannot both take it.
+        owner = self._claimed.get(rel) or self.store.path_owner([rel + ext for ext in outputs.EXTENSIONS.values()])
         if owner is not None and owner != req.key:
-            return f"{rel}-{req.key[-8:]}"
+            rel = f"{rel}-{req.key[-8:]}"
+        self._claimed[rel] = req.key
         return rel
+
+    async def _commit_image(self, img: ImageRecord, done: bool) -> None:
+        """Record a saved image, together with the others saved in the same loop turn (one transaction);
+        returns once it is committed."""
+        assert self._loop is not None
+        fut: asyncio.Future[None] = self._loop.create_future()
+        self._saved.append((img, done, fut))
+        if self._saved_flush is None:
+            self._saved_flush = self._loop.call_soon(self._flush_saved)
+        await fut
+
+    def _flush_saved(self) -> None:
+        self._saved_flush = None
+        batch, self._saved = self._saved, []
+        if not batch:
+            return
+        try:
+            self.store.record_images([(img, done) for img, done, _ in batch])
+        except BaseException as error:
+            for _, _, fut in batch:
+                if not fut.done():
+                    fut.set_exception(error)
+            return
+        for _, _, fut in batch:
+            if not fut.done():
+                fut.set_result(None)
 
     async def _fetch(self, t: _Tracked, url: str) -> bytes | tuple[str, ...] | None:
         """The bytes of one result. Transient failures (5xx, timeouts, drops) are retried in place with the

@@ -860,18 +860,22 @@ class Store:
 
     def record_image(self, img: ImageRecord, done: bool) -> None:
         """An image is on disk (renamed into place): record it; `done` marks the request done with it."""
+        self.record_images([(img, done)])
+
+    def record_images(self, saved: Sequence[tuple[ImageRecord, bool]]) -> None:
+        """Several saved images in one transaction (`done`: the request is done with that image)."""
         with self._tx() as c:
-            c.execute(
+            c.executemany(
                 "INSERT INTO images (request_key, idx, path, url, bytes, sha256, width, height, format, attempt_id, "
                 "created_at) VALUES (?,?,?,?,?,?,?,?,?,?,?) ON CONFLICT(request_key, idx) DO UPDATE SET "
                 "path=excluded.path, url=excluded.url, bytes=excluded.bytes, sha256=excluded.sha256, "
                 "width=excluded.width, height=excluded.height, format=excluded.format, "
                 "attempt_id=excluded.attempt_id, created_at=excluded.created_at",
-                (img.request_key, img.idx, img.path, img.url, img.bytes, img.sha256, img.width, img.height,
-                 img.format, img.attempt_id, img.created_at))
-            if done:
-                c.execute("UPDATE requests SET state='done', error_code=NULL, error_message=NULL, updated_at=? "
-                          "WHERE key=?", (time.time(), img.request_key))
+                [(img.request_key, img.idx, img.path, img.url, img.bytes, img.sha256, img.width, img.height,
+                  img.format, img.attempt_id, img.created_at) for img, _ in saved])
+            now = time.time()
+            c.executemany("UPDATE requests SET state='done', error_code=NULL, error_message=NULL, updated_at=? "
+                          "WHERE key=?", [(now, img.request_key) for img, done in saved if done])
 
     def path_owner(self, paths: Sequence[str]) -> str | None:
         """The request that already saved an image under one of these relative paths, if any."""
