@@ -83,6 +83,7 @@ class Task:
     settled: bool = False
     result_tails: list[str] = field(default_factory=list)
     image_fault: str | None = None  # faults.IMAGE_FAULTS: the images it returns are bad on purpose
+    generation: int = 0  # earlier tasks with the same prompt, size and index: a regeneration draws anew
 
     def status_at(self, now: float) -> str:
         elapsed = now - self.created
@@ -110,6 +111,7 @@ class TaskBook:
         self._due: list[tuple[float, int, Task]] = []
         self._seq = 0
         self._occurrences: dict[str, int] = {}
+        self._generations: dict[tuple[str, str | None], int] = {}
         self._entropy = random.Random(config.seed)
 
     # --- creation ------------------------------------------------------------------------------------
@@ -173,6 +175,9 @@ class TaskBook:
         if outcome == "completed" and request.n > 1 and rng.random() < self.config.partial_results_share:
             images = rng.randint(1, request.n - 1)
 
+        generation = self._generations.get((request.prompt, request.size), 0)
+        if outcome == "completed":
+            self._generations[(request.prompt, request.size)] = generation + 1
         task_id = self._new_id(now, rng)
         scale = self.clock.time_scale
         task = Task(
@@ -181,6 +186,7 @@ class TaskBook:
             outcome=outcome, error_code=error_code, images=images if outcome == "completed" else 0,
             credits_per_image=info.credits_per_image, credits_reserved=info.credits_for(request.n),
             token=f"{rng.getrandbits(128):032x}", idempotency_key=idempotency_key, image_fault=image_fault,
+            generation=generation,
         )
         self.tasks[task_id] = task
         self.stats.tasks_created += 1
