@@ -191,3 +191,17 @@ def test_the_command_prints_a_tokened_url_and_binds_to_loopback_only(db: Path) -
         proc.send_signal(signal.SIGTERM)
         out: Any = proc.communicate(timeout=10)
     assert proc.returncode == 0, out
+
+
+async def test_a_busy_port_is_a_message_not_a_traceback(db: Path) -> None:
+    import socket
+
+    from batchgen.errors import ConfigError
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        with pytest.raises(ConfigError, match=f"cannot listen on 127.0.0.1:{port}.*--port"):
+            async with ReviewServer(db, port=port):
+                pass

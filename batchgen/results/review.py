@@ -32,6 +32,7 @@ from typing import Any
 
 from aiohttp import web
 
+from batchgen.errors import ConfigError
 from batchgen.results.render import render_sheet
 from batchgen.results.report import make_thumbnail, thumb_name
 from batchgen.results.sheet import REVIEW_LABELS, Tile, gather
@@ -190,7 +191,12 @@ class ReviewServer:
         self._runner = web.AppRunner(app, access_log=None)
         await self._runner.setup()
         site = web.TCPSite(self._runner, self.host, self.port)
-        await site.start()
+        try:
+            await site.start()
+        except OSError as error:
+            await self.__aexit__(None, None, None)
+            raise ConfigError(f"cannot listen on {self.host}:{self.port}: {error.strerror or error}; "
+                              "choose another --port (0 picks a free one)") from None
         self.port = int(self._runner.addresses[0][1])
         hosts |= host_names(self.host, self.port)
         app[CONFIG]["origins"] |= {f"http://{h}" for h in hosts}
@@ -201,10 +207,13 @@ class ReviewServer:
     async def __aexit__(self, *exc: Any) -> None:
         if self._runner is not None:
             await self._runner.cleanup()
+            self._runner = None
         if self._store is not None:
             self._store.close()
+            self._store = None
         if self._tmp is not None:
             self._tmp.cleanup()
+            self._tmp = None
 
 
 def serve(db_path: Path, *, host: str, port: int, on_ready: Callable[[str], None]) -> None:
