@@ -1,7 +1,7 @@
 """Acceptance (issue 16, automatic checks): the emulator returns blank, wrong-aspect and tiny images for
-some prompts; those images are set aside under _rejected/ and the requests regenerated until their images
-pass; max_attempts and the credit cap are respected; `on_fail: keep` flags without regenerating; status
-and the export show it all."""
+some prompts (rules) or a share of tasks (scenario); those images are set aside under _rejected/ and the
+requests regenerated until their images pass; max_attempts and the credit cap are respected; `on_fail:
+keep` flags without regenerating; CSV jobs are checked too; status and the export show it all."""
 
 from __future__ import annotations
 
@@ -9,8 +9,11 @@ import csv
 from pathlib import Path
 from typing import Any
 
+import pytest
 import yaml
 
+from batchgen.emulator import EmulatorConfig
+from batchgen.errors import ConfigError
 from batchgen.results.export import export_results
 from batchgen.results.status import collect
 from batchgen.store.sqlite import Store
@@ -125,3 +128,27 @@ async def test_checks_can_be_turned_off(tmp_path: Path, emulator_factory: Emulat
     assert await run(manifest, emu.base_url) == 0
     with Store(db_of(manifest)) as store:
         assert {i.check_status for r in store.iter_requests() for i in r.images} == {None}
+
+
+async def test_a_csv_job_is_checked_too_and_scenario_shares_make_bad_images(
+        tmp_path: Path, emulator_factory: EmulatorFactory) -> None:
+    # Every task of this emulator returns a blank image at first; a CSV job (no quality section) still
+    # checks them, sets them aside and, out of attempts (the default 3), fails them.
+    emu = await emulator_factory(faults={"tasks": {"bad_images": {"blank": 1.0}}})
+    manifest = tmp_path / "rows.csv"
+    manifest.write_text("id,prompt,model\na,a red mug,z-image-turbo\nb,a blue mug,z-image-turbo\n")
+    assert await run(manifest, emu.base_url) == 1
+    with Store(manifest.parent / "rows.batchgen.db") as store:
+        reqs = list(store.iter_requests())
+        aside = store.set_aside_images()
+    assert [(r.state, r.error_code, len(r.attempt_rows)) for r in reqs] == [("failed", "quality_check_failed", 3)] * 2
+    assert len(aside) == 6 and {a.reason.split(":")[0] for a in aside if a.reason} == {"blank"}
+
+
+def test_scenario_bad_image_kinds_are_validated(tmp_path: Path) -> None:
+    scenario = tmp_path / "s.yaml"
+    scenario.write_text("faults:\n  tasks:\n    bad_images: {smudged: 0.1}\n")
+    with pytest.raises(ConfigError, match=r"smudged.*blank, wrong_aspect, tiny"):
+        EmulatorConfig.from_options(scenario_path=scenario)
+    scenario.write_text("rules:\n  - {prompt: x, fail_with: tiny, times: 1}\n")
+    assert EmulatorConfig.from_options(scenario_path=scenario).rules[0].fail_with == "tiny"
