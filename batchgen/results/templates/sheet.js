@@ -76,6 +76,7 @@
         t.dataset.review = res[1].review;
         var badge = t.querySelector('.rv');
         if (badge) { badge.textContent = res[1].review; badge.title = res[1].reason || ''; }
+        if (box.open && current === t) { show(t); }
       })
       .catch(function () { notice.textContent = 'the review server did not answer; is it still running?'; });
   }
