@@ -62,6 +62,12 @@ async def test_a_job_writes_to_the_bucket_and_records_where(tmp_path: Path, emul
         record = find(storage, "pair1/img_2.png")
         assert record is not None and record["item_id"] == "pair1"
     assert not list(tmp_path.glob("out/**/*.png"))  # nothing went to a local folder
+    from batchgen.errors import ConfigError
+    from batchgen.results.review import ReviewServer
+
+    with pytest.raises(ConfigError, match="local folder"):  # review serves local folders only (docs/storage.md)
+        async with ReviewServer(db_of(manifest)):
+            pass
     # The secret never reaches the database, the run's output or the files in the bucket.
     out = capsys.readouterr()
     assert s3.secret not in out.out + out.err

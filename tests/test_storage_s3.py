@@ -133,3 +133,16 @@ def test_a_store_throttling_past_the_patience_stops_instead_of_waiting_forever(
         storage.save_image("x_1", png())
     assert "SlowDown" in str(caught.value) and "nothing failed" in str(caught.value)
     assert len(proxy.requests("PUT", 503)) >= 3 and s3.object_keys("p/") == []
+
+
+def test_moving_an_image_aside_copies_then_deletes(s3: S3Env) -> None:
+    from batchgen.storage import aside
+
+    with S3Storage(s3.url("m"), retry=FAST) as storage:
+        rel, info = storage.save_image("SKU-1/plain_1", png("blue"))
+        target = aside.aside_relpath(rel, info.sha256)
+        assert aside.move_aside(storage, rel, target)
+        assert not aside.move_aside(storage, rel, target)  # already moved: a no-op, as on disk
+        assert storage.has_image(target, info.sha256, info.bytes)
+        aside.write_aside(storage, "_rejected/other.png", png("green"))
+    assert s3.object_keys("m/") == sorted([f"m/{target}", "m/_rejected/other.png"])

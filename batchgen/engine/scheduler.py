@@ -48,6 +48,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from batchgen import catalog
+from batchgen.engine import quality
 from batchgen.engine.health import CallHealth
 from batchgen.engine.uploads import UploadWaitError
 from batchgen.errors import (
@@ -62,11 +63,19 @@ from batchgen.errors import (
     rule_for,
 )
 from batchgen.manifest import naming
-from batchgen.models import GenerationRequest
-from batchgen.storage import outputs
+from batchgen.models import GenerationRequest, QualitySettings
+from batchgen.storage import aside, outputs
 from batchgen.storage.base import Storage, StorageError
 from batchgen.storage.local import LocalStorage
-from batchgen.store.sqlite import AttemptState, ImageRecord, NewAttempt, Outcome, RequestRecord, Store
+from batchgen.store.sqlite import (
+    AttemptState,
+    ImageRecord,
+    NewAttempt,
+    Outcome,
+    RequestRecord,
+    SetAsideRecord,
+    Store,
+)
 
 if TYPE_CHECKING:
     from batchgen.api.client import EvolinkClient, TaskSnapshot
@@ -78,6 +87,7 @@ HALT_GRACE_S = 2.0
 POLL_ERRORS_BEFORE_LEAVING = 5
 # Batch polls in flight at once: one slow answer (or one held at the limiter) must not hold up the others.
 POLLS_IN_FLIGHT = 4
+QUALITY_CODE = "quality_check_failed"  # an image failed the automatic checks (issue 16)
 
 # (request, body) -> body actually sent; the uploads step swaps local paths for uploaded URLs here.
 BodyPreparer = Callable[[RequestRecord, GenerationRequest], Awaitable[dict[str, Any]]]
@@ -120,6 +130,7 @@ class SchedulerConfig:
     hard_deadline: float | None = None  # loop time: halt
     patience_s: float = 300.0  # emulated seconds of every call failing before the run stops (exit 3)
     check_invariants: bool = False  # tests: assert the poll invariant after every change (costs O(n))
+    quality: QualitySettings = field(default_factory=QualitySettings)  # checks on every download (issue 16)
     storage: Storage | None = None  # where images go (a bucket); None: the local folder out_dir
 
 
@@ -888,6 +899,9 @@ class Scheduler:
                 urls = data  # fresh result URLs after an expiry: start over with them
                 index = 1
                 continue
+            verdict = await self._quality_gate(t, index, data)
+            if verdict is None:
+                return  # failed its checks: set aside, and requeued or failed (already recorded)
             try:
                 rel = self._relpath(t, index)
                 rel, info = await asyncio.to_thread(self.storage.save_image, rel, data)
@@ -902,13 +916,52 @@ class Scheduler:
                 self._download_failed(t, "unsafe_path", str(error))
                 return
             await self._commit_image(ImageRecord(req.key, index, rel, url, info.bytes, info.sha256, info.width,
-                                                 info.height, info.format, t.attempt_id, time.time()), done=last)
+                                                 info.height, info.format, t.attempt_id, time.time(),
+                                                 verdict.status, verdict.reasons or None), done=last)
             self.counters.images += 1
             self.emit("downloaded", {"key": req.key, "index": index, "path": rel, "bytes": info.bytes})
             if last:
                 self._on_done(t)
             index += 1
 
+    async def _quality_gate(self, t: _Tracked, index: int, data: bytes) -> quality.Verdict | None:
+        """The automatic checks (engine/quality.py), between the download and the save. Returns the verdict
+        to record with the image, or None when the image failed and was set aside under _rejected/: the
+        request is then requeued as a new attempt (within max_attempts; the credit cap is checked when it
+        is claimed again) or, out of attempts, failed with `quality_check_failed`."""
+        settings = self.cfg.quality
+        if not settings.enabled:
+            return quality.NOT_CHECKED
+        try:
+            info = await asyncio.to_thread(outputs.inspect_image, data)
+        except outputs.NotAnImageError:
+            return quality.NOT_CHECKED  # not an image at all: the save fails it as bad_image, as before
+        verdict = await asyncio.to_thread(quality.check_bytes, data, t.req.params.get("size"), settings)
+        if verdict.passed:
+            return verdict
+        key = t.req.key
+        self.emit("check_failed", {"key": key, "index": index, "reasons": verdict.reasons,
+                                   "action": settings.on_fail})
+        if settings.on_fail == "keep":
+            return verdict
+        try:
+            rel = aside.aside_relpath(self._relpath(t, index), info.sha256, info.extension)
+            await asyncio.to_thread(aside.write_aside, self.storage, rel, data)
+        except ValueError as error:
+            self._download_failed(t, "unsafe_path", str(error))
+            return None
+        requeue = t.attempts < self.cfg.max_attempts
+        message = f"image {index} failed its checks ({verdict.reasons}); kept as {rel}"
+        if not requeue:
+            message += f"; gave up after {t.attempts} attempt(s)"
+        self.store.reject_image(SetAsideRecord(key, index, t.attempt_id, rel, info.sha256, info.bytes, info.width,
+                                               info.height, info.format, "quality", verdict.reasons, time.time()),
+                                requeue=requeue, code=QUALITY_CODE, message=message)
+        if requeue:
+            self._on_requeued(key, QUALITY_CODE, 0.0, None)
+        else:
+            self._on_failed(key, QUALITY_CODE, message)
+        return None
     async def _stored(self, t: _Tracked, rec: ImageRecord) -> bool:
         """Whether an image recorded by an earlier run is still stored with its content (not written again)."""
         try:

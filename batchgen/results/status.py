@@ -9,7 +9,10 @@ i.e. a task exists and its images are not all on disk), `submitted`, `completed`
 `removed`, `waiting_retry` (pending with a future not-before), `credits` {`reserved` (tasks in flight),
 `used` (finished tasks), `spent` (both), `estimated_remaining` (catalogue estimate of what is pending)},
 `images` (files saved), `image_bytes`, `failures` [{`code`, `count`, `messages` [{`message`, `count`}]}],
-`last_run` ({`started_at`, `finished_at`, `exit_code`, `reason`} or null).
+`last_run` ({`started_at`, `finished_at`, `exit_code`, `reason`} or null), `review` {`approved`,
+`rejected` (current images a person rejected, not yet regenerated), `unreviewed`, `regenerating`
+(requests requeued after a reject, not finished yet), `set_aside` (images kept under _rejected/),
+`check_failed` (current images flagged by the automatic checks, `on_fail: keep`)}.
 """
 
 from __future__ import annotations
@@ -50,6 +53,7 @@ def collect(db_path: Path) -> dict[str, Any]:
             "image_bytes": image_bytes,
             "failures": store.failures_by_code(),
             "last_run": None,
+            "review": store.review_counts(),
         }
         if runs:
             last = runs[-1]
@@ -70,6 +74,12 @@ def render_text(s: dict[str, Any]) -> str:
         f"images: {s['images']} saved ({_size(s['image_bytes'])})"
         + (f" in {s['output_dir']}" if s.get("output_dir") else ""),
     ]
+    rv = s.get("review")
+    if rv and (rv["approved"] or rv["rejected"] or rv["regenerating"] or rv["set_aside"] or rv["check_failed"]):
+        lines.append(f"review: {rv['approved']} approved, {rv['rejected']} rejected, {rv['unreviewed']} unreviewed"
+                     + (f", {rv['regenerating']} being regenerated" if rv["regenerating"] else "")
+                     + (f"; {rv['check_failed']} flagged by the checks" if rv["check_failed"] else "")
+                     + (f"; {rv['set_aside']} image(s) set aside in _rejected/" if rv["set_aside"] else ""))
     if s["removed"]:
         lines.append(f"removed: {s['removed']} request(s) no longer in the manifest")
     if s["failures"]:

@@ -67,6 +67,10 @@ class Storage(abc.ABC):
         """Store derived bytes (a thumbnail) under `rel`, replacing what was there, whole or not at all."""
 
     @abc.abstractmethod
+    def move(self, rel: str, new_rel: str) -> bool:
+        """Move `rel` to `new_rel` (an image set aside); False when `rel` is not there."""
+
+    @abc.abstractmethod
     def open_text(self, rel: str, *, newline: str | None = None) -> contextlib.AbstractContextManager[IO[str]]:
         """A UTF-8 text stream whose content replaces `rel` only when the block ends without error."""
 

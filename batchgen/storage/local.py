@@ -112,12 +112,18 @@ class LocalStorage(Storage):
             return set()
 
     def put_bytes(self, rel: str, data: bytes, content_type: str) -> None:
-        # A cache (thumbnails), not a result: renamed into place (never half-written) but not fsynced.
-        target = self.path(rel)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = target.with_name(f".{target.name}.part")
-        tmp.write_bytes(data)
-        os.replace(tmp, target)
+        write_atomic(self.path(rel), data)
+
+    def move(self, rel: str, new_rel: str) -> bool:
+        source, target = self.path(rel), self.path(new_rel)
+        if not source.exists():
+            return False
+        try:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(source, target)
+        except OSError as error:
+            raise LocalFaultError("cannot move the image aside", str(source), error) from None
+        return True
 
     def open_text(self, rel: str, *, newline: str | None = None) -> contextlib.AbstractContextManager[IO[str]]:
         return atomic_text(self.path(rel), newline=newline)

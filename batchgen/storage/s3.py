@@ -370,6 +370,20 @@ class S3Storage(Storage):
     def names_under(self, rel_dir: str) -> set[str]:
         return self._call(self._list, rel_dir)
 
+    async def _move(self, rel: str, new_rel: str) -> bool:
+        """CopyObject then DeleteObject (S3 has no rename); the copy keeps the checksum and metadata."""
+        if await self._head(rel) is None:
+            return False
+        source, target = self.key(rel), self.key(new_rel)
+        await self._retrying(self.describe(new_rel), lambda: self._client.copy_object(
+            Bucket=self.bucket, Key=target, CopySource={"Bucket": self.bucket, "Key": source},
+            ChecksumAlgorithm="SHA256"))
+        await self._retrying(self.describe(rel), lambda: self._client.delete_object(Bucket=self.bucket, Key=source))
+        return True
+
+    def move(self, rel: str, new_rel: str) -> bool:
+        return self._call(self._move, rel, new_rel)
+
     def put_bytes(self, rel: str, data: bytes, content_type: str) -> None:
         self._call(self._put, rel, data, hashlib.sha256(data).hexdigest(),
                    hashlib.md5(data, usedforsecurity=False).hexdigest(), content_type)
