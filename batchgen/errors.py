@@ -7,6 +7,7 @@ The tree::
     │   ├── ManifestError         a manifest with problems; carries every Problem found
     │   └── ConfigError           missing key, bad flag value, unreadable path
     ├── StoreLockedError          another run holds the database (exit 3: try again later)
+    ├── StoreUnavailableError     the shared (PostgreSQL) database cannot be reached (exit 3, resumable)
     ├── RunStoppedError           the run must stop as a whole, resumably (exit 3)
     └── ApiError                  the Evolink API (or a transport to it) said no
         ├── TransportError        timeout, dropped connection, malformed response
@@ -70,6 +71,12 @@ class ConfigError(UserInputError):
 
 
 class StoreLockedError(BatchgenError):
+    exit_code = 3
+
+
+class StoreUnavailableError(BatchgenError):
+    """The shared database cannot be reached (or went away mid-run): nothing is lost, run again (exit 3)."""
+
     exit_code = 3
 
 
