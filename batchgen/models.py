@@ -210,6 +210,9 @@ class RunOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     db_path: Path | None = None
+    # A postgresql:// URL instead of db_path (shared store; may carry a password: never printed).
+    db_url: str | None = Field(default=None, repr=False)
+    job: str | None = None  # the job's name in a shared store (default: the manifest's name)
     out_dir: Path | None = None
     emulator: bool = False
     api_base: str | None = None

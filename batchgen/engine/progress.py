@@ -25,7 +25,7 @@ from batchgen.engine.scheduler import Counters
 TTY_REDRAW_S = 0.25
 PLAIN_EVERY_S = 15.0
 # Events worth a line even when not in --json mode.
-_NOTABLE = frozenset({"stopping", "warning", "preflight"})
+_NOTABLE = frozenset({"stopping", "warning", "preflight", "runners"})
 
 
 class Progress:

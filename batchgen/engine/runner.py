@@ -9,6 +9,11 @@ default), the credit preflight, the runtime limit's deadlines, the exit code and
 Exit codes: 0 every request done; 1 finished but some failed for good; 2 bad input (raised, mapped by the
 CLI); 3 stopped early and resumable (signal, budget, runtime limit, 401/402, API unreachable, policy pause,
 tasks left past max_wait, database locked).
+
+Shared store (`--db postgresql://...`, docs/scale-out.md): `lock()` registers this process as one of the
+job's runners instead of taking a file lock; the run prints which runners it shares the job with, refuses
+a local output folder when another host already runs the job, takes its share of `--rate` (re-read every
+heartbeat), and counts `--max-runtime` from the job-wide start of the current group of runners.
 """
 
 from __future__ import annotations
@@ -16,21 +21,28 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import signal
+import socket
+import time
 from pathlib import Path
 from typing import Any
 
+from batchgen.engine import shares
 from batchgen.engine.progress import Progress
 from batchgen.engine.scheduler import Scheduler, SchedulerConfig, StopReason
 from batchgen.engine.uploads import Uploader
-from batchgen.errors import ApiError, ConfigError, ConnectError
+from batchgen.errors import ApiError, BatchgenError, ConfigError, ConnectError
 from batchgen.models import JobSpec, RunOptions, RunSettings
-from batchgen.store.sqlite import Store
+from batchgen.store.base import BaseStore as Store
+from batchgen.store.open import open_store
 from batchgen.units import parse_duration_s, parse_rate
 
 DEFAULT_API_BASE = "https://api.evolink.ai"
 DEFAULT_FILES_BASE = "https://files-api.evolink.ai"
 EMULATOR_KEY = "sk-evo-emulator"
 EXIT_DONE, EXIT_FAILED, EXIT_STOPPED = 0, 1, 3
+# A shared store's runner lease (heartbeat every third of it), scaled by --time-scale for tests.
+LEASE_S = 15.0
+LEASE_MIN_S = 1.5
 
 
 def run_job(manifest_path: Path, options: RunOptions) -> int:
@@ -46,10 +58,32 @@ async def run_job_async(manifest_path: Path, options: RunOptions) -> int:
     job = manifest.job
     db_path = Path(options.db_path) if options.db_path else job.default_db_path()
     out_dir = (Path(options.out_dir) if options.out_dir else job.output_dir()).resolve()
-    with Store(db_path) as store:
+    target: str | Path = options.db_url or db_path
+    job_name = options.job or (job.name if options.db_url else None)
+    lease_s = max(LEASE_MIN_S, LEASE_S * options.time_scale)
+    with open_store(target, job_name, create=True, lease_s=lease_s) as store:
         store.lock()
+        notes = _sharing_notes(store, out_dir)
         sync = store.sync(manifest, out_dir)
-        return await _run(store, job, options, out_dir, sync.added, sync.removed)
+        if sync.stale:
+            notes.append(f"this manifest ({manifest_path}) is older than the version the job was last synced "
+                         "from by another runner: it is not synced back; the job runs as the database has it")
+        return await _run(store, job, options, out_dir, sync.added, sync.removed, notes)
+
+
+def _sharing_notes(store: Store, out_dir: Path) -> list[str]:
+    """Who else runs this job (shared stores); refuses a local output folder shared across hosts."""
+    if not store.shared:
+        return []
+    others = [r for r in store.live_runners() if r.id != store.runner_id]
+    problem = shares.output_conflict(out_dir, socket.gethostname(), others)
+    if problem is not None:
+        raise ConfigError(problem)
+    if not others:
+        return [f"running job {store.job_name} in {store.location}; no other runner shares it right now"]
+    names = ", ".join(f"{r.host} pid {r.pid} (since {time.strftime('%H:%M:%S', time.localtime(r.started_at))})"
+                      for r in others)
+    return [f"sharing job {store.job_name} with {len(others)} other runner(s): {names}"]
 
 
 def effective_settings(job: JobSpec, options: RunOptions) -> RunSettings:
@@ -64,7 +98,8 @@ def effective_settings(job: JobSpec, options: RunOptions) -> RunSettings:
     return job.run.model_copy(update=updates)
 
 
-async def _run(store: Store, job: JobSpec, options: RunOptions, out_dir: Path, added: int, removed: int) -> int:
+async def _run(store: Store, job: JobSpec, options: RunOptions, out_dir: Path, added: int, removed: int,
+               notes: list[str] | None = None) -> int:
     settings = effective_settings(job, options)
     try:
         rate = parse_rate(settings.rate)
@@ -88,18 +123,22 @@ async def _run(store: Store, job: JobSpec, options: RunOptions, out_dir: Path, a
         from batchgen.api.client import EvolinkClient
         from batchgen.engine.ratelimit import AdaptiveLimiter
 
-        limiter = AdaptiveLimiter(rate)
+        limiter: Any = AdaptiveLimiter(rate)
+        if store.shared:  # one budget for every runner of the job: this runner takes its share
+            limiter = shares.ShareLimiter(limiter, rate.per_second, len(store.live_runners()))
+            shares.apply_share(limiter, rate.per_second, limiter.runners)
         client = await stack.enter_async_context(EvolinkClient(api_base, files_base, api_key, limiter=limiter))
-        return await _drive(store, job, settings, options, out_dir, client, max_wait_s, added, removed)
+        return await _drive(store, job, settings, options, out_dir, client, max_wait_s, added, removed, notes or [])
     raise AssertionError("unreachable")  # pragma: no cover
 
 
 async def _drive(store: Store, job: JobSpec, settings: RunSettings, options: RunOptions, out_dir: Path,
-                 client: Any, max_wait_s: float, added: int, removed: int) -> int:
+                 client: Any, max_wait_s: float, added: int, removed: int, notes: list[str]) -> int:
     loop = asyncio.get_running_loop()
     start = loop.time()
     submit_deadline = hard_deadline = None
     if options.max_runtime_s is not None:
+        start -= store.job_elapsed_s()  # shared stores: the limit holds for the job's runners as a whole
         # Stop submitting early enough for tasks in flight to finish and download before the hard stop.
         margin = min(max_wait_s + 5.0 * options.time_scale, 0.25 * options.max_runtime_s)
         submit_deadline = start + options.max_runtime_s - margin
@@ -127,6 +166,8 @@ async def _drive(store: Store, job: JobSpec, settings: RunSettings, options: Run
     if added or removed:
         progress.event("synced", {"added": added, "removed": removed,
                                   "message": f"manifest: {added} new request(s), {removed} removed"})
+    for note in notes:
+        progress.event("runners" if not note.startswith("this manifest") else "warning", {"message": note})
     if released:
         progress.event("warning", {"message": f"{released} request(s) in flight belonged to the previous run's "
                                    "emulator, which is gone; resubmitting them"})
@@ -146,6 +187,7 @@ async def _drive(store: Store, job: JobSpec, settings: RunSettings, options: Run
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, on_signal, sig)
     ticker = asyncio.ensure_future(_tick(progress))
+    sharer = asyncio.ensure_future(_share_budget(store, client.limiter, settings)) if store.shared else None
     reason, message = StopReason.FINISHED, "finished"
     try:
         await _preflight(store, client, scheduler, progress)
@@ -158,6 +200,8 @@ async def _drive(store: Store, job: JobSpec, settings: RunSettings, options: Run
         reason, message = StopReason.SIGNAL, "stopped at once by a second signal; resumable"
     finally:
         ticker.cancel()
+        if sharer is not None:
+            sharer.cancel()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.remove_signal_handler(sig)
     code, summary = _finish(store, scheduler, reason, message, loop.time() - start)
@@ -193,6 +237,16 @@ def _finish(store: Store, scheduler: Scheduler, reason: StopReason, message: str
         "elapsed_s": round(elapsed_s, 3),
     }
     return code, summary
+
+
+async def _share_budget(store: Store, limiter: Any, settings: RunSettings) -> None:
+    """Every heartbeat: this runner's share of the key's budget follows the number of live runners."""
+    per_second = parse_rate(settings.rate).per_second
+    interval = getattr(store, "lease_s", LEASE_S) / 3
+    while True:
+        await asyncio.sleep(interval)
+        with contextlib.suppress(BatchgenError):  # the database away for a moment: keep the last share
+            shares.apply_share(limiter, per_second, len(store.live_runners()))
 
 
 async def _tick(progress: Progress) -> None:
@@ -239,6 +293,6 @@ def _write_export(store: Store, out_dir: Path, progress: Progress) -> None:
         return
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
-        write_run_files(store.path, out_dir)  # index.jsonl (provenance) and results.csv
+        write_run_files(store.target, out_dir, store.job_name)  # index.jsonl (provenance) and results.csv
     except Exception as error:  # an export problem must not turn a good run into a crash
         progress.event("warning", {"message": f"could not write the export: {error}"})

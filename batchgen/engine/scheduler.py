@@ -61,7 +61,8 @@ from batchgen.errors import (
 from batchgen.manifest import naming
 from batchgen.models import GenerationRequest
 from batchgen.storage import outputs
-from batchgen.store.sqlite import AttemptState, ImageRecord, NewAttempt, Outcome, RequestRecord, Store
+from batchgen.store.base import BaseStore
+from batchgen.store.records import AttemptState, ImageRecord, NewAttempt, Outcome, RequestRecord
 
 if TYPE_CHECKING:
     from batchgen.api.client import EvolinkClient, TaskSnapshot
@@ -169,7 +170,7 @@ class _Tracked:
 
 
 class Scheduler:
-    def __init__(self, store: Store, client: EvolinkClient, config: SchedulerConfig, *,
+    def __init__(self, store: BaseStore, client: EvolinkClient, config: SchedulerConfig, *,
                  emit: EventSink | None = None, prepare_body: BodyPreparer | None = None,
                  reference_failed: ReferenceCheck | None = None, rng: random.Random | None = None) -> None:
         self.store = store

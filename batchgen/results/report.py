@@ -41,7 +41,9 @@ from PIL import Image, ImageOps
 
 from batchgen.results.export import input_field_order, ordered, producing_attempt, request_credits
 from batchgen.storage.atomicfile import atomic_text
-from batchgen.store.sqlite import ImageRecord, RequestRecord, Store
+from batchgen.store.base import BaseStore
+from batchgen.store.open import open_store
+from batchgen.store.records import ImageRecord, RequestRecord
 
 REPORT_NAME = "report.html"
 THUMBS_DIR = "thumbs"
@@ -121,7 +123,7 @@ class Totals:
         return dict(self.__dict__)
 
 
-def collect_totals(store: Store) -> Totals:
+def collect_totals(store: BaseStore) -> Totals:
     job = store.job_record() or {}
     counts = store.counts()
     credits = store.credit_totals()
@@ -288,13 +290,14 @@ JS = """
 """
 
 
-def write_report(db_path: Path, output: Path | None = None, *, out_dir: Path | None = None) -> tuple[Path, int]:
+def write_report(db_path: Path | str, output: Path | None = None, *, out_dir: Path | None = None,
+                 job_name: str | None = None) -> tuple[Path, int]:
     """Write the contact sheet for the job in `db_path`; returns (report path, tiles).
 
     `output` defaults to report.html in the job's output folder; `out_dir` (where the images are) to the
     output folder the store records for the job."""
-    db_path = Path(db_path)
-    with Store(db_path) as store:
+    with open_store(db_path, job_name) as store:
+        db_path = Path(store.location)  # a URL without its password for a shared store
         job = store.job_record() or {}
         images_dir = Path(out_dir or job.get("output_dir") or db_path.parent).resolve()
         path = Path(output) if output is not None else images_dir / REPORT_NAME

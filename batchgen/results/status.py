@@ -18,18 +18,17 @@ import time
 from pathlib import Path
 from typing import Any
 
-from batchgen.store.sqlite import Store
+from batchgen.store.open import open_store
 
 
-def collect(db_path: Path) -> dict[str, Any]:
-    with Store(db_path) as store:
+def collect(db_path: Path | str, job_name: str | None = None) -> dict[str, Any]:
+    with open_store(db_path, job_name) as store:
         job = store.job_record()
         counts = store.counts()
         credits = store.credit_totals()
         images, image_bytes = store.image_totals()
         now = time.time()
-        waiting = store.conn.execute(
-            "SELECT COUNT(*) FROM requests WHERE state='pending' AND not_before > ?", (now,)).fetchone()[0]
+        waiting = store.waiting_retry(now)
         runs = store.runs()
         out: dict[str, Any] = {
             "job": job["name"] if job else None,

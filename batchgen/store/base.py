@@ -15,7 +15,7 @@ Every backend keeps the same promises: the same states and transitions (models.S
 transition committed before anything depends on it, a task id on disk before anything waits on it, numbered
 append-only migrations applied on open.
 
-Multi-runner hooks (`shared`, `take_over`, `live_runners`, `job_started_at`, `runner_id`) have single-runner
+Multi-runner hooks (`shared`, `take_over`, `live_runners`, `job_elapsed_s`, `runner_id`) have single-runner
 defaults here: with SQLite the file lock guarantees one runner, so there is never anything to take over.
 """
 
@@ -249,7 +249,7 @@ class BaseStore(abc.ABC):
         """The runners sharing this job right now (single-runner stores: none are recorded)."""
         return []
 
-    def job_started_at(self) -> float | None:
-        """Epoch when the job's current group of runners started (for a job-wide --max-runtime); None:
-        this run is the only one, and its own start counts."""
-        return None
+    def job_elapsed_s(self) -> float:
+        """Seconds since the job's current group of runners started (for a job-wide --max-runtime); 0 for
+        single-runner stores, where this run's own start counts."""
+        return 0.0
