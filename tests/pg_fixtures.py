@@ -104,3 +104,17 @@ def pg_server() -> Iterator[PgServer]:
 def pg_url(pg_server: PgServer) -> str:
     """A fresh, empty database for one test."""
     return pg_server.url(pg_server.new_database())
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def store_backend(request: pytest.FixtureRequest) -> Iterator[str | None]:
+    """Runs an engine test on both backends: None (the SQLite file beside the manifest) or the URL of a
+    fresh PostgreSQL database, which tests/run_support.py then uses for every run and check."""
+    from tests import run_support
+
+    url = None if request.param == "sqlite" else request.getfixturevalue("pg_url")
+    run_support.DB_URL = url
+    try:
+        yield url
+    finally:
+        run_support.DB_URL = None
