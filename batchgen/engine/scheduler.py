@@ -88,6 +88,9 @@ PREPARE_MAX_TRIES = 5
 # (network down, wrong --api-base) says nothing about the requests, so they are neither charged attempts
 # nor failed: the run ends with exit 3 and the next one picks up where it stopped.
 UNREACHABLE_AFTER = 12
+# Shared stores (several runners on one job): how often to look for attempts of dead runners, as a fraction
+# of the store's lease (takeover then happens within about 1⅓ leases of the death).
+TAKEOVER_EVERY_LEASE = 1 / 3
 
 class StopReason(enum.StrEnum):
     FINISHED = "finished"
@@ -231,6 +234,8 @@ class Scheduler:
         c.started = loop.time()
         self._load_from_store()
         workers = [self._spawn(self._poller()), self._spawn(self._sender())]
+        if self.store.shared:
+            workers.append(self._spawn(self._take_over_loop()))
         workers += [self._spawn(self._downloader()) for _ in range(self.cfg.download_concurrency)]
         try:
             await self._submitter()
@@ -309,6 +314,55 @@ class Scheduler:
                 self._push(self._poll_heap, now_loop, t)
         c.in_flight = len(self._tracked)
 
+    # --- several runners on one job (shared stores only) -----------------------------------------------
+
+    def _take_over_interval(self) -> float:
+        return float(getattr(self.store, "lease_s", 15.0)) * TAKEOVER_EVERY_LEASE
+
+    async def _take_over_loop(self) -> None:
+        """Every third of a lease: take over the attempts of runners whose lease expired, and re-read the
+        job-wide credit totals so that --max-credits holds for the job as a whole. (With SQLite there is
+        one runner per database and this loop is not started.)"""
+        while self._halting is None:
+            await asyncio.sleep(self._take_over_interval())
+            if self._draining is not None:
+                continue
+            totals = self.store.credit_totals()
+            self.counters.credits_reserved, self.counters.credits_used = totals.reserved, totals.used
+            taken = self.store.take_over()
+            if taken:
+                self._track_taken_over(taken)
+                self.emit("takeover", {"requests": len(taken), "message": f"took over {len(taken)} request(s) "
+                                       "of a runner that stopped answering"})
+                self._wake.set()
+
+    def _track_taken_over(self, pairs: list[tuple[RequestRecord, Any]]) -> None:
+        """Track attempts taken over from a dead runner exactly as `_load_from_store` tracks a resumed
+        run's: downloads for completed tasks, polls for task ids, resends (same key) for the rest."""
+        assert self._loop is not None
+        now_loop, now_wall = self._loop.time(), time.time()
+        for req, att in pairs:
+            if att.id in self._tracked:
+                continue
+            t = _Tracked(req=req, attempt_id=att.id, attempt_no=att.attempt_no, attempts=req.attempts,
+                         idempotency_key=att.idempotency_key, model=att.model,
+                         body=att.body or self._body_for(req, att.model),
+                         est_credits=att.credits_estimated or 0.0,
+                         reserved=att.credits_reserved or att.credits_estimated or 0.0,
+                         task_id=att.task_id, since=now_loop, submitted_wall=att.submitted_at or now_wall,
+                         submit_tries=att.submit_tries, result_urls=tuple(att.result_urls), resumed=True)
+            if req.state == "completed":
+                if att.state == AttemptState.COMPLETED:
+                    self._downloads.put_nowait(t)
+                    self._downloading += 1
+                continue
+            self._tracked[att.id] = t
+            if att.task_id is None:
+                self._push(self._send_heap, now_loop, t)
+            else:
+                self._push(self._poll_heap, now_loop, t)
+        self.counters.in_flight = len(self._tracked)
+
     def _push(self, heap: list[tuple[float, int, int]], due: float, t: _Tracked) -> None:
         heapq.heappush(heap, (due, next(self._seq), t.attempt_id))
         (self._poll_wake if heap is self._poll_heap else self._send_wake).set()
@@ -347,7 +401,10 @@ class Scheduler:
                     continue
                 nb = self.store.next_not_before()
                 if nb is None and not self._tracked and self._downloading == 0:
-                    return  # nothing pending, nothing in flight: the job is finished
+                    if not self.store.unfinished_elsewhere():
+                        return  # nothing pending, nothing in flight: the job is finished
+                    # Other runners still hold work (shared store): stay to take it over if they die.
+                    nb = time.time() + self._take_over_interval()
                 timeout = None if nb is None else max(0.0, nb - time.time())
             await self._wait(self._wake, _min_opt(timeout, self._deadline_timeout()))
 

@@ -9,7 +9,8 @@ i.e. a task exists and its images are not all on disk), `submitted`, `completed`
 `removed`, `waiting_retry` (pending with a future not-before), `credits` {`reserved` (tasks in flight),
 `used` (finished tasks), `spent` (both), `estimated_remaining` (catalogue estimate of what is pending)},
 `images` (files saved), `image_bytes`, `failures` [{`code`, `count`, `messages` [{`message`, `count`}]}],
-`last_run` ({`started_at`, `finished_at`, `exit_code`, `reason`} or null).
+`last_run` ({`started_at`, `finished_at`, `exit_code`, `reason`} or null), `runners` (shared stores: the
+live runners of the job, [{`id`, `host`, `pid`, `since`, `heartbeat_at`, `claimed`}]; always [] with SQLite).
 """
 
 from __future__ import annotations
@@ -49,6 +50,8 @@ def collect(db_path: Path | str, job_name: str | None = None) -> dict[str, Any]:
             "image_bytes": image_bytes,
             "failures": store.failures_by_code(),
             "last_run": None,
+            "runners": [{"id": r.id, "host": r.host, "pid": r.pid, "since": r.started_at,
+                         "heartbeat_at": r.heartbeat_at, "claimed": r.claimed} for r in store.live_runners()],
         }
         if runs:
             last = runs[-1]
@@ -78,6 +81,9 @@ def render_text(s: dict[str, Any]) -> str:
             for m in f["messages"]:
                 lines.append(f"      {m['count']} × {m['message']}")
         lines.append("  (`batchgen retry` requeues them; `--code CODE` picks some)")
+    for r in s.get("runners") or []:
+        since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(r["since"]))
+        lines.append(f"runner {r['host']} pid {r['pid']}: since {since}, {r['claimed']} request(s) in flight")
     last = s.get("last_run")
     if last:
         when = time.strftime("%Y-%m-%d %H:%M", time.localtime(last["started_at"]))

@@ -245,6 +245,10 @@ class BaseStore(abc.ABC):
         them again with their own idempotency key). Single-runner stores have none."""
         return []
 
+    def unfinished_elsewhere(self) -> int:
+        """Unfinished requests other runners may still hold (single-runner stores: none)."""
+        return 0
+
     def live_runners(self) -> list[RunnerInfo]:
         """The runners sharing this job right now (single-runner stores: none are recorded)."""
         return []

@@ -57,7 +57,7 @@ from typing import TYPE_CHECKING, Any
 
 import psycopg
 from psycopg.rows import dict_row
-from psycopg_pool import ConnectionPool
+from psycopg_pool import ConnectionPool, PoolTimeout
 
 from batchgen.errors import ConfigError, StoreUnavailableError
 from batchgen.models import State
@@ -191,19 +191,22 @@ class PostgresStore(BaseStore):
         self._safe = scrub_url(url)
         self.lease_s = float(lease_s)
         try:
-            # min_size=1: the main thread's connection stays open; the heartbeat takes a second one.
-            self.pool: ConnectionPool[Any] = ConnectionPool(
-                url, min_size=1, max_size=max_connections, open=False,
-                kwargs={"autocommit": True, "application_name": "batchgen"})
-            self.pool.open(wait=True, timeout=10.0)
-        except (psycopg.Error, Exception) as error:  # pool timeouts are not psycopg.Error
-            with contextlib.suppress(Exception):
-                self.pool.close()
-            raise StoreUnavailableError(f"cannot open the database {self._safe}: "
-                                        f"{scrub_url(str(error), url)}") from None
-        try:
-            with self.pool.connection() as conn:
+            # One direct connection first: a wrong password or host fails at once with libpq's reason
+            # (the pool would keep retrying until its timeout). It also runs the migrations.
+            with psycopg.connect(url, autocommit=True, connect_timeout=10, application_name="batchgen") as conn:
                 self._migrations = apply_migrations(conn)
+        except psycopg.Error as error:
+            raise StoreUnavailableError(f"cannot open the database {self._safe}: "
+                                        f"{scrub_url(str(error), url).strip()}") from None
+        # min_size=1: the main thread's connection stays open; the heartbeat takes a second one.
+        self.pool: ConnectionPool[Any] = ConnectionPool(
+            url, min_size=1, max_size=max_connections, open=False,
+            kwargs={"autocommit": True, "application_name": "batchgen"})
+        try:
+            try:
+                self.pool.open(wait=True, timeout=10.0)
+            except PoolTimeout:
+                raise StoreUnavailableError(f"cannot open a connection pool to {self._safe}") from None
             self._job = self._resolve_job(job, create)
             self.job_id = self._job_id(self._job, create)
             self.store_id = self.get_meta("store_id") or ""
@@ -238,7 +241,7 @@ class PostgresStore(BaseStore):
         try:
             with self.pool.connection() as conn, conn.transaction(), conn.cursor() as cur:
                 yield cur
-        except psycopg.OperationalError as error:
+        except (psycopg.OperationalError, PoolTimeout) as error:
             raise StoreUnavailableError(f"the database {self._safe} is unavailable: "
                                         f"{scrub_url(str(error), self._url)}; the run is resumable") from None
 
@@ -613,9 +616,18 @@ class PostgresStore(BaseStore):
         return sorted(rows, key=lambda r: (r.not_before, r.seq))
 
     def next_not_before(self) -> float | None:
-        value = self._one("SELECT MIN(not_before) FROM requests WHERE job_id = %s AND state='pending'",
-                          (self.job_id,))
+        """When the earliest pending request this runner may claim becomes due (others' claims excluded,
+        or the submitter would spin on rows it cannot have)."""
+        value = self._one("SELECT MIN(not_before) FROM requests WHERE job_id = %(job)s AND state='pending' "
+                          f"AND (claimed_by IS NULL OR claimed_by = %(me)s OR claimed_by NOT IN ({_LIVE}))",
+                          self._a())
         return None if value is None else float(value)
+
+    def unfinished_elsewhere(self) -> int:
+        """Requests of the job not finished yet (pending or in flight), whoever holds them: a runner that
+        has nothing left of its own stays while this is not 0, to take over if their runner dies."""
+        return int(self._one("SELECT COUNT(*) FROM requests WHERE job_id = %s "
+                             "AND state IN ('pending', 'submitted', 'completed')", (self.job_id,)))
 
     def pending_estimate(self) -> float:
         return float(self._one("SELECT COALESCE(SUM(est_credits), 0) FROM requests WHERE job_id = %s "
