@@ -19,6 +19,7 @@ host already works on the job.
 
 from __future__ import annotations
 
+import asyncio
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -47,20 +48,32 @@ class ShareLimiter:
 
     def __init__(self, inner: Any, per_second: float, runners: int = 1) -> None:
         self.inner = inner
-        capacity = max(1.0, per_second)  # one second's worth of the whole budget, at least one request
-        self._bucket = AsyncLimiter(capacity, capacity / per_second)
+        self._capacity = max(1.0, per_second)  # one second's worth of the whole budget, at least one request
+        self._bucket = AsyncLimiter(self._capacity, self._capacity / per_second)
         self.runners = max(1, runners)
+        self._paying: asyncio.Lock | None = None
+        self._primed = False
 
     def set_runners(self, runners: int) -> None:
         self.runners = max(1, runners)
 
     async def acquire(self) -> None:
-        cost = float(self.runners)
+        if self._paying is None:
+            self._paying = asyncio.Lock()
+        async with self._paying:  # one request pays at a time, first come first served
+            if not self._primed:
+                # A runner joining a job starts with a full bucket instead of a burst: the runners already
+                # sending learn of it only at their next heartbeat, so its burst would come on top of theirs.
+                self._primed = True
+                await self._pay(self._capacity)
+            await self._pay(float(self.runners))
+        await self.inner.acquire()
+
+    async def _pay(self, cost: float) -> None:
         while cost > 1e-9:
             chunk = min(cost, self._bucket.max_rate)
             await self._bucket.acquire(chunk)
             cost -= chunk
-        await self.inner.acquire()
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.inner, name)
