@@ -67,6 +67,7 @@ def _resolve_db(manifest: str | None, db: str | None, job: str | None = None,
     it (--job, or the manifest's name; None lets a shared database with one job name it)."""
     from batchgen.store.scrub import is_database_url
 
+    _check_db(db)
     if db and is_database_url(db):
         if job is None and manifest:
             from batchgen.manifest.load import load_job
@@ -84,6 +85,14 @@ def _resolve_db(manifest: str | None, db: str | None, job: str | None = None,
     if must_exist and not path.exists():
         raise ConfigError(f"no run state at {path}: run `batchgen run` on the manifest first")
     return path, job
+
+
+def _check_db(db: str | None) -> None:
+    """A --db that looks like a URL must be a PostgreSQL one (it would otherwise become a file name)."""
+    from batchgen.store.scrub import is_database_url, scrub_url
+
+    if db and "://" in db and not is_database_url(db):
+        raise ConfigError(f"--db {scrub_url(db)}: not a path and not a postgresql://user@host:5432/dbname URL")
 
 
 def _echo_json(value: Any) -> None:
@@ -206,6 +215,7 @@ def run(manifest: str, db: str | None, job: str | None, out: str | None, emulato
         raise ConfigError(f"no API key: set {API_KEY_ENV}, or pass --emulator to run on the built-in emulator")
     from batchgen.store.scrub import is_database_url
 
+    _check_db(db)
     options = RunOptions(
         db_path=Path(db) if db and not is_database_url(db) else None,
         db_url=db if db and is_database_url(db) else None,

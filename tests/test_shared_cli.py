@@ -1,0 +1,124 @@
+"""The commands on a shared (PostgreSQL) store: `--db URL` / BATCHGEN_DB_URL and `--job` on run, status,
+retry, export and report; status lists the live runners; no password in any output; the runner's share
+of the budget and the output-folder rule (engine/shares.py)."""
+
+from __future__ import annotations
+
+import json
+import socket
+from pathlib import Path
+from typing import Any
+
+import pytest
+from click.testing import CliRunner
+
+from batchgen.cli import main
+from batchgen.engine import shares
+from batchgen.store.open import open_store
+from batchgen.store.records import RunnerInfo
+from tests.pg_fixtures import PG_PASSWORD, PgServer
+from tests.run_support import prompts, write_job
+
+
+def test_every_command_on_a_password_url_never_prints_the_password(tmp_path: Path, pg_server: PgServer) -> None:
+    db = pg_server.new_database()
+    pg_server.admin(f"ALTER DATABASE {db} OWNER TO batchpw")
+    url = pg_server.url(db, user="batchpw", password=PG_PASSWORD)
+    manifest = write_job(tmp_path, prompts(6), name="shop")
+    cli = CliRunner()
+    env = {"BATCHGEN_DB_URL": url}
+    ran = cli.invoke(main, ["run", str(manifest), "--emulator"], env=env)
+    assert ran.exit_code == 0, ran.output
+    assert "no other runner shares it" in ran.output
+    assert not (tmp_path / "job.batchgen.db").exists() and not list(tmp_path.glob("*.batchgen.db"))
+    outputs = [ran.output]
+    status = cli.invoke(main, ["status", str(manifest), "--json"], env=env)  # the job named by the manifest
+    assert status.exit_code == 0, status.output
+    data = json.loads(status.output)
+    assert (data["job"], data["done"], data["images"], data["runners"]) == ("shop", 6, 6, [])
+    outputs.append(status.output)
+    for args in (["export", "--job", "shop", "--db", url, "-o", str(tmp_path / "x.csv")],
+                 ["report", "--job", "shop", "--db", url, "-o", str(tmp_path / "r.html")],
+                 ["retry", "--db", url],  # one job in the database: --job is optional
+                 ["status", "--db", url, "--job", "nope"]):
+        result = cli.invoke(main, args)
+        outputs.append(result.output)
+        assert result.exit_code == (2 if "nope" in args else 0), result.output
+    assert len((tmp_path / "x.csv").read_text().splitlines()) == 7
+    assert "no job named 'nope'" in outputs[-1]
+    wrong = cli.invoke(main, ["status", "--db", url.replace(PG_PASSWORD, "wrong-" + PG_PASSWORD)])
+    assert wrong.exit_code == 3 and "Traceback" not in wrong.output
+    outputs.append(wrong.output)
+    assert "batchpw:***@" in wrong.output
+    assert not any(PG_PASSWORD in text for text in outputs)
+    assert PG_PASSWORD not in (tmp_path / "r.html").read_text()
+    other = cli.invoke(main, ["status", "--db", "mysql://u@h/db"])
+    assert other.exit_code == 2 and "postgresql://" in other.output
+
+
+def test_status_shows_the_live_runners(tmp_path: Path, pg_url: str) -> None:
+    manifest = write_job(tmp_path, prompts(3), name="nightly")
+    assert CliRunner().invoke(main, ["run", str(manifest), "--emulator", "--db", pg_url]).exit_code == 0
+    with open_store(pg_url, "nightly") as runner:
+        runner.lock()  # a runner working on the job right now
+        result = CliRunner().invoke(main, ["status", "--db", pg_url])
+        data = json.loads(CliRunner().invoke(main, ["status", "--db", pg_url, "--json"]).output)
+    assert result.exit_code == 0, result.output
+    assert f"runner {socket.gethostname()} pid " in result.output and "0 request(s) in flight" in result.output
+    assert [(r["host"], r["claimed"]) for r in data["runners"]] == [(socket.gethostname(), 0)]
+
+
+def test_rate_share_splits_the_budget_between_live_runners() -> None:
+    assert shares.rate_share(30.0, 3) == 10.0
+    assert shares.rate_share(30.0, 0) == 30.0  # never divided by zero: this runner at least
+
+
+def test_the_share_goes_to_set_ceiling_when_the_limiter_has_it() -> None:
+    class Ceilinged:
+        ceiling: Any = None
+
+        def set_ceiling(self, per_second: float) -> None:
+            self.ceiling = per_second
+
+    inner = Ceilinged()
+    gate = shares.ShareLimiter(inner, 40.0, runners=4)
+    shares.apply_share(gate, 40.0, 4)
+    assert inner.ceiling == 10.0 and gate.runners == 1  # the limiter's own ceiling, not the gate
+    plain = shares.ShareLimiter(object(), 40.0)
+    shares.apply_share(plain, 40.0, 4)
+    assert plain.runners == 4  # fallback: each request costs four units of the whole budget
+
+
+async def test_the_share_gate_paces_a_runner_at_its_share() -> None:
+    import asyncio
+
+    class Inner:
+        async def acquire(self) -> None:
+            return None
+
+    loop = asyncio.get_running_loop()
+    gate = shares.ShareLimiter(Inner(), 200.0, runners=4)  # a share of 50/s, no initial burst
+    start = loop.time()
+    for _ in range(10):
+        await gate.acquire()
+    # 10 requests at 50/s take about 0.2 s of the loop's clock (a bound the limiter cannot beat).
+    assert loop.time() - start >= 10 / 50 * 0.9
+
+
+def runner(host: str) -> RunnerInfo:
+    return RunnerInfo(id=host, host=host, pid=1, started_at=0.0, heartbeat_at=0.0)
+
+
+@pytest.mark.parametrize(("others", "shared_fs", "refused"), [
+    ([], False, False),  # alone
+    (["this-host"], False, False),  # several runners on one host share its disk
+    (["other-host"], True, False),  # a network file system every host mounts
+    (["other-host"], False, True),  # a local folder and a runner elsewhere: refused
+])
+def test_a_local_output_folder_is_refused_across_hosts(tmp_path: Path, others: list[str], shared_fs: bool,
+                                                        refused: bool) -> None:
+    problem = shares.output_conflict(tmp_path, "this-host", [runner(h) for h in others], shared_fs=shared_fs)
+    assert (problem is not None) == refused
+    if problem:
+        assert "other-host" in problem and "shared storage" in problem
+    assert shares.is_network_filesystem(tmp_path) is False  # the test's temporary folder is local
