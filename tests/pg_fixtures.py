@@ -63,41 +63,53 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-@pytest.fixture(scope="session")
-def pg_server() -> Iterator[PgServer]:
+@contextlib.contextmanager
+def throwaway_server() -> Iterator[PgServer]:
+    """Start a PostgreSQL server on a temporary directory and a free loopback port; remove it after.
+    Raises FileNotFoundError without the binaries. (The benchmarks use it too.)"""
     bindir = _bin_dir()
     if bindir is None:
-        reason = "PostgreSQL server binaries (initdb, pg_ctl) not found; apt-get install postgresql"
-        if os.environ.get("CI") == "true":
-            pytest.fail(reason + " (CI must run the PostgreSQL tests)")
-        pytest.skip(reason)
+        raise FileNotFoundError("PostgreSQL server binaries (initdb, pg_ctl) not found; apt-get install postgresql")
     root = Path(tempfile.mkdtemp(prefix="batchgen-pg-"))
     datadir = root / "data"
     as_root = os.geteuid() == 0
     prefix = ["runuser", "-u", "postgres", "--"] if as_root else []
-    if as_root:
-        shutil.chown(root, "postgres", "postgres")
-    port = _free_port()
     env = {**os.environ, "LC_ALL": "C"}
-    subprocess.run([*prefix, str(bindir / "initdb"), "-D", str(datadir), "-U", "batch", "--auth=trust",
-                    "-E", "UTF8", "--no-sync"], check=True, capture_output=True, env=env)
-    hba = datadir / "pg_hba.conf"
-    hba_text = ("host all batchpw 127.0.0.1/32 scram-sha-256\n"
-                "host all all 127.0.0.1/32 trust\nlocal all all trust\n")
-    subprocess.run([*prefix, "sh", "-c", f"cat > {hba}"], input=hba_text.encode(), check=True)
-    opts = (f"-c listen_addresses=127.0.0.1 -c port={port} -c unix_socket_directories={root} -c fsync=off "
-            "-c synchronous_commit=off -c full_page_writes=off -c max_connections=200 -c shared_buffers=32MB")
-    subprocess.run([*prefix, str(bindir / "pg_ctl"), "-D", str(datadir), "-o", opts, "-l", str(root / "log"),
-                    "-w", "-t", "60", "start"], check=True, capture_output=True, env=env)
-    server = PgServer(port=port, datadir=datadir)
     try:
-        server.admin(f"CREATE ROLE batchpw LOGIN PASSWORD '{PG_PASSWORD}' CREATEDB")
-        yield server
+        if as_root:
+            shutil.chown(root, "postgres", "postgres")
+        port = _free_port()
+        subprocess.run([*prefix, str(bindir / "initdb"), "-D", str(datadir), "-U", "batch", "--auth=trust",
+                        "-E", "UTF8", "--no-sync"], check=True, capture_output=True, env=env)
+        hba_text = ("host all batchpw 127.0.0.1/32 scram-sha-256\n"
+                    "host all all 127.0.0.1/32 trust\nlocal all all trust\n")
+        subprocess.run([*prefix, "sh", "-c", f"cat > {datadir / 'pg_hba.conf'}"], input=hba_text.encode(),
+                       check=True)
+        opts = (f"-c listen_addresses=127.0.0.1 -c port={port} -c unix_socket_directories={root} -c fsync=off "
+                "-c synchronous_commit=off -c full_page_writes=off -c max_connections=200 -c shared_buffers=32MB")
+        subprocess.run([*prefix, str(bindir / "pg_ctl"), "-D", str(datadir), "-o", opts, "-l", str(root / "log"),
+                        "-w", "-t", "60", "start"], check=True, capture_output=True, env=env)
+        server = PgServer(port=port, datadir=datadir)
+        try:
+            server.admin(f"CREATE ROLE batchpw LOGIN PASSWORD '{PG_PASSWORD}' CREATEDB")
+            yield server
+        finally:
+            with contextlib.suppress(Exception):
+                subprocess.run([*prefix, str(bindir / "pg_ctl"), "-D", str(datadir), "-m", "immediate", "-w",
+                                "stop"], capture_output=True, env=env, timeout=60)
     finally:
-        with contextlib.suppress(Exception):
-            subprocess.run([*prefix, str(bindir / "pg_ctl"), "-D", str(datadir), "-m", "immediate", "-w", "stop"],
-                           capture_output=True, env=env, timeout=60)
         shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def pg_server() -> Iterator[PgServer]:
+    if _bin_dir() is None:
+        reason = "PostgreSQL server binaries (initdb, pg_ctl) not found; apt-get install postgresql"
+        if os.environ.get("CI") == "true":
+            pytest.fail(reason + " (CI must run the PostgreSQL tests)")
+        pytest.skip(reason)
+    with throwaway_server() as server:
+        yield server
 
 
 @pytest.fixture

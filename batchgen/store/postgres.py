@@ -236,23 +236,28 @@ class PostgresStore(BaseStore):
         return self._job
 
     @contextlib.contextmanager
-    def _tx(self) -> Iterator[psycopg.Cursor[Any]]:
-        """One transaction on a pooled connection; a lost server becomes StoreUnavailableError (exit 3)."""
+    def _tx(self, write: bool = True) -> Iterator[psycopg.Cursor[Any]]:
+        """One transaction on a pooled connection (`write=False`: one statement in autocommit, which is
+        atomic by itself and saves the BEGIN and COMMIT round trips); a lost server becomes
+        StoreUnavailableError (exit 3)."""
         try:
-            with self.pool.connection() as conn, conn.transaction(), conn.cursor() as cur:
-                yield cur
+            with self.pool.connection() as conn:
+                tx = conn.transaction() if write else contextlib.nullcontext()
+                with tx, conn.cursor() as cur:
+                    yield cur
         except (psycopg.OperationalError, PoolTimeout) as error:
             raise StoreUnavailableError(f"the database {self._safe} is unavailable: "
                                         f"{scrub_url(str(error), self._url)}; the run is resumable") from None
 
     def _rows(self, sql: str, args: Any = None) -> list[dict[str, Any]]:
-        with self._tx() as cur:
+        """One read statement (or one self-contained write, such as a claim)."""
+        with self._tx(write=False) as cur:
             cur.row_factory = dict_row  # type: ignore[assignment]
             cur.execute(sql, args)  # type: ignore[arg-type]
             return list(cur.fetchall())
 
     def _one(self, sql: str, args: Any = None) -> Any:
-        with self._tx() as cur:
+        with self._tx(write=False) as cur:
             cur.execute(sql, args)  # type: ignore[arg-type]
             row = cur.fetchone()
             return None if row is None else row[0]
@@ -263,7 +268,7 @@ class PostgresStore(BaseStore):
     def _resolve_job(self, job: str | None, create: bool) -> str:
         if job:
             return job
-        with self._tx() as cur:
+        with self._tx(write=False) as cur:
             names = [r[0] for r in cur.execute("SELECT name FROM jobs ORDER BY name").fetchall()]
         if len(names) == 1:
             return str(names[0])
@@ -325,7 +330,7 @@ class PostgresStore(BaseStore):
                 self.heartbeat()
 
     def heartbeat(self) -> None:
-        with self._tx() as cur:
+        with self._tx(write=False) as cur:
             cur.execute(f"UPDATE runners SET heartbeat_at = {_NOW} WHERE id = %s", (self.runner_id,))
 
     def unlock(self) -> None:
@@ -462,14 +467,14 @@ class PostgresStore(BaseStore):
 
     def counts(self) -> dict[str, int]:
         out = {s.value: 0 for s in State}
-        with self._tx() as cur:
+        with self._tx(write=False) as cur:
             for state, count in cur.execute("SELECT state, COUNT(*) FROM requests WHERE job_id = %s GROUP BY state",
                                             (self.job_id,)):
                 out[state] = int(count)
         return out
 
     def credit_totals(self) -> CreditTotals:
-        with self._tx() as cur:
+        with self._tx(write=False) as cur:
             row = cur.execute(
                 "SELECT COALESCE(SUM(COALESCE(credits_reserved, credits_estimated, 0)) FILTER "
                 "(WHERE state IN ('sending', 'running')), 0), COALESCE(SUM(credits_used), 0) "
@@ -478,7 +483,7 @@ class PostgresStore(BaseStore):
         return CreditTotals(reserved=float(row[0]), used=float(row[1]))
 
     def image_totals(self) -> tuple[int, int]:
-        with self._tx() as cur:
+        with self._tx(write=False) as cur:
             row = cur.execute("SELECT COUNT(*), COALESCE(SUM(bytes), 0) FROM images WHERE job_id = %s",
                               (self.job_id,)).fetchone()
         assert row is not None
@@ -486,7 +491,7 @@ class PostgresStore(BaseStore):
 
     def failures_by_code(self, messages_per_code: int = 3) -> list[dict[str, Any]]:
         groups: list[dict[str, Any]] = []
-        with self._tx() as cur:
+        with self._tx(write=False) as cur:
             codes = cur.execute(
                 "SELECT COALESCE(error_code, 'unknown'), COUNT(*) FROM requests WHERE job_id = %s "
                 "AND state='failed' GROUP BY 1 ORDER BY 2 DESC, 1", (self.job_id,)).fetchall()
@@ -533,7 +538,7 @@ class PostgresStore(BaseStore):
         return None if value is None else str(value)
 
     def set_meta(self, key: str, value: str) -> None:
-        with self._tx() as cur:
+        with self._tx(write=False) as cur:
             cur.execute("INSERT INTO meta (job_id, key, value) VALUES (%s, %s, %s) ON CONFLICT (job_id, key) "
                         "DO UPDATE SET value = EXCLUDED.value", (self.job_id, key, value))
 
@@ -593,7 +598,7 @@ class PostgresStore(BaseStore):
             f"SELECT * FROM attempts WHERE job_id = %(job)s AND {where}", self._a(**kw))]
 
     def _image_rows(self, where: str, **kw: Any) -> list[ImageRecord]:
-        with self._tx() as cur:
+        with self._tx(write=False) as cur:
             cur.execute("SELECT request_key, idx, path, url, bytes, sha256, width, height, format, attempt_id, "
                         f"created_at FROM images WHERE job_id = %(job)s AND {where}", self._a(**kw))  # type: ignore[arg-type]
             return [ImageRecord(*row) for row in cur.fetchall()]
@@ -604,7 +609,7 @@ class PostgresStore(BaseStore):
         """Claim up to `limit` due pending requests for this runner (SKIP LOCKED: runners never wait on
         each other); requests another live runner holds are skipped."""
         now = time.time() if now is None else now
-        with self._tx() as cur:
+        with self._tx(write=False) as cur:
             cur.row_factory = dict_row  # type: ignore[assignment]
             cur.execute(
                 "WITH picked AS (SELECT key FROM requests WHERE job_id = %(job)s AND state = 'pending' "
@@ -681,7 +686,7 @@ class PostgresStore(BaseStore):
         return ids
 
     def record_task(self, attempt_id: int, task_id: str, credits_reserved: float | None, replayed: bool) -> None:
-        with self._tx() as cur:
+        with self._tx(write=False) as cur:
             cur.execute("UPDATE attempts SET state='running', task_id=%s, credits_reserved=%s, replayed=%s, "
                         "submit_tries=submit_tries+1 WHERE id=%s",
                         (task_id, credits_reserved, int(replayed), attempt_id))
@@ -725,7 +730,7 @@ class PostgresStore(BaseStore):
                         self._fail(cur, o.request_key, o.error_code, o.error_message, now)
 
     def abandon_attempt(self, attempt_id: int, code: str, message: str) -> None:
-        with self._tx() as cur:
+        with self._tx(write=False) as cur:
             cur.execute("UPDATE attempts SET state='abandoned', error_code=%s, error_message=%s, finished_at=%s "
                         "WHERE id=%s", (code, message, time.time(), attempt_id))
 
@@ -745,7 +750,7 @@ class PostgresStore(BaseStore):
         return len(rows)
 
     def update_result_urls(self, attempt_id: int, urls: Sequence[str]) -> None:
-        with self._tx() as cur:
+        with self._tx(write=False) as cur:
             cur.execute("UPDATE attempts SET result_urls=%s WHERE id=%s", (_j(list(urls)), attempt_id))
 
     def record_image(self, img: ImageRecord, done: bool) -> None:
@@ -769,22 +774,22 @@ class PostgresStore(BaseStore):
         return None if value is None else str(value)
 
     def finish_request(self, key: str) -> None:
-        with self._tx() as cur:
+        with self._tx(write=False) as cur:
             cur.execute("UPDATE requests SET state='done', error_code=NULL, error_message=NULL, claimed_by=NULL, "
                         "updated_at=%s WHERE job_id=%s AND key=%s", (time.time(), self.job_id, key))
 
     def requeue(self, key: str, not_before: float, code: str | None, message: str | None, *,
                 model: str | None = None, consume_attempt: bool = True) -> None:
-        with self._tx() as cur:
+        with self._tx(write=False) as cur:
             self._requeue(cur, key, not_before, code, message, model, consume_attempt, time.time())
 
     def defer(self, key: str, not_before: float, code: str | None, message: str | None) -> None:
-        with self._tx() as cur:
+        with self._tx(write=False) as cur:
             cur.execute("UPDATE requests SET not_before=%s, error_code=%s, error_message=%s, updated_at=%s "
                         "WHERE job_id=%s AND key=%s", (not_before, code, message, time.time(), self.job_id, key))
 
     def fail(self, key: str, code: str | None, message: str | None) -> None:
-        with self._tx() as cur:
+        with self._tx(write=False) as cur:
             self._fail(cur, key, code, message, time.time())
 
     def _requeue(self, cur: psycopg.Cursor[Any], key: str, not_before: float, code: str | None,
@@ -803,7 +808,7 @@ class PostgresStore(BaseStore):
                "claimed_by=NULL, updated_at=%(now)s WHERE job_id=%(job)s AND state='failed'")
         if codes:
             sql += " AND error_code = ANY(%(codes)s)"
-        with self._tx() as cur:
+        with self._tx(write=False) as cur:
             cur.execute(sql, self._a(now=time.time(), codes=codes))  # type: ignore[arg-type]
             return int(cur.rowcount)
 
@@ -817,14 +822,14 @@ class PostgresStore(BaseStore):
             return int(row[0]) if row else 0
 
     def finish_run(self, run_id: int, exit_code: int, reason: str, summary: dict[str, Any]) -> None:
-        with self._tx() as cur:
+        with self._tx(write=False) as cur:
             cur.execute("UPDATE runs SET finished_at=%s, exit_code=%s, reason=%s, summary=%s WHERE id=%s",
                         (time.time(), exit_code, reason, _j(summary), run_id))
 
     # -- uploads -------------------------------------------------------------------------------------
 
     def record_upload(self, rec: UploadRecord) -> None:
-        with self._tx() as cur:
+        with self._tx(write=False) as cur:
             cur.execute(
                 "INSERT INTO uploads (job_id, file_id, sha256, file_url, expires_at, size, mime, path, uploaded_at, "
                 "checked_at, suspect_at, deleted_at) VALUES (%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s) "
@@ -851,13 +856,13 @@ class PostgresStore(BaseStore):
 
     def mark_upload(self, file_id: str, *, checked_at: float | None = None, suspect_at: float | None = None,
                     deleted_at: float | None = None) -> None:
-        with self._tx() as cur:
+        with self._tx(write=False) as cur:
             cur.execute("UPDATE uploads SET checked_at=COALESCE(%s, checked_at), suspect_at=COALESCE(%s, suspect_at), "
                         "deleted_at=COALESCE(%s, deleted_at) WHERE job_id=%s AND file_id=%s",
                         (checked_at, suspect_at, deleted_at, self.job_id, file_id))
 
     def local_references(self, states: Sequence[str] = ("pending", "submitted")) -> list[tuple[str, str]]:
-        with self._tx() as cur:
+        with self._tx(write=False) as cur:
             cur.execute(
                 "SELECT r.key, j.value FROM requests r, json_array_elements_text(CASE WHEN "
                 "json_typeof(r.params::json->'image_urls') = 'array' THEN r.params::json->'image_urls' "
@@ -869,7 +874,7 @@ class PostgresStore(BaseStore):
         return [(k, v) for k, v in rows if isinstance(v, str) and not v.startswith(("http://", "https://"))]
 
     def open_attempt_urls(self) -> set[str]:
-        with self._tx() as cur:
+        with self._tx(write=False) as cur:
             cur.execute(
                 "SELECT j.value FROM attempts a, json_array_elements_text(CASE WHEN "
                 "json_typeof(a.body::json->'image_urls') = 'array' THEN a.body::json->'image_urls' "
@@ -879,7 +884,7 @@ class PostgresStore(BaseStore):
             return {v for (v,) in cur.fetchall() if isinstance(v, str)}
 
     def _upload_rows(self, where: str, **kw: Any) -> list[UploadRecord]:
-        with self._tx() as cur:
+        with self._tx(write=False) as cur:
             cur.execute("SELECT file_id, sha256, file_url, expires_at, size, mime, path, uploaded_at, checked_at, "
                         f"suspect_at, deleted_at FROM uploads WHERE job_id = %(job)s AND {where}",  # type: ignore[arg-type]
                         self._a(**kw))
