@@ -667,22 +667,28 @@ class PostgresStore(BaseStore):
         return idempotency_key(request_key, attempt_no, self.store_id)
 
     def start_attempts(self, items: Sequence[NewAttempt]) -> list[int]:
+        if not items:
+            return []
         now = time.time()
         ids = []
         with self._tx() as cur:
-            for a in items:
-                cur.execute(
-                    "INSERT INTO attempts (job_id, request_key, attempt_no, idempotency_key, model, body, state, "
-                    "submitted_at, credits_estimated, runner_id) VALUES (%s,%s,%s,%s,%s,%s,'sending',%s,%s,%s) "
-                    "RETURNING id",
-                    (self.job_id, a.request_key, a.attempt_no, self.idempotency_key(a.request_key, a.attempt_no),
-                     a.model, _j(a.body) if a.body is not None else None, now, a.credits_estimated, self.runner_id))
+            # executemany runs in pipeline mode: one round trip for the whole batch, not one per row.
+            cur.executemany(
+                "INSERT INTO attempts (job_id, request_key, attempt_no, idempotency_key, model, body, state, "
+                "submitted_at, credits_estimated, runner_id) VALUES (%s,%s,%s,%s,%s,%s,'sending',%s,%s,%s) "
+                "RETURNING id",
+                [(self.job_id, a.request_key, a.attempt_no, self.idempotency_key(a.request_key, a.attempt_no),
+                  a.model, _j(a.body) if a.body is not None else None, now, a.credits_estimated, self.runner_id)
+                 for a in items], returning=True)
+            while True:
                 row = cur.fetchone()
                 ids.append(int(row[0]) if row else 0)
-                cur.execute(
-                    "UPDATE requests SET state='submitted', attempts=attempts+1, attempt_no=%s, model=%s, "
-                    "error_code=NULL, error_message=NULL, claimed_by=%s, updated_at=%s WHERE job_id=%s AND key=%s",
-                    (a.attempt_no, a.model, self.runner_id, now, self.job_id, a.request_key))
+                if not cur.nextset():
+                    break
+            cur.executemany(
+                "UPDATE requests SET state='submitted', attempts=attempts+1, attempt_no=%s, model=%s, "
+                "error_code=NULL, error_message=NULL, claimed_by=%s, updated_at=%s WHERE job_id=%s AND key=%s",
+                [(a.attempt_no, a.model, self.runner_id, now, self.job_id, a.request_key) for a in items])
         return ids
 
     def record_task(self, attempt_id: int, task_id: str, credits_reserved: float | None, replayed: bool) -> None:
