@@ -706,29 +706,33 @@ class PostgresStore(BaseStore):
                         (not_before, time.time(), self.job_id, request_key))
 
     def record_outcomes(self, outcomes: Sequence[Outcome]) -> None:
+        """Apply one poll's results in one transaction: one pipelined executemany per kind of statement
+        (the rows of one batch are distinct requests, so their order does not matter)."""
         if not outcomes:
             return
         now = time.time()
+        running = [(o.credits_reserved, o.attempt_id) for o in outcomes
+                   if o.kind == "running" and o.credits_reserved is not None]
+        done = [o for o in outcomes if o.kind == "completed"]
+        bad = [o for o in outcomes if o.kind in ("requeue", "failed")]
         with self._tx() as cur:
-            for o in outcomes:
-                if o.kind == "running":
-                    if o.credits_reserved is not None:
-                        cur.execute("UPDATE attempts SET credits_reserved=%s WHERE id=%s",
-                                    (o.credits_reserved, o.attempt_id))
-                elif o.kind == "completed":
-                    cur.execute(
-                        "UPDATE attempts SET state='completed', finished_at=%s, result_urls=%s, "
-                        "credits_reserved=COALESCE(%s, credits_reserved), "
-                        "credits_used=COALESCE(%s, %s, credits_reserved), error_code=NULL, error_message=NULL "
-                        "WHERE id=%s",
-                        (now, _j(list(o.result_urls)), o.credits_reserved, o.credits_used, o.credits_reserved,
-                         o.attempt_id))
-                    cur.execute("UPDATE requests SET state='completed', updated_at=%s WHERE job_id=%s AND key=%s",
-                                (now, self.job_id, o.request_key))
-                elif o.kind in ("requeue", "failed"):
-                    cur.execute(
-                        "UPDATE attempts SET state='failed', finished_at=%s, credits_used=0, error_code=%s, "
-                        "error_message=%s WHERE id=%s", (now, o.error_code, o.error_message, o.attempt_id))
+            if running:
+                cur.executemany("UPDATE attempts SET credits_reserved=%s WHERE id=%s", running)
+            if done:
+                cur.executemany(
+                    "UPDATE attempts SET state='completed', finished_at=%s, result_urls=%s, "
+                    "credits_reserved=COALESCE(%s, credits_reserved), "
+                    "credits_used=COALESCE(%s, %s, credits_reserved), error_code=NULL, error_message=NULL "
+                    "WHERE id=%s",
+                    [(now, _j(list(o.result_urls)), o.credits_reserved, o.credits_used, o.credits_reserved,
+                      o.attempt_id) for o in done])
+                cur.executemany("UPDATE requests SET state='completed', updated_at=%s WHERE job_id=%s AND key=%s",
+                                [(now, self.job_id, o.request_key) for o in done])
+            if bad:
+                cur.executemany(
+                    "UPDATE attempts SET state='failed', finished_at=%s, credits_used=0, error_code=%s, "
+                    "error_message=%s WHERE id=%s", [(now, o.error_code, o.error_message, o.attempt_id) for o in bad])
+                for o in bad:
                     if o.kind == "requeue":
                         self._requeue(cur, o.request_key, o.not_before, o.error_code, o.error_message, o.model,
                                       o.consume_attempt, now)
