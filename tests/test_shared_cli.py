@@ -122,3 +122,24 @@ def test_a_local_output_folder_is_refused_across_hosts(tmp_path: Path, others: l
     if problem:
         assert "other-host" in problem and "shared storage" in problem
     assert shares.is_network_filesystem(tmp_path) is False  # the test's temporary folder is local
+
+
+async def test_max_credits_holds_for_the_job_as_a_whole(tmp_path: Path, pg_url: str,
+                                                        emulator_factory: Any) -> None:
+    from batchgen.store.records import NewAttempt
+    from tests.run_support import run
+
+    emu = await emulator_factory()
+    manifest = write_job(tmp_path, prompts(12), name="capped", run={"concurrency": 2})  # 0.5 credits each
+    assert CliRunner().invoke(main, ["validate", str(manifest)]).exit_code == 0
+    with open_store(pg_url, "capped", create=True) as other:
+        from batchgen.manifest.load import open_manifest
+
+        other.sync(open_manifest(manifest))
+        other.lock()  # another live runner holds four tasks in flight: 2 credits reserved
+        due = other.next_due(4)
+        other.start_attempts([NewAttempt(r.key, 1, r.model, 0.5) for r in due])
+        assert await run(manifest, emu.base_url, db_url=pg_url, max_credits=3.2) == 3
+        with open_store(pg_url, "capped") as store:
+            assert store.credit_totals().spent <= 3.2  # the other runner's reservations counted
+        assert emu.stats()["tasks_created"] <= 2
