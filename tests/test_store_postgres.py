@@ -194,3 +194,21 @@ def test_scrub_url_removes_passwords_only() -> None:
     assert scrub_url("failed: host=h password=pw user=u") == "failed: host=h password=*** user=u"
     assert scrub_url("x postgresql://u:p%40ss@h/db?password=zz y") == "x postgresql://u:***@h/db?password=*** y"
     assert scrub_url("quoted pw", "postgresql://u:pw@h/db") == "quoted ***"
+
+
+def test_a_runner_waits_only_for_work_others_hold(tmp_path: Path, pg_url: str) -> None:
+    # A runner with nothing of its own left stays while others hold unfinished work (to take it over if they
+    # die), but never for its own requests (tasks it left past max_wait): two runners would wait on each other.
+    m = FakeManifest(tmp_path, ["a", "b"])
+    with pg(pg_url) as a, pg(pg_url) as b:
+        a.sync(m)
+        a.lock()
+        b.lock()
+        ka, kb = keys_of(m)
+        a.start_attempts([NewAttempt(r.key, 1, "z-image-turbo", 0.5) for r in a.next_due(1)])
+        assert a.unfinished_elsewhere() == 1  # b's request, not yet claimed by anyone
+        b.start_attempts([NewAttempt(r.key, 1, "z-image-turbo", 0.5) for r in b.next_due(1)])
+        assert a.unfinished_elsewhere() == 1 and b.unfinished_elsewhere() == 1  # each waits only for the other
+        a.finish_request(ka)
+        b.finish_request(kb)
+        assert a.unfinished_elsewhere() == b.unfinished_elsewhere() == 0

@@ -629,10 +629,12 @@ class PostgresStore(BaseStore):
         return None if value is None else float(value)
 
     def unfinished_elsewhere(self) -> int:
-        """Requests of the job not finished yet (pending or in flight), whoever holds them: a runner that
-        has nothing left of its own stays while this is not 0, to take over if their runner dies."""
-        return int(self._one("SELECT COUNT(*) FROM requests WHERE job_id = %s "
-                             "AND state IN ('pending', 'submitted', 'completed')", (self.job_id,)))
+        """Unfinished requests (pending or in flight) that other runners hold, or that no runner holds: a
+        runner with nothing left of its own stays while this is not 0, to take them over if their runner
+        dies. Its own (tasks it left past max_wait) do not count, or two runners could wait on each other."""
+        return int(self._one("SELECT COUNT(*) FROM requests WHERE job_id = %(job)s "
+                             "AND state IN ('pending', 'submitted', 'completed') "
+                             "AND claimed_by IS DISTINCT FROM %(me)s", self._a()))
 
     def pending_estimate(self) -> float:
         return float(self._one("SELECT COALESCE(SUM(est_credits), 0) FROM requests WHERE job_id = %s "
