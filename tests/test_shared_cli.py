@@ -143,3 +143,19 @@ async def test_max_credits_holds_for_the_job_as_a_whole(tmp_path: Path, pg_url: 
         with open_store(pg_url, "capped") as store:
             assert store.credit_totals().spent <= 3.2  # the other runner's reservations counted
         assert emu.stats()["tasks_created"] <= 2
+
+
+async def test_max_runtime_counts_from_the_jobs_first_live_runner(tmp_path: Path, pg_url: str,
+                                                                  emulator_factory: Any) -> None:
+    import psycopg
+
+    from tests.run_support import run
+
+    emu = await emulator_factory()
+    manifest = write_job(tmp_path, prompts(5), name="timed")
+    with open_store(pg_url, "timed", create=True) as other:
+        other.lock()  # a runner that has been at it for an hour already
+        with psycopg.connect(pg_url, autocommit=True) as conn:
+            conn.execute("UPDATE jobs SET group_started_at = group_started_at - 3600")
+        assert await run(manifest, emu.base_url, db_url=pg_url, max_runtime_s=600.0) == 3
+    assert emu.stats()["tasks_created"] == 0  # the job's 10 minutes were used up before this runner came

@@ -138,11 +138,11 @@ async def _drive(store: Store, job: JobSpec, settings: RunSettings, options: Run
     start = loop.time()
     submit_deadline = hard_deadline = None
     if options.max_runtime_s is not None:
-        start -= store.job_elapsed_s()  # shared stores: the limit holds for the job's runners as a whole
+        begun = start - store.job_elapsed_s()  # shared stores: the limit holds for the job's runners as a whole
         # Stop submitting early enough for tasks in flight to finish and download before the hard stop.
         margin = min(max_wait_s + 5.0 * options.time_scale, 0.25 * options.max_runtime_s)
-        submit_deadline = start + options.max_runtime_s - margin
-        hard_deadline = start + options.max_runtime_s
+        submit_deadline = begun + options.max_runtime_s - margin
+        hard_deadline = begun + options.max_runtime_s
     cfg = SchedulerConfig(
         out_dir=out_dir, filename_template=job.output.filename, concurrency=settings.concurrency,
         max_attempts=settings.max_attempts, fallback_models=list(settings.fallback_models), max_wait_s=max_wait_s,
