@@ -79,7 +79,13 @@ def one_pass(workdir: Path, n_store: int, n_run: int) -> dict[str, float]:
             db = pg.url(pg.new_database())
             started = time.perf_counter()
             procs = [_runner(run_csv, emu, workdir, db) for _ in range(2)]
-            codes = [p.wait(timeout=600) for p in procs]
+            try:
+                codes = [p.wait(timeout=600) for p in procs]
+            finally:
+                for p in procs:  # a runner that hangs must not outlive the benchmark
+                    if p.poll() is None:
+                        p.kill()
+                        p.wait()
             out["two_wall_s"] = time.perf_counter() - started
             if any(c != 0 for c in codes):
                 raise RuntimeError(f"two runners exited {codes}")
