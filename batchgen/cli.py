@@ -27,6 +27,10 @@ API_KEY_ENV = "EVOLINK_API_KEY"
 API_BASE_ENV = "EVOLINK_API_BASE"
 FILES_BASE_ENV = "EVOLINK_FILES_BASE"
 TRACEBACK_ENV = "BATCHGEN_TRACEBACK"
+DB_URL_ENV = "BATCHGEN_DB_URL"
+DB_HELP = (f"State database: a SQLite file (default: beside the manifest) or a postgresql://user@host:5432/dbname "
+           f"URL shared by many runners [env {DB_URL_ENV}]; the password only from PGPASSWORD or ~/.pgpass.")
+JOB_HELP = "The job's name in a shared (PostgreSQL) database (default: the manifest's name)."
 
 
 def _fail(error: BatchgenError) -> None:
@@ -57,8 +61,19 @@ def _guarded(fn: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
-def _resolve_db(manifest: str | None, db: str | None, must_exist: bool = True) -> Path:
-    """The database a command works on: --db, or the one beside MANIFEST."""
+def _resolve_db(manifest: str | None, db: str | None, job: str | None = None,
+                must_exist: bool = True) -> tuple[str | Path, str | None]:
+    """The database a command works on (--db / BATCHGEN_DB_URL, or the file beside MANIFEST) and the job in
+    it (--job, or the manifest's name; None lets a shared database with one job name it)."""
+    from batchgen.store.scrub import is_database_url
+
+    _check_db(db)
+    if db and is_database_url(db):
+        if job is None and manifest:
+            from batchgen.manifest.load import load_job
+
+            job = load_job(Path(manifest)).name
+        return db, job
     if db:
         path = Path(db)
     elif manifest:
@@ -69,7 +84,15 @@ def _resolve_db(manifest: str | None, db: str | None, must_exist: bool = True) -
         raise ConfigError("name a MANIFEST or give --db PATH")
     if must_exist and not path.exists():
         raise ConfigError(f"no run state at {path}: run `batchgen run` on the manifest first")
-    return path
+    return path, job
+
+
+def _check_db(db: str | None) -> None:
+    """A --db that looks like a URL must be a PostgreSQL one (it would otherwise become a file name)."""
+    from batchgen.store.scrub import is_database_url, scrub_url
+
+    if db and "://" in db and not is_database_url(db):
+        raise ConfigError(f"--db {scrub_url(db)}: not a path and not a postgresql://user@host:5432/dbname URL")
 
 
 def _echo_json(value: Any) -> None:
@@ -146,7 +169,8 @@ def validate(manifest: str, as_json: bool) -> None:
 
 @main.command()
 @click.argument("manifest", type=click.Path(dir_okay=False))
-@click.option("--db", type=click.Path(dir_okay=False), help="State database (default: beside the manifest).")
+@click.option("--db", envvar=DB_URL_ENV, help=DB_HELP)
+@click.option("--job", help=JOB_HELP)
 @click.option("--out", help="Output folder, or a bucket: s3://bucket/prefix (default: the manifest's).")
 @click.option("--emulator", is_flag=True, help="Run against the built-in emulator (no key, no credits).")
 @click.option("--api-base", envvar=API_BASE_ENV, help=f"API base URL [env {API_BASE_ENV}].")
@@ -165,7 +189,7 @@ def validate(manifest: str, as_json: bool) -> None:
 @click.option("--emulator-scenario", type=click.Path(dir_okay=False, exists=True),
               help="With --emulator: fault-injection scenario YAML.")
 @_guarded
-def run(manifest: str, db: str | None, out: str | None, emulator: bool, api_base: str | None,
+def run(manifest: str, db: str | None, job: str | None, out: str | None, emulator: bool, api_base: str | None,
         files_base: str | None, rate: str | None, concurrency: int | None, max_credits: float | None,
         max_runtime: str | None, patience: str | None, json_events: bool, time_scale: float | None,
         emulator_seed: int | None, emulator_scenario: str | None) -> None:
@@ -193,8 +217,13 @@ def run(manifest: str, db: str | None, out: str | None, emulator: bool, api_base
     api_key = os.environ.get(API_KEY_ENV) or None
     if not emulator and not api_key:
         raise ConfigError(f"no API key: set {API_KEY_ENV}, or pass --emulator to run on the built-in emulator")
+    from batchgen.store.scrub import is_database_url
+
+    _check_db(db)
     options = RunOptions(
-        db_path=Path(db) if db else None,
+        db_path=Path(db) if db and not is_database_url(db) else None,
+        db_url=db if db and is_database_url(db) else None,
+        job=job,
         out_dir=(out if out.startswith("s3://") else Path(out)) if out else None,
         emulator=emulator,
         api_base=api_base,
@@ -217,11 +246,12 @@ def run(manifest: str, db: str | None, out: str | None, emulator: bool, api_base
 
 @main.command()
 @click.argument("manifest", required=False, type=click.Path(dir_okay=False))
-@click.option("--db", type=click.Path(dir_okay=False), help="State database instead of a manifest.")
+@click.option("--db", envvar=DB_URL_ENV, help=DB_HELP)
+@click.option("--job", help=JOB_HELP)
 @click.option("--json", "as_json", is_flag=True, help="Print JSON (keys: total, pending, in_flight, done, "
               "failed, credits, images, ...).")
 @_guarded
-def status(manifest: str | None, db: str | None, as_json: bool) -> None:
+def status(manifest: str | None, db: str | None, job: str | None, as_json: bool) -> None:
     """Show a job's progress: requests by state, credits, images saved, failures by error code.
 
     \b
@@ -231,7 +261,7 @@ def status(manifest: str | None, db: str | None, as_json: bool) -> None:
     """
     from batchgen.results.status import collect, render_text
 
-    summary = collect(_resolve_db(manifest, db))
+    summary = collect(*_resolve_db(manifest, db, job))
     if as_json:
         _echo_json(summary)
     else:
@@ -240,11 +270,12 @@ def status(manifest: str | None, db: str | None, as_json: bool) -> None:
 
 @main.command()
 @click.argument("manifest", required=False, type=click.Path(dir_okay=False))
-@click.option("--db", type=click.Path(dir_okay=False), help="State database instead of a manifest.")
+@click.option("--db", envvar=DB_URL_ENV, help=DB_HELP)
+@click.option("--job", help=JOB_HELP)
 @click.option("--code", "codes", multiple=True, help="Only requests that failed with this error code "
               "(repeatable).")
 @_guarded
-def retry(manifest: str | None, db: str | None, codes: tuple[str, ...]) -> None:
+def retry(manifest: str | None, db: str | None, job: str | None, codes: tuple[str, ...]) -> None:
     """Requeue failed requests so the next `batchgen run` tries them again.
 
     \b
@@ -252,21 +283,23 @@ def retry(manifest: str | None, db: str | None, codes: tuple[str, ...]) -> None:
       batchgen retry examples/quickstart.yaml
       batchgen retry --db jobs/nightly.batchgen.db --code generation_timeout --code upstream_error
     """
-    from batchgen.store.sqlite import Store
+    from batchgen.store.open import open_store
 
-    with Store(_resolve_db(manifest, db)) as store:
+    with open_store(*_resolve_db(manifest, db, job)) as store:
         count = store.requeue_failed(list(codes) or None)
     click.echo(f"requeued {count} failed request(s); run the job again to retry them")
 
 
 @main.command()
 @click.argument("manifest", required=False, type=click.Path(dir_okay=False))
-@click.option("--db", type=click.Path(dir_okay=False), help="State database instead of a manifest.")
+@click.option("--db", envvar=DB_URL_ENV, help=DB_HELP)
+@click.option("--job", help=JOB_HELP)
 @click.option("--format", "fmt", type=click.Choice(["csv", "jsonl"]), default="csv", show_default=True)
 @click.option("-o", "--output", type=click.Path(dir_okay=False), help="File to write (default: stdout).")
 @click.option("--per-request", is_flag=True, help="One row per request instead of one per image.")
 @_guarded
-def export(manifest: str | None, db: str | None, fmt: str, output: str | None, per_request: bool) -> None:
+def export(manifest: str | None, db: str | None, job: str | None, fmt: str, output: str | None,
+           per_request: bool) -> None:
     """Export results: one row per image with the item's own columns, ready for a shop import.
 
     \b
@@ -276,7 +309,8 @@ def export(manifest: str | None, db: str | None, fmt: str, output: str | None, p
     """
     from batchgen.results.export import export_results
 
-    count = export_results(_resolve_db(manifest, db), fmt=fmt, output=Path(output) if output else None,
+    target, job = _resolve_db(manifest, db, job)
+    count = export_results(target, job=job, fmt=fmt, output=Path(output) if output else None,
                            per_request=per_request)
     if output:
         click.echo(f"wrote {count} row(s) to {output}", err=True)
@@ -284,12 +318,13 @@ def export(manifest: str | None, db: str | None, fmt: str, output: str | None, p
 
 @main.command()
 @click.argument("manifest", required=False, type=click.Path(dir_okay=False))
-@click.option("--db", type=click.Path(dir_okay=False), help="State database instead of a manifest.")
+@click.option("--db", envvar=DB_URL_ENV, help=DB_HELP)
+@click.option("--job", help=JOB_HELP)
 @click.option("-o", "--output", default=None,
               help="HTML file to write, or s3://bucket/prefix/name.html (default: report.html in the output "
                    "folder or bucket).")
 @_guarded
-def report(manifest: str | None, db: str | None, output: str | None) -> None:
+def report(manifest: str | None, db: str | None, job: str | None, output: str | None) -> None:
     """Write a self-contained HTML contact sheet of a job's images and failures.
 
     \b
@@ -302,11 +337,11 @@ def report(manifest: str | None, db: str | None, output: str | None) -> None:
     """
     from batchgen.results.report import LINK_LIFETIME_S, links_are_presigned, write_report
 
-    db_path = _resolve_db(manifest, db)
-    target = (output if output.startswith("s3://") else Path(output)) if output else None
-    path, tiles = write_report(db_path, target)
+    target, job = _resolve_db(manifest, db, job)
+    report_to = (output if output.startswith("s3://") else Path(output)) if output else None
+    path, tiles = write_report(target, report_to, job_name=job)
     click.echo(f"wrote {path} ({tiles} tile(s))")
-    if links_are_presigned(db_path, target):
+    if links_are_presigned(target, report_to, job):
         click.echo(f"its links to the images in the bucket are presigned URLs valid for {LINK_LIFETIME_S // 86400} "
                    "days; the thumbnails are local files beside it")
 
@@ -342,7 +377,8 @@ def review(manifest: str | None, db: str | None, host: str, port: int, no_browse
 
             webbrowser.open(url)
 
-    serve(_resolve_db(manifest, db), host=host, port=port, on_ready=ready)
+    target, job_name = _resolve_db(manifest, db)
+    serve(target, job_name=job_name, host=host, port=port, on_ready=ready)
 
 
 @main.command()

@@ -8,6 +8,7 @@ The tree::
     │   └── ConfigError           missing key, bad flag value, unreadable path
     │   └── StoreFormatError      a --db that is not a batchgen database, or one from a newer batchgen
     ├── StoreLockedError          another run holds the database (exit 3: try again later)
+    ├── StoreUnavailableError     the shared (PostgreSQL) database cannot be reached (exit 3, resumable)
     ├── RunStoppedError           the run must stop as a whole, resumably (exit 3)
     │   └── LocalFaultError       this machine failed us: disk full, read-only or vanished folder,
     │                             a database that cannot be written
@@ -78,6 +79,12 @@ class StoreFormatError(UserInputError):
 
 
 class StoreLockedError(BatchgenError):
+    exit_code = 3
+
+
+class StoreUnavailableError(BatchgenError):
+    """The shared database cannot be reached (or went away mid-run): nothing is lost, run again (exit 3)."""
+
     exit_code = 3
 
 

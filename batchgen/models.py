@@ -273,6 +273,9 @@ class RunOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     db_path: Path | None = None
+    # A postgresql:// URL instead of db_path (shared store; may carry a password: never printed).
+    db_url: str | None = Field(default=None, repr=False)
+    job: str | None = None  # the job's name in a shared store (default: the manifest's name)
     # A folder, or a bucket as the string "s3://bucket/prefix" (a Path would fold the "//").
     out_dir: Path | str | None = None
     emulator: bool = False

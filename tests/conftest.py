@@ -10,7 +10,7 @@ import os
 
 import pytest
 
-pytest_plugins = ["tests.emulator_fixtures", "tests.s3_fixtures"]
+pytest_plugins = ["tests.emulator_fixtures", "tests.s3_fixtures", "tests.pg_fixtures"]
 
 
 @pytest.fixture(autouse=True)

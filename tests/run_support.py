@@ -10,10 +10,13 @@ import yaml
 
 from batchgen.engine.runner import run_job_async
 from batchgen.models import RunOptions
-from batchgen.store.sqlite import Store
+from batchgen.store.open import open_store
 from tests.emulator_fixtures import API_KEY, FAST_TIME_SCALE
 
 MODEL = "z-image-turbo"  # fast emulated latency
+# Set by the `store_backend` fixture (tests/pg_fixtures.py) while a test runs on PostgreSQL: runs then use
+# this database, and db_of() names it.
+DB_URL: str | None = None
 
 
 def write_job(tmp: Path, rows: list[dict[str, Any]], run: dict[str, Any] | None = None,
@@ -43,6 +46,8 @@ def prompts(count: int, prefix: str = "a small red house number") -> list[dict[s
 
 
 def options(base_url: str, **kw: Any) -> RunOptions:
+    if DB_URL is not None and "db_path" not in kw:
+        kw.setdefault("db_url", DB_URL)
     return RunOptions(api_base=base_url, files_base=base_url, api_key=API_KEY, json_events=True,
                       time_scale=kw.pop("time_scale", FAST_TIME_SCALE), **kw)
 
@@ -51,8 +56,9 @@ async def run(manifest: Path, base_url: str, **kw: Any) -> int:
     return await run_job_async(manifest, options(base_url, **kw))
 
 
-def db_of(manifest: Path) -> Path:
-    return manifest.parent / f"{manifest.stem}.batchgen.db"
+def db_of(manifest: Path) -> Any:
+    """The job's store: the SQLite file beside the manifest, or the PostgreSQL URL of the test."""
+    return DB_URL if DB_URL is not None else manifest.parent / f"{manifest.stem}.batchgen.db"
 
 
 def out_of(manifest: Path) -> Path:
@@ -69,7 +75,7 @@ def image_files(out_dir: Path) -> list[Path]:
 def check_outputs(manifest: Path, db: Path | None = None, out: Path | None = None) -> dict[str, Any]:
     """Every done request has all its images on disk exactly once, each recorded with its hash."""
     out_dir = out or out_of(manifest)
-    with Store(db or db_of(manifest)) as store:
+    with open_store(db or db_of(manifest)) as store:
         recorded = []
         states: dict[str, int] = {}
         for rec in store.iter_requests():

@@ -191,7 +191,7 @@ async def test_a_failing_export_only_warns_and_keeps_the_exit_code(
 
     emu = await emulator_factory()
 
-    def broken(db_path: Path, out_dir: Path) -> dict[str, int]:
+    def broken(db_path: Path, out_dir: Path, job_name: str | None = None) -> dict[str, int]:
         raise OSError("read-only file system")
 
     monkeypatch.setattr(export_mod, "write_run_files", broken)

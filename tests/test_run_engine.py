@@ -1,6 +1,7 @@
 """The run engine end to end against the in-process emulator over real HTTP: a job finishes with every
 image on disk, a re-run is a no-op, new rows are picked up, and the budget, lock, retry, fallback,
-policy-pause and expiry rules each do what docs/run-engine.md says."""
+policy-pause and expiry rules each do what docs/run-engine.md says. Tests marked `store_backend` run on
+SQLite and on PostgreSQL."""
 
 from __future__ import annotations
 
@@ -12,11 +13,13 @@ from click.testing import CliRunner
 from batchgen.cli import main
 from batchgen.errors import StoreLockedError
 from batchgen.results.status import collect
+from batchgen.store.open import open_store
 from batchgen.store.sqlite import Store
 from tests.emulator_fixtures import EmulatorFactory
 from tests.run_support import check_outputs, db_of, prompts, run, write_job
 
 
+@pytest.mark.usefixtures("store_backend")
 async def test_job_finishes_and_rerun_sends_nothing(tmp_path: Path, emulator_factory: EmulatorFactory,
                                                     capsys: pytest.CaptureFixture[str]) -> None:
     emu = await emulator_factory(partial_results_share=0.5)
@@ -60,6 +63,7 @@ async def test_a_fresh_database_generates_anew_instead_of_replaying_old_tasks(
     assert len(set(keys)) == 10
 
 
+@pytest.mark.usefixtures("store_backend")
 async def test_out_overrides_the_manifest_folder_and_later_commands_find_it(
         tmp_path: Path, emulator_factory: EmulatorFactory) -> None:
     from batchgen.results.report import write_report
@@ -84,11 +88,12 @@ async def test_old_server_without_batch_poll_idempotency_or_credits(tmp_path: Pa
     assert check_outputs(manifest)["states"] == {"done": 15}
 
 
+@pytest.mark.usefixtures("store_backend")
 async def test_max_credits_stops_resumably_then_finishes(tmp_path: Path, emulator_factory: EmulatorFactory) -> None:
     emu = await emulator_factory()
     manifest = write_job(tmp_path, prompts(20), run={"concurrency": 4})  # z-image-turbo: 0.5 credits each
     assert await run(manifest, emu.base_url, max_credits=3.2) == 3
-    with Store(db_of(manifest)) as store:
+    with open_store(db_of(manifest)) as store:
         spent = store.credit_totals()
         assert spent.spent <= 3.2 and spent.reserved == 0
         assert 1 <= store.counts()["done"] <= 6
@@ -110,6 +115,7 @@ async def test_second_run_on_a_locked_database_names_the_holder(tmp_path: Path,
     assert await run(manifest, emu.base_url) == 0  # released: the next run works
 
 
+@pytest.mark.usefixtures("store_backend")
 async def test_failures_are_grouped_and_batchgen_retry_requeues_them(tmp_path: Path,
                                                                      emulator_factory: EmulatorFactory) -> None:
     emu = await emulator_factory(rules=[{"prompt": "^broken", "fail_with": "invalid_parameters", "times": 1}])
@@ -125,11 +131,12 @@ async def test_failures_are_grouped_and_batchgen_retry_requeues_them(tmp_path: P
     assert check_outputs(manifest)["states"] == {"done": 9}
 
 
+@pytest.mark.usefixtures("store_backend")
 async def test_model_unavailable_falls_back(tmp_path: Path, emulator_factory: EmulatorFactory) -> None:
     emu = await emulator_factory(rules=[{"model": "z-image-turbo", "fail_with": "model_unavailable"}])
     manifest = write_job(tmp_path, prompts(4), run={"fallback_models": ["nano-banana-2-lite"], "max_attempts": 1})
     assert await run(manifest, emu.base_url) == 0
-    with Store(db_of(manifest)) as store:
+    with open_store(db_of(manifest)) as store:
         for rec in store.iter_requests():
             assert [a.model for a in rec.attempt_rows] == ["z-image-turbo", "nano-banana-2-lite"]
 
@@ -144,12 +151,13 @@ async def test_a_run_of_policy_refusals_pauses_the_job(tmp_path: Path, emulator_
 
 
 @pytest.mark.parametrize("regenerate", [False, True])
+@pytest.mark.usefixtures("store_backend")
 async def test_expired_result_urls(tmp_path: Path, emulator_factory: EmulatorFactory, regenerate: bool) -> None:
     # Result URLs that expire at once: the re-fetch through the task cannot help either.
     emu = await emulator_factory(result_ttl_s=1e-6)
     manifest = write_job(tmp_path, prompts(2), run={"regenerate_expired": regenerate, "max_attempts": 2})
     assert await run(manifest, emu.base_url) == 1
-    with Store(db_of(manifest)) as store:
+    with open_store(db_of(manifest)) as store:
         for rec in store.iter_requests():
             assert rec.error_code == "result_expired"
             assert len(rec.attempt_rows) == (2 if regenerate else 1)

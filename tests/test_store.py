@@ -1,10 +1,11 @@
 """The store alone: migrations, sync (idempotent, removed/revived, rollback on a bad manifest), transitions,
-the lock and the read API the export and report build on."""
+the lock and the read API the export and report build on. The contract tests (`open_db`) run on SQLite and
+on a real PostgreSQL server (tests/pg_fixtures.py); PostgreSQL's own rules are in test_store_postgres.py."""
 
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -12,7 +13,20 @@ import sqlite_utils
 
 from batchgen.errors import ManifestError, Problem, StoreLockedError
 from batchgen.models import GenerationRequest, JobSpec, PlannedRequest, State, request_key
+from batchgen.store.base import BaseStore
+from batchgen.store.open import open_store
 from batchgen.store.sqlite import MIGRATIONS, NewAttempt, Outcome, Store, idempotency_key
+
+OpenDb = Callable[[], BaseStore]
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def open_db(request: pytest.FixtureRequest, tmp_path: Path) -> OpenDb:
+    """The store contract runs on both backends: each call opens the same test database again."""
+    if request.param == "sqlite":
+        return lambda: open_store(tmp_path / "s.db")
+    url = request.getfixturevalue("pg_url")
+    return lambda: open_store(url, "t", create=True)
 
 
 class FakeManifest:
@@ -66,9 +80,9 @@ def test_upgrade_from_m001_keeps_data(tmp_path: Path) -> None:
         assert store.runs()[0]["summary"] == {"done": 1}
 
 
-def test_sync_is_idempotent_and_skips_on_same_fingerprint(tmp_path: Path) -> None:
+def test_sync_is_idempotent_and_skips_on_same_fingerprint(tmp_path: Path, open_db: OpenDb) -> None:
     m = FakeManifest(tmp_path, ["a", "b", "c"])
-    with Store(tmp_path / "s.db") as store:
+    with open_db() as store:
         r1 = store.sync(m)
         assert (r1.added, r1.removed, r1.total, r1.skipped) == (3, 0, 3, False)
         r2 = store.sync(m)
@@ -84,9 +98,9 @@ def test_sync_is_idempotent_and_skips_on_same_fingerprint(tmp_path: Path) -> Non
         assert job is not None and job["name"] == "t" and job["settings"]["max_attempts"] == 3
 
 
-def test_removed_and_revived(tmp_path: Path) -> None:
+def test_removed_and_revived(tmp_path: Path, open_db: OpenDb) -> None:
     m = FakeManifest(tmp_path, ["a", "b", "c"])
-    with Store(tmp_path / "s.db") as store:
+    with open_db() as store:
         store.sync(m)
         _, kb, kc = keys_of(m)
         # b is in flight: it stays even when the row goes away
@@ -104,8 +118,8 @@ def test_removed_and_revived(tmp_path: Path) -> None:
         assert aid > 0
 
 
-def test_bad_manifest_changes_nothing(tmp_path: Path) -> None:
-    with Store(tmp_path / "s.db") as store:
+def test_bad_manifest_changes_nothing(tmp_path: Path, open_db: OpenDb) -> None:
+    with open_db() as store:
         store.sync(FakeManifest(tmp_path, ["a"]))
         with pytest.raises(ManifestError):
             store.sync(FakeManifest(tmp_path, ["x", "y", "z"], bad=True))
@@ -115,9 +129,9 @@ def test_bad_manifest_changes_nothing(tmp_path: Path) -> None:
         assert job is not None and job["fingerprint"] == "fp-a"
 
 
-def test_transitions_and_credit_totals(tmp_path: Path) -> None:
+def test_transitions_and_credit_totals(tmp_path: Path, open_db: OpenDb) -> None:
     m = FakeManifest(tmp_path, ["a", "b", "c"])
-    with Store(tmp_path / "s.db") as store:
+    with open_db() as store:
         store.sync(m)
         ka, kb, kc = keys_of(m)
         due = store.next_due(10)
@@ -162,9 +176,9 @@ def test_transitions_and_credit_totals(tmp_path: Path) -> None:
         assert full[kb].attempt_rows[0].replayed is True
 
 
-def test_submit_retry_keeps_attempt_and_budget(tmp_path: Path) -> None:
+def test_submit_retry_keeps_attempt_and_budget(tmp_path: Path, open_db: OpenDb) -> None:
     m = FakeManifest(tmp_path, ["a"])
-    with Store(tmp_path / "s.db") as store:
+    with open_db() as store:
         store.sync(m)
         [k] = keys_of(m)
         [aid] = store.start_attempts([NewAttempt(k, 1, "z-image-turbo", 0.5)])

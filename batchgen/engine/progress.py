@@ -25,11 +25,11 @@ from batchgen.engine.scheduler import Counters
 TTY_REDRAW_S = 0.25
 PLAIN_EVERY_S = 15.0
 # Events worth a line even when not in --json mode.
-_NOTABLE = frozenset({"stopping", "warning", "preflight", "review_requeued"})
+_NOTABLE = frozenset({"stopping", "warning", "preflight", "review_requeued", "runners"})
 # --json: events are written as they happen and flushed at least this often, and at once for these.
 JSON_FLUSH_S = 0.5
 JSON_MAX_PENDING = 2000
-_FLUSH_AT_ONCE = frozenset({"stopping", "warning", "preflight", "synced", "summary", "failed"})
+_FLUSH_AT_ONCE = frozenset({"stopping", "warning", "preflight", "synced", "summary", "failed", "runners"})
 
 
 class Progress:

@@ -21,7 +21,8 @@ from dataclasses import dataclass
 
 from batchgen.storage import aside
 from batchgen.storage.base import Storage
-from batchgen.store.sqlite import SetAsideRecord, Store
+from batchgen.store.base import BaseStore as Store
+from batchgen.store.records import SetAsideRecord
 
 
 @dataclass(frozen=True)

@@ -9,6 +9,11 @@ default), the credit preflight, the runtime limit's deadlines, the exit code and
 Exit codes: 0 every request done; 1 finished but some failed for good; 2 bad input (raised, mapped by the
 CLI); 3 stopped early and resumable (signal, budget, runtime limit, 401/402, API unreachable, policy pause,
 tasks left past max_wait, database locked).
+
+Shared store (`--db postgresql://...`, docs/scale-out.md): `lock()` registers this process as one of the
+job's runners instead of taking a file lock; the run prints which runners it shares the job with, refuses
+a local output folder when another host already runs the job, takes its share of `--rate` (re-read every
+heartbeat), and counts `--max-runtime` from the job-wide start of the current group of runners.
 """
 
 from __future__ import annotations
@@ -17,18 +22,22 @@ import asyncio
 import contextlib
 import os
 import signal
+import socket
+import time
 from pathlib import Path
 from typing import Any
 
+from batchgen.engine import shares
 from batchgen.engine.progress import Progress
 from batchgen.engine.rejects import requeue_rejected
 from batchgen.engine.scheduler import Scheduler, SchedulerConfig, StopReason
 from batchgen.engine.uploads import Uploader
-from batchgen.errors import ApiError, ConfigError, ConnectError, LocalFaultError
+from batchgen.errors import ApiError, BatchgenError, ConfigError, ConnectError, LocalFaultError
 from batchgen.models import JobSpec, RunOptions, RunSettings
 from batchgen.storage.base import Storage
 from batchgen.storage.location import open_storage, record_storage, resolve_location
-from batchgen.store.sqlite import Store
+from batchgen.store.base import BaseStore as Store
+from batchgen.store.open import open_store
 from batchgen.units import parse_duration_s, parse_rate
 
 DEFAULT_API_BASE = "https://api.evolink.ai"
@@ -37,6 +46,9 @@ EMULATOR_KEY = "sk-evo-emulator"
 EXIT_DONE, EXIT_FAILED, EXIT_STOPPED = 0, 1, 3
 # Tests (and the curious) set this to make the scheduler assert its poll invariant after every change.
 CHECK_INVARIANTS_ENV = "BATCHGEN_CHECK_INVARIANTS"
+# A shared store's runner lease (heartbeat every third of it), scaled by --time-scale for tests.
+LEASE_S = 15.0
+LEASE_MIN_S = 1.5
 
 
 def run_job(manifest_path: Path, options: RunOptions) -> int:
@@ -56,9 +68,16 @@ async def run_job_async(manifest_path: Path, options: RunOptions) -> int:
         out = resolve_location(options.out_dir) if options.out_dir else job.output_location()
     except ValueError as error:
         raise ConfigError(f"--out: {error}") from None
-    with Store(db_path) as store:
+    target: str | Path = options.db_url or db_path
+    job_name = options.job or (job.name if options.db_url else None)
+    lease_s = max(LEASE_MIN_S, LEASE_S * options.time_scale)
+    with open_store(target, job_name, create=True, lease_s=lease_s) as store:
         store.lock()
+        notes = _sharing_notes(store, out)
         sync = store.sync(manifest, out)
+        if sync.stale:
+            notes.append(f"this manifest ({manifest_path}) is older than the version the job was last synced "
+                         "from by another runner: it is not synced back; the job runs as the database has it")
         # Opening a bucket checks it (and creates it when missing) before anything is sent.
         try:
             patience_s: float | None = parse_duration_s(effective_settings(job, options).patience)
@@ -70,9 +89,25 @@ async def run_job_async(manifest_path: Path, options: RunOptions) -> int:
         try:
             if out.startswith("s3://"):
                 record_storage(store, job.output.endpoint_url, job.output.region)
-            return await _run(store, job, options, storage, sync.added, sync.removed)
+            return await _run(store, job, options, storage, sync.added, sync.removed, notes)
         finally:
             await asyncio.to_thread(storage.close)
+
+
+def _sharing_notes(store: Store, out: str) -> list[str]:
+    """Who else runs this job (shared stores); refuses a local output folder shared across hosts (a bucket
+    is shared storage: every runner may write it)."""
+    if not store.shared:
+        return []
+    others = [r for r in store.live_runners() if r.id != store.runner_id]
+    problem = None if out.startswith("s3://") else shares.output_conflict(Path(out), socket.gethostname(), others)
+    if problem is not None:
+        raise ConfigError(problem)
+    if not others:
+        return [f"running job {store.job_name} in {store.location}; no other runner shares it right now"]
+    names = ", ".join(f"{r.host} pid {r.pid} (since {time.strftime('%H:%M:%S', time.localtime(r.started_at))})"
+                      for r in others)
+    return [f"sharing job {store.job_name} with {len(others)} other runner(s): {names}"]
 
 
 def effective_settings(job: JobSpec, options: RunOptions) -> RunSettings:
@@ -89,7 +124,8 @@ def effective_settings(job: JobSpec, options: RunOptions) -> RunSettings:
     return job.run.model_copy(update=updates)
 
 
-async def _run(store: Store, job: JobSpec, options: RunOptions, storage: Storage, added: int, removed: int) -> int:
+async def _run(store: Store, job: JobSpec, options: RunOptions, storage: Storage, added: int, removed: int,
+               notes: list[str] | None = None) -> int:
     settings = effective_settings(job, options)
     try:
         rate = parse_rate(settings.rate)
@@ -114,22 +150,26 @@ async def _run(store: Store, job: JobSpec, options: RunOptions, storage: Storage
         from batchgen.api.client import EvolinkClient
         from batchgen.engine.ratelimit import AdaptiveLimiter
 
-        limiter = AdaptiveLimiter(rate)
+        limiter: Any = AdaptiveLimiter(rate)
+        if store.shared:  # one budget for every runner of the job: this runner takes its share
+            limiter = shares.ShareLimiter(limiter, rate.per_second, len(store.live_runners()))
+            shares.apply_share(limiter, rate.per_second, limiter.runners)
         client = await stack.enter_async_context(EvolinkClient(api_base, files_base, api_key, limiter=limiter))
-        return await _drive(store, job, settings, options, storage, client, max_wait_s, added, removed)
+        return await _drive(store, job, settings, options, storage, client, max_wait_s, added, removed, notes or [])
     raise AssertionError("unreachable")  # pragma: no cover
 
 
 async def _drive(store: Store, job: JobSpec, settings: RunSettings, options: RunOptions, storage: Storage,
-                 client: Any, max_wait_s: float, added: int, removed: int) -> int:
+                 client: Any, max_wait_s: float, added: int, removed: int, notes: list[str]) -> int:
     loop = asyncio.get_running_loop()
     start = loop.time()
     submit_deadline = hard_deadline = None
     if options.max_runtime_s is not None:
+        begun = start - store.job_elapsed_s()  # shared stores: the limit holds for the job's runners as a whole
         # Stop submitting early enough for tasks in flight to finish and download before the hard stop.
         margin = min(max_wait_s + 5.0 * options.time_scale, 0.25 * options.max_runtime_s)
-        submit_deadline = start + options.max_runtime_s - margin
-        hard_deadline = start + options.max_runtime_s
+        submit_deadline = begun + options.max_runtime_s - margin
+        hard_deadline = begun + options.max_runtime_s
     cfg = SchedulerConfig(
         out_dir=None, storage=storage, filename_template=job.output.filename, concurrency=settings.concurrency,
         max_attempts=settings.max_attempts, fallback_models=list(settings.fallback_models), max_wait_s=max_wait_s,
@@ -163,6 +203,8 @@ async def _drive(store: Store, job: JobSpec, settings: RunSettings, options: Run
             "message": f"review: {rejected.requeued} rejected request(s) requeued for a new attempt"
             + (f", {rejected.exhausted} left as they are (no attempts left; raise run.max_attempts)"
                if rejected.exhausted else "")})
+    for note in notes:
+        progress.event("runners" if not note.startswith("this manifest") else "warning", {"message": note})
     if released:
         progress.event("warning", {"message": f"{released} request(s) in flight belonged to the previous run's "
                                    "emulator, which is gone; resubmitting them"})
@@ -182,6 +224,7 @@ async def _drive(store: Store, job: JobSpec, settings: RunSettings, options: Run
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, on_signal, sig)
     ticker = asyncio.ensure_future(_tick(progress))
+    sharer = asyncio.ensure_future(_share_budget(store, client.limiter, settings)) if store.shared else None
     reason, message = StopReason.FINISHED, "finished"
     try:
         await _preflight(store, client, scheduler, progress)
@@ -194,6 +237,8 @@ async def _drive(store: Store, job: JobSpec, settings: RunSettings, options: Run
         reason, message = StopReason.SIGNAL, "stopped at once by a second signal; resumable"
     finally:
         ticker.cancel()
+        if sharer is not None:
+            sharer.cancel()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.remove_signal_handler(sig)
     code, summary = _finish(store, scheduler, reason, message, loop.time() - start)
@@ -234,6 +279,16 @@ def _finish(store: Store, scheduler: Scheduler, reason: StopReason, message: str
         "elapsed_s": round(elapsed_s, 3),
     }
     return code, summary
+
+
+async def _share_budget(store: Store, limiter: Any, settings: RunSettings) -> None:
+    """Every heartbeat: this runner's share of the key's budget follows the number of live runners."""
+    per_second = parse_rate(settings.rate).per_second
+    interval = getattr(store, "lease_s", LEASE_S) / 3
+    while True:
+        await asyncio.sleep(interval)
+        with contextlib.suppress(BatchgenError):  # the database away for a moment: keep the last share
+            shares.apply_share(limiter, per_second, len(store.live_runners()))
 
 
 async def _tick(progress: Progress) -> None:
@@ -279,6 +334,6 @@ def _write_export(store: Store, storage: Storage, progress: Progress) -> None:
     except ImportError:
         return
     try:
-        write_run_files(store.path, storage)  # index.jsonl (provenance) and results.csv
+        write_run_files(store.target, storage, store.job_name)  # index.jsonl (provenance) and results.csv
     except Exception as error:  # an export problem must not turn a good run into a crash
         progress.event("warning", {"message": f"could not write the export: {error}"})

@@ -67,14 +67,14 @@ from batchgen.models import GenerationRequest, QualitySettings
 from batchgen.storage import aside, outputs
 from batchgen.storage.base import Storage, StorageError
 from batchgen.storage.local import LocalStorage
-from batchgen.store.sqlite import (
+from batchgen.store.base import BaseStore
+from batchgen.store.records import (
     AttemptState,
     ImageRecord,
     NewAttempt,
     Outcome,
     RequestRecord,
     SetAsideRecord,
-    Store,
 )
 
 if TYPE_CHECKING:
@@ -100,6 +100,9 @@ EventSink = Callable[[str, dict[str, Any]], None]
 # refusals that are not transient (those retry like any call); uploads cost no credits, so they are not
 # limited by the request's max_attempts.
 PREPARE_MAX_TRIES = 5
+# Shared stores (several runners on one job): how often to look for attempts of dead runners, as a fraction
+# of the store's lease (takeover then happens within about 1⅓ leases of the death).
+TAKEOVER_EVERY_LEASE = 1 / 3
 
 class StopReason(enum.StrEnum):
     FINISHED = "finished"
@@ -188,7 +191,7 @@ class _Tracked:
 
 
 class Scheduler:
-    def __init__(self, store: Store, client: EvolinkClient, config: SchedulerConfig, *,
+    def __init__(self, store: BaseStore, client: EvolinkClient, config: SchedulerConfig, *,
                  emit: EventSink | None = None, prepare_body: BodyPreparer | None = None,
                  reference_failed: ReferenceCheck | None = None, rng: random.Random | None = None) -> None:
         self.store = store
@@ -259,6 +262,8 @@ class Scheduler:
         c.started = loop.time()
         self._load_from_store()
         workers = [self._spawn(self._poller()), self._spawn(self._sender())]
+        if self.store.shared:
+            workers.append(self._spawn(self._take_over_loop()))
         workers += [self._spawn(self._downloader()) for _ in range(self.cfg.download_concurrency)]
         try:
             await self._submitter()
@@ -325,14 +330,48 @@ class Scheduler:
     def _load_from_store(self) -> None:
         """Rebuild the in-flight state from the store (a fresh run, or a resume after a kill)."""
         assert self._loop is not None
-        now_loop, now_wall = self._loop.time(), time.time()
         counts = self.store.counts()
         c = self.counters
         c.total = sum(v for k, v in counts.items() if k != "removed")
         c.done, c.failed = counts["done"], counts["failed"]
         totals = self.store.credit_totals()
         c.credits_reserved, c.credits_used = totals.reserved, totals.used
-        for req, att in self.store.open_attempts():
+        self._track_open(self.store.open_attempts(), honour_not_before=True)
+
+    # --- several runners on one job (shared stores only) -----------------------------------------------
+
+    def _take_over_interval(self) -> float:
+        return float(getattr(self.store, "lease_s", 15.0)) * TAKEOVER_EVERY_LEASE
+
+    async def _take_over_loop(self) -> None:
+        """Every third of a lease: take over the attempts of runners whose lease expired, and re-read the
+        job-wide credit totals so that --max-credits holds for the job as a whole. (With SQLite there is
+        one runner per database and this loop is not started.)"""
+        while self._halting is None:
+            await asyncio.sleep(self._take_over_interval())
+            if self._draining is not None:
+                continue
+            totals = self.store.credit_totals()
+            self.counters.credits_reserved, self.counters.credits_used = totals.reserved, totals.used
+            taken = self.store.take_over()
+            if taken:
+                self._track_taken_over(taken)
+                self.emit("takeover", {"requests": len(taken), "message": f"took over {len(taken)} request(s) "
+                                       "of a runner that stopped answering"})
+                self._wake.set()
+
+    def _track_taken_over(self, pairs: list[tuple[RequestRecord, Any]]) -> None:
+        """Track attempts taken over from a dead runner exactly as a resumed run's own."""
+        self._track_open(pairs, honour_not_before=False)
+
+    def _track_open(self, pairs: list[tuple[RequestRecord, Any]], *, honour_not_before: bool) -> None:
+        """Track open attempts found in the store (a resume, or a takeover): downloads for completed tasks,
+        polls for task ids, resends with the same key for the rest."""
+        assert self._loop is not None
+        now_loop, now_wall = self._loop.time(), time.time()
+        for req, att in pairs:
+            if att.id in self._tracked:
+                continue
             t = _Tracked(req=req, attempt_id=att.id, attempt_no=att.attempt_no, attempts=req.attempts,
                          idempotency_key=att.idempotency_key, model=att.model,
                          body=att.body or self._body_for(req, att.model),
@@ -347,11 +386,11 @@ class Scheduler:
                 continue
             self._tracked[att.id] = t
             if att.task_id is None:
-                due = now_loop + max(0.0, req.not_before - now_wall)
-                self._push(self._send_heap, due, t)
+                wait_s = max(0.0, req.not_before - now_wall) if honour_not_before else 0.0
+                self._push(self._send_heap, now_loop + wait_s, t)
             else:
                 self._push(self._poll_heap, now_loop, t)
-        c.in_flight = len(self._tracked)
+        self.counters.in_flight = len(self._tracked)
 
     def _push(self, heap: list[tuple[float, int, int]], due: float, t: _Tracked) -> None:
         heapq.heappush(heap, (due, next(self._seq), t.attempt_id))
@@ -391,7 +430,10 @@ class Scheduler:
                     continue
                 nb = self.store.next_not_before()
                 if nb is None and not self._tracked and self._downloading == 0:
-                    return  # nothing pending, nothing in flight: the job is finished
+                    if not self.store.unfinished_elsewhere():
+                        return  # nothing pending, nothing in flight: the job is finished
+                    # Other runners still hold work (shared store): stay to take it over if they die.
+                    nb = time.time() + self._take_over_interval()
                 timeout = None if nb is None else max(0.0, nb - time.time())
             await self._wait(self._wake, _min_opt(timeout, self._deadline_timeout()))
 

@@ -53,7 +53,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from batchgen.errors import ApiError, BatchgenError, FilesApiError, is_transient
-from batchgen.store.sqlite import RequestRecord, Store, UploadRecord
+from batchgen.store.base import BaseStore
+from batchgen.store.records import RequestRecord, UploadRecord
 
 if TYPE_CHECKING:
     from batchgen.api.client import EvolinkClient
@@ -81,7 +82,7 @@ class UploadWaitError(BatchgenError):
 class Uploader:
     """Turns a request's local paths into Files API URLs (see the module docstring). One per run."""
 
-    def __init__(self, store: Store, client: EvolinkClient, time_scale: float = 1.0) -> None:
+    def __init__(self, store: BaseStore, client: EvolinkClient, time_scale: float = 1.0) -> None:
         self.store = store
         self.client = client
         self.time_scale = time_scale

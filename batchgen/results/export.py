@@ -32,7 +32,9 @@ from typing import IO, Any
 from batchgen.errors import BatchgenError, ConfigError
 from batchgen.storage.atomicfile import atomic_text
 from batchgen.storage.base import Storage
-from batchgen.store.sqlite import AttemptRecord, ImageRecord, RequestRecord, ReviewRecord, Store
+from batchgen.store.base import BaseStore
+from batchgen.store.open import open_store
+from batchgen.store.records import AttemptRecord, ImageRecord, RequestRecord, ReviewRecord
 
 FORMATS = ("csv", "jsonl")
 RESULTS_NAME = "results.csv"
@@ -133,7 +135,7 @@ def input_field_order(manifest_path: str | None) -> tuple[list[str], list[str]]:
     return list(first.metadata), list(first.variant)
 
 
-def discover_columns(store: Store, *, per_request: bool = False) -> Columns:
+def discover_columns(store: BaseStore, *, per_request: bool = False) -> Columns:
     """Every item field and matrix variable the job's requests use (a first, cheap pass over the store)."""
     item_fields, variant_fields = store.field_names()
     item_seen, variant_seen = dict.fromkeys(item_fields), dict.fromkeys(variant_fields)
@@ -220,7 +222,7 @@ def row_for_request(req: RequestRecord, columns: Columns) -> dict[str, Any]:
     return {name: row[name] for name in columns.names}
 
 
-def iter_rows(store: Store, columns: Columns, *, per_request: bool = False) -> Iterator[dict[str, Any]]:
+def iter_rows(store: BaseStore, columns: Columns, *, per_request: bool = False) -> Iterator[dict[str, Any]]:
     """Rows in manifest order, streamed from the store."""
     reviews = store.latest_reviews()
     for req in store.iter_requests(with_history=True):
@@ -254,11 +256,13 @@ def write_rows(fh: IO[str], fmt: str, columns: Columns, rows: Iterable[dict[str,
     return count
 
 
-def export_results(db_path: Path, *, fmt: str = "csv", output: Path | None = None, per_request: bool = False) -> int:
-    """Export the job in `db_path` to `output` (atomically) or stdout; returns the number of rows."""
+def export_results(db_path: Path | str, *, fmt: str = "csv", output: Path | None = None, per_request: bool = False,
+                   job: str | None = None) -> int:
+    """Export the job in `db_path` (a path or a postgresql:// URL with `job`) to `output` (atomically) or
+    stdout; returns the number of rows."""
     if fmt not in FORMATS:
         raise ConfigError(f'unknown export format "{fmt}"; use one of {", ".join(FORMATS)}')
-    with Store(db_path) as store:
+    with open_store(db_path, job) as store:
         columns = discover_columns(store, per_request=per_request)
         rows = iter_rows(store, columns, per_request=per_request)
         if output is None:
@@ -267,7 +271,7 @@ def export_results(db_path: Path, *, fmt: str = "csv", output: Path | None = Non
             return write_rows(fh, fmt, columns, rows)
 
 
-def write_run_files(db_path: Path, out_dir: Path | Storage) -> dict[str, int]:
+def write_run_files(db_path: Path | str, out_dir: Path | Storage, job_name: str | None = None) -> dict[str, int]:
     """The files every run leaves in its output folder or bucket: the provenance index and `results.csv`.
 
     Both come from one pass over the store and replace the previous pair atomically (a failure leaves the
@@ -278,7 +282,7 @@ def write_run_files(db_path: Path, out_dir: Path | Storage) -> dict[str, int]:
     from batchgen.storage.local import LocalStorage
 
     storage = out_dir if isinstance(out_dir, Storage) else LocalStorage(Path(out_dir))
-    with Store(db_path) as store:
+    with open_store(db_path, job_name) as store:
         stamp = f"{store.last_change()!r} {storage.location}"
         if store.get_meta("run_files") == stamp and storage.exists(INDEX_NAME) and storage.exists(RESULTS_NAME):
             return {}

@@ -35,7 +35,7 @@ from typing import Any
 
 from batchgen import __version__
 from batchgen.storage.base import Storage
-from batchgen.store.sqlite import ImageRecord, RequestRecord
+from batchgen.store.records import ImageRecord, RequestRecord
 
 INDEX_NAME = "index.jsonl"
 

@@ -49,7 +49,7 @@ from batchgen.results.sheet import Tile, gather
 from batchgen.storage.base import Storage
 from batchgen.storage.local import LocalStorage
 from batchgen.storage.location import STORAGE_META, is_bucket_url, open_storage, storage_for_job
-from batchgen.store.sqlite import Store
+from batchgen.store.open import open_store
 
 REPORT_NAME = "report.html"
 THUMBS_DIR = "thumbs"
@@ -166,25 +166,25 @@ def _bucket_key(url: str) -> tuple[str, str]:
     return bucket, key
 
 
-def links_are_presigned(db_path: Path, output: Path | str | None) -> bool:
+def links_are_presigned(db_path: Path | str, output: Path | str | None, job_name: str | None = None) -> bool:
     """Whether a report written to `output` links the job's images by presigned URLs (they expire after
     LINK_LIFETIME_S): the images are in a bucket and the report is not in that bucket."""
-    with Store(Path(db_path)) as store:
+    with open_store(db_path, job_name) as store:
         location = str((store.job_record() or {}).get("output_dir") or "")
     if not is_bucket_url(location) or output is None:
         return False
     return not (is_bucket_url(str(output)) and _bucket_key(str(output))[0] == _bucket_key(location)[0])
 
 
-def write_report(db_path: Path, output: Path | str | None = None, *,
-                 out_dir: Path | None = None) -> tuple[Path | str, int]:
+def write_report(db_path: Path | str, output: Path | str | None = None, *, out_dir: Path | None = None,
+                 job_name: str | None = None) -> tuple[Path | str, int]:
     """Write the contact sheet for the job in `db_path`; returns (report path or s3:// URL, tiles).
 
     `output` defaults to report.html in the job's output folder or bucket, and may be an
     `s3://bucket/prefix/name.html` URL; `out_dir` (where the images are) defaults to the output location
     the store records for the job."""
-    db_path = Path(db_path)
-    with Store(db_path) as store, contextlib.ExitStack() as stack:
+    with open_store(db_path, job_name) as store, contextlib.ExitStack() as stack:
+        db_name = Path(str(store.location)).name  # a shared store's URL carries no password here
         images = stack.enter_context(storage_for_job(store, str(Path(out_dir).resolve()) if out_dir else None))
         if output is None:
             report, name = images, REPORT_NAME
@@ -209,7 +209,7 @@ def write_report(db_path: Path, output: Path | str | None = None, *,
             def full_url(t: Tile) -> str:
                 return links.tile_links(t.rel, t.sha256).href
 
-            page = render_sheet(sheet, mode="report", db_name=db_path.name, thumb_url=thumb_url,
+            page = render_sheet(sheet, mode="report", db_name=db_name, thumb_url=thumb_url,
                                 full_url=full_url)
             with report.open_text(name) as fh:
                 fh.write(page)

@@ -37,7 +37,9 @@ from batchgen.results.render import render_sheet
 from batchgen.results.report import make_thumbnail, thumb_name
 from batchgen.results.sheet import REVIEW_LABELS, Tile, gather
 from batchgen.storage.local import safe_target
-from batchgen.store.sqlite import ReviewRefusedError, Store
+from batchgen.store.base import BaseStore as Store
+from batchgen.store.open import open_store
+from batchgen.store.records import ReviewRefusedError
 
 TOKEN_HEADER = "X-Batchgen-Token"
 DEFAULT_HOST = "127.0.0.1"
@@ -169,9 +171,10 @@ def host_names(host: str, port: int) -> set[str]:
 class ReviewServer:
     """`async with ReviewServer(db_path) as srv:` serves on `srv.url` (token included) until the block ends."""
 
-    def __init__(self, db_path: Path, *, host: str = DEFAULT_HOST, port: int = 0, token: str | None = None,
-                 out_dir: Path | None = None) -> None:
-        self.db_path = Path(db_path)
+    def __init__(self, db_path: Path | str, *, host: str = DEFAULT_HOST, port: int = 0, token: str | None = None,
+                 out_dir: Path | None = None, job_name: str | None = None) -> None:
+        self.db_path = db_path  # a file, or a postgresql:// URL
+        self.job_name = job_name
         self.host, self.port = host, port
         self.token = token or new_token()
         self.out_dir = out_dir
@@ -181,9 +184,10 @@ class ReviewServer:
         self._tmp: tempfile.TemporaryDirectory[str] | None = None
 
     async def __aenter__(self) -> ReviewServer:
-        store = self._store = Store(self.db_path)
+        store = self._store = open_store(self.db_path, self.job_name)
         job = store.job_record() or {}
-        location = str(self.out_dir or job.get("output_dir") or self.db_path.parent)
+        db_name = Path(str(store.location)).name  # a shared store's URL carries no password here
+        location = str(self.out_dir or job.get("output_dir") or Path(str(self.db_path)).parent)
         if location.startswith("s3://"):
             store.close()
             self._store = None
@@ -194,7 +198,7 @@ class ReviewServer:
         self._tmp = tempfile.TemporaryDirectory(prefix="batchgen-review-")
         # The Host check needs the real port, known only once bound: the app reads the set it was given.
         hosts: set[str] = set()
-        app = make_app(store, images_dir, self.token, Path(self._tmp.name), hosts, self.db_path.name)
+        app = make_app(store, images_dir, self.token, Path(self._tmp.name), hosts, db_name)
         self._runner = web.AppRunner(app, access_log=None)
         await self._runner.setup()
         site = web.TCPSite(self._runner, self.host, self.port)
@@ -223,11 +227,12 @@ class ReviewServer:
             self._tmp = None
 
 
-def serve(db_path: Path, *, host: str, port: int, on_ready: Callable[[str], None]) -> None:
+def serve(db_path: Path | str, *, host: str, port: int, on_ready: Callable[[str], None],
+          job_name: str | None = None) -> None:
     """Serve until Ctrl-C / SIGTERM (blocking); `on_ready(url)` once it listens."""
 
     async def main() -> None:
-        async with ReviewServer(db_path, host=host, port=port) as server:
+        async with ReviewServer(db_path, host=host, port=port, job_name=job_name) as server:
             on_ready(server.url)
             stop = asyncio.Event()
             loop = asyncio.get_running_loop()

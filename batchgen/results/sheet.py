@@ -18,7 +18,8 @@ from typing import Any
 from batchgen.results.export import Reviews, input_field_order, ordered, producing_attempt, request_credits
 from batchgen.storage.base import Storage
 from batchgen.storage.local import LocalStorage
-from batchgen.store.sqlite import ImageRecord, RequestRecord, Store
+from batchgen.store.base import BaseStore as Store
+from batchgen.store.records import ImageRecord, RequestRecord
 
 REVIEW_LABELS = {"approve": "approved", "reject": "rejected"}
 

@@ -12,7 +12,8 @@ i.e. a task exists and its images are not all on disk), `submitted`, `completed`
 `last_run` ({`started_at`, `finished_at`, `exit_code`, `reason`} or null), `review` {`approved`,
 `rejected` (current images a person rejected, not yet regenerated), `unreviewed`, `regenerating`
 (requests requeued after a reject, not finished yet), `set_aside` (images kept under _rejected/),
-`check_failed` (current images flagged by the automatic checks, `on_fail: keep`)}.
+`check_failed` (current images flagged by the automatic checks, `on_fail: keep`)}, `runners` (shared stores:
+the live runners of the job, [{`id`, `host`, `pid`, `since`, `heartbeat_at`, `claimed`}]; always [] with SQLite).
 """
 
 from __future__ import annotations
@@ -21,18 +22,17 @@ import time
 from pathlib import Path
 from typing import Any
 
-from batchgen.store.sqlite import Store
+from batchgen.store.open import open_store
 
 
-def collect(db_path: Path) -> dict[str, Any]:
-    with Store(db_path) as store:
+def collect(db_path: Path | str, job_name: str | None = None) -> dict[str, Any]:
+    with open_store(db_path, job_name) as store:
         job = store.job_record()
         counts = store.counts()
         credits = store.credit_totals()
         images, image_bytes = store.image_totals()
         now = time.time()
-        waiting = store.conn.execute(
-            "SELECT COUNT(*) FROM requests WHERE state='pending' AND not_before > ?", (now,)).fetchone()[0]
+        waiting = store.waiting_retry(now)
         runs = store.runs()
         out: dict[str, Any] = {
             "job": job["name"] if job else None,
@@ -54,6 +54,8 @@ def collect(db_path: Path) -> dict[str, Any]:
             "failures": store.failures_by_code(),
             "last_run": None,
             "review": store.review_counts(),
+            "runners": [{"id": r.id, "host": r.host, "pid": r.pid, "since": r.started_at,
+                         "heartbeat_at": r.heartbeat_at, "claimed": r.claimed} for r in store.live_runners()],
         }
         if runs:
             last = runs[-1]
@@ -89,6 +91,9 @@ def render_text(s: dict[str, Any]) -> str:
             for m in f["messages"]:
                 lines.append(f"      {m['count']} × {m['message']}")
         lines.append("  (`batchgen retry` requeues them; `--code CODE` picks some)")
+    for r in s.get("runners") or []:
+        since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(r["since"]))
+        lines.append(f"runner {r['host']} pid {r['pid']}: since {since}, {r['claimed']} request(s) in flight")
     last = s.get("last_run")
     if last:
         when = time.strftime("%Y-%m-%d %H:%M", time.localtime(last["started_at"]))

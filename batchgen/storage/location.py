@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 from batchgen.storage.base import Storage
 
 if TYPE_CHECKING:
-    from batchgen.store.sqlite import Store
+    from batchgen.store.base import BaseStore as Store
 
 STORAGE_META = "output_storage"  # store meta key: {"endpoint_url": ..., "region": ...} of a bucket
 

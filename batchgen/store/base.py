@@ -1,0 +1,298 @@
+"""The store interface: what the scheduler, uploads, status, export and report may ask of a job's state.
+
+Two backends implement it: `sqlite.py` (the embedded default, one file per job, one runner at a time) and
+`postgres.py` (a server shared by any number of runners on any number of hosts, several jobs per database).
+Callers get one from `open_store()` (open.py) and never learn which it is.
+
+The interface is synchronous on purpose, for both backends. The scheduler is asyncio, but it relies on
+every store write happening *between* awaits: a cancellation (a second Ctrl-C, the hard runtime limit) can
+then never interrupt a transition halfway, and "committed before anything depends on it" holds by
+construction. A query on loopback or a LAN costs well under a millisecond (docs/benchmarks.md), less than
+the bookkeeping an async driver would add, so the engine does not wait on the database in any way that
+matters. (The issue suggested psycopg's async API; this is the deliberate exception, see docs/scale-out.md.)
+
+Every backend keeps the same promises: the same states and transitions (models.State, AttemptState), every
+transition committed before anything depends on it, a task id on disk before anything waits on it, numbered
+append-only migrations applied on open.
+
+Multi-runner hooks (`shared`, `take_over`, `live_runners`, `job_elapsed_s`, `runner_id`) have single-runner
+defaults here: with SQLite the file lock guarantees one runner, so there is never anything to take over.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Iterable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any
+
+from batchgen.store.records import (
+    AttemptRecord,
+    CreditTotals,
+    ImageRecord,
+    NewAttempt,
+    Outcome,
+    RequestRecord,
+    ReviewRecord,
+    RunnerInfo,
+    SetAsideRecord,
+    SyncResult,
+    UploadRecord,
+)
+
+if TYPE_CHECKING:
+    from pathlib import Path
+
+    from batchgen.manifest.load import Manifest
+
+
+class BaseStore(abc.ABC):
+    """The run state of one job. Opening migrates the schema; every method commits what it changes."""
+
+    store_id: str
+    # True when several runners may share the job (the scheduler then runs its takeover hook).
+    shared: bool = False
+    runner_id: str | None = None
+
+    # -- plumbing -----------------------------------------------------------------------------------
+
+    def __enter__(self) -> BaseStore:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @abc.abstractmethod
+    def close(self) -> None: ...
+
+    @property
+    @abc.abstractmethod
+    def location(self) -> str:
+        """Where the state lives, safe to print (a path, or a URL without its password) plus the job."""
+
+    @property
+    @abc.abstractmethod
+    def target(self) -> str:
+        """What `open_store()` was given (a path or a URL, secrets included: never print it)."""
+
+    @property
+    def job_name(self) -> str | None:
+        """The job this store is scoped to, where the backend holds several (None: the file is the job)."""
+        return None
+
+    @abc.abstractmethod
+    def schema_version(self) -> int: ...
+
+    @abc.abstractmethod
+    def applied_migrations(self) -> list[str]: ...
+
+    @abc.abstractmethod
+    def lock(self) -> None:
+        """Become this job's runner (SQLite: the only one; shared stores: one of several), or raise
+        StoreLockedError naming the holder."""
+
+    @abc.abstractmethod
+    def unlock(self) -> None: ...
+
+    # -- job and sync -------------------------------------------------------------------------------
+
+    @abc.abstractmethod
+    def job_record(self) -> dict[str, Any] | None: ...
+
+    @abc.abstractmethod
+    def sync(self, manifest: Manifest, out_dir: Path | str | None = None) -> SyncResult: ...
+
+    # -- reads --------------------------------------------------------------------------------------
+
+    @abc.abstractmethod
+    def counts(self) -> dict[str, int]: ...
+
+    @abc.abstractmethod
+    def credit_totals(self) -> CreditTotals: ...
+
+    @abc.abstractmethod
+    def image_totals(self) -> tuple[int, int]: ...
+
+    @abc.abstractmethod
+    def failures_by_code(self, messages_per_code: int = 3) -> list[dict[str, Any]]: ...
+
+    @abc.abstractmethod
+    def iter_requests(self, states: Iterable[str] | None = None,
+                      with_history: bool = True) -> Iterator[RequestRecord]: ...
+
+    @abc.abstractmethod
+    def field_names(self) -> tuple[list[str], list[str]]: ...
+
+    @abc.abstractmethod
+    def get_meta(self, key: str) -> str | None: ...
+
+    @abc.abstractmethod
+    def set_meta(self, key: str, value: str) -> None: ...
+
+    @abc.abstractmethod
+    def last_change(self) -> float: ...
+
+    @abc.abstractmethod
+    def get_request(self, key: str) -> RequestRecord | None: ...
+
+    @abc.abstractmethod
+    def images_for(self, key: str) -> list[ImageRecord]: ...
+
+    @abc.abstractmethod
+    def runs(self) -> list[dict[str, Any]]: ...
+
+    @abc.abstractmethod
+    def waiting_retry(self, now: float) -> int:
+        """Pending requests whose not_before is still ahead (waiting to be retried)."""
+
+    # -- the run engine's transitions ---------------------------------------------------------------
+
+    @abc.abstractmethod
+    def next_due(self, limit: int, now: float | None = None) -> list[RequestRecord]: ...
+
+    @abc.abstractmethod
+    def next_not_before(self) -> float | None: ...
+
+    @abc.abstractmethod
+    def pending_estimate(self) -> float: ...
+
+    @abc.abstractmethod
+    def has_pending(self) -> bool: ...
+
+    @abc.abstractmethod
+    def open_attempts(self) -> list[tuple[RequestRecord, AttemptRecord]]: ...
+
+    @abc.abstractmethod
+    def idempotency_key(self, request_key: str, attempt_no: int) -> str: ...
+
+    @abc.abstractmethod
+    def start_attempts(self, items: Sequence[NewAttempt]) -> list[int]: ...
+
+    @abc.abstractmethod
+    def record_task(self, attempt_id: int, task_id: str, credits_reserved: float | None, replayed: bool) -> None: ...
+
+    @abc.abstractmethod
+    def record_tasks(self, accepted: Sequence[tuple[int, str, float | None, bool]]) -> None:
+        """The task ids answered in one loop turn (attempt id, task id, credits reserved, replayed), in one
+        transaction: committed before anything waits on any of them."""
+
+    @abc.abstractmethod
+    def retry_submit(self, attempt_id: int, request_key: str, not_before: float, code: str | None,
+                     message: str | None) -> None: ...
+
+    @abc.abstractmethod
+    def record_outcomes(self, outcomes: Sequence[Outcome]) -> None: ...
+
+    @abc.abstractmethod
+    def abandon_attempt(self, attempt_id: int, code: str, message: str) -> None: ...
+
+    @abc.abstractmethod
+    def release_open_attempts(self, code: str, message: str) -> int: ...
+
+    @abc.abstractmethod
+    def update_result_urls(self, attempt_id: int, urls: Sequence[str]) -> None: ...
+
+    @abc.abstractmethod
+    def record_image(self, img: ImageRecord, done: bool) -> None: ...
+
+    @abc.abstractmethod
+    def record_images(self, saved: Sequence[tuple[ImageRecord, bool]]) -> None:
+        """Several saved images in one transaction (`done`: the request is done with that image)."""
+
+    # -- quality checks and reviews (issue 16) ---------------------------------------------------------
+
+    @abc.abstractmethod
+    def reject_image(self, aside: SetAsideRecord, *, requeue: bool, code: str, message: str) -> None:
+        """An image failed its checks and was kept aside: record it, and requeue (a new attempt) or fail."""
+
+    @abc.abstractmethod
+    def set_aside_images(self) -> list[SetAsideRecord]: ...
+
+    @abc.abstractmethod
+    def latest_reviews(self) -> dict[tuple[str, int, str], ReviewRecord]:
+        """The latest decision on every image that has one, by (request key, idx, sha256)."""
+
+    @abc.abstractmethod
+    def decide(self, request_key: str, idx: int, sha256: str, decision: str, reason: str | None) -> ReviewRecord:
+        """A person's decision on one image; ReviewRefusedError when the image is no longer current."""
+
+    @abc.abstractmethod
+    def open_rejects(self) -> list[tuple[RequestRecord, list[ReviewRecord]]]:
+        """Done requests with a rejected current image not yet acted on: what the next run regenerates."""
+
+    @abc.abstractmethod
+    def requeue_rejected(self, request_key: str, asides: Sequence[SetAsideRecord], reason: str) -> None:
+        """The rejected images leave the results (kept aside), and the request is pending again."""
+
+    @abc.abstractmethod
+    def review_counts(self) -> dict[str, int]: ...
+
+    @abc.abstractmethod
+    def path_owner(self, paths: Sequence[str]) -> str | None: ...
+
+    @abc.abstractmethod
+    def finish_request(self, key: str) -> None: ...
+
+    @abc.abstractmethod
+    def requeue(self, key: str, not_before: float, code: str | None, message: str | None, *,
+                model: str | None = None, consume_attempt: bool = True) -> None: ...
+
+    @abc.abstractmethod
+    def defer(self, key: str, not_before: float, code: str | None, message: str | None) -> None: ...
+
+    @abc.abstractmethod
+    def fail(self, key: str, code: str | None, message: str | None) -> None: ...
+
+    @abc.abstractmethod
+    def requeue_failed(self, codes: list[str] | None = None) -> int: ...
+
+    # -- runs ---------------------------------------------------------------------------------------
+
+    @abc.abstractmethod
+    def start_run(self) -> int: ...
+
+    @abc.abstractmethod
+    def finish_run(self, run_id: int, exit_code: int, reason: str, summary: dict[str, Any]) -> None: ...
+
+    # -- uploads ------------------------------------------------------------------------------------
+
+    @abc.abstractmethod
+    def record_upload(self, rec: UploadRecord) -> None: ...
+
+    @abc.abstractmethod
+    def current_upload(self, sha256: str) -> UploadRecord | None: ...
+
+    @abc.abstractmethod
+    def uploads_by_url(self, urls: Iterable[str]) -> list[UploadRecord]: ...
+
+    @abc.abstractmethod
+    def live_uploads(self) -> list[UploadRecord]: ...
+
+    @abc.abstractmethod
+    def mark_upload(self, file_id: str, *, checked_at: float | None = None, suspect_at: float | None = None,
+                    deleted_at: float | None = None) -> None: ...
+
+    @abc.abstractmethod
+    def local_references(self, states: Sequence[str] = ("pending", "submitted")) -> list[tuple[str, str]]: ...
+
+    @abc.abstractmethod
+    def open_attempt_urls(self) -> set[str]: ...
+
+    # -- several runners on one job (single-runner defaults) ----------------------------------------
+
+    def take_over(self, limit: int = 500) -> list[tuple[RequestRecord, AttemptRecord]]:
+        """Open attempts of runners whose lease expired, now claimed by this runner (poll them, or send
+        them again with their own idempotency key). Single-runner stores have none."""
+        return []
+
+    def unfinished_elsewhere(self) -> int:
+        """Unfinished requests other runners may still hold (single-runner stores: none)."""
+        return 0
+
+    def live_runners(self) -> list[RunnerInfo]:
+        """The runners sharing this job right now (single-runner stores: none are recorded)."""
+        return []
+
+    def job_elapsed_s(self) -> float:
+        """Seconds since the job's current group of runners started (for a job-wide --max-runtime); 0 for
+        single-runner stores, where this run's own start counts."""
+        return 0.0
