@@ -40,13 +40,13 @@ The control loop
   **learned limit**. An *isolated* 429 (at most 2% of the window's answers, with at least 50 successes in
   it) costs a small step instead: 3% off the effective rate, and the rate it came at is the learned limit.
 * **The climb**, per second of clean traffic after the cool-down: multiplicative (×1.5 per second) while
-  the effective rate is below 90% of the target; then additive, 2% of the target per second, up to the
+  the effective rate is below 90% of the target; then additive, 5% of the target per second, up to the
   target. The target is the learned limit, grown with the time since the last 429 as a cube
-  (`learned × (1 + (t / forget_s)³)`: +4% after 10 s, +30% after 20 s, doubled after 30 s), and never
-  above the ceiling. So the controller holds just under the limit it found, probes slowly above it, and
-  finds a server that raised its limit again within about half a minute. An idle gap between two
-  successes counts as at most one second (or two call intervals at low rates): idleness is no evidence
-  that the server copes.
+  (`learned × (1 + (t / forget_s)³)`: +1% after 2 s, +12.5% after 5 s, doubled after 10 s), and never
+  above the ceiling. So the controller comes back to just under the limit it found, probes slowly above
+  it, then faster and faster, and finds a server that raised its limit (or a first estimate that was
+  too low) within seconds. An idle gap between two successes counts as at most one second (or two call
+  intervals at low rates): idleness is no evidence that the server copes.
 * `set_ceiling(per_second)` changes the hard ceiling at run time, never above the configured rate (a
   runner sharing one API key with others takes its share this way).
 
@@ -86,7 +86,7 @@ _ISOLATED_STEP = 0.97  # what an isolated 429 costs
 _MIN_EVIDENCE = 5  # fewer answers than this since the last cut: nothing to measure, halve instead
 _CLIMB_FACTOR_PER_S = 1.5  # multiplicative climb, per second of clean traffic
 _NEAR_TARGET = 0.9  # below this share of the target the climb is multiplicative
-_ADDITIVE_PER_S = 0.02  # near the target: this share of the target per second
+_ADDITIVE_PER_S = 0.05  # near the target: this share of the target per second
 _JITTER = 0.1  # positive-only jitter on a cool-down, as a share of it
 
 
@@ -112,7 +112,7 @@ class AdaptiveLimiter:
         default_pause_s: float = 1.0,
         window_s: float = 3.0,
         hold_s: float = 0.5,
-        forget_s: float = 30.0,
+        forget_s: float = 10.0,
         polls_per_submit: int = 3,
         min_fraction: float = 0.02,
         rng: random.Random | None = None,

@@ -122,7 +122,8 @@ async def _drive(store: Store, job: JobSpec, settings: RunSettings, options: Run
     uploader = Uploader(store, client, options.time_scale)
     scheduler = Scheduler(store, client, cfg, emit=lambda k, f: progress.event(k, f) if progress else None,
                           prepare_body=uploader.prepare_body, reference_failed=uploader.reference_failed)
-    progress = Progress.for_stream(options.json_events, scheduler.counters)
+    limiter = getattr(client, "limiter", None)  # the rate controller, shown while it runs and in the summary
+    progress = Progress.for_stream(options.json_events, scheduler.counters, limiter)
     run_id = store.start_run()
     if added or removed:
         progress.event("synced", {"added": added, "removed": removed,
@@ -161,6 +162,8 @@ async def _drive(store: Store, job: JobSpec, settings: RunSettings, options: Run
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.remove_signal_handler(sig)
     code, summary = _finish(store, scheduler, reason, message, loop.time() - start)
+    if limiter is not None:
+        summary.update(limiter.snapshot())  # configured/effective rate, learned limit, 429s: kept per run
     store.finish_run(run_id, code, reason.value, summary)
     _write_export(store, out_dir, progress)
     progress.summary(summary)
