@@ -24,10 +24,16 @@ forfeits what was paid, so a call held up by a cool-down cannot leave on credit 
 
 Polls first, submissions never starved
 ---------------------------------------
-Calls take turns to pay. When the turn passes, a waiting poll goes ahead of a waiting submission (a
-finished task is worth more than a new one), but never more than `polls_per_submit` polls in a row while
-a submission waits: that reserves a share of the budget (1 in `polls_per_submit + 1`) for submissions.
-Within a lane, first come, first served.
+Calls take turns to pay, first come, first served, with two exceptions. A poll that has waited
+`poll_grace_s` (half a second) goes ahead of every waiting submission: a finished task is worth more than
+a new one, so it is collected within about half a second, not after the queue of submissions ahead of it
+(up to `concurrency` of them). And never more than `polls_per_submit` polls in a row while a submission
+waits: that reserves a share of the budget (1 in `polls_per_submit + 1`) for submissions.
+
+Why not every poll first at once: the scheduler's poller sends one batch poll at a time, of the tasks
+due when it is sent. Let through at once, it sends a poll for every task or two that falls due, and a
+call that collects one task costs the budget as much as a submission; held for half a second, the next
+batch fills up meanwhile (up to 50 ids a call), so polls cost a few calls a second whatever the rate.
 
 The control loop
 ----------------
@@ -99,6 +105,7 @@ class AdaptiveLimiter:
     :param window_s: how far back the accepted rate is measured.
     :param hold_s: 429s within this long after a cut are the same event and do not cut again.
     :param forget_s: the learned limit doubles after this long without a 429.
+    :param poll_grace_s: a poll that has waited this long goes ahead of waiting submissions.
     :param polls_per_submit: most polls in a row while a submission waits.
     :param min_fraction: the effective rate never drops below this share of the configured rate.
     :param rng: random source for the cool-down's jitter (tests pass a seeded one).
@@ -113,6 +120,7 @@ class AdaptiveLimiter:
         window_s: float = 3.0,
         hold_s: float = 0.5,
         forget_s: float = 10.0,
+        poll_grace_s: float = 0.5,
         polls_per_submit: int = 3,
         min_fraction: float = 0.02,
         rng: random.Random | None = None,
@@ -135,6 +143,7 @@ class AdaptiveLimiter:
         self._hold_s = hold_s
         self._forget_s = forget_s
         self._polls_per_submit = polls_per_submit
+        self._poll_grace_s = poll_grace_s
         self._rng = rng or random.Random()
         self._rate = self._ceiling
         self._learned: float | None = None
@@ -154,7 +163,8 @@ class AdaptiveLimiter:
         self._ok_since_throttle = 0  # 2xx answers since the last 429
         # Turns: one call pays at a time; waiting calls queue by lane.
         self._turn_taken = False
-        self._queues: dict[Lane, deque[asyncio.Future[None]]] = {POLL: deque(), SUBMIT: deque()}
+        # Per lane: (loop time it arrived, its future), in arrival order.
+        self._queues: dict[Lane, deque[tuple[float, asyncio.Future[None]]]] = {POLL: deque(), SUBMIT: deque()}
         self._polls_in_row = 0
         self.throttles = 0  #: how many 429s were reported (every one, even those inside a cool-down)
 
@@ -250,26 +260,36 @@ class AdaptiveLimiter:
         if not self._turn_taken and not any(self._queues.values()):
             self._turn_taken = True
             return
-        waiter = asyncio.get_running_loop().create_future()
-        self._queues[lane].append(waiter)
+        loop = asyncio.get_running_loop()
+        waiter = loop.create_future()
+        entry = (loop.time(), waiter)
+        self._queues[lane].append(entry)
         try:
             await waiter
         except asyncio.CancelledError:
             if waiter.done() and not waiter.cancelled():
                 self._pass_turn()  # it was handed the turn just as it was cancelled: hand it on
-            elif waiter in self._queues[lane]:  # (a turn passing by may already have dropped it)
-                self._queues[lane].remove(waiter)
+            elif entry in self._queues[lane]:  # (a turn passing by may already have dropped it)
+                self._queues[lane].remove(entry)
             raise
 
     def _pass_turn(self) -> None:
-        """Hand the turn to the next waiter: polls first, but a waiting submission every few turns."""
+        """Hand the turn to the next waiter: in arrival order, but a poll that has waited `poll_grace_s`
+        first, and a waiting submission at least every `polls_per_submit + 1` turns."""
         polls, submits = self._queues[POLL], self._queues[SUBMIT]
+        now = asyncio.get_running_loop().time() if polls and submits else 0.0
         while polls or submits:
-            if polls and (not submits or self._polls_in_row < self._polls_per_submit):
-                waiter = polls.popleft()
-                self._polls_in_row += 1
+            if not submits:
+                take_poll = True
+            elif not polls or self._polls_in_row >= self._polls_per_submit:
+                take_poll = False
             else:
-                waiter = submits.popleft()
+                take_poll = now - polls[0][0] >= self._poll_grace_s or polls[0][0] < submits[0][0]
+            if take_poll:
+                _, waiter = polls.popleft()
+                self._polls_in_row += 1 if submits else 0
+            else:
+                _, waiter = submits.popleft()
                 self._polls_in_row = 0
             if not waiter.done():
                 waiter.set_result(None)  # the turn stays taken: it passes to this waiter
