@@ -394,6 +394,18 @@ async def test_an_isolated_429_costs_a_small_step_not_a_collapse(clock: FakeCloc
     assert server.accepted_per_s(5, 20) >= 0.95 * 50
 
 
+async def test_a_429_while_sending_far_below_the_rate_is_not_taken_for_the_limit(clock: FakeClock) -> None:
+    """Start-up: the run sends 20 calls/s of its 100/s (claims, new connections), a bunch of them meets the
+    server's burst limit. The rate it was sending at says nothing about the server's limit."""
+    limiter = quiet(Rate(100, 1))
+    for _ in range(20):
+        await clock.advance(0.05)
+        limiter.reward()
+    limiter.penalize(0.01)
+    assert limiter.effective_rate == pytest.approx(97.0)
+    assert limiter.learned_limit is None
+
+
 async def test_a_429_storm_cuts_to_the_floor_then_climbs_back_fast(clock: FakeClock) -> None:
     limiter = quiet(Rate(50, 1))
     server = ScriptedServer(clock, lambda t: 1000.0)
