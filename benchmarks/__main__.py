@@ -28,6 +28,7 @@ SCENARIOS: dict[str, str] = {
     "scale": "benchmarks.bench_scale",
     "resume": "benchmarks.bench_resume",
     "shared": "benchmarks.bench_shared",
+    "ratecontrol": "benchmarks.bench_ratecontrol",
     "emulator": "",  # benchmarks/bench_emulator.py, the emulator's own benchmark, as one more row
 }
 

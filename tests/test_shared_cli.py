@@ -93,7 +93,7 @@ async def test_the_share_gate_paces_a_runner_at_its_share() -> None:
     import asyncio
 
     class Inner:
-        async def acquire(self) -> None:
+        async def acquire(self, lane: str = "submit") -> None:
             return None
 
     loop = asyncio.get_running_loop()

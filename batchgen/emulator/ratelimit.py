@@ -1,9 +1,17 @@
 """The emulator's per-key rate limit, and the meter that proves a client kept to its own.
 
-Both work on real (monotonic) time, never the emulated clock: a client's request budget is a real rate.
-The limit is a sliding window — at most `rate` accepted requests in any rolling second — so a client that
-never sends more than its rate in any one second (what `max_requests_in_1s` measures) never sees a 429.
-Rejected requests do not use up the window, so a client that backs off gets through.
+All of it works on real (monotonic) time, never the emulated clock: a client's request budget is a real
+rate. Two shapes of limit, both with the same `check(key)`:
+
+* `SlidingWindowLimiter` (the default): at most `rate` accepted requests in any rolling second, so a
+  client that never sends more than its rate in any one second (what `max_requests_in_1s` measures)
+  never sees a 429;
+* `TokenBucketLimiter` (`rate_limit_burst` set): a bucket of `burst` tokens refilled at `rate` per second,
+  one token per accepted request — what most API gateways run. A client pacing evenly at the rate with a
+  burst of its own no larger than the server's never sees a 429; a client that starts with a second's
+  worth of requests at once does.
+
+Rejected requests use up neither, so a client that backs off gets through.
 """
 
 from __future__ import annotations
@@ -33,6 +41,24 @@ class SlidingWindowLimiter:
             return max(0.001, window[0] - edge)
         window.append(now)
         return None
+
+
+class TokenBucketLimiter:
+    def __init__(self, rate_per_s: float, burst: int) -> None:
+        self.rate = rate_per_s
+        self.burst = float(burst)
+        self._buckets: dict[str, tuple[float, float]] = {}  # key -> (tokens, when last refilled)
+
+    def check(self, key: str, now: float | None = None) -> float | None:
+        """None if the request may go ahead (and takes a token), else seconds until a token is back."""
+        now = time.monotonic() if now is None else now
+        tokens, last = self._buckets.get(key, (self.burst, now))
+        tokens = min(self.burst, tokens + (now - last) * self.rate)
+        if tokens >= 1.0 - 1e-9:  # (float sums of exact intervals land a hair under 1)
+            self._buckets[key] = (max(0.0, tokens - 1.0), now)
+            return None
+        self._buckets[key] = (tokens, now)
+        return max(0.001, (1.0 - tokens) / self.rate)
 
 
 class RateMeter:

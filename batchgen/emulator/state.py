@@ -16,7 +16,7 @@ from batchgen.emulator.clock import Clock
 from batchgen.emulator.config import EmulatorConfig
 from batchgen.emulator.faults import FaultInjector
 from batchgen.emulator.files import FileStore
-from batchgen.emulator.ratelimit import SlidingWindowLimiter
+from batchgen.emulator.ratelimit import SlidingWindowLimiter, TokenBucketLimiter
 from batchgen.emulator.stats import Stats
 from batchgen.emulator.tasks import TaskBook
 
@@ -36,7 +36,7 @@ class EmulatorState:
     tasks: TaskBook = field(init=False)
     files: FileStore = field(init=False)
     faults: FaultInjector = field(init=False)
-    limiter: SlidingWindowLimiter | None = field(init=False)
+    limiter: SlidingWindowLimiter | TokenBucketLimiter | None = field(init=False)
     # (api key, Idempotency-Key) → the submit it first answered.
     idempotency: dict[tuple[str, str], IdempotentSubmit] = field(default_factory=dict)
 
@@ -49,7 +49,11 @@ class EmulatorState:
         self.files = FileStore(config, self.clock, self.accounts, self.stats)
         seed = None if config.seed is None else f"faults|{config.seed}"
         self.faults = FaultInjector(config.faults, config.rules, random.Random(seed))
-        self.limiter = SlidingWindowLimiter(config.rate_limit) if config.rate_limit else None
+        self.limiter = None
+        if config.rate_limit and config.rate_limit_burst:
+            self.limiter = TokenBucketLimiter(config.rate_limit, config.rate_limit_burst)
+        elif config.rate_limit:
+            self.limiter = SlidingWindowLimiter(config.rate_limit)
 
     def snapshot(self) -> dict[str, Any]:
         """The stats endpoint's body."""
@@ -60,4 +64,5 @@ class EmulatorState:
             "tasks_in_flight": in_flight,
             "time_scale": self.config.time_scale,
             "rate_limit": self.config.rate_limit,
+            "rate_limit_burst": self.config.rate_limit_burst,
         })

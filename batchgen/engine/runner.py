@@ -27,6 +27,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from batchgen import catalog
 from batchgen.engine import shares
 from batchgen.engine.progress import Progress
 from batchgen.engine.rejects import requeue_rejected
@@ -150,7 +151,8 @@ async def _run(store: Store, job: JobSpec, options: RunOptions, storage: Storage
         from batchgen.api.client import EvolinkClient
         from batchgen.engine.ratelimit import AdaptiveLimiter
 
-        limiter: Any = AdaptiveLimiter(rate)
+        # A due poll waits at most one poll interval to fill its batch: a finished task is seen within it.
+        limiter: Any = AdaptiveLimiter(rate, poll_grace_max_s=catalog.POLL_INTERVAL_S[0] * options.time_scale)
         if store.shared:  # one budget for every runner of the job: this runner takes its share
             limiter = shares.ShareLimiter(limiter, rate.per_second, len(store.live_runners()))
             shares.apply_share(limiter, rate.per_second, limiter.runners)
@@ -190,7 +192,8 @@ async def _drive(store: Store, job: JobSpec, settings: RunSettings, options: Run
     uploader = Uploader(store, client, options.time_scale)
     scheduler = Scheduler(store, client, cfg, emit=lambda k, f: progress.event(k, f) if progress else None,
                           prepare_body=uploader.prepare_body, reference_failed=uploader.reference_failed)
-    progress = Progress.for_stream(options.json_events, scheduler.counters)
+    limiter = getattr(client, "limiter", None)  # the rate controller, shown while it runs and in the summary
+    progress = Progress.for_stream(options.json_events, scheduler.counters, limiter)
     run_id = store.start_run()
     if added or removed:
         progress.event("synced", {"added": added, "removed": removed,
@@ -243,6 +246,8 @@ async def _drive(store: Store, job: JobSpec, settings: RunSettings, options: Run
             loop.remove_signal_handler(sig)
     code, summary = _finish(store, scheduler, reason, message, loop.time() - start)
     try:
+        if limiter is not None:
+            summary.update(limiter.snapshot())  # configured/effective rate, learned limit, 429s: kept per run
         store.finish_run(run_id, code, reason.value, summary)
     except LocalFaultError as error:
         # The database cannot be written (disk full): everything before this was committed; only this run's

@@ -57,7 +57,7 @@ class ShareLimiter:
     def set_runners(self, runners: int) -> None:
         self.runners = max(1, runners)
 
-    async def acquire(self) -> None:
+    async def acquire(self, lane: str = "submit") -> None:
         if self._paying is None:
             self._paying = asyncio.Lock()
         async with self._paying:  # one request pays at a time, first come first served
@@ -67,7 +67,7 @@ class ShareLimiter:
                 self._primed = True
                 await self._pay(self._capacity)
             await self._pay(float(self.runners))
-        await self.inner.acquire()
+        await self.inner.acquire(lane=lane)
 
     async def _pay(self, cost: float) -> None:
         while cost > 1e-9:
