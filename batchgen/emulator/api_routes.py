@@ -140,6 +140,8 @@ async def create_task(request: web.Request) -> web.Response:
                          f"the balance is {state.accounts.balance(key).remaining:g}.")
     task = state.tasks.create(key, generation, request[NOW], idempotency_key=idem, forced=forced,
                               refs_ok=_references_ok(request, generation))
+    state.stats.account_tasks[state.accounts.account_id(key)] += 1
+    state.accounts.task_created(key)
     if idem is not None:
         state.idempotency[(key, idem)] = IdempotentSubmit(body_hash, task.id)
     if drop_after:

@@ -44,12 +44,13 @@ class EmulatorState:
         config = self.config
         self.clock = Clock(config.time_scale)
         self.stats = Stats()
-        self.accounts = Accounts(config.api_keys, config.initial_credits)
+        self.accounts = Accounts(config.api_keys, config.initial_credits, config.accounts)
         self.tasks = TaskBook(config, self.clock, self.accounts, self.stats)
         self.files = FileStore(config, self.clock, self.accounts, self.stats)
         seed = None if config.seed is None else f"faults|{config.seed}"
         self.faults = FaultInjector(config.faults, config.rules, random.Random(seed))
-        self.limiter = SlidingWindowLimiter(config.rate_limit) if config.rate_limit else None
+        per_key = {a.api_key: a.rate_limit for a in config.accounts if a.rate_limit is not None}
+        self.limiter = SlidingWindowLimiter(config.rate_limit, per_key) if config.rate_limit or per_key else None
 
     def snapshot(self) -> dict[str, Any]:
         """The stats endpoint's body."""

@@ -18,6 +18,11 @@ class Stats:
         self.started = time.monotonic()
         self.requests: defaultdict[str, Counter[str]] = defaultdict(Counter)
         self.api_meter = RateMeter()
+        # Per account id (never the key): API calls seen after authentication, and their one-second peak.
+        self.account_meters: dict[str, RateMeter] = {}
+        self.account_requests: Counter[str] = Counter()
+        self.account_rate_limited: Counter[str] = Counter()
+        self.account_tasks: Counter[str] = Counter()
         self.api_requests = 0
         self.tasks_created = 0
         self.tasks_completed = 0
@@ -44,6 +49,13 @@ class Stats:
     def api_request(self) -> None:
         self.api_requests += 1
         self.api_meter.hit()
+
+    def account_request(self, account: str) -> None:
+        self.account_requests[account] += 1
+        meter = self.account_meters.get(account)
+        if meter is None:
+            meter = self.account_meters[account] = RateMeter()
+        meter.hit()
 
     def snapshot(self, extra: dict[str, Any] | None = None) -> dict[str, Any]:
         by_route = {route: dict(sorted(c.items())) for route, c in sorted(self.requests.items())}
@@ -75,5 +87,10 @@ class Stats:
             "uploads": self.uploads,
             "uploads_by_sha256": dict(self.uploads_by_sha256),
             "files_deleted": self.files_deleted,
+            "accounts": {acct: {"api_requests": self.account_requests[acct],
+                                "max_requests_in_1s": meter.peak,
+                                "rate_limited": self.account_rate_limited[acct],
+                                "tasks_created": self.account_tasks[acct]}
+                         for acct, meter in sorted(self.account_meters.items())},
             **(extra or {}),
         }
