@@ -42,6 +42,8 @@ class Stats:
         self.uploads = 0
         self.uploads_by_sha256: Counter[str] = Counter()
         self.files_deleted = 0
+        self.tasks_not_found = 0  # polls (single or in a batch) of ids this key does not own or nobody does
+        self.cross_account_references = 0  # submits referencing another account's upload (refused)
 
     def request(self, route: str, status: str) -> None:
         self.requests[route][status] += 1
@@ -87,6 +89,8 @@ class Stats:
             "uploads": self.uploads,
             "uploads_by_sha256": dict(self.uploads_by_sha256),
             "files_deleted": self.files_deleted,
+            "tasks_not_found": self.tasks_not_found,
+            "cross_account_references": self.cross_account_references,
             "accounts": {acct: {"api_requests": self.account_requests[acct],
                                 "max_requests_in_1s": meter.peak,
                                 "rate_limited": self.account_rate_limited[acct],

@@ -9,7 +9,10 @@ i.e. a task exists and its images are not all on disk), `submitted`, `completed`
 `removed`, `waiting_retry` (pending with a future not-before), `credits` {`reserved` (tasks in flight),
 `used` (finished tasks), `spent` (both), `estimated_remaining` (catalogue estimate of what is pending)},
 `images` (files saved), `image_bytes`, `failures` [{`code`, `count`, `messages` [{`message`, `count`}]}],
-`last_run` ({`started_at`, `finished_at`, `exit_code`, `reason`} or null).
+`last_run` ({`started_at`, `finished_at`, `exit_code`, `reason`} or null), `keys` (issue 15: one entry per API
+key the job has used, by fingerprint — never the key: `key` (label, else fingerprint), `fingerprint`,
+`label`, `state` (active, revoked, out_of_credits; "unknown" for keys seen only on attempts), `reason`,
+`requests` (attempts sent with it), `credits_used`, `credits_reserved`, `in_flight`, `balance` (last seen)).
 """
 
 from __future__ import annotations
@@ -50,6 +53,10 @@ def collect(db_path: Path) -> dict[str, Any]:
             "image_bytes": image_bytes,
             "failures": store.failures_by_code(),
             "last_run": None,
+            "keys": [{"key": k["label"] or k["fingerprint"], "fingerprint": k["fingerprint"], "label": k["label"],
+                      "state": k["state"], "reason": k["reason"], "requests": k["requests"],
+                      "credits_used": round(k["credits_used"], 4), "credits_reserved": round(k["credits_reserved"], 4),
+                      "in_flight": k["open"], "balance": k["balance"]} for k in store.key_usage()],
         }
         if runs:
             last = runs[-1]
@@ -79,6 +86,13 @@ def render_text(s: dict[str, Any]) -> str:
             for m in f["messages"]:
                 lines.append(f"      {m['count']} × {m['message']}")
         lines.append("  (`batchgen retry` requeues them; `--code CODE` picks some)")
+    keys = s.get("keys") or []
+    if len(keys) > 1 or any(k["state"] != "active" for k in keys):
+        lines.append("keys:")
+        for k in keys:
+            state = k["state"].replace("_", " ") + (f" ({k['reason']})" if k["reason"] else "")
+            lines.append(f"  {k['key']}: {k['requests']} request(s), {k['credits_used']:g} credits used"
+                         + (f", {k['in_flight']} in flight" if k["in_flight"] else "") + f", {state}")
     last = s.get("last_run")
     if last:
         when = time.strftime("%Y-%m-%d %H:%M", time.localtime(last["started_at"]))
