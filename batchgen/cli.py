@@ -156,6 +156,8 @@ def validate(manifest: str, as_json: bool) -> None:
 @click.option("--concurrency", type=click.IntRange(1, 1000), help="Most tasks in flight at once.")
 @click.option("--max-credits", type=click.FloatRange(min=0, min_open=True), help="Stop before spend passes X.")
 @click.option("--max-runtime", help='Stop submitting in time to end within this, e.g. "50m".')
+@click.option("--patience", help='Stop (resumably, exit 3) once every API call has failed for this long '
+              '(default: run.patience, 5m).')
 @click.option("--json", "json_events", is_flag=True, help="One JSON event per line instead of a progress line.")
 @click.option("--time-scale", type=click.FloatRange(min=0, min_open=True), default=None,
               help="Shrink client-side waits by this factor; with --emulator also the emulator's "
@@ -168,8 +170,8 @@ def validate(manifest: str, as_json: bool) -> None:
 @_guarded
 def run(manifest: str, db: str | None, out: str | None, emulator: bool, api_base: str | None,
         files_base: str | None, rate: str | None, concurrency: int | None, max_credits: float | None,
-        max_runtime: str | None, json_events: bool, time_scale: float | None, emulator_seed: int | None,
-        emulator_scenario: str | None, keys_file: str | None) -> None:
+        max_runtime: str | None, patience: str | None, json_events: bool, time_scale: float | None,
+        emulator_seed: int | None, emulator_scenario: str | None, keys_file: str | None) -> None:
     """Run a job to completion; running the same command again resumes it.
 
     The API key comes from EVOLINK_API_KEY (not needed with --emulator); several keys from
@@ -188,6 +190,8 @@ def run(manifest: str, db: str | None, out: str | None, emulator: bool, api_base
         if rate is not None:
             parse_rate(rate)
         runtime_s = parse_duration_s(max_runtime) if max_runtime is not None else None
+        if patience is not None:
+            parse_duration_s(patience)
     except ValueError as error:
         raise ConfigError(str(error)) from None
     api_key = os.environ.get(API_KEY_ENV) or None
@@ -208,6 +212,7 @@ def run(manifest: str, db: str | None, out: str | None, emulator: bool, api_base
         concurrency=concurrency,
         max_credits=max_credits,
         max_runtime_s=runtime_s,
+        patience=patience,
         json_events=json_events,
         time_scale=time_scale if time_scale is not None else (0.05 if emulator else 1.0),
         emulator_seed=emulator_seed,

@@ -6,8 +6,11 @@ The tree::
     ├── UserInputError            bad input; nothing was sent (exit 2)
     │   ├── ManifestError         a manifest with problems; carries every Problem found
     │   └── ConfigError           missing key, bad flag value, unreadable path
+    │   └── StoreFormatError      a --db that is not a batchgen database, or one from a newer batchgen
     ├── StoreLockedError          another run holds the database (exit 3: try again later)
     ├── RunStoppedError           the run must stop as a whole, resumably (exit 3)
+    │   └── LocalFaultError       this machine failed us: disk full, read-only or vanished folder,
+    │                             a database that cannot be written
     └── ApiError                  the Evolink API (or a transport to it) said no
         ├── TransportError        timeout, dropped connection, malformed response
         │   └── ConnectError      no connection at all (refused, DNS): the server never saw the call
@@ -69,6 +72,11 @@ class ConfigError(UserInputError):
     pass
 
 
+class StoreFormatError(UserInputError):
+    """The database file is not one batchgen can use (another program's file, damaged, or newer); it is
+    left untouched."""
+
+
 class StoreLockedError(BatchgenError):
     exit_code = 3
 
@@ -77,6 +85,30 @@ class RunStoppedError(BatchgenError):
     """The whole run stops and can be resumed once the cause is fixed (401, 402, policy pause)."""
 
     exit_code = 3
+
+
+class LocalFaultError(RunStoppedError):
+    """A fault of this machine, not of the request: no space left, a read-only or vanished folder, a database
+    that cannot be written. The run stops resumably; `path` and `cause` say where and what."""
+
+    def __init__(self, what: str, path: str, cause: BaseException | str) -> None:
+        self.what = what
+        self.path = path
+        self.cause = cause if isinstance(cause, str) else describe_os_error(cause)
+        super().__init__(f"{what} {path}: {self.cause}")
+
+
+def describe_os_error(error: BaseException) -> str:
+    """An OSError (or sqlite3 error) as a short human sentence, without a traceback."""
+    import errno
+
+    if isinstance(error, OSError) and error.errno is not None:
+        names = {errno.ENOSPC: "no space left on the device", errno.EROFS: "the file system is read-only",
+                 errno.EACCES: "permission denied", errno.EPERM: "operation not permitted",
+                 errno.ENOENT: "the folder does not exist (removed or unmounted?)",
+                 errno.EDQUOT: "the disk quota is exceeded", errno.EIO: "an input/output error"}
+        return names.get(error.errno, error.strerror or str(error))
+    return str(error) or type(error).__name__
 
 
 class ApiError(BatchgenError):
@@ -195,12 +227,35 @@ class Decision:
     extra: dict[str, str] = field(default_factory=dict)
 
 
+# --- failed calls ---------------------------------------------------------------------------------
+# A call that failed with a RETRY row of the table (HTTP 408/429/5xx, a timeout, a dropped or refused
+# connection) says nothing about the request it carried: it is retried in place, however often, and never
+# uses up the request's max_attempts. While other calls succeed, the wait is a short capped exponential
+# backoff with full jitter (botocore's "standard" mode); once every call has been failing for
+# PERSISTENT_AFTER_S the service looks down and the reference's long waits apply (1 minute for 500,
+# 1-2 minutes for 503); after the run's patience the run stops, resumably (the scheduler's call).
+CALL_BACKOFF_BASE_S = 0.5
+CALL_BACKOFF_CAP_S = 20.0
+PERSISTENT_AFTER_S = 30.0
+
+
+def is_transient(error: ApiError) -> bool:
+    """True when a failed call is retried in place: the table's RETRY rows for calls."""
+    return rule_for(error).action is Action.RETRY
+
+
 def backoff_s(rule: Rule, attempt: int, rng: random.Random | None = None) -> float:
-    """Wait before retry number `attempt` (1 = first retry): exponential, capped, with full jitter
-    over the upper half so a burst of failures does not come back as a herd."""
+    """The reference's wait before retry number `attempt` (1 = first retry): exponential, capped, with
+    jitter over the upper half so a burst of failures does not come back as a herd."""
     base = min(rule.max_wait_s, rule.wait_s * (rule.growth ** max(0, attempt - 1)))
     r = (rng or random).random()
     return base * (0.5 + 0.5 * r)
+
+
+def call_backoff_s(tries: int, rng: random.Random | None = None) -> float:
+    """Full jitter: uniform over [0, min(cap, base * 2^(tries-1))]; `tries` counts this call's failures."""
+    ceiling = min(CALL_BACKOFF_CAP_S, CALL_BACKOFF_BASE_S * (2.0 ** min(30, max(0, tries - 1))))
+    return ceiling * (rng or random).random()
 
 
 def rule_for(error: ApiError | str) -> Rule:
@@ -221,20 +276,34 @@ def decide(
     max_attempts: int,
     rng: random.Random | None = None,
     time_scale: float = 1.0,
+    *,
+    persistent: bool = False,
 ) -> Decision:
-    """What to do after `attempt` (1-based) failed with `error` (an ApiError or a task error code).
+    """What to do after a failure: the one retry decision of batchgen.
 
-    Retries stop once `max_attempts` attempts have been made; a Retry-After the server sent is honoured
-    (with a little jitter on top) instead of the table's wait. `time_scale` shrinks the table's waits
-    (runs against a time-scaled emulator); a server's Retry-After is already in its own time and is not
-    scaled again.
+    * A **task error code** (a task that ended `failed`) is the API's verdict on the request: its row says
+      retry (with the reference's wait, until `max_attempts` submissions have been made), fall back to
+      another model, or fail.
+    * An **ApiError on a call** (submit, poll, download, upload, credits): a RETRY row is a transient fault
+      that says nothing about the request, so it is always retried and `max_attempts` does not apply;
+      `attempt` is then how many times this call has failed. The wait is a short full-jitter backoff, or the
+      reference's long wait when `persistent` (every call has been failing for a while). A Retry-After the
+      server sent is honoured (plus a little positive jitter). Other rows are the API's verdict (400: fail
+      with its message; 401/402: stop the run).
+
+    `time_scale` shrinks our own waits (runs against a time-scaled emulator); a server's Retry-After is
+    already in its own time and is not scaled again.
     """
     rule = rule_for(error)
     if rule.action is not Action.RETRY:
         return Decision(rule.action, 0.0, rule.why)
+    r = (rng or random).random
+    if isinstance(error, ApiError):
+        own_s = backoff_s(rule, attempt, rng) if persistent else call_backoff_s(attempt, rng)
+        delay = own_s * time_scale
+        if error.retry_after_s is not None:
+            delay = max(delay, error.retry_after_s * (1.0 + 0.2 * r()))
+        return Decision(Action.RETRY, delay, rule.why)
     if attempt >= max_attempts:
         return Decision(Action.FAIL, 0.0, f"{rule.why}; gave up after {attempt} attempt(s)")
-    delay = backoff_s(rule, attempt, rng) * time_scale
-    if isinstance(error, ApiError) and error.retry_after_s is not None:
-        delay = error.retry_after_s * (1.0 + 0.2 * (rng or random).random())
-    return Decision(Action.RETRY, delay, rule.why)
+    return Decision(Action.RETRY, backoff_s(rule, attempt, rng) * time_scale, rule.why)

@@ -161,6 +161,8 @@ class RunSettings(BaseModel):
     )
     max_wait: str = Field(default="5m", description="longest a task is polled in one run before it is left "
                           "for the next run (its task id is kept)")
+    patience: str = Field(default="5m", description="how long every API call may keep failing (429, 5xx, "
+                          "timeouts, drops) before the run stops, resumably (exit 3)")
     regenerate_expired: bool = Field(
         default=False, description="requeue a request whose result URLs expired before download"
     )
@@ -224,6 +226,7 @@ class RunOptions(BaseModel):
     concurrency: int | None = None
     max_credits: float | None = None
     max_runtime_s: float | None = None
+    patience: str | None = None  # --patience: overrides run.patience
     json_events: bool = False
     # Client-side waits (reference poll waits, backoff) are multiplied by this; with --emulator it is
     # also the emulator's time scale, so the two agree.

@@ -2,7 +2,7 @@
 
 Two kinds, both loaded from a scenario YAML (see docs/emulator.md):
 
-* probabilities, drawn from the seeded random generator: HTTP 429/500/503 and dropped connections on
+* probabilities, drawn from the seeded random generator: HTTP 429/500/502/503 and dropped connections on
   submit, on poll and on upload; each task error code; stalled, slow and cancelled tasks;
 * deterministic rules: "a prompt matching this pattern fails with this code for its first k attempts",
   which is how engine tests prove that a retryable failure succeeds once the fault clears.
@@ -41,6 +41,7 @@ class HttpFaults(BaseModel):
 
     http_429: Probability = 0.0
     http_500: Probability = 0.0
+    http_502: Probability = 0.0
     http_503: Probability = 0.0
     drop: Probability = Field(default=0.0, description="close the connection without answering")
     drop_after: Probability = Field(default=0.0, description="submit only: create the task, then close "
@@ -49,7 +50,7 @@ class HttpFaults(BaseModel):
     @model_validator(mode="after")
     def _one_draw(self) -> HttpFaults:
         # One draw decides between them, so together they cannot exceed certainty.
-        if self.http_429 + self.http_500 + self.http_503 + self.drop + self.drop_after > 1.0:
+        if self.http_429 + self.http_500 + self.http_502 + self.http_503 + self.drop + self.drop_after > 1.0:
             raise ValueError("these probabilities add up to more than 1")
         return self
 
@@ -147,14 +148,16 @@ class FaultInjector:
 
     def draw(self, which: HttpFaults) -> HttpFault | None:
         """A fault for one request, or None. One draw decides, so the probabilities add up."""
-        if not (which.http_429 or which.http_500 or which.http_503 or which.drop or which.drop_after):
+        if not (which.http_429 or which.http_500 or which.http_502 or which.http_503 or which.drop
+                or which.drop_after):
             return None
         u = self._rng.random()
         for kind, p in (("drop", which.drop), ("drop_after", which.drop_after)):
             if u < p:
                 return HttpFault(kind)  # type: ignore[arg-type]
             u -= p
-        for status, p in ((429, which.http_429), (500, which.http_500), (503, which.http_503)):
+        for status, p in ((429, which.http_429), (500, which.http_500), (502, which.http_502),
+                          (503, which.http_503)):
             if u < p:
                 return HttpFault("status", status)
             u -= p

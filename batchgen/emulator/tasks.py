@@ -81,6 +81,8 @@ class Task:
     token: str  # 32 hex digits in the result URLs
     idempotency_key: str | None = None
     settled: bool = False
+    # Clock time of the first answer that showed the task final: how long a finished task waited to be seen.
+    seen_final_at: float | None = None
     result_tails: list[str] = field(default_factory=list)
 
     def status_at(self, now: float) -> str:
@@ -274,6 +276,8 @@ class TaskBook:
                                 "object": "image.generation.task"}
         if elapsed >= task.end_s:
             status = task.outcome
+            if task.seen_final_at is None:
+                task.seen_final_at = now
             body["progress"] = 100 if status == "completed" else _progress(task, task.end_s)
             body["status"] = status
             if status == "completed":
@@ -301,7 +305,9 @@ class TaskBook:
             {"id": t.id, "model": t.model, "prompt": t.prompt, "size": t.size, "n": t.n,
              "idempotency_key": t.idempotency_key, "status": t.status_at(now),
              "error_code": t.error_code if t.status_at(now) in ("failed", "cancelled") else None,
-             "images": t.images, "created": t.created, "account": self.accounts.account_id(t.key)}
+             "images": t.images, "created": t.created, "account": self.accounts.account_id(t.key),
+             "ended_at": t.ended_at if math.isfinite(t.end_s) else None, "seen_final_at": t.seen_final_at,
+             "seen_final_after_s": None if t.seen_final_at is None else round(t.seen_final_at - t.ended_at, 6)}
             for t in self.tasks.values()
         ]
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import signal
 from pathlib import Path
 from typing import Any
@@ -26,7 +27,7 @@ from batchgen.engine.keypool import KeyPool, KeyState
 from batchgen.engine.progress import Progress
 from batchgen.engine.scheduler import Scheduler, SchedulerConfig, StopReason
 from batchgen.engine.uploads import Uploader
-from batchgen.errors import ApiError, ConfigError, ConnectError
+from batchgen.errors import ApiError, ConfigError, ConnectError, LocalFaultError
 from batchgen.models import JobSpec, RunOptions, RunSettings
 from batchgen.store.sqlite import Store
 from batchgen.units import parse_duration_s, parse_rate
@@ -35,6 +36,8 @@ DEFAULT_API_BASE = "https://api.evolink.ai"
 DEFAULT_FILES_BASE = "https://files-api.evolink.ai"
 EMULATOR_KEY = "sk-evo-emulator"
 EXIT_DONE, EXIT_FAILED, EXIT_STOPPED = 0, 1, 3
+# Tests (and the curious) set this to make the scheduler assert its poll invariant after every change.
+CHECK_INVARIANTS_ENV = "BATCHGEN_CHECK_INVARIANTS"
 
 
 def run_job(manifest_path: Path, options: RunOptions) -> int:
@@ -67,6 +70,8 @@ def effective_settings(job: JobSpec, options: RunOptions) -> RunSettings:
         updates["concurrency"] = options.concurrency
     if options.max_credits is not None:
         updates["max_credits"] = options.max_credits
+    if options.patience is not None:
+        updates["patience"] = options.patience
     return job.run.model_copy(update=updates)
 
 
@@ -76,6 +81,7 @@ async def _run(store: Store, job: JobSpec, options: RunOptions, out_dir: Path, a
     try:
         rate = parse_rate(settings.rate)
         max_wait_s = parse_duration_s(settings.max_wait) * options.time_scale
+        parse_duration_s(settings.patience)
     except ValueError as error:
         raise ConfigError(str(error)) from None
     async with contextlib.AsyncExitStack() as stack:
@@ -118,7 +124,8 @@ async def _drive(store: Store, job: JobSpec, settings: RunSettings, options: Run
         max_attempts=settings.max_attempts, fallback_models=list(settings.fallback_models), max_wait_s=max_wait_s,
         download_concurrency=settings.download_concurrency, regenerate_expired=settings.regenerate_expired,
         policy_pause_after=settings.policy_pause_after, max_credits=settings.max_credits,
-        time_scale=options.time_scale, submit_deadline=submit_deadline, hard_deadline=hard_deadline)
+        time_scale=options.time_scale, submit_deadline=submit_deadline, hard_deadline=hard_deadline,
+        patience_s=parse_duration_s(settings.patience), check_invariants=bool(os.environ.get(CHECK_INVARIANTS_ENV)))
     progress: Progress | None = None
     # Local reference files → Files API URLs, once per content (issue 6, uploads.py).
     if options.emulator:
@@ -181,7 +188,12 @@ async def _drive(store: Store, job: JobSpec, settings: RunSettings, options: Run
     code, summary = _finish(store, scheduler, reason, message, loop.time() - start)
     if not pool.single:
         summary["keys"] = [{"key": k.name, "state": k.state.value, "submitted": k.submitted} for k in pool.keys]
-    store.finish_run(run_id, code, reason.value, summary)
+    try:
+        store.finish_run(run_id, code, reason.value, summary)
+    except LocalFaultError as error:
+        # The database cannot be written (disk full): everything before this was committed; only the run's
+        # own record stays open, and the next run closes it.
+        progress.event("warning", {"message": f"could not record the end of this run: {error}"})
     _write_export(store, out_dir, progress)
     progress.summary(summary)
     return code

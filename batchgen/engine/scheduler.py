@@ -56,6 +56,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from batchgen import catalog
+from batchgen.engine.health import CallHealth
 from batchgen.engine.keypool import KeyPool, KeyState, PooledKey
 from batchgen.engine.uploads import UploadWaitError
 from batchgen.errors import (
@@ -65,7 +66,10 @@ from batchgen.errors import (
     BatchgenError,
     ConnectError,
     HttpError,
+    LocalFaultError,
     decide,
+    is_transient,
+    rule_for,
 )
 from batchgen.manifest import naming
 from batchgen.models import GenerationRequest
@@ -77,10 +81,11 @@ if TYPE_CHECKING:
 
 BATCH_MAX = 50
 POLL_MARGIN = 0.03  # poll a little after the estimate: an early poll is a wasted request
-DOWNLOAD_TRIES = 5
 EXPIRED_STATUSES = frozenset({403, 404, 410})
 HALT_GRACE_S = 2.0
 POLL_ERRORS_BEFORE_LEAVING = 5
+# Batch polls in flight at once: one slow answer (or one held at the limiter) must not hold up the others.
+POLLS_IN_FLIGHT = 4
 
 # (request, body) -> body actually sent; the uploads step swaps local paths for uploaded URLs here.
 BodyPreparer = Callable[[RequestRecord, GenerationRequest], Awaitable[dict[str, Any]]]
@@ -89,13 +94,10 @@ ReferenceCheck = Callable[[dict[str, Any], float], bool]
 EventSink = Callable[[str, dict[str, Any]], None]
 
 
-# Tries at preparing one request's body (uploading its local files) in one run before it fails; they cost
-# no credits, so they are not limited by the request's max_attempts.
+# Tries at preparing one request's body (uploading its local files) in one run before it fails, for
+# refusals that are not transient (those retry like any call); uploads cost no credits, so they are not
+# limited by the request's max_attempts.
 PREPARE_MAX_TRIES = 5
-# Consecutive API calls that could not even connect before the run stops (resumable). An unreachable API
-# (network down, wrong --api-base) says nothing about the requests, so they are neither charged attempts
-# nor failed: the run ends with exit 3 and the next one picks up where it stopped.
-UNREACHABLE_AFTER = 12
 
 class StopReason(enum.StrEnum):
     FINISHED = "finished"
@@ -104,7 +106,8 @@ class StopReason(enum.StrEnum):
     RUNTIME = "runtime"
     AUTH = "auth"  # 401/402: fix the key or the balance, then run again
     POLICY = "policy"  # too many content-policy refusals in a row
-    UNREACHABLE = "unreachable"  # no connection to the API at all, call after call
+    UNREACHABLE = "unreachable"  # every call refused or failing for longer than the patience
+    LOCAL_FAULT = "local_fault"  # this machine: disk full, read-only or vanished folder, database unwritable
     KEY_MISSING = "key_missing"  # only tasks of keys this run does not have (or that were revoked) are left
 
 
@@ -123,6 +126,8 @@ class SchedulerConfig:
     time_scale: float = 1.0
     submit_deadline: float | None = None  # loop time: no new submissions after it
     hard_deadline: float | None = None  # loop time: halt
+    patience_s: float = 300.0  # emulated seconds of every call failing before the run stops (exit 3)
+    check_invariants: bool = False  # tests: assert the poll invariant after every change (costs O(n))
 
 
 @dataclass
@@ -140,6 +145,7 @@ class Counters:
     images: int = 0
     requeued: int = 0
     left: int = 0  # tasks left past max_wait for the next run
+    call_failures: int = 0  # failed calls retried in place (429, 5xx, timeouts, drops), all services
     credits_reserved: float = 0.0
     credits_used: float = 0.0
     done_this_run: int = 0
@@ -169,14 +175,14 @@ class _Tracked:
     task_id: str | None = None
     since: float = 0.0  # loop time this run started tracking it (max_wait counts from here)
     submitted_wall: float = 0.0
-    submit_tries: int = 0
-    http429: int = 0
+    submit_tries: int = 0  # failed sends of this attempt (transient; retried in place with the same key)
     poll_errors: int = 0
     missing: int = 0
     result_urls: tuple[str, ...] = ()
     refetched: bool = False
     resumed: bool = False  # loaded from the store at start (not submitted by this run)
     key: PooledKey | None = None  # with a key pool: the key it was sent with (polls and fetches use it)
+    unanswered: bool = False  # a send of it went unanswered (timeout, drop, 5xx): the task may exist
 
 
 class Scheduler:
@@ -196,7 +202,8 @@ class Scheduler:
         self.counters = Counters()
         self._tracked: dict[int, _Tracked] = {}  # attempt id → tracked (submitted, not yet final)
         self._prepare_failures: dict[str, int] = {}  # request key → failed body preparations (uploads) this run
-        self._connect_failures = 0  # API calls in a row that could not connect at all
+        self.api_health = CallHealth.scaled("the API", config.patience_s, config.time_scale)
+        self.media_health = CallHealth.scaled("the result host", config.patience_s, config.time_scale)
         self._poll_heap: list[tuple[float, int, int]] = []  # (due, seq, attempt id)
         self._send_heap: list[tuple[float, int, int]] = []  # resends with the same key
         self._seq = itertools.count()
@@ -210,7 +217,10 @@ class Scheduler:
         self._policy_streak = 0
         self._tasks: set[asyncio.Task[Any]] = set()
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._polling = False
+        self._polling: set[int] = set()  # attempt ids in a poll call now
+        self._poll_slots = asyncio.Semaphore(POLLS_IN_FLIGHT)
+        self._answered: list[tuple[_Tracked, TaskSnapshot]] = []  # submits answered, not yet committed
+        self._flush_handle: asyncio.Handle | None = None
         self._crash: BaseException | None = None
 
     # --- control ----------------------------------------------------------------------------------
@@ -247,12 +257,17 @@ class Scheduler:
         workers += [self._spawn(self._downloader()) for _ in range(self.cfg.download_concurrency)]
         try:
             await self._submitter()
+        except LocalFaultError as error:
+            self.local_fault(error)
         finally:
             if self._halting is not None:
                 await self._grace()
             for t in list(self._tasks):
                 t.cancel()
             await asyncio.gather(*self._tasks, return_exceptions=True)
+            if self._flush_handle is not None:  # answers of the last turn: their task ids go to disk too
+                self._flush_handle.cancel()
+                self._flush_answered()
             del workers
         if self._crash is not None:
             raise self._crash
@@ -276,7 +291,7 @@ class Scheduler:
         """Give calls already under way a moment to be answered and committed."""
         assert self._loop is not None
         end = self._loop.time() + HALT_GRACE_S
-        while self._loop.time() < end and (self._polling or any(
+        while self._loop.time() < end and (bool(self._polling) or any(
                 not t.done() for t in self._tasks if t.get_name() == "call")):
             await asyncio.sleep(0.05)
 
@@ -289,11 +304,19 @@ class Scheduler:
 
     def _task_done(self, task: asyncio.Task[Any]) -> None:
         self._tasks.discard(task)
-        if not task.cancelled() and task.exception() is not None:
-            # A bug in a worker: stop everything rather than hang with a dead worker.
-            exc = task.exception()
-            self.halt(StopReason.SIGNAL, f"internal error: {exc!r}")
-            self._crash = exc
+        if task.cancelled() or task.exception() is None:
+            return
+        exc = task.exception()
+        if isinstance(exc, LocalFaultError):
+            # This machine failed us (disk full, folder gone, database unwritable): stop new work, resumably.
+            self.local_fault(exc)
+            return
+        # A bug in a worker (or an error we must report as it is): stop everything rather than hang.
+        self.halt(StopReason.SIGNAL, f"internal error: {exc!r}")
+        self._crash = exc
+
+    def local_fault(self, error: LocalFaultError) -> None:
+        self.halt(StopReason.LOCAL_FAULT, f"{error}; nothing was lost: fix it and run again to continue")
 
     def _load_from_store(self) -> None:
         """Rebuild the in-flight state from the store (a fresh run, or a resume after a kill)."""
@@ -403,11 +426,20 @@ class Scheduler:
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(event.wait(), timeout)
 
-    def _connect_failed(self, error: ApiError) -> None:
-        self._connect_failures += 1
-        if self._connect_failures >= UNREACHABLE_AFTER:
-            self.halt(StopReason.UNREACHABLE, f"cannot reach the API ({error}); nothing was lost: check the "
-                      "network or --api-base/--files-base and run again")
+    # --- the rule for failed calls (errors.decide; engine/health.py) ------------------------------
+
+    def _call_failed(self, error: ApiError, tries: int, health: CallHealth | None = None) -> float:
+        """A call failed transiently: note it, stop the run if every call has failed for the patience, and
+        return how long to wait before this call is tried again."""
+        assert self._loop is not None
+        health = health or self.api_health
+        now = self._loop.time()
+        health.failed(now, error)
+        self.counters.call_failures += 1
+        why = health.exhausted(now)
+        if why is not None:
+            self.halt(StopReason.UNREACHABLE, why)
+        return decide(error, tries, 0, self.rng, self.cfg.time_scale, persistent=health.persistent(now)).delay_s
 
     async def _claim(self, limit: int) -> int:
         """Claim up to `limit` due requests: budget check, body, attempt rows committed, submits started."""
@@ -441,6 +473,8 @@ class Scheduler:
                     continue
                 self._defer_unsent(req, error)
                 continue
+            except LocalFaultError:
+                raise
             except UploadWaitError as wait:
                 # The file quota is full of our own files that requests in progress hold: try again later.
                 if self.pool is not None:
@@ -454,7 +488,7 @@ class Scheduler:
                 self._on_failed(req.key, "upload_failed", str(error))
                 continue
             if rewritten:
-                self._connect_failures = 0  # the Files API answered
+                self.api_health.ok()  # the Files API answered
             if self._halting is not None:
                 break
             # The body is kept only when uploads rewrote it: a resend must carry exactly the same body.
@@ -552,10 +586,11 @@ class Scheduler:
         Nothing was charged, so these failures have their own count (per request, this run) instead of
         using up the request's submissions: a flaky Files API on a request's last attempt waits and tries
         again rather than failing it, and repeated failures back off and finally give up."""
-        if isinstance(error, ConnectError):  # the Files API is unreachable: nothing about this request
-            self._connect_failed(error)
-            d = decide(error, self._connect_failures, 1 << 30, self.rng, self.cfg.time_scale)
-            self.store.defer(req.key, time.time() + d.delay_s, _code_of(error), error.message)
+        if is_transient(error):  # a failed call, not a refusal: nothing about this request
+            tries = self._prepare_failures.get(req.key, 0) + 1
+            self._prepare_failures[req.key] = tries
+            delay = self._call_failed(error, tries)
+            self.store.defer(req.key, time.time() + delay, _code_of(error), error.message)
             return
         tries = self._prepare_failures.get(req.key, 0) + 1
         self._prepare_failures[req.key] = tries
@@ -595,46 +630,73 @@ class Scheduler:
                 self._spawn(self._send(t), name="call")
 
     async def _send(self, t: _Tracked) -> None:
-        key = t.req.key
         try:
             snap = await self._client_for(t).submit(t.body, idempotency_key=t.idempotency_key)
         except ApiError as error:
             self._submit_failed(t, error)
             return
-        self._connect_failures = 0
+        self.api_health.ok()
+        # Committed with the other answers of this loop turn, in one transaction; nothing waits on the id
+        # (poll, outcome) until that commit is done.
+        self._answered.append((t, snap))
+        if self._flush_handle is None:
+            assert self._loop is not None
+            self._flush_handle = self._loop.call_soon(self._flush_answered)
+
+    def _flush_answered(self) -> None:
+        """Commit the task ids answered since the last flush, then start watching them."""
+        self._flush_handle = None
+        batch, self._answered = self._answered, []
+        if not batch:
+            return
+        try:
+            self.store.record_tasks([(t.attempt_id, snap.id, snap.credits_reserved, snap.replayed)
+                                     for t, snap in batch])
+        except LocalFaultError as error:
+            # Not committed: the attempts stay `sending` on disk, and the next run resends them with the same
+            # idempotency key, which gets these very tasks back.
+            self.local_fault(error)
+            return
+        except BaseException as error:  # a bug: stop, do not lose it in the loop's exception handler
+            self.halt(StopReason.SIGNAL, f"internal error: {error!r}")
+            self._crash = error
+            return
+        for t, snap in batch:
+            self._accepted(t, snap)
+
+    def _accepted(self, t: _Tracked, snap: TaskSnapshot) -> None:
+        """The task id is on disk: count it, and put the task in the poll schedule (or apply its final answer)."""
         reserved = snap.credits_reserved if snap.credits_reserved is not None else t.est_credits
-        self.store.record_task(t.attempt_id, snap.id, snap.credits_reserved, snap.replayed)
         t.task_id = snap.id
         self.counters.credits_reserved += reserved - t.reserved
         t.reserved = reserved
         self.counters.submitted += 1
         if snap.replayed:
             self.counters.replayed += 1
-        self.emit("submitted", {"key": key, "attempt": t.attempt_no, "model": t.model, "task_id": snap.id,
+        self.emit("submitted", {"key": t.req.key, "attempt": t.attempt_no, "model": t.model, "task_id": snap.id,
                                 "replayed": snap.replayed})
         if snap.final:
             self._apply([(t, snap)])
         else:
             self._schedule_poll(t, snap, first=True)
+        self._check()
 
     def _submit_failed(self, t: _Tracked, error: ApiError) -> None:
+        """A submit call failed. Transient (429, 5xx, timeout, drop): the same attempt is sent again with the
+        same key, however often, never charged to max_attempts. Otherwise it is the API's verdict."""
         assert self._loop is not None
-        if error.status == 429:
-            t.http429 += 1
-            d = decide(error, t.http429, 1 << 30, self.rng, self.cfg.time_scale)
-        elif isinstance(error, ConnectError):
-            # Never reached the server: resend (same key) without using up the request's tries.
-            self._connect_failed(error)
-            d = decide(error, self._connect_failures, 1 << 30, self.rng, self.cfg.time_scale)
-        else:
-            t.submit_tries += 1
-            d = decide(error, t.submit_tries, self.cfg.max_attempts, self.rng, self.cfg.time_scale)
         code, message = _code_of(error), error.message
-        if d.action is Action.RETRY:
+        if is_transient(error):
+            t.submit_tries += 1
+            if error.status != 429 and not isinstance(error, ConnectError):
+                t.unanswered = True  # the task may exist: with several keys, only this key may send it again
+            delay = self._call_failed(error, t.submit_tries)
             # Same attempt, same key: if the server did create the task, the resend gets it back.
-            self.store.retry_submit(t.attempt_id, t.req.key, time.time() + d.delay_s, code, message)
-            self._push(self._send_heap, self._loop.time() + d.delay_s, t)
+            self.store.retry_submit(t.attempt_id, t.req.key, time.time() + delay, code, message)
+            self._push(self._send_heap, self._loop.time() + delay, t)
             return
+        self.api_health.ok()  # the API answered, and said no to this request
+        d = decide(error, 1, self.cfg.max_attempts, self.rng, self.cfg.time_scale)
         if d.action is Action.STOP and t.key is not None and self._several_keys:
             # Refused by this key's account: no task was created unless an earlier send of this attempt may
             # have got through unanswered; then only this key may send it again (its idempotency scope).
@@ -642,7 +704,7 @@ class Scheduler:
             self._finish_tracking(t)
             if self.pool is not None:
                 self.pool.refund(t.key, t.est_credits)
-            if t.submit_tries > 1 or t.resumed:
+            if t.unanswered or t.resumed:
                 self._keyless.append((t.req.key, t.key.name))
                 return
             self.store.record_outcomes([Outcome(t.attempt_id, t.req.key, "requeue", error_code=code,
@@ -679,28 +741,40 @@ class Scheduler:
         self._push(self._poll_heap, now + delay, t)
 
     async def _poller(self) -> None:
-        """Polls every due task, up to BATCH_MAX in one call."""
+        """Polls every due task, up to BATCH_MAX in one call and POLLS_IN_FLIGHT calls at once."""
         assert self._loop is not None
         heap = self._poll_heap
         while await self._until_due(heap, self._poll_wake):
+            await self._poll_slots.acquire()
             now = self._loop.time()
             batch: list[_Tracked] = []
+            other_keys: list[tuple[float, int, int]] = []
             while heap and heap[0][0] <= now and len(batch) < BATCH_MAX:
-                _, _, attempt_id = heapq.heappop(heap)
+                due, seq, attempt_id = heapq.heappop(heap)
                 t = self._tracked.get(attempt_id)
-                if t is not None and t.task_id is not None and t not in batch:
+                # A task already in a poll call is rescheduled by that call's answer.
+                if t is not None and t.task_id is not None and attempt_id not in self._polling and t not in batch:
+                    if batch and t.key is not batch[0].key:
+                        # A task is polled with the key that created it: one call per key, each under its own
+                        # key's limiter; this one goes in the next call (it stays due).
+                        other_keys.append((due, seq, attempt_id))
+                        continue
                     batch.append(t)
-            if batch:
-                self._polling = True
-                try:
-                    # A task is polled with the key that created it: one batch call per key, side by side
-                    # (each key has its own limiter).
-                    groups: dict[int, list[_Tracked]] = {}
-                    for t in batch:
-                        groups.setdefault(id(t.key), []).append(t)
-                    await asyncio.gather(*(self._poll(group) for group in groups.values()))
-                finally:
-                    self._polling = False
+            for entry in other_keys:
+                heapq.heappush(heap, entry)
+            if not batch or self._halting is not None:
+                self._poll_slots.release()
+                continue
+            self._polling.update(t.attempt_id for t in batch)
+            self._spawn(self._poll_call(batch), name="call")
+
+    async def _poll_call(self, batch: list[_Tracked]) -> None:
+        try:
+            await self._poll(batch)
+        finally:
+            self._polling.difference_update(t.attempt_id for t in batch)
+            self._poll_slots.release()
+        self._check()
 
     async def _poll(self, batch: list[_Tracked]) -> None:
         assert self._loop is not None
@@ -711,7 +785,7 @@ class Scheduler:
         except ApiError as error:
             self._poll_failed(batch, error)
             return
-        self._connect_failures = 0
+        self.api_health.ok()
         finals: list[tuple[_Tracked, TaskSnapshot]] = []
         running: list[Outcome] = []
         for t in batch:
@@ -735,33 +809,52 @@ class Scheduler:
         self._apply(finals)
 
     def _poll_failed(self, batch: list[_Tracked], error: ApiError) -> None:
+        """A poll call failed: every task in it stays watched and is polled again after a backoff."""
         assert self._loop is not None
-        if isinstance(error, ConnectError):
-            self._connect_failed(error)
         for t in batch:
             t.poll_errors += 1
         worst = max(t.poll_errors for t in batch)
-        d = decide(error, worst if error.status != 429 else 1, 1 << 30, self.rng, self.cfg.time_scale)
-        key = batch[0].key
-        if d.action is Action.STOP and key is not None and self._several_keys:
-            self._key_refused(key, error)
-            if not key.can_poll:
-                return  # revoked: its tasks were left for a run where it works (_leave_key)
-            # Out of credits: its tasks are still polled (with backoff, below).
-        elif d.action is Action.STOP:
-            self.halt(StopReason.AUTH, f"{error}: {d.why}")
-            return
-        # Anything else (even a 400 on a batch call) is retried in place, with backoff; the task ids stay.
-        delay = d.delay_s if d.action is Action.RETRY else min(60.0, 2.0 ** worst) * self.cfg.time_scale
+        if is_transient(error):
+            delay = self._call_failed(error, worst)
+        else:
+            self.api_health.ok()
+            key = batch[0].key
+            stop = decide(error, 1, 0).action is Action.STOP
+            if stop and key is not None and self._several_keys:
+                self._key_refused(key, error)
+                if not key.can_poll:
+                    return  # revoked: its tasks were left for a run where it works (_leave_key)
+                # Out of credits: its tasks are still polled (with backoff, below).
+            elif stop:
+                self.halt(StopReason.AUTH, f"{error}: {rule_why(error)}")
+                return
+            # Anything else (a 400 on a batch call, say) is retried in place too; the task ids stay.
+            delay = min(60.0, 2.0 ** worst) * self.cfg.time_scale
         now = self._loop.time()
         self.emit("poll_error", {"tasks": len(batch), "error": str(error), "retry_in_s": round(delay, 3)})
         for t in batch:
-            # Past max_wait a task is left only once polls keep failing: a few 429s on the poll are the
-            # limiter's problem, not a sign that the task is stuck.
+            # Past max_wait a task is left only once polls keep failing: a few failed polls are the
+            # service's problem, not a sign that the task is stuck.
             if now - t.since >= self.cfg.max_wait_s and t.poll_errors >= POLL_ERRORS_BEFORE_LEAVING:
                 self._leave(t)
             else:
                 self._push(self._poll_heap, now + delay, t)
+
+    # --- the invariant --------------------------------------------------------------------------------
+
+    def unwatched(self) -> list[_Tracked]:
+        """Tracked tasks with a task id that nothing will look at again: neither in the poll schedule nor in a
+        poll call now. Always empty; tests run with `check_invariants` to prove it under faults. (A finished
+        task leaves the tracked set for the download queue, which holds it until its images are saved.)"""
+        scheduled = {attempt_id for _, _, attempt_id in self._poll_heap}
+        return [t for attempt_id, t in self._tracked.items()
+                if t.task_id is not None and attempt_id not in scheduled and attempt_id not in self._polling]
+
+    def _check(self) -> None:
+        if self.cfg.check_invariants and self._halting is None:
+            lost = self.unwatched()
+            if lost:
+                raise AssertionError(f"tasks with an id that nothing polls: {[t.task_id for t in lost]}")
 
     def _task_missing(self, t: _Tracked) -> None:
         """The server does not know the task (404 or absent from a batch answer)."""
@@ -889,6 +982,8 @@ class Scheduler:
             try:
                 if self._halting is None:
                     await self._download_request(t)
+            except LocalFaultError as error:
+                self.local_fault(error)  # the folder is full or gone: stop; this download is done next run
             finally:
                 self._downloading -= 1
                 self._wake.set()
@@ -945,32 +1040,52 @@ class Scheduler:
         return rel
 
     async def _fetch(self, t: _Tracked, url: str) -> bytes | tuple[str, ...] | None:
-        """The bytes of one result; transient errors retried in place; an expired URL re-fetched once
-        through the task. Returns new URLs (tuple) after a re-fetch, None when the request was dealt with."""
+        """The bytes of one result. Transient failures (5xx, timeouts, drops) are retried in place with the
+        rule for failed calls, never failing the request; an expired URL is re-fetched once through the task.
+        Returns new URLs (tuple) after a re-fetch, None when the request was dealt with (or the run halts)."""
         tries = 0
         while True:
             if self._halting is not None:
                 return None
             try:
-                return (await self.client.download(url)).data
+                data = (await self.client.download(url)).data
             except ApiError as error:
-                tries += 1
+                if is_transient(error):
+                    tries += 1
+                    await asyncio.sleep(self._call_failed(error, tries, self.media_health))
+                    continue
+                self.media_health.ok()
                 if error.status in EXPIRED_STATUSES:
                     return await self._expired(t, error)
-                d = decide(error, tries, DOWNLOAD_TRIES, self.rng, self.cfg.time_scale)
-                if d.action is Action.RETRY:
-                    await asyncio.sleep(d.delay_s)
-                    continue
                 self._download_failed(t, _code_of(error), error.message)
                 return None
+            self.media_health.ok()
+            return data
+
+    async def _look_again(self, task_id: str, client: EvolinkClient | None = None) -> TaskSnapshot | None:
+        """One poll of a task (with `client`: the key that created it), retried in place while the API fails
+        transiently; None if it says no."""
+        tries = 0
+        while self._halting is None:
+            try:
+                snap = await (client or self.client).get_task(task_id)
+            except ApiError as error:
+                if not is_transient(error):
+                    self.api_health.ok()
+                    return None
+                tries += 1
+                await asyncio.sleep(self._call_failed(error, tries))
+                continue
+            self.api_health.ok()
+            return snap
+        return None
 
     async def _expired(self, t: _Tracked, error: ApiError) -> tuple[str, ...] | None:
         if not t.refetched and t.task_id:
             t.refetched = True
-            try:
-                snap = await self._client_for(t).get_task(t.task_id)
-            except ApiError:
-                snap = None
+            snap = await self._look_again(t.task_id, self._client_for(t))
+            if self._halting is not None:
+                return None
             if snap is not None and snap.status == "completed" and snap.results and snap.results != t.result_urls:
                 t.result_urls = snap.results
                 self.store.update_result_urls(t.attempt_id, snap.results)
@@ -996,6 +1111,10 @@ class Scheduler:
         c.done += 1
         c.done_this_run += 1
         self.emit("done", {"key": t.req.key, "images": len(t.result_urls)})
+
+
+def rule_why(error: ApiError) -> str:
+    return rule_for(error).why
 
 
 def _estimate(model: str, n: int) -> float:

@@ -933,10 +933,11 @@ def _parse_yaml_manifest(path: Path, keep_going: bool = False) -> _Parsed:
         parse_rate(run.rate)
     except ValueError as error:
         problems.add(file, _at(_node_line(root, ("run", "rate"))), "run.rate", str(error))
-    try:
-        parse_duration_s(run.max_wait)
-    except ValueError as error:
-        problems.add(file, _at(_node_line(root, ("run", "max_wait"))), "run.max_wait", str(error))
+    for setting in ("max_wait", "patience"):
+        try:
+            parse_duration_s(getattr(run, setting))
+        except ValueError as error:
+            problems.add(file, _at(_node_line(root, ("run", setting))), f"run.{setting}", str(error))
     for i, model in enumerate(run.fallback_models):
         if catalog.get(model) is None:
             problems.add(file, _at(_node_line(root, ("run", "fallback_models", i))), "run.fallback_models",

@@ -11,6 +11,7 @@ depth: the template is user input). The extension comes from the bytes, not from
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import os
@@ -18,6 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from PIL import Image, UnidentifiedImageError
+
+from batchgen.errors import LocalFaultError
 
 # Pillow format name → file extension.
 EXTENSIONS: dict[str, str] = {"PNG": ".png", "JPEG": ".jpg", "WEBP": ".webp", "GIF": ".gif"}
@@ -68,19 +71,30 @@ def safe_target(out_dir: Path, relpath: str) -> Path:
 
 
 def write_atomic(target: Path, data: bytes) -> None:
-    """Write `data` to `target` so that the file is either complete or absent, even if we are killed."""
-    target.parent.mkdir(parents=True, exist_ok=True)
+    """Write `data` to `target` so that the file is either complete or absent, even if we are killed.
+
+    A write that fails (no space left, a read-only or vanished folder) removes its partial file and raises
+    LocalFaultError naming the file and the cause: a fault of this machine, which stops the run resumably.
+    """
     tmp = target.with_name(f".{target.stem}.part")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
     try:
-        view = memoryview(data)
-        while view:
-            written = os.write(fd, view)
-            view = view[written:]
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, target)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        try:
+            view = memoryview(data)
+            while view:
+                written = os.write(fd, view)
+                view = view[written:]
+            # fsync per file: "done" in the store means the bytes are on disk, even after a power cut; the
+            # store's own commits are WAL/NORMAL, so at worst a done image is recorded again, never lost.
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, target)
+    except OSError as error:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise LocalFaultError("cannot write the image", str(target), error) from None
 
 
 def file_matches(path: Path, sha256: str) -> bool:

@@ -73,7 +73,7 @@ from typing import TYPE_CHECKING, Any
 
 import sqlite_utils
 
-from batchgen.errors import StoreLockedError
+from batchgen.errors import BatchgenError, LocalFaultError, StoreFormatError, StoreLockedError
 from batchgen.models import State
 
 if TYPE_CHECKING:
@@ -379,21 +379,94 @@ def _holder_message(path: Path, text: str) -> str:
 # --- the store ------------------------------------------------------------------------------------
 
 
+SQLITE_HEADER = b"SQLite format 3\x00"
+# Tables a batchgen database has from its first migration on.
+_OUR_TABLES = frozenset({"job", "requests", "attempts", "images"})
+
+
+def check_store_file(path: Path, conn: sqlite3.Connection) -> None:
+    """Refuse (StoreFormatError) a file that is not a batchgen database, is damaged, or was written by a
+    newer batchgen; reads only, so a refused file is left exactly as it was. A missing or empty file is a
+    new database."""
+    try:
+        with path.open("rb") as f:
+            head = f.read(len(SQLITE_HEADER))
+    except FileNotFoundError:
+        return
+    except OSError as error:
+        raise LocalFaultError("cannot read the database", str(path), error) from None
+    if not head:
+        return
+    if head != SQLITE_HEADER:
+        raise StoreFormatError(f"{path} is not a batchgen database (not an SQLite file); it was left untouched. "
+                               "Pass another --db, or move the file away")
+    try:
+        tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        if not tables:
+            return
+        if "_sqlite_migrations" not in tables or not tables >= _OUR_TABLES:
+            raise StoreFormatError(f"{path} is an SQLite database of another program, not a batchgen database; "
+                                   "it was left untouched. Pass another --db")
+        applied = {r[0] for r in conn.execute(
+            "SELECT name FROM _sqlite_migrations WHERE migration_set = ?", [MIGRATIONS.name])}
+        known = {m.name for m in MIGRATIONS._migrations}
+        newer = sorted(applied - known)
+        if newer:
+            raise StoreFormatError(f"{path} was written by a newer batchgen (schema steps {', '.join(newer)} are "
+                                   "unknown to this version); it was left untouched. Upgrade batchgen")
+        conn.execute("SELECT count(*) FROM job").fetchone()  # one page: cheap, and damage shows early
+    except sqlite3.DatabaseError as error:
+        if isinstance(error, sqlite3.OperationalError) and "locked" in str(error):
+            raise
+        raise StoreFormatError(f"{path} is damaged and cannot be read as a batchgen database ({error}); it was "
+                               "left untouched. Restore it from a backup, or pass another --db") from None
+
+
+def _is_fault(error: BaseException) -> bool:
+    """An error of the database file or its disk, as opposed to a bug in our SQL (integrity, misuse)."""
+    return isinstance(error, sqlite3.DatabaseError) and not isinstance(
+        error, sqlite3.IntegrityError | sqlite3.ProgrammingError | sqlite3.InterfaceError)
+
+
+def _db_fault(path: Path, error: sqlite3.Error) -> BatchgenError:
+    """A database that cannot be written or read as a run goes on: a local fault (exit 3, resumable)."""
+    text = str(error)
+    if "malformed" in text or "not a database" in text:
+        return StoreFormatError(f"{path} is damaged ({text}); it was left as it is. Restore it from a backup, "
+                                "or pass another --db")
+    cause = {"database or disk is full": "no space left on the device"}.get(text, text)
+    return LocalFaultError("cannot write the database", str(path), cause)
+
+
 class Store:
     """The run state of one job. Opening it migrates the schema; methods commit what they change."""
 
     def __init__(self, path: Path | str) -> None:
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            raise LocalFaultError("cannot create the folder of the database", str(self.path.parent), error) from None
         # Autocommit connection: transactions are explicit (`_tx`), so nothing stays open by accident.
         conn = sqlite3.connect(str(self.path), isolation_level=None, timeout=10.0)
         self.db = sqlite_utils.Database(conn)
         self.conn = conn
-        self.db.execute("PRAGMA journal_mode=WAL")
-        self.db.execute("PRAGMA synchronous=NORMAL")
-        self.db.execute("PRAGMA foreign_keys=OFF")  # integrity is kept by the code paths; FKs cost time
-        MIGRATIONS.apply(self.db)
-        self.store_id: str = self.conn.execute("SELECT value FROM meta WHERE key='store_id'").fetchone()[0]
+        try:
+            # Before anything writes to it: a file that is not ours is refused and left as it was.
+            check_store_file(self.path, conn)
+            self.db.execute("PRAGMA journal_mode=WAL")
+            self.db.execute("PRAGMA synchronous=NORMAL")
+            self.db.execute("PRAGMA foreign_keys=OFF")  # integrity is kept by the code paths; FKs cost time
+            MIGRATIONS.apply(self.db)
+            self.store_id: str = self.conn.execute("SELECT value FROM meta WHERE key='store_id'").fetchone()[0]
+        except StoreFormatError:
+            conn.close()
+            raise
+        except sqlite3.DatabaseError as error:
+            if not _is_fault(error):
+                raise
+            conn.close()
+            raise _db_fault(self.path, error) from None
         self._lock: RunLock | None = None
 
     # -- plumbing ----------------------------------------------------------------------------------
@@ -410,14 +483,22 @@ class Store:
 
     @contextlib.contextmanager
     def _tx(self) -> Iterator[sqlite3.Connection]:
-        """One write transaction; BEGIN IMMEDIATE so two writers queue instead of deadlocking."""
-        self.conn.execute("BEGIN IMMEDIATE")
+        """One write transaction; BEGIN IMMEDIATE so two writers queue instead of deadlocking. A database
+        that cannot be written (disk full, read-only, I/O error) is a LocalFaultError: the run stops
+        resumably, and what was committed before stays committed."""
+        try:
+            self.conn.execute("BEGIN IMMEDIATE")
+        except sqlite3.DatabaseError as error:
+            raise _db_fault(self.path, error) from None
         try:
             yield self.conn
-        except BaseException:
-            self.conn.execute("ROLLBACK")
+            self.conn.execute("COMMIT")
+        except BaseException as error:
+            with contextlib.suppress(sqlite3.Error):
+                self.conn.execute("ROLLBACK")
+            if _is_fault(error):
+                raise _db_fault(self.path, error) from None  # type: ignore[arg-type]
             raise
-        self.conn.execute("COMMIT")
 
     def schema_version(self) -> int:
         return int(self.conn.execute("PRAGMA user_version").fetchone()[0])
@@ -724,10 +805,17 @@ class Store:
 
     def record_task(self, attempt_id: int, task_id: str, credits_reserved: float | None, replayed: bool) -> None:
         """The API accepted the submit: its task id goes to disk before anything polls it."""
+        self.record_tasks([(attempt_id, task_id, credits_reserved, replayed)])
+
+    def record_tasks(self, accepted: Sequence[tuple[int, str, float | None, bool]]) -> None:
+        """Several accepted submits (attempt id, task id, credits reserved, replayed) in one transaction: the
+        scheduler commits the answers of one event-loop turn together, before anything waits on them."""
         with self._tx() as c:
-            c.execute(
+            c.executemany(
                 "UPDATE attempts SET state='running', task_id=?, credits_reserved=?, replayed=?, "
-                "submit_tries=submit_tries+1 WHERE id=?", (task_id, credits_reserved, int(replayed), attempt_id))
+                "submit_tries=submit_tries+1 WHERE id=?",
+                [(task_id, reserved, int(replayed), attempt_id) for attempt_id, task_id, reserved, replayed
+                 in accepted])
 
     def retry_submit(self, attempt_id: int, request_key: str, not_before: float, code: str | None,
                      message: str | None) -> None:
