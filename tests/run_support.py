@@ -64,10 +64,10 @@ def image_files(out_dir: Path) -> list[Path]:
                   and p.suffix in (".png", ".jpg", ".webp", ".gif"))
 
 
-def check_outputs(manifest: Path) -> dict[str, Any]:
+def check_outputs(manifest: Path, db: Path | None = None, out: Path | None = None) -> dict[str, Any]:
     """Every done request has all its images on disk exactly once, each recorded with its hash."""
-    out_dir = out_of(manifest)
-    with Store(db_of(manifest)) as store:
+    out_dir = out or out_of(manifest)
+    with Store(db or db_of(manifest)) as store:
         recorded = []
         states: dict[str, int] = {}
         for rec in store.iter_requests():

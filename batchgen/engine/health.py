@@ -68,6 +68,11 @@ class CallHealth:
         """Every call has been failing long enough that the reference's long waits apply."""
         return self.failing_for_s(now) >= self.persistent_after_s
 
+    def patience_left_s(self, now: float) -> float:
+        """Seconds until a streak that goes on failing would stop the run."""
+        limit = min(self.patience_s, self.refused_patience_s) if self.only_refused else self.patience_s
+        return max(0.0, limit - self.failing_for_s(now))
+
     def exhausted(self, now: float) -> str | None:
         """Why the run should stop now (every call failing past the patience), or None."""
         failing = self.failing_for_s(now)

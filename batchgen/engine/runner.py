@@ -191,8 +191,8 @@ async def _drive(store: Store, job: JobSpec, settings: RunSettings, options: Run
     try:
         store.finish_run(run_id, code, reason.value, summary)
     except LocalFaultError as error:
-        # The database cannot be written (disk full): everything before this was committed; only the run's
-        # own record stays open, and the next run closes it.
+        # The database cannot be written (disk full): everything before this was committed; only this run's
+        # own record stays open (`batchgen status` shows it as "running or killed").
         progress.event("warning", {"message": f"could not record the end of this run: {error}"})
     _write_export(store, out_dir, progress)
     progress.summary(summary)

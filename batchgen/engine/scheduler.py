@@ -439,7 +439,9 @@ class Scheduler:
         why = health.exhausted(now)
         if why is not None:
             self.halt(StopReason.UNREACHABLE, why)
-        return decide(error, tries, 0, self.rng, self.cfg.time_scale, persistent=health.persistent(now)).delay_s
+        delay = decide(error, tries, 0, self.rng, self.cfg.time_scale, persistent=health.persistent(now)).delay_s
+        # Never sleep past the patience: the call after it decides whether the run stops.
+        return min(delay, max(0.05 * self.cfg.time_scale, health.patience_left_s(now)))
 
     async def _claim(self, limit: int) -> int:
         """Claim up to `limit` due requests: budget check, body, attempt rows committed, submits started."""
@@ -666,8 +668,12 @@ class Scheduler:
 
     def _accepted(self, t: _Tracked, snap: TaskSnapshot) -> None:
         """The task id is on disk: count it, and put the task in the poll schedule (or apply its final answer)."""
+        assert self._loop is not None
         reserved = snap.credits_reserved if snap.credits_reserved is not None else t.est_credits
         t.task_id = snap.id
+        # max_wait bounds how long a task is polled: it starts now, not when the submit was first tried (a
+        # submit that met 429s or 5xx before it was accepted has not used up its task's polling time).
+        t.since = self._loop.time()
         self.counters.credits_reserved += reserved - t.reserved
         t.reserved = reserved
         self.counters.submitted += 1

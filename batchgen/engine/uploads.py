@@ -9,7 +9,9 @@ moment the Files API answers, before anything else happens, so a photo shared by
 once per run and once across resumed runs. The window left open: a run killed after the Files API stored the
 file but before its answer arrived uploads it again on resume; the orphan is not in the store, so batchgen
 never deletes it (it is not provably ours) and it expires after 72 hours.
-Concurrent requests for one photo wait on one lock per content hash, so they share a single upload.
+Concurrent requests for one photo wait on one lock per content hash and look at the store again once they
+hold it, so they share a single upload (a single flight per content), after an expiry or a doubt too; a
+failed upload call leaves the next waiter to try, and a run resumed later finds the committed upload.
 
 Never stale. Files expire 72 hours after upload. A stored upload is reused only while it has more than
 `REUSE_MARGIN_S` (one hour, × the run's time scale) left: that covers the submit queue, submit retries with
@@ -55,7 +57,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from batchgen.errors import ApiError, BatchgenError, FilesApiError
+from batchgen.errors import ApiError, BatchgenError, FilesApiError, is_transient
 from batchgen.store.sqlite import RequestRecord, Store, UploadRecord
 
 if TYPE_CHECKING:
@@ -165,6 +167,8 @@ class Uploader:
         try:
             await self.client.download(rec.file_url)
         except ApiError as error:
+            if is_transient(error):
+                raise  # a failed call proves nothing about the file: the scheduler tries the request again
             log.info("upload %s of %s is gone (%s); uploading it again", rec.file_id, rec.path, error)
             self.store.mark_upload(rec.file_id, deleted_at=time.time())
             return False
