@@ -320,11 +320,13 @@ def report(manifest: str | None, db: str | None, output: str | None) -> None:
 @click.option("--seed", type=int, default=None, help="Seed for every random choice (reproducible runs).")
 @click.option("--rate-limit", type=click.FloatRange(min=0, min_open=True), default=None,
               help="Requests per second per key across all API calls; over it, 429 with Retry-After.")
+@click.option("--rate-limit-burst", type=click.IntRange(min=1), default=None,
+              help="With --rate-limit: a token bucket of this many requests instead of a sliding 1 s window.")
 @click.option("--scenario", type=click.Path(dir_okay=False, exists=True),
               help="Fault-injection scenario YAML (probabilities and deterministic rules).")
 @_guarded
 def emulator(host: str, port: int, api_keys: tuple[str, ...], time_scale: float, seed: int | None,
-             rate_limit: float | None, scenario: str | None) -> None:
+             rate_limit: float | None, rate_limit_burst: int | None, scenario: str | None) -> None:
     """Serve the built-in emulator of the Evolink API until Ctrl-C.
 
     Generation, tasks, batch polls, credits and the Files API on one port; stats at /_emulator/stats.
@@ -339,7 +341,7 @@ def emulator(host: str, port: int, api_keys: tuple[str, ...], time_scale: float,
 
     config = EmulatorConfig.from_options(
         api_keys=list(api_keys), time_scale=time_scale, seed=seed, rate_limit=rate_limit,
-        scenario_path=Path(scenario) if scenario else None,
+        scenario_path=Path(scenario) if scenario else None, rate_limit_burst=rate_limit_burst,
     )
     serve_forever(config, host=host, port=port)
 

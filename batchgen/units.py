@@ -1,4 +1,5 @@
-"""Parsing of the human units batchgen's flags and manifests use: durations ("50m") and rates ("5/s").
+"""Parsing of the human units batchgen's flags and manifests use: durations ("50m") and rates ("5/s"),
+and the one-line wording of a rate controller's state that the progress line and `status` share.
 
 Both raise ValueError with a message that says what is allowed, so callers can turn it into a
 ConfigError or a manifest Problem without rewording it.
@@ -7,7 +8,9 @@ ConfigError or a manifest Problem without rewording it.
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 _DURATION_UNITS_S = {"ms": 0.001, "s": 1.0, "m": 60.0, "min": 60.0, "h": 3600.0, "d": 86400.0}
 _DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|min|m|h|d)?\s*$")
@@ -68,3 +71,10 @@ def parse_rate(text: str | float | int) -> Rate:
     if value <= 0:
         raise ValueError(f'rate "{text}" must be above zero')
     return Rate(value, period)
+
+
+def rate_text(rate: Mapping[str, Any]) -> str:
+    """A rate controller's snapshot in a few words: "API 47.5/s of 50/s, limit ~48.1/s, 3 x 429"."""
+    learned = rate.get("learned_limit")
+    limit = f", limit ~{learned:g}/s" if learned is not None else ""
+    return f"API {rate['effective_rate']:g}/s of {rate['configured_rate']:g}/s{limit}, {rate.get('throttles', 0)} x 429"

@@ -9,9 +9,11 @@ a media host receives.
 from __future__ import annotations
 
 import asyncio
+import email.utils
 import json
 import logging
 import struct
+import time
 import zlib
 from collections.abc import AsyncIterator, Iterator
 from datetime import UTC, datetime, timedelta
@@ -35,7 +37,7 @@ from batchgen.api.client import (
     TaskSnapshot,
     UploadedFile,
 )
-from batchgen.engine.ratelimit import AdaptiveLimiter
+from batchgen.engine.ratelimit import AdaptiveLimiter, Lane
 from batchgen.errors import ApiError, FilesApiError, HttpError, TransportError
 from batchgen.units import Rate
 from tests.emulator_fixtures import EmulatorFactory
@@ -506,11 +508,11 @@ class RecordingLimiter(AdaptiveLimiter):
 
     def __init__(self) -> None:
         super().__init__(Rate(1000, 1))
-        self.calls: list[tuple[str, float | None]] = []
+        self.calls: list[tuple[str, float | str | None]] = []
 
-    async def acquire(self) -> None:
-        self.calls.append(("acquire", None))
-        await super().acquire()
+    async def acquire(self, lane: Lane = "submit") -> None:
+        self.calls.append(("acquire", lane))
+        await super().acquire(lane)
 
     def penalize(self, retry_after_s: float | None) -> None:
         self.calls.append(("penalize", retry_after_s))
@@ -535,11 +537,33 @@ async def test_limiter_hooks(mocked: aioresponses) -> None:
             await c.quota()
         await c.download(RESULT_URL)  # a media host: not rate limited
     assert limiter.calls == [
-        ("acquire", None), ("reward", None),
-        ("acquire", None), ("penalize", 0.3),
-        ("acquire", None),
-        ("acquire", None), ("penalize", None),
+        ("acquire", "submit"), ("reward", None),
+        ("acquire", "poll"), ("penalize", 0.3),
+        ("acquire", "poll"),
+        ("acquire", "submit"), ("penalize", None),
     ]
+
+
+async def test_batch_polls_take_the_poll_lane_and_credits_the_submit_lane(mocked: aioresponses) -> None:
+    limiter = RecordingLimiter()
+    mocked.post(f"{API}/v1/tasks/batch", payload={"data": []})
+    mocked.get(f"{API}/v1/credits", payload={"data": {"remaining": 5}})
+    async with EvolinkClient(API, FILES, KEY, limiter=limiter) as c:
+        await c.get_tasks(["task-1"])
+        await c.credits()
+    assert [lane for kind, lane in limiter.calls if kind == "acquire"] == ["poll", "submit"]
+
+
+async def test_retry_after_as_an_http_date_sets_the_cool_down(mocked: aioresponses) -> None:
+    limiter = AdaptiveLimiter(Rate(10, 1))
+    when = email.utils.formatdate(time.time() + 3, usegmt=True)  # whole seconds: 2-3 s from now
+    mocked.get(f"{API}/v1/tasks/{TASK_ID}", status=429, body="", headers={"Retry-After": when})
+    async with EvolinkClient(API, FILES, KEY, limiter=limiter) as c:
+        with pytest.raises(HttpError) as exc_info:
+            await c.get_task(TASK_ID)
+        assert exc_info.value.retry_after_s is not None and 1.5 <= exc_info.value.retry_after_s <= 3.0
+        assert 1.5 <= limiter.pause_remaining_s() <= 3.0 * 1.1  # plus at most 10% positive jitter
+    assert limiter.throttles == 1
 
 
 # --- the key never leaks --------------------------------------------------------------------------
@@ -736,8 +760,8 @@ async def test_emulator_rate_limit_penalizes_the_limiter(emulator_factory: Emula
     async with EvolinkClient(emu.base_url, emu.base_url, "sk-evo-test-key", limiter=limiter) as c:
         outcomes = await asyncio.gather(*(c.quota() for _ in range(6)), return_exceptions=True)
     limited = [o for o in outcomes if isinstance(o, FilesApiError | HttpError) and o.status == 429]
-    assert limited and limiter.penalties == len(limited)
-    assert limiter.current_rate < 50
+    assert limited and limiter.throttles == len(limited)
+    assert limiter.effective_rate < 50
     assert all(isinstance(o, Quota) or o in limited for o in outcomes)
 
 

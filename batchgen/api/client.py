@@ -15,8 +15,9 @@ goes through `EvolinkClient`. It does three jobs and nothing more:
       Files API non-2xx, or HTTP 200 with success=false    ───► FilesApiError(status, code "40003", ...)
 
 It never retries and never sleeps: whether and when to try again is `errors.decide()`'s call, applied by
-the scheduler. The only pacing here is the optional `AdaptiveLimiter`: every API call waits for it first,
-a 429 penalises it and a 2xx rewards it, so the whole run slows down together when the server pushes back.
+the scheduler. The only pacing here is the optional `AdaptiveLimiter`: every API call waits for it first
+(task and batch polls in its poll lane, everything else in its submit lane), a 429 penalises it and a 2xx
+rewards it, so the whole run slows down together when the server pushes back.
 
 The API key is sent only in the `Authorization` header of API and Files API calls, never to a media host
 (downloads go out without it, whatever the URL), and it is scrubbed from every message and body excerpt
@@ -47,7 +48,7 @@ from batchgen import __version__
 from batchgen.errors import ApiError, ConnectError, FilesApiError, HttpError, TransportError
 
 if TYPE_CHECKING:
-    from batchgen.engine.ratelimit import AdaptiveLimiter
+    from batchgen.engine.ratelimit import AdaptiveLimiter, Lane
 
 log = logging.getLogger(__name__)
 
@@ -298,7 +299,7 @@ class EvolinkClient:
 
     async def get_task(self, task_id: str) -> TaskSnapshot:
         """GET /v1/tasks/{id}; an unknown id is HttpError 404 `task_not_found`."""
-        resp = await self._call("api", "GET", f"/v1/tasks/{quote(task_id, safe='')}")
+        resp = await self._call("api", "GET", f"/v1/tasks/{quote(task_id, safe='')}", lane="poll")
         return TaskSnapshot.from_json(resp.json_object(), request_id=resp.request_id)
 
     async def get_tasks(self, task_ids: list[str]) -> dict[str, TaskSnapshot]:
@@ -315,7 +316,8 @@ class EvolinkClient:
             return {}
         if self.batch_supported is not False:
             try:
-                resp = await self._call("api", "POST", "/v1/tasks/batch", json_body={"task_ids": list(task_ids)})
+                resp = await self._call("api", "POST", "/v1/tasks/batch", json_body={"task_ids": list(task_ids)},
+                                        lane="poll")
             except HttpError as exc:
                 if exc.status not in (404, 405):
                     raise
@@ -466,10 +468,12 @@ class EvolinkClient:
         json_body: Any = None,
         form: aiohttp.FormData | None = None,
         headers: Mapping[str, str] | None = None,
+        lane: Lane = "submit",
     ) -> _Response:
         """Send one API call and return its 2xx answer, or raise the mapped error.
 
-        Waits for the limiter first; a 429 penalises it (with the server's Retry-After) before raising,
+        Waits for the limiter first, in the call's lane (polls go ahead of submissions; credits and the
+        Files API share the submissions' lane); a 429 penalises it (with the server's Retry-After) before raising,
         a 2xx rewards it. Bodies are read in full here so that every error, including one while reading,
         is mapped at this one place.
         """
@@ -486,7 +490,7 @@ class EvolinkClient:
         elif form is not None:
             data = form
         if self.limiter is not None:
-            await self.limiter.acquire()
+            await self.limiter.acquire(lane)
         try:
             async with session.request(method, base + path, data=data, headers=send_headers) as resp:
                 body = await resp.read()

@@ -84,6 +84,8 @@ async def gateway(request: web.Request, handler: Handler) -> web.StreamResponse:
         state.stats.request(_route_name(request), "dropped")
     else:
         state.stats.request(_route_name(request), str(response.status))
+        if api:
+            state.stats.api_answered(response.status, request.method == "POST" and path == "/v1/images/generations")
         response.headers["X-Request-Id"] = f"req-emu-{next(_request_ids):08x}"
     return response
 

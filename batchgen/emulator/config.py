@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from batchgen import catalog
 from batchgen.emulator.faults import FaultRule, Faults
@@ -39,6 +39,8 @@ class EmulatorConfig(BaseModel):
     seed: int | None = Field(default=None, description="seed for every random choice")
     rate_limit: float | None = Field(default=None, gt=0, description="requests per second per key across all "
                                      "API routes (real time); None: unlimited")
+    rate_limit_burst: int | None = Field(default=None, ge=1, description="with rate_limit: a token bucket of "
+                                         "this many requests instead of the sliding one-second window")
     initial_credits: float = Field(default=1_000_000.0, ge=0, description="starting balance of every key")
     # Newer-gateway features, each switchable off to emulate an older server.
     idempotency: bool = Field(default=True, description="honour Idempotency-Key on submits")
@@ -50,6 +52,9 @@ class EmulatorConfig(BaseModel):
                                          "return fewer images than asked")
     latency_s: float | None = Field(default=None, ge=0, description="fixed emulated latency of every task "
                                     "instead of the model's distribution (0: tasks are done on submit)")
+    latency_range_s: tuple[float, float] | None = Field(default=None, description="emulated latency of every "
+                                                        "task drawn uniformly from [low, high] instead of the "
+                                                        "model's distribution (latency_s wins when both are set)")
     result_ttl_s: float = Field(default=catalog.RESULT_URL_TTL_S, gt=0, description="emulated lifetime of "
                                 "result URLs after completion")
     upload_ttl_s: float = Field(default=catalog.UPLOAD_TTL_S, gt=0, description="emulated lifetime of uploads")
@@ -63,13 +68,21 @@ class EmulatorConfig(BaseModel):
     faults: Faults = Field(default_factory=Faults)
     rules: list[FaultRule] = Field(default_factory=list)
 
+    @field_validator("latency_range_s")
+    @classmethod
+    def _ordered_range(cls, value: tuple[float, float] | None) -> tuple[float, float] | None:
+        if value is not None and not 0 <= value[0] <= value[1]:
+            raise ValueError("must be [low, high] with 0 <= low <= high")
+        return value
+
     @classmethod
     def from_options(cls, api_keys: list[str] | None = None, time_scale: float = 1.0, seed: int | None = None,
-                     rate_limit: float | None = None, scenario_path: Path | None = None) -> EmulatorConfig:
+                     rate_limit: float | None = None, scenario_path: Path | None = None,
+                     rate_limit_burst: int | None = None) -> EmulatorConfig:
         """The CLI's view: a scenario file (if any) with the flags on top.
 
-        A flag overrides the scenario when it is given: keys when any, seed and rate limit when not None,
-        the time scale when it is not the default 1.
+        A flag overrides the scenario when it is given: keys when any, seed, rate limit and its burst when
+        not None, the time scale when it is not the default 1.
         """
         values: dict[str, Any] = load_scenario(scenario_path) if scenario_path is not None else {}
         if api_keys:
@@ -78,6 +91,8 @@ class EmulatorConfig(BaseModel):
             values["seed"] = seed
         if rate_limit is not None:
             values["rate_limit"] = rate_limit
+        if rate_limit_burst is not None:
+            values["rate_limit_burst"] = rate_limit_burst
         if time_scale != 1.0 or "time_scale" not in values:
             values["time_scale"] = time_scale
         return _validated(values, str(scenario_path) if scenario_path else "emulator options")

@@ -12,10 +12,15 @@ from typing import Any
 
 from batchgen.emulator.ratelimit import RateMeter
 
+TIMELINE_BIN_S = 0.1
+
 
 class Stats:
     def __init__(self) -> None:
         self.started = time.monotonic()
+        # API requests per TIMELINE_BIN_S since start: bin -> [accepted, rate limited (429), accepted submits].
+        # Bounded by the run's duration, not its size; benchmarks plot it and measure budget use with it.
+        self.timeline: defaultdict[int, list[int]] = defaultdict(lambda: [0, 0, 0])
         self.requests: defaultdict[str, Counter[str]] = defaultdict(Counter)
         self.api_meter = RateMeter()
         # Per account id (never the key): API calls seen after authentication, and their one-second peak.
@@ -59,6 +64,16 @@ class Stats:
             meter = self.account_meters[account] = RateMeter()
         meter.hit()
 
+    def api_answered(self, status: int, submit: bool) -> None:
+        """One API answer on the timeline: 429s apart from the rest, accepted submissions also counted."""
+        row = self.timeline[int((time.monotonic() - self.started) / TIMELINE_BIN_S)]
+        if status == 429:
+            row[1] += 1
+        else:
+            row[0] += 1
+            if submit and 200 <= status < 300:
+                row[2] += 1
+
     def snapshot(self, extra: dict[str, Any] | None = None) -> dict[str, Any]:
         by_route = {route: dict(sorted(c.items())) for route, c in sorted(self.requests.items())}
         by_status: Counter[str] = Counter()
@@ -96,5 +111,7 @@ class Stats:
                                 "rate_limited": self.account_rate_limited[acct],
                                 "tasks_created": self.account_tasks[acct]}
                          for acct, meter in sorted(self.account_meters.items())},
+            "timeline_bin_s": TIMELINE_BIN_S,
+            "timeline": [[b, *row] for b, row in sorted(self.timeline.items())],
             **(extra or {}),
         }

@@ -132,6 +132,8 @@ class TaskBook:
         faults = self.config.faults.tasks
 
         latency = self.config.latency_s
+        if latency is None and self.config.latency_range_s is not None:
+            latency = rng.uniform(*self.config.latency_range_s)
         if latency is None:
             drawn = info.latency_median_s * math.exp(rng.gauss(0.0, _LATENCY_SIGMA))
             latency = min(info.latency_max_s, max(info.latency_min_s, drawn))

@@ -132,7 +132,7 @@ class KeyPool:
             if k.covers(credits) and (best is None or max(now, k._next_at) < max(now, best._next_at)):
                 best = k
         if best is not None:
-            best._next_at = max(now, best._next_at) + 1.0 / max(best.limiter.current_rate, _EPSILON)
+            best._next_at = max(now, best._next_at) + 1.0 / max(best.limiter.effective_rate, _EPSILON)
             best.committed += credits
             best.submitted += 1
         return best

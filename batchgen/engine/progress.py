@@ -3,11 +3,14 @@
 Three audiences, one source: the scheduler calls `event(kind, fields)` for things that happen to a
 request and keeps `Counters` up to date; this module decides what to print.
 
-* terminal: one progress line (done/total, failed, in flight, requests/s, credits, ETA), redrawn at most
-  four times a second on stderr, so stdout stays free for the summary;
+* terminal: one progress line (done/total, failed, in flight, requests/s, credits, ETA, and the rate
+  controller's effective rate, learned limit and 429 count), redrawn at most four times a second on
+  stderr, so stdout stays free for the summary;
 * `--json`: one compact JSON object per line on stdout for every event (`submitted`, `completed`,
   `downloaded`, `done`, `requeued`, `failed`, `left`, `stopping`, `warning`, ...), each with `event`, `t`
-  (epoch seconds) and the request `key` where there is one, then a final `summary` event;
+  (epoch seconds) and the request `key` where there is one; a `rate` event (the limiter's `snapshot()`:
+  `configured_rate`, `ceiling`, `effective_rate`, `learned_limit`, `throttles`, `burst`) at most once a
+  second when any of it changed; then a final `summary` event (which carries the same keys);
 * anything else (cron, a pipe): a plain progress line every `PLAIN_EVERY_S` seconds, warnings as they come.
 
 A summary ends every run in every mode. Nothing here ever sees the API key.
@@ -18,19 +21,24 @@ from __future__ import annotations
 import json
 import sys
 import time
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
 from batchgen.engine.scheduler import Counters
+from batchgen.units import rate_text
+
+if TYPE_CHECKING:
+    from batchgen.engine.ratelimit import AdaptiveLimiter
 
 TTY_REDRAW_S = 0.25
 PLAIN_EVERY_S = 15.0
+JSON_RATE_EVERY_S = 1.0
 # Events worth a line even when not in --json mode.
 _NOTABLE = frozenset({"stopping", "warning", "preflight"})
 
 
 class Progress:
     def __init__(self, mode: str, counters: Counters, *, out: TextIO | None = None, err: TextIO | None = None,
-                 clock: Any = time.monotonic) -> None:
+                 clock: Any = time.monotonic, limiter: AdaptiveLimiter | None = None) -> None:
         if mode not in ("tty", "json", "plain"):
             raise ValueError(f"unknown progress mode {mode!r}")
         self.mode = mode
@@ -41,12 +49,14 @@ class Progress:
         self._started = clock()
         self._last_line = 0.0
         self._line_shown = False
+        self.limiter = limiter
+        self._last_rate: dict[str, Any] | None = None
 
     @classmethod
-    def for_stream(cls, json_events: bool, counters: Counters) -> Progress:
+    def for_stream(cls, json_events: bool, counters: Counters, limiter: AdaptiveLimiter | None = None) -> Progress:
         if json_events:
-            return cls("json", counters)
-        return cls("tty" if sys.stderr.isatty() else "plain", counters)
+            return cls("json", counters, limiter=limiter)
+        return cls("tty" if sys.stderr.isatty() else "plain", counters, limiter=limiter)
 
     # --- events -----------------------------------------------------------------------------------
 
@@ -76,9 +86,16 @@ class Progress:
             self._last_line = now
             self.err.write(self.line() + "\n")
             self.err.flush()
+        elif self.mode == "json" and self.limiter is not None:
+            snapshot = self.limiter.snapshot()
+            if snapshot != self._last_rate:  # a steady run says it once, not every second
+                self._last_rate = snapshot
+                self.event("rate", snapshot)
 
     def tick_interval_s(self) -> float:
-        return TTY_REDRAW_S if self.mode == "tty" else PLAIN_EVERY_S if self.mode == "plain" else 3600.0
+        if self.mode == "json":
+            return JSON_RATE_EVERY_S if self.limiter is not None else 3600.0
+        return TTY_REDRAW_S if self.mode == "tty" else PLAIN_EVERY_S
 
     def line(self) -> str:
         c = self.counters
@@ -86,8 +103,11 @@ class Progress:
         rate = c.done_this_run / elapsed
         remaining = max(0, c.total - c.done - c.failed)
         eta = _duration(remaining / rate) if rate > 0 and remaining else "-"
-        return (f"{c.done}/{c.total} done, {c.failed} failed, {c.in_flight} in flight, {rate:.1f} req/s, "
+        line = (f"{c.done}/{c.total} done, {c.failed} failed, {c.in_flight} in flight, {rate:.1f} req/s, "
                 f"credits {c.credits_used:g} used + {c.credits_reserved:g} reserved, ETA {eta}")
+        if self.limiter is not None:
+            line += ", " + rate_text(self.limiter.snapshot())
+        return line
 
     def _clear(self) -> None:
         if self.mode == "tty" and self._line_shown:
@@ -108,6 +128,8 @@ class Progress:
             f"  this run: {c['submitted']} submitted, {c['images_saved']} images saved, {c['polls']} poll calls, "
             f"{c['elapsed_s']:.1f}s; credits used {c['credits_used']:g}, reserved {c['credits_reserved']:g}",
         ]
+        if c.get("effective_rate") is not None:
+            lines.append(f"  {rate_text(c)}")
         if c.get("message") and c["message"] != "finished":
             lines.append(f"  {c['message']}")
         if c.get("resumable"):

@@ -142,7 +142,9 @@ async def _drive(store: Store, job: JobSpec, settings: RunSettings, options: Run
     uploader = pool.keys[0].uploader
     scheduler = Scheduler(store, client, cfg, emit=lambda k, f: progress.event(k, f) if progress else None,
                           prepare_body=uploader.prepare_body, reference_failed=uploader.reference_failed, pool=pool)
-    progress = Progress.for_stream(options.json_events, scheduler.counters)
+    # The rate controller, shown while it runs and in the summary; several keys have one each (in "keys").
+    limiter = pool.keys[0].limiter if pool.single else None
+    progress = Progress.for_stream(options.json_events, scheduler.counters, limiter)
     for warning in warnings or []:
         progress.event("warning", {"message": warning})
     run_id = store.start_run()
@@ -186,8 +188,11 @@ async def _drive(store: Store, job: JobSpec, settings: RunSettings, options: Run
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.remove_signal_handler(sig)
     code, summary = _finish(store, scheduler, reason, message, loop.time() - start)
+    if limiter is not None:
+        summary.update(limiter.snapshot())  # configured/effective rate, learned limit, 429s: kept per run
     if not pool.single:
-        summary["keys"] = [{"key": k.name, "state": k.state.value, "submitted": k.submitted} for k in pool.keys]
+        summary["keys"] = [{"key": k.name, "state": k.state.value, "submitted": k.submitted,
+                            "rate": k.limiter.snapshot()} for k in pool.keys]
     try:
         store.finish_run(run_id, code, reason.value, summary)
     except LocalFaultError as error:

@@ -9,10 +9,13 @@ i.e. a task exists and its images are not all on disk), `submitted`, `completed`
 `removed`, `waiting_retry` (pending with a future not-before), `credits` {`reserved` (tasks in flight),
 `used` (finished tasks), `spent` (both), `estimated_remaining` (catalogue estimate of what is pending)},
 `images` (files saved), `image_bytes`, `failures` [{`code`, `count`, `messages` [{`message`, `count`}]}],
-`last_run` ({`started_at`, `finished_at`, `exit_code`, `reason`} or null), `keys` (issue 15: one entry per API
-key the job has used, by fingerprint — never the key: `key` (label, else fingerprint), `fingerprint`,
+`last_run` ({`started_at`, `finished_at`, `exit_code`, `reason`, `rate`} or null), `runs` (the same for every
+run, oldest first). `rate` is what the run's rate controller ended at: {`configured_rate`, `ceiling`,
+`effective_rate`, `learned_limit` (null when the server never answered 429), `throttles` (429s received),
+`burst`}, or null for a run that was killed before its summary. `keys` (issue 15: one entry per API key
+the job has used, by fingerprint — never the key): `key` (label, else fingerprint), `fingerprint`,
 `label`, `state` (active, revoked, out_of_credits; "unknown" for keys seen only on attempts), `reason`,
-`requests` (attempts sent with it), `credits_used`, `credits_reserved`, `in_flight`, `balance` (last seen)).
+`requests` (attempts sent with it), `credits_used`, `credits_reserved`, `in_flight`, `balance` (last seen).
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from batchgen.store.sqlite import Store
+from batchgen.units import rate_text
 
 
 def collect(db_path: Path) -> dict[str, Any]:
@@ -58,10 +62,20 @@ def collect(db_path: Path) -> dict[str, Any]:
                       "credits_used": round(k["credits_used"], 4), "credits_reserved": round(k["credits_reserved"], 4),
                       "in_flight": k["open"], "balance": k["balance"]} for k in store.key_usage()],
         }
+        out["runs"] = [_run_record(run) for run in runs]
         if runs:
-            last = runs[-1]
-            out["last_run"] = {k: last[k] for k in ("started_at", "finished_at", "exit_code", "reason")}
+            out["last_run"] = out["runs"][-1]
         return out
+
+
+_RATE_KEYS = ("configured_rate", "ceiling", "effective_rate", "learned_limit", "throttles", "burst")
+
+
+def _run_record(run: dict[str, Any]) -> dict[str, Any]:
+    record = {k: run[k] for k in ("started_at", "finished_at", "exit_code", "reason")}
+    summary = run.get("summary") or {}
+    record["rate"] = {k: summary.get(k) for k in _RATE_KEYS} if "effective_rate" in summary else None
+    return record
 
 
 def render_text(s: dict[str, Any]) -> str:
@@ -97,7 +111,8 @@ def render_text(s: dict[str, Any]) -> str:
     if last:
         when = time.strftime("%Y-%m-%d %H:%M", time.localtime(last["started_at"]))
         ended = f"exit {last['exit_code']}, {last['reason']}" if last["finished_at"] else "running or killed"
-        lines.append(f"last run: {when} ({ended})")
+        rate = last.get("rate")
+        lines.append(f"last run: {when} ({ended})" + (f"; {rate_text(rate)}" if rate else ""))
     return "\n".join(lines)
 
 
