@@ -27,6 +27,7 @@ SCENARIOS: dict[str, str] = {
     "cost": "benchmarks.bench_runner_cost",
     "scale": "benchmarks.bench_scale",
     "resume": "benchmarks.bench_resume",
+    "ratecontrol": "benchmarks.bench_ratecontrol",
     "keys": "benchmarks.bench_keys",
     "emulator": "",  # benchmarks/bench_emulator.py, the emulator's own benchmark, as one more row
 }

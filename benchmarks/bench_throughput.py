@@ -6,7 +6,8 @@ bound, and the target is a makespan within 10% of it (bound / makespan >= 0.9).
 
 Set-up: N = 3,000 one-image requests (`--quick`: 300) of the emulator's fastest model (latency drawn from
 its distribution: median 5 s, 2-20 s emulated) at time scale 0.6, so a median task takes 3 s of real time.
-The emulator enforces R = 50 requests/s per key across every API route (a sliding one-second window); the
+The emulator enforces R = 50 requests/s per key across every API route, as a token bucket with a burst
+of 10 (`rate_limit_burst`, what API gateways run; before issue 12 it was a sliding one-second window); the
 runner is configured with the same rate. Concurrency 500, enough that in-flight tasks never cap the rate
 (R x the longest latency is 50 x 12 s = 600; most finish in about 3 s). The makespan is the runner
 process's wall time, from fork to exit: start-up, the credit check, every submission, poll and download.
@@ -14,13 +15,16 @@ process's wall time, from fork to exit: start-up, the credit check, every submis
 Batch polling (up to 50 ids a call) lets batchgen spend fewer than 2 requests per image, so it can beat the
 "bound"; the table says so rather than hiding it. `requests/image` (accepted API calls per image) explains
 the ratio, and `budget used` (accepted API calls / (R x makespan)) is how much of the rate limit the run
-actually used — the figure that says how close it runs to the API's limit.
+actually used — the figure that says how close it runs to the API's limit. `budget used between first and
+last submission` counts the same calls only over that span (from the emulator's 0.1 s timeline), leaving
+out start-up and the tail of the last generations, when there is nothing left to send.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
+from benchmarks.bench_ratecontrol import SERVER_BURST, timeline_figures
 from benchmarks.harness import Row, check, emulator, fresh_dir, median, run_batchgen, write_csv
 
 RATE = 50.0
@@ -49,7 +53,8 @@ def accepted_api_calls(stats: dict[str, object]) -> tuple[int, int]:
 def one_run(workdir: Path, n: int) -> dict[str, float]:
     fresh_dir(workdir)
     manifest = write_csv(workdir / "throughput.csv", n)
-    with emulator(workdir, rate_limit=RATE, time_scale=TIME_SCALE, seed=1) as emu:
+    with emulator(workdir, rate_limit=RATE, time_scale=TIME_SCALE, seed=1,
+                  scenario={"rate_limit_burst": SERVER_BURST}) as emu:
         result = check(run_batchgen(manifest, emu, workdir, rate=f"{RATE:g}/s", concurrency=CONCURRENCY,
                                     time_scale=TIME_SCALE, timeout_s=60 + 10 * n / RATE), "batchgen run")
         stats = emu.stats()
@@ -58,6 +63,7 @@ def one_run(workdir: Path, n: int) -> dict[str, float]:
     return {"makespan_s": result.wall_s, "bound_s": bound, "ratio": bound / result.wall_s,
             "requests_per_image": accepted / n, "http_429": float(limited),
             "budget_used": accepted / (RATE * result.wall_s),
+            "budget_between": timeline_figures(stats, RATE)["budget_between"],
             "peak_1s": float(stats["max_requests_in_1s"])}
 
 
@@ -80,6 +86,9 @@ def run(workdir: Path, *, quick: bool, runs: int) -> list[Row]:
             note="accepted submits + polls + credit check, per image"),
         Row("1 throughput", "rate budget used", median(col("budget_used")), "", "", None, bound="1.0",
             runs=col("budget_used"), note="accepted API calls / (R x makespan)"),
+        Row("1 throughput", "rate budget used, first to last submission", median(col("budget_between")), "",
+            ">= 0.95", median(col("budget_between")) >= 0.95, bound="1.0", runs=col("budget_between"),
+            note="accepted API calls in that span / (R x span)"),
         Row("1 throughput", "HTTP 429 received", median(col("http_429")), "", "", None, runs=col("http_429"),
             note=f"peak one-second count seen by the server {median(col('peak_1s')):g} (429s included)"),
     ]

@@ -33,6 +33,9 @@ from typing import Any
 import yaml
 
 REPO = Path(__file__).resolve().parent.parent
+# Before/after figures: BENCH_RUNNER_SRC=<a checkout of another commit> runs *that* batchgen as the measured
+# runner (`git archive <commit> | tar -x -C DIR`), while the emulator and the benchmarks stay this tree's.
+RUNNER_SRC = Path(os.environ["BENCH_RUNNER_SRC"]).resolve() if os.environ.get("BENCH_RUNNER_SRC") else None
 API_KEY = "sk-evo-bench"
 # A cheap, fast model: its latency distribution is the emulator's shortest (median 5 s emulated).
 FAST_MODEL = "z-image-turbo"
@@ -134,13 +137,14 @@ class ChildResult:
 
 
 def run_child(cmd: Sequence[str], *, env: dict[str, str] | None = None, cwd: Path = REPO,
-              timeout_s: float = 600.0, workdir: Path | None = None) -> ChildResult:
+              timeout_s: float = 600.0, workdir: Path | None = None, src: Path | None = None) -> ChildResult:
     """Run `cmd` to completion and return its own CPU time (`os.wait4`) and peak memory.
 
     CPU: user + sys of that child alone, from wait4. Peak memory: a Python child (`python -m ...` or
     `python -c ...`) runs under `benchmarks.peak`, which records its own VmHWM at exit, because a child's
     `ru_maxrss` starts from this process's size at fork (see peak.py); other commands fall back to
-    `ru_maxrss`. Output goes to files, not pipes, so a chatty child can never block on a full pipe while
+    `ru_maxrss`. `src`: import batchgen from this tree instead (see RUNNER_SRC). Output goes to files, not
+    pipes, so a chatty child can never block on a full pipe while
     we wait. A child still running after `timeout_s` is killed and reported with returncode -9; a child is
     never left behind if this process is interrupted.
     """
@@ -152,7 +156,8 @@ def run_child(cmd: Sequence[str], *, env: dict[str, str] | None = None, cwd: Pat
     if len(argv) > 2 and argv[0] == sys.executable and argv[1] in ("-m", "-c"):
         argv = [sys.executable, "-m", "benchmarks.peak", str(peak_path), *argv[1:]]
         env = dict(env if env is not None else os.environ)
-        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH", "")]))
+        first = [str(src)] if src is not None else []
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [*first, str(REPO), env.get("PYTHONPATH", "")]))
     with out_path.open("w") as out, err_path.open("w") as err:
         started_wall = time.time()
         started = time.monotonic()
@@ -201,7 +206,8 @@ def run_batchgen(manifest: Path, emu: EmulatorProcess, workdir: Path, *, rate: s
         cmd += ["--rate", rate]
     if concurrency is not None:
         cmd += ["--concurrency", str(concurrency)]
-    return run_child(cmd, env=emu.env(), timeout_s=timeout_s, workdir=workdir)
+    return run_child(cmd, env=emu.env(), timeout_s=timeout_s, workdir=workdir, cwd=RUNNER_SRC or REPO,
+                     src=RUNNER_SRC)
 
 
 def check(result: ChildResult, what: str, ok: Sequence[int] = (0,)) -> ChildResult:

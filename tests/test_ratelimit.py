@@ -137,7 +137,7 @@ async def test_one_second_windows_never_exceed_rate_plus_burst_under_feedback(cl
 
 
 async def test_polls_go_first_but_submissions_keep_a_share(clock: FakeClock) -> None:
-    limiter = quiet(Rate(10, 1), burst=1)
+    limiter = quiet(Rate(10, 1), burst=1, poll_grace_s=0.0)
     await limiter.acquire(SUBMIT)  # the bucket is full now: everything below queues
     waiters = Waiters(limiter, clock)
     waiters.start(20, SUBMIT)
@@ -153,20 +153,32 @@ async def test_polls_go_first_but_submissions_keep_a_share(clock: FakeClock) -> 
     waiters.cancel()
 
 
-async def test_a_poll_that_arrives_later_still_goes_before_queued_submissions(clock: FakeClock) -> None:
-    limiter = quiet(Rate(10, 1), burst=1)
+async def test_a_poll_waits_its_grace_then_goes_before_queued_submissions(clock: FakeClock) -> None:
+    limiter = quiet(Rate(10, 1), burst=1)  # poll_grace_s 0.5
     await limiter.acquire(SUBMIT)
     waiters = Waiters(limiter, clock)
-    waiters.start(10, SUBMIT)
+    waiters.start(20, SUBMIT)
     await settle()
     for _ in range(3):
         await clock.advance(0.1)
     assert waiters.lanes == [SUBMIT] * 3
     waiters.start(1, POLL)
-    await clock.advance(0.1)  # the submission that already held the turn
-    await clock.advance(0.1)  # then the poll, ahead of the six submissions queued before it
-    assert waiters.lanes == [SUBMIT] * 4 + [POLL]
+    await settle()
+    for _ in range(10):
+        await clock.advance(0.1)
+    # In arrival order for its first half second (so the next batch poll can fill up), then ahead of
+    # the 16 submissions still queued before it: the sixth call after it arrived at the latest.
+    assert POLL in waiters.lanes
+    assert 3 + 4 <= waiters.lanes.index(POLL) <= 3 + 6, waiters.lanes
     waiters.cancel()
+
+
+async def test_a_poll_goes_at_once_when_nothing_else_waits(clock: FakeClock) -> None:
+    limiter = quiet(Rate(10, 1), burst=2)
+    waiters = Waiters(limiter, clock)
+    waiters.start(1, POLL)
+    await settle()
+    assert waiters.count == 1
 
 
 async def test_a_cancelled_waiter_gives_up_its_place(clock: FakeClock) -> None:
@@ -199,6 +211,7 @@ async def test_a_429_pauses_every_call_until_retry_after_plus_positive_jitter(cl
     waiters = Waiters(limiter, clock)
     waiters.start(5, SUBMIT)
     waiters.start(2, POLL)
+    await settle()
     await clock.advance(pause - 0.01)
     assert waiters.count == 0
     # Nothing was accepted before that 429, so there is nothing to measure: the rate halves (5/s).
@@ -209,7 +222,8 @@ async def test_a_429_pauses_every_call_until_retry_after_plus_positive_jitter(cl
     for _ in range(20):
         await clock.advance(0.1)
     assert waiters.count == 7
-    assert waiters.lanes[1:3] == [POLL, POLL]  # the first had the turn; then polls first
+    # The first had the turn; then the polls, which have waited the whole cool-down, go first.
+    assert waiters.lanes[1:3] == [POLL, POLL]
 
 
 async def test_jitter_spreads_cool_downs_but_only_upwards(clock: FakeClock) -> None:
@@ -378,6 +392,18 @@ async def test_an_isolated_429_costs_a_small_step_not_a_collapse(clock: FakeCloc
     assert min(after) >= 0.95 * 50  # 3% off, then climbing back
     assert after[-1] == pytest.approx(50.0)
     assert server.accepted_per_s(5, 20) >= 0.95 * 50
+
+
+async def test_a_429_while_sending_far_below_the_rate_is_not_taken_for_the_limit(clock: FakeClock) -> None:
+    """Start-up: the run sends 20 calls/s of its 100/s (claims, new connections), a bunch of them meets the
+    server's burst limit. The rate it was sending at says nothing about the server's limit."""
+    limiter = quiet(Rate(100, 1))
+    for _ in range(20):
+        await clock.advance(0.05)
+        limiter.reward()
+    limiter.penalize(0.01)
+    assert limiter.effective_rate == pytest.approx(97.0)
+    assert limiter.learned_limit is None
 
 
 async def test_a_429_storm_cuts_to_the_floor_then_climbs_back_fast(clock: FakeClock) -> None:

@@ -24,10 +24,16 @@ forfeits what was paid, so a call held up by a cool-down cannot leave on credit 
 
 Polls first, submissions never starved
 ---------------------------------------
-Calls take turns to pay. When the turn passes, a waiting poll goes ahead of a waiting submission (a
-finished task is worth more than a new one), but never more than `polls_per_submit` polls in a row while
-a submission waits: that reserves a share of the budget (1 in `polls_per_submit + 1`) for submissions.
-Within a lane, first come, first served.
+Calls take turns to pay, first come, first served, with two exceptions. A poll that has waited
+`poll_grace_s` (half a second) goes ahead of every waiting submission: a finished task is worth more than
+a new one, so it is collected within about half a second, not after the queue of submissions ahead of it
+(up to `concurrency` of them). And never more than `polls_per_submit` polls in a row while a submission
+waits: that reserves a share of the budget (1 in `polls_per_submit + 1`) for submissions.
+
+Why not every poll first at once: the scheduler's poller sends one batch poll at a time, of the tasks
+due when it is sent. Let through at once, it sends a poll for every task or two that falls due, and a
+call that collects one task costs the budget as much as a submission; held for half a second, the next
+batch fills up meanwhile (up to 50 ids a call), so polls cost a few calls a second whatever the rate.
 
 The control loop
 ----------------
@@ -35,10 +41,15 @@ The control loop
   parsed by the client), or `default_pause_s`, plus a positive-only jitter (0 to 10%), so calls never
   resume as a herd and never earlier than the server asked. 429s that arrive within `hold_s` of the last
   cut are the same congestion event (calls already in flight) and only extend the cool-down.
-* **The cut** is to what the server was actually accepting: the 2xx answers of the last `window_s`
-  seconds, per second, times 0.95 (so the server's bucket can refill a little). That rate also becomes the
-  **learned limit**. An *isolated* 429 (at most 2% of the window's answers, with at least 50 successes in
-  it) costs a small step instead: 3% off the effective rate, and the rate it came at is the learned limit.
+* **The cut** is to what the server was actually accepting: the 2xx answers per second of sending
+  (cool-downs left out) over the last `window_s` seconds, or since the previous cut if that is later,
+  times 0.95 (so the server's bucket can refill a little). That rate also becomes the **learned limit**.
+  With fewer than 5 answers since the previous cut there is nothing to measure (a storm of 429s, the very
+  first call): the rate halves. An *isolated* 429 costs a small step instead, 3% off the effective rate:
+  one that comes after at least 50 successes with at most 2% of the window's answers refused (the rate
+  it came at is the learned limit), or one that comes while the calls were going out at under half the
+  effective rate with at most 10% refused (start-up, a lull: a bunch of calls met the server's burst
+  limit, the rate says nothing, and nothing is learned).
 * **The climb**, per second of clean traffic after the cool-down: multiplicative (×1.5 per second) while
   the effective rate is below 90% of the target; then additive, 5% of the target per second, up to the
   target. The target is the learned limit, grown with the time since the last 429 as a cube
@@ -80,10 +91,12 @@ _EPSILON = 1e-9
 _MAX_BURST = 4.0
 # Control-loop constants (see the module docstring); named here so the docs and the code agree.
 _CUT_MARGIN = 0.95  # a cut goes to 95% of the accepted rate
-_ISOLATED_SHARE = 0.02  # a 429 is isolated when the window's 429s are at most 2% of its successes...
-_ISOLATED_MIN_OK = 50  # ...and the window holds at least this many successes
+_ISOLATED_SHARE = 0.02  # a 429 is isolated when at most 2% of the window's answers were 429s...
+_ISOLATED_MIN_OK = 50  # ...and at least this many successes came since the previous 429
 _ISOLATED_STEP = 0.97  # what an isolated 429 costs
 _MIN_EVIDENCE = 5  # fewer answers than this since the last cut: nothing to measure, halve instead
+_SLACK = 0.5  # sending at under half the effective rate...
+_SLACK_SHARE = 0.1  # ...with at most 10% of the window refused: the 429 is isolated too
 _CLIMB_FACTOR_PER_S = 1.5  # multiplicative climb, per second of clean traffic
 _NEAR_TARGET = 0.9  # below this share of the target the climb is multiplicative
 _ADDITIVE_PER_S = 0.05  # near the target: this share of the target per second
@@ -99,6 +112,7 @@ class AdaptiveLimiter:
     :param window_s: how far back the accepted rate is measured.
     :param hold_s: 429s within this long after a cut are the same event and do not cut again.
     :param forget_s: the learned limit doubles after this long without a 429.
+    :param poll_grace_s: a poll that has waited this long goes ahead of waiting submissions.
     :param polls_per_submit: most polls in a row while a submission waits.
     :param min_fraction: the effective rate never drops below this share of the configured rate.
     :param rng: random source for the cool-down's jitter (tests pass a seeded one).
@@ -113,6 +127,7 @@ class AdaptiveLimiter:
         window_s: float = 3.0,
         hold_s: float = 0.5,
         forget_s: float = 10.0,
+        poll_grace_s: float = 0.5,
         polls_per_submit: int = 3,
         min_fraction: float = 0.02,
         rng: random.Random | None = None,
@@ -135,6 +150,7 @@ class AdaptiveLimiter:
         self._hold_s = hold_s
         self._forget_s = forget_s
         self._polls_per_submit = polls_per_submit
+        self._poll_grace_s = poll_grace_s
         self._rng = rng or random.Random()
         self._rate = self._ceiling
         self._learned: float | None = None
@@ -154,7 +170,8 @@ class AdaptiveLimiter:
         self._ok_since_throttle = 0  # 2xx answers since the last 429
         # Turns: one call pays at a time; waiting calls queue by lane.
         self._turn_taken = False
-        self._queues: dict[Lane, deque[asyncio.Future[None]]] = {POLL: deque(), SUBMIT: deque()}
+        # Per lane: (loop time it arrived, its future), in arrival order.
+        self._queues: dict[Lane, deque[tuple[float, asyncio.Future[None]]]] = {POLL: deque(), SUBMIT: deque()}
         self._polls_in_row = 0
         self.throttles = 0  #: how many 429s were reported (every one, even those inside a cool-down)
 
@@ -250,26 +267,36 @@ class AdaptiveLimiter:
         if not self._turn_taken and not any(self._queues.values()):
             self._turn_taken = True
             return
-        waiter = asyncio.get_running_loop().create_future()
-        self._queues[lane].append(waiter)
+        loop = asyncio.get_running_loop()
+        waiter = loop.create_future()
+        entry = (loop.time(), waiter)
+        self._queues[lane].append(entry)
         try:
             await waiter
         except asyncio.CancelledError:
             if waiter.done() and not waiter.cancelled():
                 self._pass_turn()  # it was handed the turn just as it was cancelled: hand it on
-            elif waiter in self._queues[lane]:  # (a turn passing by may already have dropped it)
-                self._queues[lane].remove(waiter)
+            elif entry in self._queues[lane]:  # (a turn passing by may already have dropped it)
+                self._queues[lane].remove(entry)
             raise
 
     def _pass_turn(self) -> None:
-        """Hand the turn to the next waiter: polls first, but a waiting submission every few turns."""
+        """Hand the turn to the next waiter: in arrival order, but a poll that has waited `poll_grace_s`
+        first, and a waiting submission at least every `polls_per_submit + 1` turns."""
         polls, submits = self._queues[POLL], self._queues[SUBMIT]
+        now = asyncio.get_running_loop().time() if polls and submits else 0.0
         while polls or submits:
-            if polls and (not submits or self._polls_in_row < self._polls_per_submit):
-                waiter = polls.popleft()
-                self._polls_in_row += 1
+            if not submits:
+                take_poll = True
+            elif not polls or self._polls_in_row >= self._polls_per_submit:
+                take_poll = False
             else:
-                waiter = submits.popleft()
+                take_poll = now - polls[0][0] >= self._poll_grace_s or polls[0][0] < submits[0][0]
+            if take_poll:
+                _, waiter = polls.popleft()
+                self._polls_in_row += 1 if submits else 0
+            else:
+                _, waiter = submits.popleft()
                 self._polls_in_row = 0
             if not waiter.done():
                 waiter.set_result(None)  # the turn stays taken: it passes to this waiter
@@ -306,10 +333,14 @@ class AdaptiveLimiter:
         since = -math.inf if self._last_cut_at is None else self._last_cut_at
         self._react_after = max(self._paused_until, now + self._hold_s)
         self._last_cut_at = now
-        ok = len(self._ok_times)
-        if ok_since_last >= _ISOLATED_MIN_OK and len(self._throttle_times) <= _ISOLATED_SHARE * ok:
-            # One 429 among many successes: the rate it came at is about the limit; step down a little.
-            self._learned = self._rate
+        ok, refused = len(self._ok_times), len(self._throttle_times)
+        share = refused / (ok + refused)
+        # Sending far below our own pace (start-up, a lull): the 429 is about a bunch of calls, not the rate.
+        slack = self._send_rate(now) < _SLACK * self._rate
+        if (ok_since_last >= _ISOLATED_MIN_OK and share <= _ISOLATED_SHARE) or (slack and share <= _SLACK_SHARE):
+            # An isolated 429: step down a little. At full pace the rate it came at is about the limit.
+            if not slack:
+                self._learned = self._rate
             new_rate = self._rate * _ISOLATED_STEP
         elif sum(1 for t in self._ok_times if t > since) + sum(1 for t in self._throttle_times if t > since) \
                 < _MIN_EVIDENCE:
@@ -375,6 +406,13 @@ class AdaptiveLimiter:
         cooling = sum(max(0.0, min(end, now) - max(begin, start)) for begin, end in self._pauses)
         ok = sum(1 for t in self._ok_times if t > start)
         return ok / max(0.25, span - cooling)
+
+    def _send_rate(self, now: float) -> float:
+        """Answers (2xx and 429) per second of sending over the last window: the pace the calls really
+        went at, whatever the effective rate allowed."""
+        start = max(now - self._window_s, self._first_seen if self._first_seen is not None else now)
+        cooling = sum(max(0.0, min(end, now) - max(begin, start)) for begin, end in self._pauses)
+        return (len(self._ok_times) + len(self._throttle_times)) / max(0.25, now - start - cooling)
 
     def _forget_before(self, now: float) -> None:
         if self._first_seen is None:
