@@ -33,7 +33,7 @@ TTY_REDRAW_S = 0.25
 PLAIN_EVERY_S = 15.0
 JSON_RATE_EVERY_S = 1.0
 # Events worth a line even when not in --json mode.
-_NOTABLE = frozenset({"stopping", "warning", "preflight"})
+_NOTABLE = frozenset({"stopping", "warning", "preflight", "key_failed"})
 
 
 class Progress:

@@ -924,10 +924,14 @@ class Scheduler:
         then()
 
     def _failure_outcome(self, t: _Tracked, code: str, message: str) -> tuple[Outcome, Callable[[], None]]:
+        if self.pool is not None:
+            self.pool.refund(t.key, t.est_credits)  # a failed task is refunded: the key's balance has it back
         d = decide(code, t.attempts, self.cfg.max_attempts, self.rng, self.cfg.time_scale)
         key = t.req.key
-        if (code == "image_processing_error" and self.reference_failed is not None
-                and t.attempts < self.cfg.max_attempts and self.reference_failed(t.body, t.submitted_wall)):
+        # The uploads in the body are the sending key's own: its uploader judges them.
+        check = t.key.uploader.reference_failed if t.key is not None and t.key.uploader else self.reference_failed
+        if (code == "image_processing_error" and check is not None
+                and t.attempts < self.cfg.max_attempts and check(t.body, t.submitted_wall)):
             # Not the user's photo but our upload of it (expired or deleted): the next attempt checks it and
             # uploads it again. Bounded by max_attempts, like the regeneration of expired results.
             message = f"{message} (a reference batchgen uploaded may have expired or been deleted; retrying)"
@@ -1087,7 +1091,8 @@ class Scheduler:
         return None
 
     async def _expired(self, t: _Tracked, error: ApiError) -> tuple[str, ...] | None:
-        if not t.refetched and t.task_id:
+        # Only the key that created the task may look at it again (a revoked or missing key cannot).
+        if not t.refetched and t.task_id and (self.pool is None or (t.key is not None and t.key.can_poll)):
             t.refetched = True
             snap = await self._look_again(t.task_id, self._client_for(t))
             if self._halting is not None:
