@@ -310,6 +310,40 @@ def report(manifest: str | None, db: str | None, output: str | None) -> None:
 
 
 @main.command()
+@click.argument("manifest", required=False, type=click.Path(dir_okay=False))
+@click.option("--db", type=click.Path(dir_okay=False), help="State database instead of a manifest.")
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="Address to listen on; anything but 127.0.0.1 lets other machines try the token.")
+@click.option("--port", type=click.IntRange(0, 65535), default=0, show_default=True, help="0 picks a free port.")
+@click.option("--no-browser", is_flag=True, help="Only print the URL; do not open a browser.")
+@_guarded
+def review(manifest: str | None, db: str | None, host: str, port: int, no_browser: bool) -> None:
+    """Serve the contact sheet on 127.0.0.1 to approve or reject images (click, or the keys a and r).
+
+    Prints a URL with a random token; requests without it are refused. Decisions are saved at once;
+    the next `batchgen run` regenerates the rejected images within max_attempts and --max-credits.
+
+    \b
+    Example:
+      batchgen review examples/catalogue.yaml
+    """
+    from batchgen.results.review import serve
+
+    def ready(url: str) -> None:
+        click.echo(f"batchgen review: {url}  (Ctrl-C to stop)")
+        sys.stdout.flush()
+        if host not in ("127.0.0.1", "localhost", "::1"):
+            click.echo(f"warning: listening on {host}: other machines can reach this page; keep the token secret",
+                       err=True)
+        if not no_browser:
+            import webbrowser
+
+            webbrowser.open(url)
+
+    serve(_resolve_db(manifest, db), host=host, port=port, on_ready=ready)
+
+
+@main.command()
 @click.option("--host", default="127.0.0.1", show_default=True)
 @click.option("--port", type=click.IntRange(0, 65535), default=8765, show_default=True,
               help="0 picks a free port.")

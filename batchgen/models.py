@@ -12,7 +12,7 @@ import enum
 import hashlib
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -172,6 +172,25 @@ class RunSettings(BaseModel):
     download_concurrency: int = Field(default=8, ge=1, le=64)
 
 
+class QualitySettings(BaseModel):
+    """Automatic checks on every downloaded image (engine/quality.py). A YAML manifest's `quality:` section;
+    on by default for every job, CSV jobs included."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    enabled: bool = Field(default=True, description="check every downloaded image")
+    on_fail: Literal["regenerate", "keep"] = Field(
+        default="regenerate", description="regenerate: set the image aside under _rejected/ and generate the "
+        "request again (a new attempt, within max_attempts and the credit cap); keep: save it, flagged")
+    min_side_px: int = Field(default=64, ge=1, le=16384, description="smallest acceptable short side, in pixels")
+    aspect_tolerance: float = Field(default=0.05, ge=0, le=1, description="largest relative difference "
+                                    "between the image's width/height and the requested size's")
+    min_luminance_spread: float = Field(default=2.0, ge=0, le=128, description="smallest standard deviation "
+                                        "of luminance (0-255); below it the image counts as blank")
+    max_dominant_share: float = Field(default=0.995, gt=0, le=1, description="largest share of the pixels "
+                                      "one colour may cover; above it the image counts as blank")
+
+
 class OutputSettings(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -193,6 +212,7 @@ class JobSpec(BaseModel):
     manifest_path: Path
     output: OutputSettings = Field(default_factory=OutputSettings)
     run: RunSettings = Field(default_factory=RunSettings)
+    quality: QualitySettings = Field(default_factory=QualitySettings)
 
     @property
     def base_dir(self) -> Path:

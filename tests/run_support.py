@@ -60,8 +60,10 @@ def out_of(manifest: Path) -> Path:
 
 
 def image_files(out_dir: Path) -> list[Path]:
+    # Images set aside under _rejected/ (failed checks, rejected in review) are kept but are not results.
     return sorted(p for p in out_dir.rglob("*") if p.is_file() and not p.name.startswith(".")
-                  and p.suffix in (".png", ".jpg", ".webp", ".gif"))
+                  and p.suffix in (".png", ".jpg", ".webp", ".gif")
+                  and p.relative_to(out_dir).parts[0] != "_rejected")
 
 
 def check_outputs(manifest: Path, db: Path | None = None, out: Path | None = None) -> dict[str, Any]:

@@ -31,7 +31,7 @@ COMMAND_ROWS = re.findall(r"^\| `batchgen (\w+)([^`]*)` \|", README, re.M)
 
 def test_the_command_table_is_found() -> None:
     assert {name for name, _ in COMMAND_ROWS} == {"run", "status", "retry", "validate", "models", "export",
-                                                  "report", "emulator"}
+                                                  "report", "review", "emulator"}
 
 
 @pytest.mark.parametrize(("command", "usage"), COMMAND_ROWS)

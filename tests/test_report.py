@@ -1,6 +1,7 @@
 """The HTML report without a browser: tiles match the export, every untrusted value is escaped (checked by
 parsing the page, not by searching strings), thumbnails exist and link to the full images, failures show
-their code and message, missing or broken images do not stop the report, and the page stays small."""
+their code and message, checks and review states are shown, missing or broken images do not stop the
+report, and the page stays small."""
 
 from __future__ import annotations
 
@@ -14,7 +15,9 @@ import pytest
 from PIL import Image
 
 from batchgen.results.export import export_results
-from batchgen.results.report import REPORT_NAME, THUMB_PX, esc, fit, format_duration, script_json, write_report
+from batchgen.results.render import THUMB_PX, asset, environment, fit, script_json
+from batchgen.results.report import REPORT_NAME, write_report
+from batchgen.results.sheet import format_duration
 from tests.emulator_fixtures import API_KEY
 from tests.results_support import FAILED, IMAGES, ITEMS, LS, PS, TILES, Job, build_job
 
@@ -84,11 +87,11 @@ def test_script_json_cannot_end_the_script_and_round_trips(value: str) -> None:
 
 
 @pytest.mark.parametrize("value", HOSTILE)
-def test_esc_leaves_no_markup(value: str) -> None:
-    text = esc(value)
-    assert not re.search("[<>\"']", text)
+def test_templates_escape_by_default(value: str) -> None:
+    # The same environment the report uses: autoescaping on, so a value needs no filter to stay text.
+    text = environment().from_string('<p title="{{ v }}">{{ v }}</p>').render(v=value)
     page = Page()
-    page.feed(f'<p title="{text}">{text}</p>')
+    page.feed(text)
     assert page.tags == [("p", {"title": value})] and "".join(page.text) == value
 
 
@@ -105,11 +108,14 @@ def test_tiles_match_the_per_image_export(job: Job, report: tuple[Path, int], tm
     assert path == job.out_dir.resolve() / REPORT_NAME
     assert tiles == TILES == export_results(job.db, output=tmp_path / "rows.csv")
     page = parse(path)
-    figures = [a for t, a in page.tags if t == "figure"]
-    errors = [a for t, a in page.tags if t == "div" and "error" in (a.get("class") or "")]
-    assert len(figures) == IMAGES and len(errors) == FAILED
-    articles = [a for t, a in page.tags if t == "article"]
-    assert sum(int(a["data-tiles"] or 0) for a in articles) == TILES
+    tiles = [a for t, a in page.tags if t == "figure" and "tile" in (a.get("class") or "").split()]
+    assert len(tiles) == TILES
+    assert sum("image" in (a["class"] or "").split() for a in tiles) == IMAGES
+    assert sum("error" in (a["class"] or "").split() for a in tiles) == FAILED
+    # Dense: only SKU-6 (two styles × two images) and the other items (two styles each) are groups; each
+    # group is one item.
+    groups = [a for t, a in page.tags if t == "section" and a.get("class") == "group"]
+    assert len(groups) == 6
 
 
 def test_hostile_values_stay_text(report: tuple[Path, int]) -> None:
@@ -132,7 +138,7 @@ def test_hostile_values_stay_text(report: tuple[Path, int]) -> None:
 def test_thumbnails_exist_and_tiles_link_to_the_full_images(report: tuple[Path, int]) -> None:
     path, _ = report
     page = parse(path)
-    imgs = [a for t, a in page.tags if t == "img"]
+    imgs = [a for t, a in page.tags if t == "img" and a.get("id") != "lb-img"]
     links = [a["href"] for t, a in page.tags if t == "a" and a.get("href")]
     assert len(imgs) == len(links) == IMAGES
     for attrs in imgs:
@@ -149,7 +155,7 @@ def test_failures_show_code_and_message_and_filters_list_what_exists(report: tup
     text = "".join(page.text)
     assert "invalid_parameters" in text and "Invalid parameters for this model." in text
     options = [a["value"] for t, a in page.tags if t == "option"]
-    assert options == ["", "done", "failed", "", "z-image-turbo"]
+    assert options == ["", "done", "failed", "", "z-image-turbo", "", "passed", "", "unreviewed"]
     data = json.loads(page.scripts[0])
     assert data["tiles"] == TILES and data["totals"]["failed"] == FAILED and data["totals"]["done"] == 10
 
@@ -178,5 +184,5 @@ def test_missing_and_broken_images_do_not_stop_the_report(job: Job, tmp_path: Pa
 def test_page_size_per_tile_stays_small(report: tuple[Path, int]) -> None:
     path, tiles = report
     page_bytes = path.stat().st_size
-    fixed = 6000  # CSS, script, header
+    fixed = len(asset("sheet.css")) + len(asset("sheet.js")) + 4000  # CSS, script, header, lightbox
     assert (page_bytes - fixed) / tiles < 1000, page_bytes

@@ -1,6 +1,7 @@
 """The report in a real browser (the system's headless Chromium, driven by Playwright): thumbnails load,
-the status and model filters and the item search show exactly the matching cards, and hostile prompts
-run no script. Skipped with the reason when no Chromium executable is installed (`.ci/run` installs it)."""
+the status and model filters and the item search show exactly the matching tiles, the arrow keys move
+between tiles and Enter opens the lightbox, and hostile prompts run no script. Skipped with the reason
+when no Chromium executable is installed (`.ci/run` installs it)."""
 
 from __future__ import annotations
 
@@ -71,10 +72,18 @@ VISIBLE_IMAGES = """() => Array.from(document.images).filter(i => {
 
 
 def visible_cards(page: Any) -> list[dict[str, str]]:
-    return page.evaluate("""() => Array.from(document.querySelectorAll('article.req'))
+    """The tiles on show (one per image, or per request without images), with their item."""
+    return page.evaluate("""() => Array.from(document.querySelectorAll('figure.tile'))
         .filter(a => a.getClientRects().length > 0)
-        .map(a => ({status: a.dataset.status, model: a.dataset.model,
+        .map(a => ({status: a.dataset.status, model: a.dataset.model, key: a.dataset.key,
                     item: a.closest('section').querySelector('h2').firstChild.textContent.trim()}))""")
+
+
+def visible_requests(page: Any) -> list[dict[str, str]]:
+    seen: dict[str, dict[str, str]] = {}
+    for card in visible_cards(page):
+        seen.setdefault(card["key"], card)
+    return list(seen.values())
 
 
 def test_thumbnails_load_and_no_hostile_script_runs(page: Any) -> None:
@@ -88,36 +97,52 @@ def test_thumbnails_load_and_no_hostile_script_runs(page: Any) -> None:
 
 def test_status_filter(page: Any) -> None:
     page.select_option("#f-status", "failed")
-    cards = visible_cards(page)
+    cards = visible_requests(page)
     assert len(cards) == FAILED and {c["status"] for c in cards} == {"failed"}
     assert {c["item"] for c in cards} == {"SKU-5"}
     assert page.is_visible("text=invalid_parameters")
     assert page.inner_text("#shown") == f"showing {FAILED} of {TILES} tiles"
     page.select_option("#f-status", "done")
-    assert {c["status"] for c in visible_cards(page)} == {"done"} and len(visible_cards(page)) == 10
+    assert {c["status"] for c in visible_requests(page)} == {"done"} and len(visible_requests(page)) == 10
     page.select_option("#f-status", "")
-    assert len(visible_cards(page)) == 12
+    assert len(visible_requests(page)) == 12
 
 
 def test_model_filter_combines_with_status(page: Any) -> None:
     page.select_option("#f-model", "z-image-turbo")
-    assert len(visible_cards(page)) == 12
+    assert len(visible_requests(page)) == 12
     page.select_option("#f-status", "failed")
-    assert len(visible_cards(page)) == FAILED
+    assert len(visible_requests(page)) == FAILED
     page.select_option("#f-model", "")
     page.select_option("#f-status", "")
-    assert len(visible_cards(page)) == 12
+    assert len(visible_requests(page)) == 12
 
 
 def test_search_by_item_id_and_fields(page: Any) -> None:
     page.fill("#f-search", "sku-6")
-    cards = visible_cards(page)
+    cards = visible_requests(page)
     assert {c["item"] for c in cards} == {"SKU-6"} and len(cards) == 2
     assert page.inner_text("#shown") == f"showing 4 of {TILES} tiles"  # two requests of two images
     page.fill("#f-search", "HYPERLINK")  # a field of the item, not its id
-    assert {c["item"] for c in visible_cards(page)} == {"SKU-3"}
+    assert {c["item"] for c in visible_requests(page)} == {"SKU-3"}
     page.fill("#f-search", "no such item")
-    assert visible_cards(page) == []
-    assert page.is_hidden("section.item")
+    assert visible_requests(page) == []
+    assert page.is_hidden("section.group")
     page.fill("#f-search", "")
-    assert len(visible_cards(page)) == 12
+    assert len(visible_requests(page)) == 12
+
+
+def test_arrow_keys_move_between_tiles_and_enter_opens_the_lightbox(page: Any) -> None:
+    first = page.evaluate("() => document.activeElement.dataset.key")
+    assert first  # the first tile has the focus on load
+    page.keyboard.press("ArrowRight")
+    second = page.evaluate("() => [document.activeElement.dataset.key, document.activeElement.dataset.idx]")
+    assert second[0] and second != [first, "1"]
+    page.keyboard.press("ArrowLeft")
+    assert page.evaluate("() => document.activeElement.dataset.key") == first
+    page.keyboard.press("Enter")
+    assert page.is_visible("#lightbox") and page.get_attribute("#lb-img", "src")
+    assert "in plain style" in page.inner_text("#lb-cap") or "in bold style" in page.inner_text("#lb-cap")
+    page.keyboard.press("Escape")
+    assert page.is_hidden("#lightbox")
+    assert page.evaluate("() => window.__pwned") is None

@@ -15,7 +15,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from tests.emulator_fixtures import API_KEY, EmulatorProcess
-from tests.run_support import check_outputs, prompts, write_job
+from tests.run_support import check_outputs, image_files, out_of, prompts, write_job
 
 TIME_SCALE = 0.02
 REPO = Path(__file__).resolve().parent.parent
@@ -71,7 +71,12 @@ def test_sigterm_stops_resumably_then_finishes(tmp_path: Path,
     emu = emulator_process(time_scale=TIME_SCALE)
     manifest = write_job(tmp_path, prompts(150), run={"rate": "40/s", "concurrency": 20})
     proc = start_run(manifest, emu)
-    time.sleep(1.5)
+    # Until the run is under way (a busy machine can take over a second just to start Python): a few images
+    # on disk, many requests still to go.
+    for _ in range(600):
+        if len(image_files(out_of(manifest))) >= 3 or proc.poll() is not None:
+            break
+        time.sleep(0.05)
     assert proc.poll() is None
     sent = time.monotonic()
     proc.send_signal(signal.SIGTERM)

@@ -203,3 +203,22 @@ def test_next_due_uses_the_state_index(tmp_path: Path) -> None:
             "EXPLAIN QUERY PLAN SELECT rowid, * FROM requests WHERE state='pending' AND not_before <= ? "
             "ORDER BY not_before, rowid LIMIT ?", (0, 1)))
         assert "requests_state_not_before" in plan and "TEMP B-TREE" not in plan
+
+
+def test_upgrade_to_m005_keeps_images_as_not_checked(tmp_path: Path) -> None:
+    # A job saved before the quality checks existed: its images read as "not checked" and can be reviewed.
+    path = tmp_path / "old.db"
+    db = sqlite_utils.Database(path)
+    MIGRATIONS.apply(db, stop_before="m005_reviews")
+    db.execute("INSERT INTO requests (key, item_id, params, model, state) VALUES "
+               "('k1', 'i1', '{}', 'z-image-turbo', 'done')")
+    db.execute("INSERT INTO images (request_key, idx, path, bytes, sha256) VALUES ('k1', 1, 'i1_1.png', 9, 'ab')")
+    db.conn.commit()
+    db.close()
+    with Store(path) as store:
+        assert "m005_reviews" in store.applied_migrations()  # later ones (m006) apply too
+        (img,) = store.images_for("k1")
+        assert img.check_status is None and img.check_reasons is None
+        assert store.decide("k1", 1, "ab", "reject", " blurry ").reason == "blurry"
+        assert store.review_counts()["rejected"] == 1
+        assert [r.key for r, _ in store.open_rejects()] == ["k1"]

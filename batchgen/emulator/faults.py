@@ -29,6 +29,9 @@ TASK_ERROR_CODES: tuple[str, ...] = tuple(TASK_RULES)
 
 # Outcomes a rule can force on a task instead of an error code.
 TASK_BEHAVIOURS = ("stall", "slow", "cancel")
+# Bad results: the task completes and is charged, but its images are a flat frame, the wrong aspect ratio
+# (the requested ratio turned on its side, or 2:1 for a square), or a 16 px thumbnail (issue 16).
+IMAGE_FAULTS = ("blank", "wrong_aspect", "tiny")
 # Connection-level outcomes: close before answering, or create the task and then close (a lost response).
 DROPS = ("drop", "drop_after")
 HTTP_FAULT_STATUSES = (400, 401, 402, 403, 404, 409, 413, 429, 500, 502, 503, 504)
@@ -65,6 +68,18 @@ class TaskFaults(BaseModel):
     slow: Probability = Field(default=0.0, description="latency multiplied by slow_factor")
     slow_factor: float = Field(default=5.0, ge=1.0)
     cancelled: Probability = 0.0
+    bad_images: dict[str, Probability] = Field(default_factory=dict, description="share of completed tasks "
+                                               "whose images are bad: blank, wrong_aspect, tiny")
+
+    @field_validator("bad_images")
+    @classmethod
+    def _known_image_faults(cls, value: dict[str, float]) -> dict[str, float]:
+        unknown = sorted(set(value) - set(IMAGE_FAULTS))
+        if unknown:
+            raise ValueError(f"unknown bad image kind(s) {', '.join(unknown)}; use {', '.join(IMAGE_FAULTS)}")
+        if sum(value.values()) > 1.0:
+            raise ValueError("bad image shares add up to more than 1")
+        return value
 
     @field_validator("errors")
     @classmethod
@@ -97,7 +112,7 @@ class FaultRule(BaseModel):
     prompt: str | None = Field(default=None, description="regular expression searched in the prompt")
     model: str | None = None
     fail_with: int | str = Field(description="a task error code, an HTTP status, drop, drop_after, stall, "
-                                 "slow or cancel")
+                                 "slow, cancel, or a bad image: blank, wrong_aspect, tiny")
     times: int | None = Field(default=None, ge=1)
 
     @field_validator("prompt")
@@ -120,9 +135,9 @@ class FaultRule(BaseModel):
                 raise ValueError(f"HTTP status {value} is not one the emulator injects; use one of "
                                  + ", ".join(map(str, HTTP_FAULT_STATUSES)))
             return value
-        if value not in (*TASK_ERROR_CODES, *TASK_BEHAVIOURS, *DROPS):
+        if value not in (*TASK_ERROR_CODES, *TASK_BEHAVIOURS, *DROPS, *IMAGE_FAULTS):
             raise ValueError(f'"{value}" is not a task error code, an HTTP status, drop, drop_after, stall, '
-                             "slow or cancel")
+                             "slow, cancel, blank, wrong_aspect or tiny")
         return value
 
 

@@ -2,6 +2,12 @@
 
 The same prompt, size and index always give the same bytes, so runs are reproducible and a test can tell
 the images of different prompts apart. Rendering costs far more than serving, so bytes are cached.
+
+A task can be made to return bad images on purpose (`fault`, from a rule or a scenario share; see
+faults.IMAGE_FAULTS): "blank" is one flat colour, "wrong_aspect" the requested ratio on its side (2:1 for
+a square), "tiny" a 16 px thumbnail — what batchgen's quality checks must catch. `generation` counts the
+earlier completed tasks of the same prompt and size, so a regenerated image differs from the one it
+replaces (the first task of a prompt still gives the same bytes on every run).
 """
 
 from __future__ import annotations
@@ -13,6 +19,7 @@ from functools import lru_cache
 from PIL import Image, ImageDraw
 
 SHORT_SIDE_PX = 64
+TINY_SIDE_PX = 16
 DEFAULT_SIZE = "1:1"
 
 
@@ -28,10 +35,18 @@ def dimensions(size: str | None, short_side: int = SHORT_SIDE_PX) -> tuple[int, 
 
 
 @lru_cache(maxsize=4096)
-def render_png(prompt: str, size: str | None, index: int) -> bytes:
-    width, height = dimensions(size)
-    digest = hashlib.sha256(f"{index}\0{prompt}".encode()).digest()
+def render_png(prompt: str, size: str | None, index: int, fault: str | None = None, generation: int = 0) -> bytes:
+    width, height = dimensions(size, TINY_SIDE_PX if fault == "tiny" else SHORT_SIDE_PX)
+    if fault == "wrong_aspect":
+        width, height = (height, width) if width != height else (2 * width, height)
+    # A later task with the same prompt (a regeneration) draws a different picture, as a real model would.
+    seed = f"{index}\0{prompt}" + (f"\0{generation}" if generation else "")
+    digest = hashlib.sha256(seed.encode()).digest()
     image = Image.new("RGB", (width, height), tuple(digest[0:3]))
+    if fault == "blank":
+        out = io.BytesIO()
+        image.save(out, format="PNG", compress_level=1)
+        return out.getvalue()
     draw = ImageDraw.Draw(image)
     # A few shapes whose colours and places come from the digest: distinct images per prompt and index.
     for i in range(4):

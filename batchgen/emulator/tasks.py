@@ -24,7 +24,7 @@ from batchgen import catalog
 from batchgen.emulator.accounts import Accounts
 from batchgen.emulator.clock import Clock
 from batchgen.emulator.config import EmulatorConfig
-from batchgen.emulator.faults import TASK_ERROR_CODES
+from batchgen.emulator.faults import IMAGE_FAULTS, TASK_ERROR_CODES
 from batchgen.emulator.stats import Stats
 from batchgen.models import GenerationRequest, canonical_json
 
@@ -84,6 +84,8 @@ class Task:
     # Clock time of the first answer that showed the task final: how long a finished task waited to be seen.
     seen_final_at: float | None = None
     result_tails: list[str] = field(default_factory=list)
+    image_fault: str | None = None  # faults.IMAGE_FAULTS: the images it returns are bad on purpose
+    generation: int = 0  # earlier tasks with the same prompt, size and index: a regeneration draws anew
 
     def status_at(self, now: float) -> str:
         elapsed = now - self.created
@@ -111,6 +113,7 @@ class TaskBook:
         self._due: list[tuple[float, int, Task]] = []
         self._seq = 0
         self._occurrences: dict[str, int] = {}
+        self._generations: dict[tuple[str, str | None], int] = {}
         self._entropy = random.Random(config.seed)
 
     # --- creation ------------------------------------------------------------------------------------
@@ -138,6 +141,9 @@ class TaskBook:
             drawn = info.latency_median_s * math.exp(rng.gauss(0.0, _LATENCY_SIGMA))
             latency = min(info.latency_max_s, max(info.latency_min_s, drawn))
         outcome, error_code = "completed", None
+        image_fault: str | None = None
+        if forced in IMAGE_FAULTS:
+            image_fault, forced = forced, None
         if forced is not None:
             if forced == "stall":
                 outcome = "stalled"
@@ -161,10 +167,21 @@ class TaskBook:
         elif error_code in _EARLY_ERRORS:
             end = pending + 0.1 * (latency - pending)
 
+        if outcome == "completed" and image_fault is None and faults.bad_images:
+            u = rng.random()
+            for kind in IMAGE_FAULTS:
+                share = faults.bad_images.get(kind, 0.0)
+                if u < share:
+                    image_fault = kind
+                    break
+                u -= share
         images = request.n
         if outcome == "completed" and request.n > 1 and rng.random() < self.config.partial_results_share:
             images = rng.randint(1, request.n - 1)
 
+        generation = self._generations.get((request.prompt, request.size), 0)
+        if outcome == "completed":
+            self._generations[(request.prompt, request.size)] = generation + 1
         task_id = self._new_id(now, rng)
         scale = self.clock.time_scale
         task = Task(
@@ -172,7 +189,8 @@ class TaskBook:
             created=now, pending_s=pending * scale, nominal_s=latency * scale, end_s=end * scale,
             outcome=outcome, error_code=error_code, images=images if outcome == "completed" else 0,
             credits_per_image=info.credits_per_image, credits_reserved=info.credits_for(request.n),
-            token=f"{rng.getrandbits(128):032x}", idempotency_key=idempotency_key,
+            token=f"{rng.getrandbits(128):032x}", idempotency_key=idempotency_key, image_fault=image_fault,
+            generation=generation,
         )
         self.tasks[task_id] = task
         self.stats.tasks_created += 1

@@ -33,7 +33,11 @@ TTY_REDRAW_S = 0.25
 PLAIN_EVERY_S = 15.0
 JSON_RATE_EVERY_S = 1.0
 # Events worth a line even when not in --json mode.
-_NOTABLE = frozenset({"stopping", "warning", "preflight", "key_failed"})
+_NOTABLE = frozenset({"stopping", "warning", "preflight", "review_requeued", "key_failed"})
+# --json: events are written as they happen and flushed at least this often, and at once for these.
+JSON_FLUSH_S = 0.5
+JSON_MAX_PENDING = 2000
+_FLUSH_AT_ONCE = frozenset({"stopping", "warning", "preflight", "synced", "summary", "failed"})
 
 
 class Progress:
@@ -45,6 +49,7 @@ class Progress:
         self.counters = counters
         self.out = out or sys.stdout
         self.err = err or sys.stderr
+        self._pending: list[str] = []  # --json lines not yet written
         self.clock = clock
         self._started = clock()
         self._last_line = 0.0
@@ -69,7 +74,18 @@ class Progress:
             self.err.flush()
 
     def _json(self, obj: dict[str, Any]) -> None:
-        self.out.write(json.dumps(obj, separators=(",", ":"), default=str) + "\n")
+        # Written out by tick() (at most JSON_FLUSH_S later), at once for the events a reader waits for. A
+        # write per event was a system call per event (stdout is unbuffered under PYTHONUNBUFFERED), the
+        # largest part of the runner's own cost per image.
+        self._pending.append(json.dumps(obj, separators=(",", ":"), default=str) + "\n")
+        if obj["event"] in _FLUSH_AT_ONCE or len(self._pending) >= JSON_MAX_PENDING:
+            self.flush()
+
+    def flush(self) -> None:
+        """Write out the JSON events held back (the runner calls it on its way out too)."""
+        if self._pending:
+            self.out.write("".join(self._pending))
+            self._pending.clear()
         self.out.flush()
 
     # --- the line ---------------------------------------------------------------------------------
@@ -77,6 +93,15 @@ class Progress:
     def tick(self) -> None:
         """Called periodically by the runner; prints only as often as the mode allows."""
         now = self.clock()
+        if self.mode == "json":
+            if self.limiter is not None and now - self._last_line >= JSON_RATE_EVERY_S:
+                self._last_line = now
+                snapshot = self.limiter.snapshot()
+                if snapshot != self._last_rate:  # a steady run says it once, not every second
+                    self._last_rate = snapshot
+                    self.event("rate", snapshot)
+            self.flush()
+            return
         if self.mode == "tty" and now - self._last_line >= TTY_REDRAW_S:
             self._last_line = now
             self.err.write("\r\x1b[2K" + self.line())
@@ -86,16 +111,9 @@ class Progress:
             self._last_line = now
             self.err.write(self.line() + "\n")
             self.err.flush()
-        elif self.mode == "json" and self.limiter is not None:
-            snapshot = self.limiter.snapshot()
-            if snapshot != self._last_rate:  # a steady run says it once, not every second
-                self._last_rate = snapshot
-                self.event("rate", snapshot)
 
     def tick_interval_s(self) -> float:
-        if self.mode == "json":
-            return JSON_RATE_EVERY_S if self.limiter is not None else 3600.0
-        return TTY_REDRAW_S if self.mode == "tty" else PLAIN_EVERY_S
+        return TTY_REDRAW_S if self.mode == "tty" else PLAIN_EVERY_S if self.mode == "plain" else JSON_FLUSH_S
 
     def line(self) -> str:
         c = self.counters

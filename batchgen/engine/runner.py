@@ -25,6 +25,7 @@ from typing import Any
 from batchgen.engine.keyfile import KeySource, load_keys
 from batchgen.engine.keypool import KeyPool, KeyState
 from batchgen.engine.progress import Progress
+from batchgen.engine.rejects import requeue_rejected
 from batchgen.engine.scheduler import Scheduler, SchedulerConfig, StopReason
 from batchgen.engine.uploads import Uploader
 from batchgen.errors import ApiError, ConfigError, ConnectError, LocalFaultError
@@ -125,7 +126,8 @@ async def _drive(store: Store, job: JobSpec, settings: RunSettings, options: Run
         download_concurrency=settings.download_concurrency, regenerate_expired=settings.regenerate_expired,
         policy_pause_after=settings.policy_pause_after, max_credits=settings.max_credits,
         time_scale=options.time_scale, submit_deadline=submit_deadline, hard_deadline=hard_deadline,
-        patience_s=parse_duration_s(settings.patience), check_invariants=bool(os.environ.get(CHECK_INVARIANTS_ENV)))
+        patience_s=parse_duration_s(settings.patience), check_invariants=bool(os.environ.get(CHECK_INVARIANTS_ENV)),
+        quality=job.quality)
     progress: Progress | None = None
     # Local reference files → Files API URLs, once per content (issue 6, uploads.py).
     if options.emulator:
@@ -151,6 +153,14 @@ async def _drive(store: Store, job: JobSpec, settings: RunSettings, options: Run
     if added or removed:
         progress.event("synced", {"added": added, "removed": removed,
                                   "message": f"manifest: {added} new request(s), {removed} removed"})
+    # Images rejected in `batchgen review` since the last run are generated again (issue 16, rejects.py).
+    rejected = requeue_rejected(store, out_dir, settings.max_attempts)
+    if rejected.requeued or rejected.exhausted:
+        progress.event("review_requeued", {
+            "requeued": rejected.requeued, "exhausted": rejected.exhausted,
+            "message": f"review: {rejected.requeued} rejected request(s) requeued for a new attempt"
+            + (f", {rejected.exhausted} left as they are (no attempts left; raise run.max_attempts)"
+               if rejected.exhausted else "")})
     if released:
         progress.event("warning", {"message": f"{released} request(s) in flight belonged to the previous run's "
                                    "emulator, which is gone; resubmitting them"})

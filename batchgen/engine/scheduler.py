@@ -56,6 +56,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from batchgen import catalog
+from batchgen.engine import quality
 from batchgen.engine.health import CallHealth
 from batchgen.engine.keypool import KeyPool, KeyState, PooledKey
 from batchgen.engine.uploads import UploadWaitError
@@ -72,9 +73,17 @@ from batchgen.errors import (
     rule_for,
 )
 from batchgen.manifest import naming
-from batchgen.models import GenerationRequest
-from batchgen.storage import outputs
-from batchgen.store.sqlite import AttemptState, ImageRecord, NewAttempt, Outcome, RequestRecord, Store
+from batchgen.models import GenerationRequest, QualitySettings
+from batchgen.storage import aside, outputs
+from batchgen.store.sqlite import (
+    AttemptState,
+    ImageRecord,
+    NewAttempt,
+    Outcome,
+    RequestRecord,
+    SetAsideRecord,
+    Store,
+)
 
 if TYPE_CHECKING:
     from batchgen.api.client import EvolinkClient, TaskSnapshot
@@ -86,6 +95,7 @@ HALT_GRACE_S = 2.0
 POLL_ERRORS_BEFORE_LEAVING = 5
 # Batch polls in flight at once: one slow answer (or one held at the limiter) must not hold up the others.
 POLLS_IN_FLIGHT = 4
+QUALITY_CODE = "quality_check_failed"  # an image failed the automatic checks (issue 16)
 
 # (request, body) -> body actually sent; the uploads step swaps local paths for uploaded URLs here.
 BodyPreparer = Callable[[RequestRecord, GenerationRequest], Awaitable[dict[str, Any]]]
@@ -128,6 +138,7 @@ class SchedulerConfig:
     hard_deadline: float | None = None  # loop time: halt
     patience_s: float = 300.0  # emulated seconds of every call failing before the run stops (exit 3)
     check_invariants: bool = False  # tests: assert the poll invariant after every change (costs O(n))
+    quality: QualitySettings = field(default_factory=QualitySettings)  # checks on every download (issue 16)
 
 
 @dataclass
@@ -221,6 +232,9 @@ class Scheduler:
         self._poll_slots = asyncio.Semaphore(POLLS_IN_FLIGHT)
         self._answered: list[tuple[_Tracked, TaskSnapshot]] = []  # submits answered, not yet committed
         self._flush_handle: asyncio.Handle | None = None
+        self._saved: list[tuple[ImageRecord, bool, asyncio.Future[None]]] = []  # images on disk, not yet recorded
+        self._saved_flush: asyncio.Handle | None = None
+        self._claimed: dict[str, str] = {}  # file name (no extension) → request key, claimed by this run
         self._crash: BaseException | None = None
 
     # --- control ----------------------------------------------------------------------------------
@@ -268,6 +282,9 @@ class Scheduler:
             if self._flush_handle is not None:  # answers of the last turn: their task ids go to disk too
                 self._flush_handle.cancel()
                 self._flush_answered()
+            if self._saved_flush is not None:  # and images already renamed into place
+                self._saved_flush.cancel()
+                self._flush_saved()
             del workers
         if self._crash is not None:
             raise self._crash
@@ -1022,6 +1039,9 @@ class Scheduler:
                 urls = data  # fresh result URLs after an expiry: start over with them
                 index = 1
                 continue
+            verdict = await self._quality_gate(t, index, data)
+            if verdict is None:
+                return  # failed its checks: set aside, and requeued or failed (already recorded)
             try:
                 rel = self._relpath(t, index)
                 rel, info = await asyncio.to_thread(outputs.save_image, self.cfg.out_dir, rel, data)
@@ -1031,23 +1051,91 @@ class Scheduler:
             except ValueError as error:
                 self._download_failed(t, "unsafe_path", str(error))
                 return
-            self.store.record_image(ImageRecord(req.key, index, rel, url, info.bytes, info.sha256, info.width,
-                                                info.height, info.format, t.attempt_id, time.time()), done=last)
+            await self._commit_image(ImageRecord(req.key, index, rel, url, info.bytes, info.sha256, info.width,
+                                                 info.height, info.format, t.attempt_id, time.time(),
+                                                 verdict.status, verdict.reasons or None), done=last)
             self.counters.images += 1
             self.emit("downloaded", {"key": req.key, "index": index, "path": rel, "bytes": info.bytes})
             if last:
                 self._on_done(t)
             index += 1
 
+    async def _quality_gate(self, t: _Tracked, index: int, data: bytes) -> quality.Verdict | None:
+        """The automatic checks (engine/quality.py), between the download and the save. Returns the verdict
+        to record with the image, or None when the image failed and was set aside under _rejected/: the
+        request is then requeued as a new attempt (within max_attempts; the credit cap is checked when it
+        is claimed again) or, out of attempts, failed with `quality_check_failed`."""
+        settings = self.cfg.quality
+        if not settings.enabled:
+            return quality.NOT_CHECKED
+        try:
+            info = await asyncio.to_thread(outputs.inspect_image, data)
+        except outputs.NotAnImageError:
+            return quality.NOT_CHECKED  # not an image at all: the save fails it as bad_image, as before
+        verdict = await asyncio.to_thread(quality.check_bytes, data, t.req.params.get("size"), settings)
+        if verdict.passed:
+            return verdict
+        key = t.req.key
+        self.emit("check_failed", {"key": key, "index": index, "reasons": verdict.reasons,
+                                   "action": settings.on_fail})
+        if settings.on_fail == "keep":
+            return verdict
+        try:
+            rel = aside.aside_relpath(self._relpath(t, index), info.sha256, info.extension)
+            await asyncio.to_thread(aside.write_aside, self.cfg.out_dir, rel, data)
+        except ValueError as error:
+            self._download_failed(t, "unsafe_path", str(error))
+            return None
+        requeue = t.attempts < self.cfg.max_attempts
+        message = f"image {index} failed its checks ({verdict.reasons}); kept as {rel}"
+        if not requeue:
+            message += f"; gave up after {t.attempts} attempt(s)"
+        self.store.reject_image(SetAsideRecord(key, index, t.attempt_id, rel, info.sha256, info.bytes, info.width,
+                                               info.height, info.format, "quality", verdict.reasons, time.time()),
+                                requeue=requeue, code=QUALITY_CODE, message=message)
+        if requeue:
+            self._on_requeued(key, QUALITY_CODE, 0.0, None)
+        else:
+            self._on_failed(key, QUALITY_CODE, message)
+        return None
+
     def _relpath(self, t: _Tracked, index: int) -> str:
         req = t.req
         rel = naming.image_relpath(self.cfg.filename_template, item_id=req.item_id, variant=req.variant,
                                    metadata=req.metadata, model=t.model, key=req.key, index=index)
-        # Two requests must never share a file: a template that names them alike gets the key appended.
-        owner = self.store.path_owner([rel + ext for ext in outputs.EXTENSIONS.values()])
+        # Two requests must never share a file: a template that names them alike gets the key appended. A
+        # name is claimed here, before the write, so two downloads in flight cannot both take it.
+        owner = self._claimed.get(rel) or self.store.path_owner([rel + ext for ext in outputs.EXTENSIONS.values()])
         if owner is not None and owner != req.key:
-            return f"{rel}-{req.key[-8:]}"
+            rel = f"{rel}-{req.key[-8:]}"
+        self._claimed[rel] = req.key
         return rel
+
+    async def _commit_image(self, img: ImageRecord, done: bool) -> None:
+        """Record a saved image, together with the others saved in the same loop turn (one transaction);
+        returns once it is committed."""
+        assert self._loop is not None
+        fut: asyncio.Future[None] = self._loop.create_future()
+        self._saved.append((img, done, fut))
+        if self._saved_flush is None:
+            self._saved_flush = self._loop.call_soon(self._flush_saved)
+        await fut
+
+    def _flush_saved(self) -> None:
+        self._saved_flush = None
+        batch, self._saved = self._saved, []
+        if not batch:
+            return
+        try:
+            self.store.record_images([(img, done) for img, done, _ in batch])
+        except BaseException as error:
+            for _, _, fut in batch:
+                if not fut.done():
+                    fut.set_exception(error)
+            return
+        for _, _, fut in batch:
+            if not fut.done():
+                fut.set_result(None)
 
     async def _fetch(self, t: _Tracked, url: str) -> bytes | tuple[str, ...] | None:
         """The bytes of one result. Transient failures (5xx, timeouts, drops) are retried in place with the

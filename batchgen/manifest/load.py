@@ -950,7 +950,8 @@ def _parse_yaml_manifest(path: Path, keep_going: bool = False) -> _Parsed:
         problems.raise_if_any()  # every row's names would repeat this mistake
     if not keep_going:
         problems.raise_if_any()
-    job = JobSpec(name=name, manifest_path=path.absolute(), output=schema.output, run=run)
+    job = JobSpec(name=name, manifest_path=path.absolute(), output=schema.output, run=run,
+                  quality=schema.quality)
     return _Parsed(job=job, schema=schema, root=root, text=text, problems=list(problems.items))
 
 

@@ -14,7 +14,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from batchgen import catalog
-from batchgen.models import OutputSettings, RunSettings
+from batchgen.models import OutputSettings, QualitySettings, RunSettings
 
 # The request parameters a manifest can set (defaults, item fields or CSV columns, matrix variables).
 REQUEST_PARAMS: tuple[str, ...] = (
@@ -76,3 +76,5 @@ class ManifestSchema(BaseModel):
                                             "that parameter")
     output: OutputSettings = Field(default_factory=OutputSettings, description="where images are written")
     run: RunSettings = Field(default_factory=RunSettings, description="how the job runs")
+    quality: QualitySettings = Field(default_factory=QualitySettings, description="automatic checks on "
+                                     "every downloaded image, and what a failed check does")

@@ -24,14 +24,14 @@ from __future__ import annotations
 import csv
 import json
 import sys
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
 from batchgen.errors import BatchgenError, ConfigError
 from batchgen.storage.atomicfile import atomic_text
-from batchgen.store.sqlite import AttemptRecord, ImageRecord, RequestRecord, Store
+from batchgen.store.sqlite import AttemptRecord, ImageRecord, RequestRecord, ReviewRecord, Store
 
 FORMATS = ("csv", "jsonl")
 RESULTS_NAME = "results.csv"
@@ -40,7 +40,8 @@ RESULTS_NAME = "results.csv"
 # shared evenly by its images, so the column sums to what the job cost.
 COLUMNS_PER_IMAGE: tuple[str, ...] = (
     "item_id", "model", "size", "prompt", "status", "error_code", "error_message", "credits", "task_id",
-    "image_index", "width", "height", "sha256", "request_key", "source", "path",
+    "image_index", "width", "height", "sha256", "check_status", "check_reasons", "review", "review_reason",
+    "request_key", "source", "path",
 )
 COLUMNS_PER_REQUEST: tuple[str, ...] = (
     "item_id", "model", "size", "n", "prompt", "status", "error_code", "error_message", "credits", "task_id",
@@ -173,9 +174,29 @@ def _common(req: RequestRecord, columns: Columns, attempt: AttemptRecord | None)
     return row
 
 
-def row_for_image(req: RequestRecord, img: ImageRecord | None, columns: Columns) -> dict[str, Any]:
-    """One per-image row; `img` None gives the row of a request without images (empty path)."""
+Reviews = Mapping[tuple[str, int, str], ReviewRecord]  # Store.latest_reviews(): (key, idx, sha256) -> decision
+
+
+def review_of(img: ImageRecord | None, reviews: Reviews | None) -> ReviewRecord | None:
+    """The latest decision on exactly this image (its bytes), if a person made one."""
+    if img is None or not reviews:
+        return None
+    return reviews.get((img.request_key, img.idx, img.sha256))
+
+
+def row_for_image(req: RequestRecord, img: ImageRecord | None, columns: Columns,
+                  reviews: Reviews | None = None) -> dict[str, Any]:
+    """One per-image row; `img` None gives the row of a request without images (empty path). `reviews`
+    (Store.latest_reviews) fills the review columns."""
     row = _common(req, columns, producing_attempt(req, img))
+    rv = review_of(img, reviews)
+    row.update({
+        "check_status": (img.check_status or "not_checked") if img is not None else "",
+        "check_reasons": (img.check_reasons or "") if img is not None else "",
+        "review": ({"approve": "approved", "reject": "rejected"}[rv.decision] if rv else "unreviewed")
+        if img is not None else "",
+        "review_reason": (rv.reason or "") if rv else "",
+    })
     total = request_credits(req)
     row.update({
         "credits": round(total / len(req.images), 6) if img is not None and req.images else total,
@@ -200,12 +221,13 @@ def row_for_request(req: RequestRecord, columns: Columns) -> dict[str, Any]:
 
 def iter_rows(store: Store, columns: Columns, *, per_request: bool = False) -> Iterator[dict[str, Any]]:
     """Rows in manifest order, streamed from the store."""
+    reviews = store.latest_reviews()
     for req in store.iter_requests(with_history=True):
         if per_request:
             yield row_for_request(req, columns)
         elif req.images:
             for img in req.images:
-                yield row_for_image(req, img, columns)
+                yield row_for_image(req, img, columns, reviews)
         else:
             yield row_for_image(req, None, columns)
 
@@ -262,6 +284,7 @@ def write_run_files(db_path: Path, out_dir: Path) -> dict[str, int]:
         job = store.job_record() or {}
         columns = discover_columns(store)
         images = rows = 0
+        reviews = store.latest_reviews()
         with atomic_text(index_path) as index, atomic_text(results_path, newline="") as results:
             writer = csv.writer(results)
             writer.writerow([neutralise_cell(c) for c in columns.names])
@@ -270,7 +293,7 @@ def write_run_files(db_path: Path, out_dir: Path) -> dict[str, int]:
                     index.write(json_line(provenance_record(job, req, img)))
                     images += 1
                 for img in req.images or [None]:
-                    writer.writerow(csv_cells(row_for_image(req, img, columns)))
+                    writer.writerow(csv_cells(row_for_image(req, img, columns, reviews)))
                     rows += 1
         store.set_meta("run_files", stamp)
     return {INDEX_NAME: images, RESULTS_NAME: rows}

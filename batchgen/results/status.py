@@ -16,6 +16,10 @@ run, oldest first). `rate` is what the run's rate controller ended at: {`configu
 the job has used, by fingerprint — never the key): `key` (label, else fingerprint), `fingerprint`,
 `label`, `state` (active, revoked, out_of_credits; "unknown" for keys seen only on attempts), `reason`,
 `requests` (attempts sent with it), `credits_used`, `credits_reserved`, `in_flight`, `balance` (last seen).
+`review` {`approved`,
+`rejected` (current images a person rejected, not yet regenerated), `unreviewed`, `regenerating`
+(requests requeued after a reject, not finished yet), `set_aside` (images kept under _rejected/),
+`check_failed` (current images flagged by the automatic checks, `on_fail: keep`)}.
 """
 
 from __future__ import annotations
@@ -61,6 +65,7 @@ def collect(db_path: Path) -> dict[str, Any]:
                       "state": k["state"], "reason": k["reason"], "requests": k["requests"],
                       "credits_used": round(k["credits_used"], 4), "credits_reserved": round(k["credits_reserved"], 4),
                       "in_flight": k["open"], "balance": k["balance"]} for k in store.key_usage()],
+            "review": store.review_counts(),
         }
         out["runs"] = [_run_record(run) for run in runs]
         if runs:
@@ -91,6 +96,12 @@ def render_text(s: dict[str, Any]) -> str:
         f"images: {s['images']} saved ({_size(s['image_bytes'])})"
         + (f" in {s['output_dir']}" if s.get("output_dir") else ""),
     ]
+    rv = s.get("review")
+    if rv and (rv["approved"] or rv["rejected"] or rv["regenerating"] or rv["set_aside"] or rv["check_failed"]):
+        lines.append(f"review: {rv['approved']} approved, {rv['rejected']} rejected, {rv['unreviewed']} unreviewed"
+                     + (f", {rv['regenerating']} being regenerated" if rv["regenerating"] else "")
+                     + (f"; {rv['check_failed']} flagged by the checks" if rv["check_failed"] else "")
+                     + (f"; {rv['set_aside']} image(s) set aside in _rejected/" if rv["set_aside"] else ""))
     if s["removed"]:
         lines.append(f"removed: {s['removed']} request(s) no longer in the manifest")
     if s["failures"]:

@@ -28,6 +28,12 @@ Schema (times are wall-clock epoch seconds as REAL; JSON columns hold compact JS
     images     (request_key, idx) PK (idx 1-based), path UNIQUE (relative to the output folder, with
                extension), url, bytes, sha256, width, height, format, attempt_id, created_at
     runs       (m002) id PK, started_at, finished_at, pid, host, exit_code, reason, summary JSON
+    (m005)     images gain check_status (passed/failed/NULL: not checked) and check_reasons
+    set_aside  (m005) id PK, request_key, idx, attempt_id, path (under _rejected/), sha256, bytes, width,
+               height, format, why ("quality" or "review"), reason, created_at: images taken out of the
+               results because a check or a person rejected them; the files are kept
+    reviews    (m005) id PK, request_key, idx, sha256 (the image decided on), attempt_id, decision
+               (approve/reject), reason, decided_at, acted_at (when a run requeued the request for it)
     uploads    (m003) file_id PK, sha256 (of the content; indexed), file_url, expires_at, size, mime, path
                (local file it came from), uploaded_at, checked_at (last proven live), suspect_at (a task
                using it failed to fetch it), deleted_at. Only files batchgen uploaded; see uploads.py
@@ -53,7 +59,9 @@ Read API (for status, export, report):
     ``runs() -> list[dict]``        one row per `batchgen run`, newest last
 Write API (the run engine): ``sync``, ``next_due``, ``start_attempts``, ``record_task``, ``retry_submit``,
 ``record_outcomes``, ``record_image``, ``finish_request``, ``requeue``, ``fail``, ``requeue_failed``,
-``lock``.
+``lock``; quality and review (issue 16): ``reject_image`` (a failed check), ``decide`` (a person's
+decision; ``latest_reviews`` reads them), ``open_rejects`` + ``requeue_rejected`` (the next run),
+``set_aside_images``, ``review_counts``.
 """
 
 from __future__ import annotations
@@ -179,19 +187,42 @@ def m004_store_id(db: sqlite_utils.Database) -> None:
 
 
 @MIGRATIONS()
+def m005_reviews(db: sqlite_utils.Database) -> None:
+    # Issue 16. Every image's automatic check result; the images a check or a person turned down, kept
+    # aside (never deleted) once a new attempt replaces them; and people's decisions on images. An image is
+    # identified by (request_key, idx, sha256): a regeneration gives the same (request_key, idx) new bytes,
+    # so a decision made on the old bytes can never be mistaken for one on the new.
+    db.execute("ALTER TABLE images ADD COLUMN check_status TEXT")  # passed, failed, NULL: not checked
+    db.execute("ALTER TABLE images ADD COLUMN check_reasons TEXT")
+    db.execute(
+        """CREATE TABLE set_aside (
+            id INTEGER PRIMARY KEY, request_key TEXT NOT NULL, idx INTEGER NOT NULL, attempt_id INTEGER,
+            path TEXT NOT NULL, sha256 TEXT NOT NULL, bytes INTEGER, width INTEGER, height INTEGER, format TEXT,
+            why TEXT NOT NULL, reason TEXT, created_at REAL NOT NULL)"""
+    )
+    db.execute("CREATE INDEX set_aside_request ON set_aside (request_key, idx)")
+    db.execute(
+        """CREATE TABLE reviews (
+            id INTEGER PRIMARY KEY, request_key TEXT NOT NULL, idx INTEGER NOT NULL, sha256 TEXT NOT NULL,
+            attempt_id INTEGER, decision TEXT NOT NULL CHECK (decision IN ('approve', 'reject')), reason TEXT,
+            decided_at REAL NOT NULL, acted_at REAL)"""
+    )
+    db.execute("CREATE INDEX reviews_image ON reviews (request_key, idx, sha256)")
+    db.execute("CREATE INDEX reviews_open_rejects ON reviews (decision) WHERE acted_at IS NULL")
+    db.execute("PRAGMA user_version = 5")
+
+
+@MIGRATIONS()
 def m006_key_fingerprints(db: sqlite_utils.Database) -> None:
     # Several API keys in one run (issue 15): which key sent each attempt and uploaded each file, as a
-    # fingerprint (never the key), and each key's last known state for `status`. Named m006: m005 is
-    # another branch's (reviews). The version is bumped from whatever it is, so the order they land in
-    # does not matter.
+    # fingerprint (never the key), and each key's last known state for `status`.
     db.execute("ALTER TABLE attempts ADD COLUMN key_fp TEXT")
     db.execute("ALTER TABLE uploads ADD COLUMN key_fp TEXT")
     db.execute(
         """CREATE TABLE keys (
             fingerprint TEXT PRIMARY KEY, label TEXT, state TEXT NOT NULL, reason TEXT, balance REAL,
             updated_at REAL)""")
-    version = int(db.execute("PRAGMA user_version").fetchone()[0])
-    db.execute(f"PRAGMA user_version = {version + 1}")
+    db.execute("PRAGMA user_version = 6")
 
 
 # --- records --------------------------------------------------------------------------------------
@@ -251,6 +282,8 @@ class ImageRecord:
     format: str | None
     attempt_id: int | None
     created_at: float
+    check_status: str | None = None  # automatic checks (m005): passed, failed, None = not checked
+    check_reasons: str | None = None
 
 
 @dataclass
@@ -680,11 +713,11 @@ class Store:
                       (key, value))
 
     def last_change(self) -> float:
-        """When anything an export shows last changed (a request's state, an attempt, an image)."""
+        """When anything an export shows last changed (a request's state, an attempt, an image, a review)."""
         row = self.conn.execute(
             "SELECT MAX(t) FROM (SELECT MAX(updated_at) AS t FROM requests UNION ALL "
             "SELECT MAX(MAX(COALESCE(finished_at, 0)), MAX(COALESCE(submitted_at, 0))) FROM attempts "
-            "UNION ALL SELECT MAX(created_at) FROM images)").fetchone()
+            "UNION ALL SELECT MAX(created_at) FROM images UNION ALL SELECT MAX(decided_at) FROM reviews)").fetchone()
         return float(row[0] or 0.0)
 
     def get_request(self, key: str) -> RequestRecord | None:
@@ -738,8 +771,8 @@ class Store:
 
     def _image_rows(self, where: str, args: Sequence[Any]) -> list[ImageRecord]:
         cur = self.conn.execute(
-            "SELECT request_key, idx, path, url, bytes, sha256, width, height, format, attempt_id, created_at "
-            f"FROM images WHERE {where}", tuple(args))
+            "SELECT request_key, idx, path, url, bytes, sha256, width, height, format, attempt_id, created_at, "
+            f"check_status, check_reasons FROM images WHERE {where}", tuple(args))
         return [ImageRecord(*row) for row in cur.fetchall()]
 
     # -- the run engine's transitions ------------------------------------------------------------------
@@ -885,18 +918,25 @@ class Store:
 
     def record_image(self, img: ImageRecord, done: bool) -> None:
         """An image is on disk (renamed into place): record it; `done` marks the request done with it."""
+        self.record_images([(img, done)])
+
+    def record_images(self, saved: Sequence[tuple[ImageRecord, bool]]) -> None:
+        """Several saved images in one transaction (`done`: the request is done with that image)."""
         with self._tx() as c:
-            c.execute(
+            c.executemany(
                 "INSERT INTO images (request_key, idx, path, url, bytes, sha256, width, height, format, attempt_id, "
-                "created_at) VALUES (?,?,?,?,?,?,?,?,?,?,?) ON CONFLICT(request_key, idx) DO UPDATE SET "
+                "created_at, check_status, check_reasons) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?) "
+                "ON CONFLICT(request_key, idx) DO UPDATE SET "
                 "path=excluded.path, url=excluded.url, bytes=excluded.bytes, sha256=excluded.sha256, "
                 "width=excluded.width, height=excluded.height, format=excluded.format, "
-                "attempt_id=excluded.attempt_id, created_at=excluded.created_at",
-                (img.request_key, img.idx, img.path, img.url, img.bytes, img.sha256, img.width, img.height,
-                 img.format, img.attempt_id, img.created_at))
-            if done:
-                c.execute("UPDATE requests SET state='done', error_code=NULL, error_message=NULL, updated_at=? "
-                          "WHERE key=?", (time.time(), img.request_key))
+                "attempt_id=excluded.attempt_id, created_at=excluded.created_at, "
+                "check_status=excluded.check_status, check_reasons=excluded.check_reasons",
+                [(img.request_key, img.idx, img.path, img.url, img.bytes, img.sha256, img.width, img.height,
+                  img.format, img.attempt_id, img.created_at, img.check_status, img.check_reasons)
+                 for img, _ in saved])
+            now = time.time()
+            c.executemany("UPDATE requests SET state='done', error_code=NULL, error_message=NULL, updated_at=? "
+                          "WHERE key=?", [(now, img.request_key) for img, done in saved if done])
 
     def path_owner(self, paths: Sequence[str]) -> str | None:
         """The request that already saved an image under one of these relative paths, if any."""
@@ -948,6 +988,114 @@ class Store:
             args.extend(codes)
         with self._tx() as c:
             return int(c.execute(sql, args).rowcount)
+
+    # -- quality checks and reviews (issue 16) ---------------------------------------------------------
+
+    def reject_image(self, aside: SetAsideRecord, *, requeue: bool, code: str, message: str) -> None:
+        """A downloaded image failed its checks and is kept aside (its file already written under
+        _rejected/): record it and, in the same transaction, either abandon the attempt and requeue the
+        request (a new attempt) or fail the request."""
+        now = time.time()
+        with self._tx() as c:
+            self._insert_aside(c, aside)
+            if requeue:
+                if aside.attempt_id is not None:
+                    c.execute("UPDATE attempts SET state='abandoned', error_code=?, error_message=?, "
+                              "finished_at=? WHERE id=?", (code, message, now, aside.attempt_id))
+                self._requeue(c, aside.request_key, now, code, message, None, True, now)
+            else:
+                self._fail(c, aside.request_key, code, message, now)
+
+    @staticmethod
+    def _insert_aside(c: sqlite3.Connection, a: SetAsideRecord) -> None:
+        c.execute("INSERT INTO set_aside (request_key, idx, attempt_id, path, sha256, bytes, width, height, format, "
+                  "why, reason, created_at) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
+                  (a.request_key, a.idx, a.attempt_id, a.path, a.sha256, a.bytes, a.width, a.height, a.format,
+                   a.why, a.reason, a.created_at))
+
+    def set_aside_images(self) -> list[SetAsideRecord]:
+        cur = self.conn.execute("SELECT request_key, idx, attempt_id, path, sha256, bytes, width, height, format, "
+                                "why, reason, created_at FROM set_aside ORDER BY id")
+        return [SetAsideRecord(*row) for row in cur.fetchall()]
+
+    def latest_reviews(self) -> dict[tuple[str, int, str], ReviewRecord]:
+        """The latest decision on every image that has one, by (request key, idx, sha256)."""
+        cur = self.conn.execute(
+            "SELECT request_key, idx, sha256, attempt_id, decision, reason, decided_at, acted_at FROM reviews "
+            "WHERE id IN (SELECT MAX(id) FROM reviews GROUP BY request_key, idx, sha256)")
+        return {(r[0], r[1], r[2]): ReviewRecord(*r) for r in cur.fetchall()}
+
+    def decide(self, request_key: str, idx: int, sha256: str, decision: str, reason: str | None) -> ReviewRecord:
+        """A person's decision on one image. Deciding the same thing again changes nothing; a decision on
+        an image that is no longer the request's (regenerated, or requeued for regeneration) is refused
+        with ReviewRefusedError. A later decision on the same image replaces an earlier one."""
+        if decision not in ("approve", "reject"):
+            raise ReviewRefusedError(f'decision must be "approve" or "reject", not "{decision}"')
+        reason = (reason or "").strip() or None
+        with self._tx() as c:
+            row = c.execute("SELECT i.sha256, i.attempt_id, r.state FROM images i JOIN requests r ON "
+                            "r.key = i.request_key WHERE i.request_key=? AND i.idx=?", (request_key, idx)).fetchone()
+            if row is None or row[0] != sha256:
+                raise ReviewRefusedError("this image has been replaced by a newer one (regenerated); reload the "
+                                         "page to review the current image", superseded=True)
+            if row[2] != State.DONE.value:
+                raise ReviewRefusedError(f"this request is {row[2]}: it is being generated again; reload the page "
+                                         "once the run has finished", superseded=True)
+            last = c.execute("SELECT request_key, idx, sha256, attempt_id, decision, reason, decided_at, acted_at "
+                             "FROM reviews WHERE request_key=? AND idx=? AND sha256=? ORDER BY id DESC LIMIT 1",
+                             (request_key, idx, sha256)).fetchone()
+            if last is not None and last[4] == decision and (reason is None or last[5] == reason):
+                return ReviewRecord(*last)  # the same decision again: nothing to change
+            now = time.time()
+            c.execute("INSERT INTO reviews (request_key, idx, sha256, attempt_id, decision, reason, decided_at) "
+                      "VALUES (?,?,?,?,?,?,?)", (request_key, idx, sha256, row[1], decision, reason, now))
+            return ReviewRecord(request_key, idx, sha256, row[1], decision, reason, now, None)
+
+    def open_rejects(self) -> list[tuple[RequestRecord, list[ReviewRecord]]]:
+        """Done requests with a current image whose latest decision is a reject not yet acted on, with
+        those decisions: what the next run regenerates (within max_attempts)."""
+        cur = self.conn.execute(
+            "SELECT v.request_key, v.idx, v.sha256, v.attempt_id, v.decision, v.reason, v.decided_at, v.acted_at "
+            "FROM reviews v JOIN images i ON i.request_key = v.request_key AND i.idx = v.idx AND "
+            "i.sha256 = v.sha256 JOIN requests r ON r.key = v.request_key AND r.state = 'done' "
+            "WHERE v.acted_at IS NULL AND v.decision = 'reject' AND v.id IN "
+            "(SELECT MAX(id) FROM reviews GROUP BY request_key, idx, sha256) ORDER BY r.rowid, v.idx")
+        by_key: dict[str, list[ReviewRecord]] = {}
+        for row in cur.fetchall():
+            by_key.setdefault(row[0], []).append(ReviewRecord(*row))
+        out = []
+        for key, reviews in by_key.items():
+            req = self.get_request(key)
+            if req is not None:
+                out.append((req, reviews))
+        return out
+
+    def requeue_rejected(self, request_key: str, asides: Sequence[SetAsideRecord], reason: str) -> None:
+        """A person rejected images of this done request: its images (files already moved under _rejected/)
+        leave the results, the decisions are marked acted on, and the request is pending again."""
+        now = time.time()
+        with self._tx() as c:
+            for a in asides:
+                self._insert_aside(c, a)
+            c.execute("DELETE FROM images WHERE request_key=?", (request_key,))
+            c.execute("UPDATE reviews SET acted_at=? WHERE request_key=? AND acted_at IS NULL AND decision='reject'",
+                      (now, request_key))
+            self._requeue(c, request_key, 0.0, "review_rejected", reason, None, True, now)
+
+    def review_counts(self) -> dict[str, int]:
+        """Images of the results by review state, plus rejects being regenerated and images set aside."""
+        latest = self.latest_reviews()
+        out = {"approved": 0, "rejected": 0, "unreviewed": 0}
+        for key, idx, sha in self.conn.execute("SELECT request_key, idx, sha256 FROM images"):
+            rv = latest.get((key, idx, sha))
+            out["approved" if rv and rv.decision == "approve" else "rejected" if rv else "unreviewed"] += 1
+        out["regenerating"] = int(self.conn.execute(
+            "SELECT COUNT(DISTINCT request_key) FROM set_aside WHERE why='review' AND request_key IN "
+            "(SELECT key FROM requests WHERE state IN ('pending', 'submitted', 'completed'))").fetchone()[0])
+        out["set_aside"] = int(self.conn.execute("SELECT COUNT(*) FROM set_aside").fetchone()[0])
+        out["check_failed"] = int(self.conn.execute(
+            "SELECT COUNT(*) FROM images WHERE check_status='failed'").fetchone()[0])
+        return out
 
     # -- runs ----------------------------------------------------------------------------------------
 
@@ -1066,6 +1214,48 @@ def _key_match(key_fp: str | None, legacy: bool) -> tuple[str, list[Any]]:
     if key_fp is None:
         return "1", []
     return ("(key_fp = ? OR key_fp IS NULL)" if legacy else "key_fp = ?"), [key_fp]
+
+
+@dataclass
+class SetAsideRecord:
+    """An image taken out of the results (m005): its file lives on under _rejected/ in the output folder."""
+
+    request_key: str
+    idx: int
+    attempt_id: int | None
+    path: str  # relative to the output folder
+    sha256: str
+    bytes: int | None
+    width: int | None
+    height: int | None
+    format: str | None
+    why: str  # "quality" (an automatic check failed) or "review" (a person rejected it)
+    reason: str | None
+    created_at: float
+
+
+@dataclass
+class ReviewRecord:
+    """A person's latest decision on one image (m005)."""
+
+    request_key: str
+    idx: int
+    sha256: str
+    attempt_id: int | None
+    decision: str  # approve, reject
+    reason: str | None
+    decided_at: float
+    acted_at: float | None  # when a run requeued the request for this reject
+
+
+class ReviewRefusedError(BatchgenError):
+    """A decision that cannot be recorded: the image was replaced meanwhile, or the decision is unknown."""
+
+    exit_code = 2
+
+    def __init__(self, message: str, *, superseded: bool = False) -> None:
+        super().__init__(message)
+        self.superseded = superseded
 
 
 @dataclass
