@@ -84,3 +84,11 @@ def test_accounts_in_a_scenario_are_checked(tmp_path: Path) -> None:
     path.write_text("api_keys: [k0]\naccounts:\n  - {api_key: k1, rate_limit: 3}\n")
     config = EmulatorConfig.from_options(scenario_path=path)
     assert config.accounts[0].rate_limit == 3
+
+
+async def test_revoke_over_http(emulator: Emulator) -> None:
+    assert (await call(emulator, KEY_A, "GET", "/v1/credits"))[0] == 200
+    status, body = await call(emulator, KEY_B, "POST", "/_emulator/revoke", {"api_key": KEY_A})
+    assert status == 200 and body == {"ok": True}
+    assert (await call(emulator, KEY_A, "GET", "/v1/credits"))[0] == 401
+    assert (await call(emulator, KEY_A, "GET", "/api/v1/files/quota"))[0] == 401
