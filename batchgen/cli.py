@@ -148,7 +148,7 @@ def validate(manifest: str, as_json: bool) -> None:
 @main.command()
 @click.argument("manifest", type=click.Path(dir_okay=False))
 @click.option("--db", type=click.Path(dir_okay=False), help="State database (default: beside the manifest).")
-@click.option("--out", type=click.Path(file_okay=False), help="Output folder (default: the manifest's).")
+@click.option("--out", help="Output folder, or a bucket: s3://bucket/prefix (default: the manifest's).")
 @click.option("--emulator", is_flag=True, help="Run against the built-in emulator (no key, no credits).")
 @click.option("--api-base", envvar=API_BASE_ENV, help=f"API base URL [env {API_BASE_ENV}].")
 @click.option("--files-base", envvar=FILES_BASE_ENV, help=f"Files API base URL [env {FILES_BASE_ENV}].")
@@ -201,7 +201,7 @@ def run(manifest: str, db: str | None, out: str | None, emulator: bool, api_base
                           "--emulator to run on the built-in emulator")
     options = RunOptions(
         db_path=Path(db) if db else None,
-        out_dir=Path(out) if out else None,
+        out_dir=(out if out.startswith("s3://") else Path(out)) if out else None,
         emulator=emulator,
         api_base=api_base,
         files_base=files_base,
@@ -293,20 +293,30 @@ def export(manifest: str | None, db: str | None, fmt: str, output: str | None, p
 @main.command()
 @click.argument("manifest", required=False, type=click.Path(dir_okay=False))
 @click.option("--db", type=click.Path(dir_okay=False), help="State database instead of a manifest.")
-@click.option("-o", "--output", type=click.Path(dir_okay=False), default=None,
-              help="HTML file to write (default: report.html in the output folder).")
+@click.option("-o", "--output", default=None,
+              help="HTML file to write, or s3://bucket/prefix/name.html (default: report.html in the output "
+                   "folder or bucket).")
 @_guarded
 def report(manifest: str | None, db: str | None, output: str | None) -> None:
     """Write a self-contained HTML contact sheet of a job's images and failures.
 
     \b
+    A report beside a job's images in a bucket links them by relative keys; a local report of such a job
+    links them by presigned URLs that expire after 7 days (its thumbnails are local files and stay).
+
+    \b
     Example:
       batchgen report examples/catalogue.yaml -o report.html
     """
-    from batchgen.results.report import write_report
+    from batchgen.results.report import LINK_LIFETIME_S, links_are_presigned, write_report
 
-    path, tiles = write_report(_resolve_db(manifest, db), Path(output) if output else None)
+    db_path = _resolve_db(manifest, db)
+    target = (output if output.startswith("s3://") else Path(output)) if output else None
+    path, tiles = write_report(db_path, target)
     click.echo(f"wrote {path} ({tiles} tile(s))")
+    if links_are_presigned(db_path, target):
+        click.echo(f"its links to the images in the bucket are presigned URLs valid for {LINK_LIFETIME_S // 86400} "
+                   "days; the thumbnails are local files beside it")
 
 
 @main.command()

@@ -14,7 +14,7 @@ import json
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from batchgen import catalog
 
@@ -194,13 +194,48 @@ class QualitySettings(BaseModel):
 class OutputSettings(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    folder: str = Field(default="", description="output folder, relative to the manifest (default out/<job>)")
+    folder: str = Field(default="", description="output folder, relative to the manifest (default out/<job>), "
+                        "or a bucket: s3://bucket/prefix (any S3-compatible service; docs/storage.md)")
     filename: str = Field(
         default="{id}{variant}_{index}",
         description="file name template, without extension: item fields, matrix values, {id}, {variant} "
         "(matrix values joined with '_', led by '_'), {model}, {index} (1-based image number); "
         "may contain '/' for sub-folders but never leave the output folder",
     )
+    endpoint_url: str | None = Field(default=None, description="for an s3:// folder: the S3 endpoint, e.g. "
+                                     "https://<account>.r2.cloudflarestorage.com (default: AWS_ENDPOINT_URL, "
+                                     "the AWS profile, else AWS S3)")
+    region: str | None = Field(default=None, description="for an s3:// folder: the bucket's region (default: "
+                               "AWS_REGION / AWS_DEFAULT_REGION or the AWS profile)")
+
+    @field_validator("folder")
+    @classmethod
+    def _bucket_url(cls, value: str) -> str:
+        if value.startswith("s3://"):
+            from batchgen.storage.s3 import parse_bucket_url
+
+            parse_bucket_url(value)  # ValueError names what is wrong with the bucket or prefix
+        return value
+
+    @field_validator("endpoint_url")
+    @classmethod
+    def _endpoint(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        from urllib.parse import urlsplit
+
+        parts = urlsplit(value)
+        if parts.scheme not in ("http", "https") or not parts.hostname or parts.username or parts.password:
+            raise ValueError("must be an http(s) URL such as https://s3.eu-central-1.amazonaws.com, without "
+                             "credentials in it (they come from the AWS configuration)")
+        return value.rstrip("/")
+
+    @field_validator("region")
+    @classmethod
+    def _region(cls, value: str | None) -> str | None:
+        if value is not None and not (value and all(c.isalnum() or c == "-" for c in value) and len(value) <= 64):
+            raise ValueError("must be a region name such as eu-central-1 or auto (letters, digits and '-')")
+        return value
 
 
 class JobSpec(BaseModel):
@@ -222,6 +257,12 @@ class JobSpec(BaseModel):
         folder = self.output.folder or f"out/{self.name}"
         return (self.base_dir / folder).resolve()
 
+    def output_location(self) -> str:
+        """Where outputs go: `s3://bucket/prefix` as written, else the absolute output folder."""
+        if self.output.folder.startswith("s3://"):
+            return self.output.folder.rstrip("/")
+        return str(self.output_dir())
+
     def default_db_path(self) -> Path:
         return self.base_dir / f"{self.manifest_path.stem}.batchgen.db"
 
@@ -232,7 +273,8 @@ class RunOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     db_path: Path | None = None
-    out_dir: Path | None = None
+    # A folder, or a bucket as the string "s3://bucket/prefix" (a Path would fold the "//").
+    out_dir: Path | str | None = None
     emulator: bool = False
     api_base: str | None = None
     files_base: str | None = None

@@ -18,9 +18,9 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 from batchgen.storage import aside
+from batchgen.storage.base import Storage
 from batchgen.store.sqlite import SetAsideRecord, Store
 
 
@@ -30,7 +30,7 @@ class Requeued:
     exhausted: int  # rejected requests left as they are: no attempts left
 
 
-def requeue_rejected(store: Store, out_dir: Path, max_attempts: int) -> Requeued:
+def requeue_rejected(store: Store, storage: Storage, max_attempts: int) -> Requeued:
     requeued = exhausted = 0
     for req, reviews in store.open_rejects():
         if req.attempts >= max_attempts:
@@ -40,7 +40,7 @@ def requeue_rejected(store: Store, out_dir: Path, max_attempts: int) -> Requeued
         asides = []
         for img in req.images:
             rel = aside.aside_relpath(img.path, img.sha256)
-            aside.move_aside(out_dir, img.path, rel)
+            aside.move_aside(storage, img.path, rel)
             reason = why.get(img.idx)
             if img.idx not in why:
                 reason = "regenerated with a rejected image of the same request"

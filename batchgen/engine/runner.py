@@ -30,6 +30,8 @@ from batchgen.engine.scheduler import Scheduler, SchedulerConfig, StopReason
 from batchgen.engine.uploads import Uploader
 from batchgen.errors import ApiError, ConfigError, ConnectError, LocalFaultError
 from batchgen.models import JobSpec, RunOptions, RunSettings
+from batchgen.storage.base import Storage
+from batchgen.storage.location import open_storage, record_storage, resolve_location
 from batchgen.store.sqlite import Store
 from batchgen.units import parse_duration_s, parse_rate
 
@@ -55,11 +57,28 @@ async def run_job_async(manifest_path: Path, options: RunOptions) -> int:
     manifest = open_manifest(Path(manifest_path))
     job = manifest.job
     db_path = Path(options.db_path) if options.db_path else job.default_db_path()
-    out_dir = (Path(options.out_dir) if options.out_dir else job.output_dir()).resolve()
+    # A folder or a bucket (s3://bucket/prefix); --out wins over the manifest's output.folder.
+    try:
+        out = resolve_location(options.out_dir) if options.out_dir else job.output_location()
+    except ValueError as error:
+        raise ConfigError(f"--out: {error}") from None
     with Store(db_path) as store:
         store.lock()
-        sync = store.sync(manifest, out_dir)
-        return await _run(store, job, options, out_dir, sync.added, sync.removed, source)
+        sync = store.sync(manifest, out)
+        # Opening a bucket checks it (and creates it when missing) before anything is sent.
+        try:
+            patience_s: float | None = parse_duration_s(effective_settings(job, options).patience)
+        except ValueError:
+            patience_s = None  # reported as bad input by _run, before anything is sent
+        storage = await asyncio.to_thread(open_storage, out, endpoint_url=job.output.endpoint_url,
+                                          region=job.output.region, time_scale=options.time_scale,
+                                          patience_s=patience_s)
+        try:
+            if out.startswith("s3://"):
+                record_storage(store, job.output.endpoint_url, job.output.region)
+            return await _run(store, job, options, storage, sync.added, sync.removed, source)
+        finally:
+            await asyncio.to_thread(storage.close)
 
 
 def effective_settings(job: JobSpec, options: RunOptions) -> RunSettings:
@@ -76,7 +95,7 @@ def effective_settings(job: JobSpec, options: RunOptions) -> RunSettings:
     return job.run.model_copy(update=updates)
 
 
-async def _run(store: Store, job: JobSpec, options: RunOptions, out_dir: Path, added: int, removed: int,
+async def _run(store: Store, job: JobSpec, options: RunOptions, storage: Storage, added: int, removed: int,
                source: KeySource | None = None) -> int:
     settings = effective_settings(job, options)
     try:
@@ -104,12 +123,12 @@ async def _run(store: Store, job: JobSpec, options: RunOptions, out_dir: Path, a
                                   "--emulator")
         # One client and one rate controller per key; --rate / run.rate is each key's unless the file says.
         pool = await KeyPool.open(stack, source.keys, api_base, files_base, rate)
-        return await _drive(store, job, settings, options, out_dir, pool, max_wait_s, added, removed,
+        return await _drive(store, job, settings, options, storage, pool, max_wait_s, added, removed,
                             source.warnings)
     raise AssertionError("unreachable")  # pragma: no cover
 
 
-async def _drive(store: Store, job: JobSpec, settings: RunSettings, options: RunOptions, out_dir: Path,
+async def _drive(store: Store, job: JobSpec, settings: RunSettings, options: RunOptions, storage: Storage,
                  pool: KeyPool, max_wait_s: float, added: int, removed: int, warnings: list[str] | None = None) -> int:
     loop = asyncio.get_running_loop()
     client = pool.keys[0].client  # downloads (no key is sent) and the one-key paths
@@ -121,7 +140,7 @@ async def _drive(store: Store, job: JobSpec, settings: RunSettings, options: Run
         submit_deadline = start + options.max_runtime_s - margin
         hard_deadline = start + options.max_runtime_s
     cfg = SchedulerConfig(
-        out_dir=out_dir, filename_template=job.output.filename, concurrency=settings.concurrency,
+        out_dir=None, storage=storage, filename_template=job.output.filename, concurrency=settings.concurrency,
         max_attempts=settings.max_attempts, fallback_models=list(settings.fallback_models), max_wait_s=max_wait_s,
         download_concurrency=settings.download_concurrency, regenerate_expired=settings.regenerate_expired,
         policy_pause_after=settings.policy_pause_after, max_credits=settings.max_credits,
@@ -154,7 +173,7 @@ async def _drive(store: Store, job: JobSpec, settings: RunSettings, options: Run
         progress.event("synced", {"added": added, "removed": removed,
                                   "message": f"manifest: {added} new request(s), {removed} removed"})
     # Images rejected in `batchgen review` since the last run are generated again (issue 16, rejects.py).
-    rejected = requeue_rejected(store, out_dir, settings.max_attempts)
+    rejected = requeue_rejected(store, storage, settings.max_attempts)  # blocks briefly: the store is ours
     if rejected.requeued or rejected.exhausted:
         progress.event("review_requeued", {
             "requeued": rejected.requeued, "exhausted": rejected.exhausted,
@@ -209,7 +228,7 @@ async def _drive(store: Store, job: JobSpec, settings: RunSettings, options: Run
         # The database cannot be written (disk full): everything before this was committed; only this run's
         # own record stays open (`batchgen status` shows it as "running or killed").
         progress.event("warning", {"message": f"could not record the end of this run: {error}"})
-    _write_export(store, out_dir, progress)
+    await asyncio.to_thread(_write_export, store, storage, progress)
     progress.summary(summary)
     return code
 
@@ -318,14 +337,13 @@ async def _preflight_pool(store: Store, pool: KeyPool, scheduler: Scheduler, pro
                                      f"(where known), this run needs about {estimate:g}"})
 
 
-def _write_export(store: Store, out_dir: Path, progress: Progress) -> None:
-    """The export and provenance index (issue 7) go to the output folder at the end of every run."""
+def _write_export(store: Store, storage: Storage, progress: Progress) -> None:
+    """The export and provenance index (issue 7) go to the output folder or bucket at the end of every run."""
     try:
         from batchgen.results.export import write_run_files
     except ImportError:
         return
     try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        write_run_files(store.path, out_dir)  # index.jsonl (provenance) and results.csv
+        write_run_files(store.path, storage)  # index.jsonl (provenance) and results.csv
     except Exception as error:  # an export problem must not turn a good run into a crash
         progress.event("warning", {"message": f"could not write the export: {error}"})

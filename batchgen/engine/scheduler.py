@@ -18,8 +18,8 @@ Moving parts (one task each, no per-request timers):
   the whole answer in one transaction. A task is polled at its `estimated_time` (plus a small margin);
   without one, at the reference's 3 s, then every 3–5 s (× time_scale). A task past `max_wait` keeps its
   task id and is left for the next run.
-* **downloaders** — `download_concurrency` workers save each result (outputs.py), record it, and mark the
-  request done when all its images are on disk.
+* **downloaders** — `download_concurrency` workers save each result (the job's `storage/` backend: a
+  folder or a bucket), record it, and mark the request done when all its images are stored and verified.
 
 Every failure goes through `errors.decide()`. Failed *tasks* requeue the request (a new attempt, a new key)
 or fail it; failed *calls* (a poll, a download, a submit that got no answer) are retried in place and do
@@ -75,6 +75,8 @@ from batchgen.errors import (
 from batchgen.manifest import naming
 from batchgen.models import GenerationRequest, QualitySettings
 from batchgen.storage import aside, outputs
+from batchgen.storage.base import Storage, StorageError
+from batchgen.storage.local import LocalStorage
 from batchgen.store.sqlite import (
     AttemptState,
     ImageRecord,
@@ -118,12 +120,13 @@ class StopReason(enum.StrEnum):
     POLICY = "policy"  # too many content-policy refusals in a row
     UNREACHABLE = "unreachable"  # every call refused or failing for longer than the patience
     LOCAL_FAULT = "local_fault"  # this machine: disk full, read-only or vanished folder, database unwritable
+    STORAGE = "storage"  # the output bucket refused a write or stayed unreachable
     KEY_MISSING = "key_missing"  # only tasks of keys this run does not have (or that were revoked) are left
 
 
 @dataclass
 class SchedulerConfig:
-    out_dir: Path
+    out_dir: Path | None
     filename_template: str
     concurrency: int = 20
     max_attempts: int = 3
@@ -139,6 +142,7 @@ class SchedulerConfig:
     patience_s: float = 300.0  # emulated seconds of every call failing before the run stops (exit 3)
     check_invariants: bool = False  # tests: assert the poll invariant after every change (costs O(n))
     quality: QualitySettings = field(default_factory=QualitySettings)  # checks on every download (issue 16)
+    storage: Storage | None = None  # where images go (a bucket); None: the local folder out_dir
 
 
 @dataclass
@@ -206,6 +210,9 @@ class Scheduler:
         self.pool = pool
         self._keyless: list[tuple[str, str | None]] = []  # (request key, key name) of tasks no key here can poll
         self.cfg = config
+        if config.storage is None and config.out_dir is None:
+            raise ValueError("SchedulerConfig needs out_dir or storage")
+        self.storage: Storage = config.storage or LocalStorage(config.out_dir or Path())
         self.emit: EventSink = emit or (lambda kind, fields: None)
         self.prepare_body = prepare_body
         self.reference_failed = reference_failed
@@ -1025,8 +1032,7 @@ class Scheduler:
             url = urls[index - 1]
             rec = have.get(index)
             last = index == len(urls)
-            if rec is not None and await asyncio.to_thread(
-                    outputs.file_matches, self.cfg.out_dir / rec.path, rec.sha256):
+            if rec is not None and await self._stored(t, rec):
                 if last:
                     self.store.finish_request(req.key)
                     self._on_done(t)
@@ -1044,7 +1050,11 @@ class Scheduler:
                 return  # failed its checks: set aside, and requeued or failed (already recorded)
             try:
                 rel = self._relpath(t, index)
-                rel, info = await asyncio.to_thread(outputs.save_image, self.cfg.out_dir, rel, data)
+                rel, info = await asyncio.to_thread(self.storage.save_image, rel, data)
+            except StorageError as error:
+                # Not the request's fault: it stays completed (its task id kept) and the next run stores it.
+                self.halt(StopReason.STORAGE, f"{error}; resumable once the storage works")
+                return
             except outputs.NotAnImageError as error:
                 self._download_failed(t, "bad_image", f"{url}: {error}")
                 return
@@ -1082,7 +1092,7 @@ class Scheduler:
             return verdict
         try:
             rel = aside.aside_relpath(self._relpath(t, index), info.sha256, info.extension)
-            await asyncio.to_thread(aside.write_aside, self.cfg.out_dir, rel, data)
+            await asyncio.to_thread(aside.write_aside, self.storage, rel, data)
         except ValueError as error:
             self._download_failed(t, "unsafe_path", str(error))
             return None
@@ -1098,6 +1108,13 @@ class Scheduler:
         else:
             self._on_failed(key, QUALITY_CODE, message)
         return None
+    async def _stored(self, t: _Tracked, rec: ImageRecord) -> bool:
+        """Whether an image recorded by an earlier run is still stored with its content (not written again)."""
+        try:
+            return await asyncio.to_thread(self.storage.has_image, rec.path, rec.sha256, rec.bytes)
+        except StorageError as error:
+            self.halt(StopReason.STORAGE, f"{error}; resumable once the storage works")
+            return False
 
     def _relpath(self, t: _Tracked, index: int) -> str:
         req = t.req

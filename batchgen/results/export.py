@@ -16,7 +16,7 @@ export is a known attack. JSONL carries the values unmodified (JSON readers do n
 
 Rows stream from the store in chunks; a file target is written atomically (`atomicfile.atomic_text`).
 `write_run_files` is what the runner calls at the end of every run: `results.csv` and the provenance
-index (`provenance.py`) in the output folder.
+index (`provenance.py`) in the output folder, or under the bucket's prefix (through the job's `Storage`).
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ from typing import IO, Any
 
 from batchgen.errors import BatchgenError, ConfigError
 from batchgen.storage.atomicfile import atomic_text
+from batchgen.storage.base import Storage
 from batchgen.store.sqlite import AttemptRecord, ImageRecord, RequestRecord, ReviewRecord, Store
 
 FORMATS = ("csv", "jsonl")
@@ -266,26 +267,26 @@ def export_results(db_path: Path, *, fmt: str = "csv", output: Path | None = Non
             return write_rows(fh, fmt, columns, rows)
 
 
-def write_run_files(db_path: Path, out_dir: Path) -> dict[str, int]:
-    """The files every run leaves in its output folder: the provenance index and `results.csv`.
+def write_run_files(db_path: Path, out_dir: Path | Storage) -> dict[str, int]:
+    """The files every run leaves in its output folder or bucket: the provenance index and `results.csv`.
 
     Both come from one pass over the store and replace the previous pair atomically (a failure leaves the
     previous files in place), and nothing is rewritten when nothing changed since they were last written:
     a nightly run of a large job with nothing new costs nothing. Returns rows written per file name
     (empty when the files were already up to date)."""
     from batchgen.results.provenance import INDEX_NAME, provenance_record
+    from batchgen.storage.local import LocalStorage
 
-    out_dir = Path(out_dir)
-    index_path, results_path = out_dir / INDEX_NAME, out_dir / RESULTS_NAME
+    storage = out_dir if isinstance(out_dir, Storage) else LocalStorage(Path(out_dir))
     with Store(db_path) as store:
-        stamp = f"{store.last_change()!r} {out_dir.resolve()}"
-        if store.get_meta("run_files") == stamp and index_path.exists() and results_path.exists():
+        stamp = f"{store.last_change()!r} {storage.location}"
+        if store.get_meta("run_files") == stamp and storage.exists(INDEX_NAME) and storage.exists(RESULTS_NAME):
             return {}
         job = store.job_record() or {}
         columns = discover_columns(store)
         images = rows = 0
         reviews = store.latest_reviews()
-        with atomic_text(index_path) as index, atomic_text(results_path, newline="") as results:
+        with storage.open_text(INDEX_NAME) as index, storage.open_text(RESULTS_NAME, newline="") as results:
             writer = csv.writer(results)
             writer.writerow([neutralise_cell(c) for c in columns.names])
             for req in store.iter_requests(with_history=True):

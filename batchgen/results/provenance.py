@@ -27,12 +27,14 @@ url (the result URL it was downloaded from; it expires), submitted_at, completed
 
 from __future__ import annotations
 
+import io
 import json
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from batchgen import __version__
+from batchgen.storage.base import Storage
 from batchgen.store.sqlite import ImageRecord, RequestRecord
 
 INDEX_NAME = "index.jsonl"
@@ -69,9 +71,17 @@ def provenance_record(job: dict[str, Any], req: RequestRecord, img: ImageRecord)
     return record
 
 
-def find(out_dir: Path, path_or_sha256: str) -> dict[str, Any] | None:
-    """The index record of an image, by its relative path or its sha256 (streams the index)."""
-    with (Path(out_dir) / INDEX_NAME).open(encoding="utf-8") as fh:
+def find(out_dir: Path | Storage, path_or_sha256: str) -> dict[str, Any] | None:
+    """The index record of an image, by its relative path or its sha256 (streams a local index; an index
+    in a bucket is fetched whole first). FileNotFoundError when there is no index."""
+    if isinstance(out_dir, Storage):
+        data = out_dir.read_bytes(INDEX_NAME)
+        if data is None:
+            raise FileNotFoundError(out_dir.describe(INDEX_NAME))
+        lines: Any = io.StringIO(data.decode("utf-8"))
+    else:
+        lines = (Path(out_dir) / INDEX_NAME).open(encoding="utf-8")
+    with lines as fh:
         for line in fh:
             record = json.loads(line)
             if path_or_sha256 in (record.get("path"), record.get("sha256")):

@@ -36,7 +36,7 @@ from batchgen.errors import ConfigError
 from batchgen.results.render import render_sheet
 from batchgen.results.report import make_thumbnail, thumb_name
 from batchgen.results.sheet import REVIEW_LABELS, Tile, gather
-from batchgen.storage.outputs import safe_target
+from batchgen.storage.local import safe_target
 from batchgen.store.sqlite import ReviewRefusedError, Store
 
 TOKEN_HEADER = "X-Batchgen-Token"
@@ -183,7 +183,14 @@ class ReviewServer:
     async def __aenter__(self) -> ReviewServer:
         store = self._store = Store(self.db_path)
         job = store.job_record() or {}
-        images_dir = Path(self.out_dir or job.get("output_dir") or self.db_path.parent).resolve()
+        location = str(self.out_dir or job.get("output_dir") or self.db_path.parent)
+        if location.startswith("s3://"):
+            store.close()
+            self._store = None
+            raise ConfigError(f"batchgen review serves images from a local folder; this job's are in {location}. "
+                              "Use batchgen report (in the bucket, or -o FILE with presigned links) to look "
+                              "at them, or pass the folder of a local copy")
+        images_dir = Path(location).resolve()
         self._tmp = tempfile.TemporaryDirectory(prefix="batchgen-review-")
         # The Host check needs the real port, known only once bound: the app reads the set it was given.
         hosts: set[str] = set()

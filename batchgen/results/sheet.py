@@ -16,6 +16,8 @@ from pathlib import Path
 from typing import Any
 
 from batchgen.results.export import Reviews, input_field_order, ordered, producing_attempt, request_credits
+from batchgen.storage.base import Storage
+from batchgen.storage.local import LocalStorage
 from batchgen.store.sqlite import ImageRecord, RequestRecord, Store
 
 REVIEW_LABELS = {"approve": "approved", "reject": "rejected"}
@@ -56,7 +58,8 @@ class Tile:
     status: str
     credits: float
     search: str  # lower-cased item id and fields, for the page's search box
-    path: Path | None = None  # the image file (absolute)
+    path: Path | None = None  # the image file (absolute), when the images are in a local folder
+    rel: str = ""  # the image's name relative to the output folder or bucket prefix
     width: int | None = None
     height: int | None = None
     error_code: str = ""
@@ -121,8 +124,11 @@ def facts(t: Totals) -> list[tuple[str, str, str]]:
 
 
 class _Gatherer:
-    def __init__(self, store: Store, images_dir: Path) -> None:
-        self.images_dir = images_dir
+    def __init__(self, store: Store, images: Path | Storage) -> None:
+        # A folder is checked file by file; an image in a bucket is trusted to the store's record (a HEAD
+        # per tile would cost as much as the thumbnails).
+        self.images_dir = images.root if isinstance(images, LocalStorage) else (
+            None if isinstance(images, Storage) else images)
         self.reviews: Reviews = store.latest_reviews()
         job = store.job_record() or {}
         self.item_order, self.variant_order = input_field_order(job.get("manifest_path"))
@@ -156,10 +162,10 @@ class _Gatherer:
             yield self.image_tile(img, base, common)
 
     def image_tile(self, img: ImageRecord, base: str, common: dict[str, Any]) -> Tile:
-        src = self.images_dir / img.path
+        src = self.images_dir / img.path if self.images_dir is not None else None
         rv = self.reviews.get((img.request_key, img.idx, img.sha256))
-        return Tile(kind="image" if src.is_file() else "missing", idx=img.idx, sha256=img.sha256,
-                    caption=f"{base} #{img.idx}", path=src, width=img.width, height=img.height,
+        return Tile(kind="image" if src is None or src.is_file() else "missing", idx=img.idx, sha256=img.sha256,
+                    caption=f"{base} #{img.idx}", path=src, rel=img.path, width=img.width, height=img.height,
                     check=img.check_status or "not_checked", check_reasons=img.check_reasons or "",
                     review=REVIEW_LABELS[rv.decision] if rv else "unreviewed",
                     review_reason=(rv.reason or "") if rv else "", **common)
@@ -177,8 +183,9 @@ class _Gatherer:
         return out
 
 
-def gather(store: Store, images_dir: Path) -> Sheet:
-    """Everything the page shows, in manifest order. Tiles are small; 5,000 of them fit easily in memory."""
+def gather(store: Store, images_dir: Path | Storage) -> Sheet:
+    """Everything the page shows, in manifest order. Tiles are small; 5,000 of them fit easily in memory.
+    `images_dir` is the output folder, or the job's `Storage` (a folder or a bucket)."""
     g = _Gatherer(store, images_dir)
     groups = g.groups(store.iter_requests(with_history=True))
     return Sheet(totals=collect_totals(store), groups=groups, tiles=g.count, facets=g.facets)

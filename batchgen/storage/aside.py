@@ -9,11 +9,10 @@ twice (a run killed between the move and its commit, then resumed) lands on the 
 
 from __future__ import annotations
 
-import os
-from pathlib import Path, PurePosixPath
+from pathlib import PurePosixPath
 
-from batchgen.errors import LocalFaultError
-from batchgen.storage.outputs import safe_target, write_atomic
+from batchgen.storage.base import Storage
+from batchgen.storage.outputs import CONTENT_TYPES
 
 REJECTED_DIR = "_rejected"
 
@@ -26,20 +25,11 @@ def aside_relpath(relpath: str, sha256: str, extension: str | None = None) -> st
     return f"{REJECTED_DIR}/{stem}.{sha256[:12]}{ext}"
 
 
-def write_aside(out_dir: Path, relpath: str, data: bytes) -> None:
-    """Write downloaded bytes that will not become a result (atomically, like any output)."""
-    write_atomic(safe_target(out_dir, relpath), data)
+def write_aside(storage: Storage, relpath: str, data: bytes) -> None:
+    """Write downloaded bytes that will not become a result (whole or not at all, like any output)."""
+    storage.put_bytes(relpath, data, CONTENT_TYPES.get(PurePosixPath(relpath).suffix, "application/octet-stream"))
 
 
-def move_aside(out_dir: Path, relpath: str, aside_rel: str) -> bool:
+def move_aside(storage: Storage, relpath: str, aside_rel: str) -> bool:
     """Move a saved result aside; False when it is not there (already moved, or deleted by someone)."""
-    source = safe_target(out_dir, relpath)
-    target = safe_target(out_dir, aside_rel)
-    if not source.exists():
-        return False
-    try:
-        target.parent.mkdir(parents=True, exist_ok=True)
-        os.replace(source, target)
-    except OSError as error:
-        raise LocalFaultError("cannot move the image aside", str(source), error) from None
-    return True
+    return storage.move(relpath, aside_rel)

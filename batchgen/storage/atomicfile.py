@@ -1,6 +1,6 @@
 """Streaming atomic writes for the files batchgen produces from its state (export, provenance index, report).
 
-`outputs.write_atomic` writes an image that is already in memory. An export of 100,000 rows should not be:
+`local.write_atomic` writes an image that is already in memory. An export of 100,000 rows should not be:
 it is written row by row into a hidden temporary file beside the target, fsynced, and renamed over the
 target with `os.replace` — so a reader (a shop import polling the folder, a person opening the report)
 sees the previous complete file or the new complete file, never half of one, even if we are killed. On

@@ -562,7 +562,7 @@ class Store:
         rec["settings"] = json.loads(rec["settings"]) if rec["settings"] else {}
         return rec
 
-    def sync(self, manifest: Manifest, out_dir: Path | None = None) -> SyncResult:
+    def sync(self, manifest: Manifest, out_dir: Path | str | None = None) -> SyncResult:
         """Bring the requests table in line with the manifest, in one transaction.
 
         New requests are inserted as pending; pending or failed requests that are no longer in the
@@ -576,8 +576,12 @@ class Store:
         now = time.time()
         job_row = self.job_record()
         settings_json = job.run.model_dump_json()
-        # The folder this run writes to (--out wins over the manifest), so status, export and report find it.
-        output_dir = str(Path(out_dir).resolve() if out_dir is not None else job.output_dir())
+        # The folder this run writes to (--out wins over the manifest), so status, export and report find it;
+        # a bucket ("s3://bucket/prefix", a string) is recorded as is.
+        if isinstance(out_dir, str) and out_dir.startswith("s3://"):
+            output_dir = out_dir
+        else:
+            output_dir = str(Path(out_dir).resolve()) if out_dir is not None else job.output_location()
         meta = (job.name, str(job.manifest_path), output_dir, job.output.filename, settings_json)
         if job_row is not None and job_row["fingerprint"] == fingerprint:
             with self._tx() as c:

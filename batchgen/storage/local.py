@@ -1,0 +1,132 @@
+"""Outputs in a local folder: safe paths, real-image checks, atomic and durable writes.
+
+Bytes checked by `outputs.inspect_image` are written to a hidden temporary file beside the target, fsynced
+and renamed over it with `os.replace`: a reader never sees half an image, and a run killed mid-write leaves
+at most a hidden `.<name>.part` that the next attempt at the same image reuses. Paths come from
+`naming.image_relpath` and are refused here too if they would leave the output folder, symlinks included
+(defence in depth: the template is user input).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+from pathlib import Path
+from typing import IO
+
+from batchgen.errors import LocalFaultError
+from batchgen.storage.atomicfile import atomic_text
+from batchgen.storage.base import Storage
+from batchgen.storage.outputs import ImageInfo, inspect_image
+
+
+def safe_target(out_dir: Path, relpath: str) -> Path:
+    """`out_dir / relpath`, refusing absolute paths, `..` and symlinked escapes (ValueError)."""
+    if not relpath or relpath.startswith(("/", "\\")) or "\x00" in relpath:
+        raise ValueError(f"unsafe output path {relpath!r}")
+    root = out_dir.resolve()
+    target = (root / relpath).resolve()
+    if target == root or root not in target.parents:
+        raise ValueError(f"output path {relpath!r} leaves the output folder {root}")
+    return target
+
+
+def write_atomic(target: Path, data: bytes) -> None:
+    """Write `data` to `target` so that the file is either complete or absent, even if we are killed.
+
+    A write that fails (no space left, a read-only or vanished folder) removes its partial file and raises
+    LocalFaultError naming the file and the cause: a fault of this machine, which stops the run resumably.
+    """
+    tmp = target.with_name(f".{target.stem}.part")
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        try:
+            view = memoryview(data)
+            while view:
+                written = os.write(fd, view)
+                view = view[written:]
+            # fsync per file: "done" in the store means the bytes are on disk, even after a power cut; the
+            # store's own commits are WAL/NORMAL, so at worst a done image is recorded again, never lost.
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, target)
+    except OSError as error:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise LocalFaultError("cannot write the image", str(target), error) from None
+
+
+def file_matches(path: Path, sha256: str) -> bool:
+    """True if `path` exists with exactly this content hash (an image already saved by an earlier run)."""
+    try:
+        with path.open("rb") as f:
+            return hashlib.file_digest(f, "sha256").hexdigest() == sha256
+    except OSError:
+        return False
+
+
+class LocalStorage(Storage):
+    """A job's outputs in the folder `root` (created on the first write)."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = Path(root).resolve()
+        self.location = str(self.root)
+
+    def path(self, rel: str) -> Path:
+        """The file `rel` stands for (ValueError if it would leave the folder)."""
+        return safe_target(self.root, rel)
+
+    def save_image(self, relpath_no_ext: str, data: bytes) -> tuple[str, ImageInfo]:
+        info = inspect_image(data)
+        rel = relpath_no_ext + info.extension
+        write_atomic(self.path(rel), data)
+        return rel, info
+
+    def has_image(self, rel: str, sha256: str, size: int | None = None) -> bool:
+        try:
+            path = self.path(rel)
+        except ValueError:
+            return False
+        return file_matches(path, sha256)
+
+    def read_bytes(self, rel: str) -> bytes | None:
+        try:
+            return self.path(rel).read_bytes()
+        except (OSError, ValueError):
+            return None
+
+    def exists(self, rel: str) -> bool:
+        try:
+            return self.path(rel).is_file()
+        except ValueError:
+            return False
+
+    def names_under(self, rel_dir: str) -> set[str]:
+        folder = self.root / rel_dir
+        try:
+            return {p.name for p in folder.iterdir() if p.is_file()}
+        except OSError:
+            return set()
+
+    def put_bytes(self, rel: str, data: bytes, content_type: str) -> None:
+        write_atomic(self.path(rel), data)
+
+    def move(self, rel: str, new_rel: str) -> bool:
+        source, target = self.path(rel), self.path(new_rel)
+        if not source.exists():
+            return False
+        try:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(source, target)
+        except OSError as error:
+            raise LocalFaultError("cannot move the image aside", str(source), error) from None
+        return True
+
+    def open_text(self, rel: str, *, newline: str | None = None) -> contextlib.AbstractContextManager[IO[str]]:
+        return atomic_text(self.path(rel), newline=newline)
+
+    def link(self, rel: str, expires_s: int) -> str:
+        return self.path(rel).as_uri()

@@ -1,0 +1,67 @@
+"""Which storage a job's outputs go to: `s3://bucket/prefix` is a bucket, anything else a local folder.
+
+`output.folder` in the manifest and `--out` on the command line take either. The chosen location, as one
+string, is what the store records for the job (an absolute folder, or the bucket URL), so `status`,
+`export` and `report` find the outputs where the run put them. The endpoint and region of a bucket are not
+secrets and are recorded too (`STORAGE_META`); credentials never are: they come from the AWS chain.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from batchgen.storage.base import Storage
+
+if TYPE_CHECKING:
+    from batchgen.store.sqlite import Store
+
+STORAGE_META = "output_storage"  # store meta key: {"endpoint_url": ..., "region": ...} of a bucket
+
+
+def is_bucket_url(value: str | Path | None) -> bool:
+    return isinstance(value, str) and value.startswith("s3://")
+
+
+def resolve_location(value: str | Path, base_dir: Path | None = None) -> str:
+    """A bucket URL as is (normalised), or a folder made absolute (relative to `base_dir`, else the cwd)."""
+    if is_bucket_url(value):
+        from batchgen.storage.s3 import SCHEME, parse_bucket_url
+
+        bucket, prefix = parse_bucket_url(str(value))
+        return SCHEME + bucket + (f"/{prefix}" if prefix else "")
+    path = Path(value)
+    if base_dir is not None and not path.is_absolute():
+        path = base_dir / path
+    return str(path.resolve())
+
+
+def open_storage(location: str, *, endpoint_url: str | None = None, region: str | None = None,
+                 create_bucket: bool = True, time_scale: float = 1.0, patience_s: float | None = None) -> Storage:
+    """The storage for `location` (from `resolve_location`). A bucket is checked (created if missing);
+    `time_scale` shrinks its retry waits like the run's other client-side waits, and `patience_s` (the
+    run's patience) bounds how long one call waits out throttling before the run stops resumably."""
+    if is_bucket_url(location):
+        from batchgen.storage.s3 import RetryPolicy, S3Storage
+
+        return S3Storage(location, endpoint_url=endpoint_url, region=region, create_bucket=create_bucket,
+                         retry=RetryPolicy().scaled(time_scale, patience_s))
+    from batchgen.storage.local import LocalStorage
+
+    return LocalStorage(Path(location))
+
+
+def storage_for_job(store: Store, location: str | None = None) -> Storage:
+    """The storage of the job in `store`: its recorded location (or `location`), with the recorded
+    endpoint and region of a bucket. Used by export, provenance and report after the run."""
+    job = store.job_record() or {}
+    where = location or job.get("output_dir") or str(store.path.parent)
+    settings = json.loads(store.get_meta(STORAGE_META) or "{}")
+    return open_storage(where, endpoint_url=settings.get("endpoint_url"), region=settings.get("region"),
+                        create_bucket=False)
+
+
+def record_storage(store: Store, endpoint_url: str | None, region: str | None) -> None:
+    """Remember a bucket's endpoint and region for the commands that read the job later."""
+    store.set_meta(STORAGE_META, json.dumps({"endpoint_url": endpoint_url, "region": region}))
