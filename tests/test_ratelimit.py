@@ -154,7 +154,7 @@ async def test_polls_go_first_but_submissions_keep_a_share(clock: FakeClock) -> 
 
 
 async def test_a_poll_waits_its_grace_then_goes_before_queued_submissions(clock: FakeClock) -> None:
-    limiter = quiet(Rate(10, 1), burst=1)  # poll_grace_s 0.5
+    limiter = quiet(Rate(10, 1), burst=1, poll_grace_s=0.5)
     await limiter.acquire(SUBMIT)
     waiters = Waiters(limiter, clock)
     waiters.start(20, SUBMIT)
@@ -170,6 +170,21 @@ async def test_a_poll_waits_its_grace_then_goes_before_queued_submissions(clock:
     # the 16 submissions still queued before it: the sixth call after it arrived at the latest.
     assert POLL in waiters.lanes
     assert 3 + 4 <= waiters.lanes.index(POLL) <= 3 + 6, waiters.lanes
+    waiters.cancel()
+
+
+async def test_the_default_grace_is_the_time_of_a_full_batch_of_calls(clock: FakeClock) -> None:
+    """At 10 calls/s a poll waits its place for 5 s (50 calls: the next batch poll fills meanwhile)."""
+    limiter = quiet(Rate(10, 1), burst=1)
+    await limiter.acquire(SUBMIT)
+    waiters = Waiters(limiter, clock)
+    waiters.start(80, SUBMIT)
+    await settle()
+    waiters.start(1, POLL)
+    await settle()
+    for _ in range(70):
+        await clock.advance(0.1, rounds=40)
+    assert 48 <= waiters.lanes.index(POLL) <= 52, waiters.lanes.index(POLL)
     waiters.cancel()
 
 
@@ -203,7 +218,7 @@ def test_unknown_lane_is_refused() -> None:
 
 
 async def test_a_429_pauses_every_call_until_retry_after_plus_positive_jitter(clock: FakeClock) -> None:
-    limiter = quiet(Rate(10, 1))
+    limiter = quiet(Rate(10, 1), poll_grace_s=0.5)
     limiter.penalize(3.0)
     pause = limiter.pause_remaining_s()
     assert 3.0 <= pause <= 3.3  # never earlier than the server asked, at most 10% later

@@ -57,10 +57,10 @@ async def test_server_limit_below_the_configured_rate_gets_few_429s(
     events = json_events(capsys.readouterr().out)
     summary = events[-1]
     assert summary["throttles"] == stats["rate_limited"]
-    # It found the server's limit: what it learned, and where it ended, are about 20/s, not 60/s (the first
-    # estimate, from the first second, may come out low; a run this short may end before it is corrected).
+    # It found the server's limit: what it learned is about 20/s, not 60/s (the first estimate, from the
+    # first second, may come out low; a run this short may end before it is corrected). Where the rate
+    # ended says little: in the last seconds only a few polls go out and the probe climbs freely.
     assert summary["learned_limit"] is not None and 8 <= summary["learned_limit"] <= 26, summary
-    assert summary["effective_rate"] <= 26
     rates = [e for e in events if e["event"] == "rate"]
     assert rates and rates[0]["configured_rate"] == 60
 
@@ -69,18 +69,19 @@ async def test_polls_are_not_starved_by_queued_submissions(
     tmp_path: Path, emulator_factory: EmulatorFactory, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """Every submission is queued at the limiter from the start (concurrency = the job); tasks take
-    about 0.3 s. With first-come-first-served pacing the first poll would wait behind all 120 queued
-    submissions; with the poll lane, tasks are collected while submissions are still going out."""
+    about 0.3 s. With first-come-first-served pacing the first poll would wait behind all 200 queued
+    submissions; with the poll lane, a poll waits at most its grace (the time of 50 calls: 1.25 s at
+    40/s), so tasks are collected while submissions are still going out."""
     emu = await emulator_factory(latency_s=30.0)  # x 0.01 time scale: done 0.3 s after submission
-    manifest = write_job(tmp_path, prompts(120), run={"rate": "40/s", "concurrency": 120, "max_wait": "60m"})
+    manifest = write_job(tmp_path, prompts(200), run={"rate": "40/s", "concurrency": 200, "max_wait": "60m"})
     assert await run(manifest, emu.base_url) == 0
     events = json_events(capsys.readouterr().out)
     kinds = [e["event"] for e in events]
     last_submit = max(i for i, kind in enumerate(kinds) if kind == "submitted")
     completed_before = kinds[:last_submit].count("completed")
-    # Submissions take about 3 s at 40/s; all but the last second's are done before the last one leaves.
-    assert completed_before >= 60, completed_before
-    assert check_outputs(manifest)["states"] == {"done": 120}
+    # Submissions take about 5 s at 40/s; all but the last two seconds' are done before the last leaves.
+    assert completed_before >= 100, completed_before
+    assert check_outputs(manifest)["states"] == {"done": 200}
 
 
 async def test_status_json_records_the_rate_per_run(tmp_path: Path, emulator_factory: EmulatorFactory) -> None:
