@@ -28,9 +28,11 @@ async def test_busiest_second_stays_within_the_rate_plus_the_small_burst(
     manifest = write_job(tmp_path, prompts(90), run={"rate": "30/s", "concurrency": 90, "max_wait": "60m"})
     assert await run(manifest, emu.base_url) == 0
     stats = emu.stats()
-    # 30/s paces a call every 33 ms with a burst of 3 (a tenth of a second's worth); the emulator counts
-    # arrivals, which the network may bunch by a call or so.
-    assert stats["max_requests_in_1s"] <= 30 + 3 + 1, stats["max_requests_in_1s"]
+    # 30/s paces a call every 33 ms with a burst of 3 (a tenth of a second's worth): at most 33 leave in any
+    # one second (tests/test_ratelimit.py proves it on the loop's clock). The emulator counts arrivals,
+    # which a busy machine may bunch: allow a tenth of a second of that. (The old limiter's burst was a
+    # whole second's worth: 60.)
+    assert stats["max_requests_in_1s"] <= 30 + 3 + 3, stats["max_requests_in_1s"]
     assert stats["rate_limited"] == 0
     assert check_outputs(manifest)["states"] == {"done": 90}
     summary = json_events(capsys.readouterr().out)[-1]

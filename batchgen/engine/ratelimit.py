@@ -178,7 +178,7 @@ class AdaptiveLimiter:
         # Per lane: (loop time it arrived, its future), in arrival order.
         self._queues: dict[Lane, deque[tuple[float, asyncio.Future[None]]]] = {POLL: deque(), SUBMIT: deque()}
         self._polls_in_row = 0
-        self.throttles = 0  #: how many 429s were reported (every one, even those inside a cool-down)
+        self._throttles = 0
 
     # --- what callers read ------------------------------------------------------------------------
 
@@ -206,6 +206,11 @@ class AdaptiveLimiter:
     def learned_limit(self) -> float | None:
         """The rate at which the server last answered 429 (calls per second), or None before any 429."""
         return self._learned
+
+    @property
+    def throttles(self) -> int:
+        """How many 429s were reported (every one, even those inside a cool-down)."""
+        return self._throttles
 
     @property
     def burst(self) -> float:
@@ -320,7 +325,7 @@ class AdaptiveLimiter:
         """A 429: one shared cool-down for every call; then, once per congestion event, a cut."""
         loop = asyncio.get_running_loop()
         now = loop.time()
-        self.throttles += 1
+        self._throttles += 1
         self._forget_before(now)
         self._throttle_times.append(now)
         pause_s = self._default_pause_s if retry_after_s is None else max(0.0, retry_after_s)
