@@ -24,6 +24,7 @@ from batchgen.errors import BatchgenError, ConfigError, ManifestError
 F = TypeVar("F", bound=Callable[..., Any])
 
 API_KEY_ENV = "EVOLINK_API_KEY"
+API_KEYS_ENV = "EVOLINK_API_KEYS"
 API_BASE_ENV = "EVOLINK_API_BASE"
 FILES_BASE_ENV = "EVOLINK_FILES_BASE"
 TRACEBACK_ENV = "BATCHGEN_TRACEBACK"
@@ -188,14 +189,17 @@ def validate(manifest: str, as_json: bool) -> None:
 @click.option("--emulator-seed", type=int, help="With --emulator: seed for its random choices.")
 @click.option("--emulator-scenario", type=click.Path(dir_okay=False, exists=True),
               help="With --emulator: fault-injection scenario YAML.")
+@click.option("--keys-file", type=click.Path(dir_okay=False),
+              help="Several API keys, one a line (optional label=NAME rate=N/s after each); see docs/keys.md.")
 @_guarded
 def run(manifest: str, db: str | None, job: str | None, out: str | None, emulator: bool, api_base: str | None,
         files_base: str | None, rate: str | None, concurrency: int | None, max_credits: float | None,
         max_runtime: str | None, patience: str | None, json_events: bool, time_scale: float | None,
-        emulator_seed: int | None, emulator_scenario: str | None) -> None:
+        emulator_seed: int | None, emulator_scenario: str | None, keys_file: str | None) -> None:
     """Run a job to completion; running the same command again resumes it.
 
-    The API key comes from EVOLINK_API_KEY (not needed with --emulator). New rows added to the
+    The API key comes from EVOLINK_API_KEY (not needed with --emulator); several keys from
+    EVOLINK_API_KEYS (comma-separated) or --keys-file, with --rate the rate of each key. New rows added to the
     manifest since the last run are picked up; finished requests are never generated again.
 
     \b
@@ -215,8 +219,10 @@ def run(manifest: str, db: str | None, job: str | None, out: str | None, emulato
     except ValueError as error:
         raise ConfigError(str(error)) from None
     api_key = os.environ.get(API_KEY_ENV) or None
-    if not emulator and not api_key:
-        raise ConfigError(f"no API key: set {API_KEY_ENV}, or pass --emulator to run on the built-in emulator")
+    api_keys = os.environ.get(API_KEYS_ENV) or None
+    if not emulator and not api_key and not api_keys and not keys_file:
+        raise ConfigError(f"no API key: set {API_KEY_ENV} (several: {API_KEYS_ENV} or --keys-file), or pass "
+                          "--emulator to run on the built-in emulator")
     from batchgen.store.scrub import is_database_url
 
     _check_db(db)
@@ -229,6 +235,8 @@ def run(manifest: str, db: str | None, job: str | None, out: str | None, emulato
         api_base=api_base,
         files_base=files_base,
         api_key=api_key,
+        api_keys=api_keys,
+        keys_file=Path(keys_file) if keys_file else None,
         rate=rate,
         concurrency=concurrency,
         max_credits=max_credits,

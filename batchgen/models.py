@@ -283,6 +283,10 @@ class RunOptions(BaseModel):
     files_base: str | None = None
     # Read from EVOLINK_API_KEY by the CLI; never stored, logged or printed.
     api_key: str | None = Field(default=None, repr=False)
+    # Several keys (issue 15): EVOLINK_API_KEYS (comma-separated) or --keys-file; the first given of
+    # keys_file, api_keys, api_key is used. Never stored, logged or printed (only fingerprints are).
+    api_keys: str | None = Field(default=None, repr=False)
+    keys_file: Path | None = None
     rate: str | None = None
     concurrency: int | None = None
     max_credits: float | None = None

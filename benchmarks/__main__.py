@@ -29,6 +29,7 @@ SCENARIOS: dict[str, str] = {
     "resume": "benchmarks.bench_resume",
     "shared": "benchmarks.bench_shared",
     "ratecontrol": "benchmarks.bench_ratecontrol",
+    "keys": "benchmarks.bench_keys",
     "emulator": "",  # benchmarks/bench_emulator.py, the emulator's own benchmark, as one more row
 }
 

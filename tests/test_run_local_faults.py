@@ -33,7 +33,7 @@ class SmallDisk:
         self.filler = path / ".filler"
 
     def fill(self) -> None:
-        with self.filler.open("ab") as f:
+        with self.filler.open("ab", buffering=0) as f:  # unbuffered: closing must not flush into a full disk
             with contextlib.suppress(OSError):
                 while True:
                     f.write(b"\0" * 65536)

@@ -108,7 +108,7 @@ async def test_progress_line_and_json_rate_events_show_the_controller() -> None:
     limiter.penalize(0.0)
     assert "API 5/s of 10/s, 1 x 429" in plain.line()  # nothing accepted yet to measure: halved
     events = Progress("json", Counters(), out=out, err=err, limiter=limiter)
-    assert events.tick_interval_s() <= 1.0
+    assert events.tick_interval_s() <= 1.0  # events are flushed every 0.5 s; rate events at most once a second
     events.tick()
     events.tick()  # unchanged: said once
     rate_events = [e for e in json_events(out.getvalue()) if e["event"] == "rate"]

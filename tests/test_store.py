@@ -230,7 +230,7 @@ def test_upgrade_to_m005_keeps_images_as_not_checked(tmp_path: Path) -> None:
     db.conn.commit()
     db.close()
     with Store(path) as store:
-        assert store.applied_migrations()[-1] == "m005_reviews"
+        assert "m005_reviews" in store.applied_migrations()  # later ones (m006) apply too
         (img,) = store.images_for("k1")
         assert img.check_status is None and img.check_reasons is None
         assert store.decide("k1", 1, "ab", "reject", " blurry ").reason == "blurry"

@@ -140,6 +140,8 @@ async def create_task(request: web.Request) -> web.Response:
                          f"the balance is {state.accounts.balance(key).remaining:g}.")
     task = state.tasks.create(key, generation, request[NOW], idempotency_key=idem, forced=forced,
                               refs_ok=_references_ok(request, generation))
+    state.stats.account_tasks[state.accounts.account_id(key)] += 1
+    state.accounts.task_created(key)
     if idem is not None:
         state.idempotency[(key, idem)] = IdempotentSubmit(body_hash, task.id)
     if drop_after:
@@ -152,8 +154,9 @@ _REFERENCE_MIME_TYPES = frozenset(f"image/{fmt.lower()}" for fmt in catalog.REFE
 
 def _references_ok(request: web.Request, generation: GenerationRequest) -> bool:
     """False when an image reference cannot be used: not a URL; an emulator file URL (an upload or a
-    result) that expired, was deleted or never existed; or an upload the reference does not allow as an
-    input image (GIF, over 4 MB). Other hosts' URLs are trusted unchecked."""
+    result) that expired, was deleted or never existed; an upload of another account (files belong to the
+    account that uploaded them); or an upload the reference does not allow as an input image (GIF, over
+    4 MB). Other hosts' URLs are trusted unchecked."""
     state = request.app[STATE]
     now = request[NOW]
     refs = [*generation.image_urls, *([generation.mask_url] if generation.mask_url else [])]
@@ -165,6 +168,9 @@ def _references_ok(request: web.Request, generation: GenerationRequest) -> bool:
             tail = parts.path[len(FILES_PREFIX):]
             upload = state.files.lookup(tail, now)
             if upload is not None:
+                if upload.key != request[KEY]:
+                    state.stats.cross_account_references += 1
+                    return False
                 too_big = len(upload.data) > catalog.MAX_REFERENCE_IMAGE_BYTES
                 if upload.mime_type not in _REFERENCE_MIME_TYPES or too_big:
                     return False
@@ -184,6 +190,7 @@ async def get_task(request: web.Request) -> web.Response:
         return api_error(400, "invalid_task_id", f"Invalid task id: {task_id[:100]}", param="task_id")
     task = state.tasks.get(task_id, request[KEY])
     if task is None:
+        state.stats.tasks_not_found += 1
         return api_error(404, "task_not_found", "Task not found.")
     if drop_after:
         return drop(request)
@@ -218,6 +225,8 @@ async def get_tasks(request: web.Request) -> web.Response:
         task = state.tasks.get(task_id, key)
         if task is not None:
             data.append(state.tasks.view(task, now, base))
+        else:
+            state.stats.tasks_not_found += 1
     if drop_after:
         return drop(request)
     return json_response({"data": data})

@@ -43,10 +43,13 @@ def _admit(request: web.Request, state: EmulatorState, files: bool) -> web.Respo
     key = state.accounts.authenticate(request.headers.get("Authorization"))
     if key is None:
         return _refuse(state, 401, files, 401, "Invalid API key. Send Authorization: Bearer <key>.")
+    account = state.accounts.account_id(key)
+    state.stats.account_request(account)
     if state.limiter is not None:
         wait_s = state.limiter.check(key)
         if wait_s is not None:
             state.stats.rate_limited += 1
+            state.stats.account_rate_limited[account] += 1
             return _refuse(state, 429, files, 429, "Rate limit exceeded. Retry after the Retry-After delay.",
                            # Real seconds (the limit is on real time), fractional unless the scale is 1.
                            retry_after=state.clock.report_s(wait_s))

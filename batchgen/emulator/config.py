@@ -18,6 +18,19 @@ from batchgen.emulator.faults import FaultRule, Faults
 from batchgen.errors import ConfigError
 
 
+class AccountConfig(BaseModel):
+    """One key as its own account (issue 15): its own rate limit, balance and, for tests, a revocation."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    api_key: str = Field(min_length=1, description="the Bearer key of this account")
+    rate_limit: float | None = Field(default=None, gt=0, description="requests/s of this key (real time); "
+                                     "None: the emulator's rate_limit")
+    credits: float | None = Field(default=None, ge=0, description="starting balance; None: initial_credits")
+    revoke_after_submits: int | None = Field(default=None, ge=0, description="revoke the key (401 on every "
+                                             "call from then on) once it has created this many tasks")
+
+
 class EmulatorConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -50,6 +63,8 @@ class EmulatorConfig(BaseModel):
     max_request_bytes: int = Field(default=1024 * 1024, ge=1024, description="largest JSON body on API routes")
     files_errors_as_200: bool = Field(default=False, description="send Files API failures as HTTP 200 with "
                                       "success=false (the contract's second variant)")
+    accounts: list[AccountConfig] = Field(default_factory=list, description="keys with their own rate limit, "
+                                          "balance or revocation (also accepted when api_keys is set)")
     faults: Faults = Field(default_factory=Faults)
     rules: list[FaultRule] = Field(default_factory=list)
 

@@ -68,6 +68,13 @@ async def set_credits(request: web.Request) -> web.Response:
     return json_response({"ok": True})
 
 
+async def revoke(request: web.Request) -> web.Response:
+    """Revoke a key: `{"api_key": "..."}`; every call with it is 401 from now on."""
+    body = await _body(request)
+    request.app[STATE].accounts.revoke(str(body["api_key"]))
+    return json_response({"ok": True})
+
+
 async def file(request: web.Request) -> web.Response:
     """A result image or an uploaded file; 404 once expired or deleted."""
     state = request.app[STATE]
@@ -96,4 +103,5 @@ def add_routes(app: web.Application) -> None:
     app.router.add_get("/_emulator/uploads", uploads)
     app.router.add_post("/_emulator/advance", advance)
     app.router.add_post("/_emulator/credits", set_credits)
+    app.router.add_post("/_emulator/revoke", revoke)
     app.router.add_get("/_emulator/files/{tail:.+}", file)

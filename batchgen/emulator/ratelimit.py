@@ -11,7 +11,8 @@ rate. Two shapes of limit, both with the same `check(key)`:
   burst of its own no larger than the server's never sees a 429; a client that starts with a second's
   worth of requests at once does.
 
-Rejected requests use up neither, so a client that backs off gets through.
+Rejected requests use up neither, so a client that backs off gets through. Each key has its own window or
+bucket; `PerKeyLimiter` gives a key its own rate (the scenario's `accounts`, issue 15) over the shared one.
 """
 
 from __future__ import annotations
@@ -19,6 +20,8 @@ from __future__ import annotations
 import math
 import time
 from collections import deque
+from collections.abc import Mapping
+from typing import Protocol
 
 
 class SlidingWindowLimiter:
@@ -59,6 +62,22 @@ class TokenBucketLimiter:
             return None
         self._buckets[key] = (tokens, now)
         return max(0.001, (1.0 - tokens) / self.rate)
+
+
+class Limiter(Protocol):
+    def check(self, key: str, now: float | None = None) -> float | None: ...
+
+
+class PerKeyLimiter:
+    """Keys with their own limiter (an account's own rate), the rest under the shared one (None: unlimited)."""
+
+    def __init__(self, shared: Limiter | None, own: Mapping[str, Limiter]) -> None:
+        self.shared = shared
+        self.own = dict(own)
+
+    def check(self, key: str, now: float | None = None) -> float | None:
+        limiter = self.own.get(key, self.shared)
+        return None if limiter is None else limiter.check(key, now)
 
 
 class RateMeter:

@@ -85,6 +85,10 @@ class Emulator:
     def set_credits(self, api_key: str, remaining: float) -> None:
         self.state.accounts.set_credits(api_key, remaining)
 
+    def revoke(self, api_key: str) -> None:
+        """Every call with this key is 401 from now on."""
+        self.state.accounts.revoke(api_key)
+
 
 def serve_forever(config: EmulatorConfig, host: str = "127.0.0.1", port: int = 8765) -> None:
     """Serve until Ctrl-C or SIGTERM; first print and flush exactly one line with the base URL."""

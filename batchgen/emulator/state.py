@@ -16,7 +16,7 @@ from batchgen.emulator.clock import Clock
 from batchgen.emulator.config import EmulatorConfig
 from batchgen.emulator.faults import FaultInjector
 from batchgen.emulator.files import FileStore
-from batchgen.emulator.ratelimit import SlidingWindowLimiter, TokenBucketLimiter
+from batchgen.emulator.ratelimit import Limiter, PerKeyLimiter, SlidingWindowLimiter, TokenBucketLimiter
 from batchgen.emulator.stats import Stats
 from batchgen.emulator.tasks import TaskBook
 
@@ -36,7 +36,7 @@ class EmulatorState:
     tasks: TaskBook = field(init=False)
     files: FileStore = field(init=False)
     faults: FaultInjector = field(init=False)
-    limiter: SlidingWindowLimiter | TokenBucketLimiter | None = field(init=False)
+    limiter: Limiter | None = field(init=False)
     # (api key, Idempotency-Key) → the submit it first answered.
     idempotency: dict[tuple[str, str], IdempotentSubmit] = field(default_factory=dict)
 
@@ -44,16 +44,16 @@ class EmulatorState:
         config = self.config
         self.clock = Clock(config.time_scale)
         self.stats = Stats()
-        self.accounts = Accounts(config.api_keys, config.initial_credits)
+        self.accounts = Accounts(config.api_keys, config.initial_credits, config.accounts)
         self.tasks = TaskBook(config, self.clock, self.accounts, self.stats)
         self.files = FileStore(config, self.clock, self.accounts, self.stats)
         seed = None if config.seed is None else f"faults|{config.seed}"
         self.faults = FaultInjector(config.faults, config.rules, random.Random(seed))
-        self.limiter = None
-        if config.rate_limit and config.rate_limit_burst:
-            self.limiter = TokenBucketLimiter(config.rate_limit, config.rate_limit_burst)
-        elif config.rate_limit:
-            self.limiter = SlidingWindowLimiter(config.rate_limit)
+        self.limiter = _limiter(config.rate_limit, config.rate_limit_burst)
+        own = {a.api_key: _limiter(a.rate_limit, config.rate_limit_burst) for a in config.accounts
+               if a.rate_limit is not None}
+        if own:  # accounts with their own rate (issue 15); the same shape of limit as the shared one
+            self.limiter = PerKeyLimiter(self.limiter, {k: v for k, v in own.items() if v is not None})
 
     def snapshot(self) -> dict[str, Any]:
         """The stats endpoint's body."""
@@ -66,3 +66,9 @@ class EmulatorState:
             "rate_limit": self.config.rate_limit,
             "rate_limit_burst": self.config.rate_limit_burst,
         })
+
+
+def _limiter(rate: float | None, burst: int | None) -> SlidingWindowLimiter | TokenBucketLimiter | None:
+    if rate and burst:
+        return TokenBucketLimiter(rate, burst)
+    return SlidingWindowLimiter(rate) if rate else None

@@ -23,6 +23,11 @@ class Stats:
         self.timeline: defaultdict[int, list[int]] = defaultdict(lambda: [0, 0, 0])
         self.requests: defaultdict[str, Counter[str]] = defaultdict(Counter)
         self.api_meter = RateMeter()
+        # Per account id (never the key): API calls seen after authentication, and their one-second peak.
+        self.account_meters: dict[str, RateMeter] = {}
+        self.account_requests: Counter[str] = Counter()
+        self.account_rate_limited: Counter[str] = Counter()
+        self.account_tasks: Counter[str] = Counter()
         self.api_requests = 0
         self.tasks_created = 0
         self.tasks_completed = 0
@@ -42,6 +47,8 @@ class Stats:
         self.uploads = 0
         self.uploads_by_sha256: Counter[str] = Counter()
         self.files_deleted = 0
+        self.tasks_not_found = 0  # polls (single or in a batch) of ids this key does not own or nobody does
+        self.cross_account_references = 0  # submits referencing another account's upload (refused)
 
     def request(self, route: str, status: str) -> None:
         self.requests[route][status] += 1
@@ -49,6 +56,13 @@ class Stats:
     def api_request(self) -> None:
         self.api_requests += 1
         self.api_meter.hit()
+
+    def account_request(self, account: str) -> None:
+        self.account_requests[account] += 1
+        meter = self.account_meters.get(account)
+        if meter is None:
+            meter = self.account_meters[account] = RateMeter()
+        meter.hit()
 
     def api_answered(self, status: int, submit: bool) -> None:
         """One API answer on the timeline: 429s apart from the rest, accepted submissions also counted."""
@@ -90,6 +104,13 @@ class Stats:
             "uploads": self.uploads,
             "uploads_by_sha256": dict(self.uploads_by_sha256),
             "files_deleted": self.files_deleted,
+            "tasks_not_found": self.tasks_not_found,
+            "cross_account_references": self.cross_account_references,
+            "accounts": {acct: {"api_requests": self.account_requests[acct],
+                                "max_requests_in_1s": meter.peak,
+                                "rate_limited": self.account_rate_limited[acct],
+                                "tasks_created": self.account_tasks[acct]}
+                         for acct, meter in sorted(self.account_meters.items())},
             "timeline_bin_s": TIMELINE_BIN_S,
             "timeline": [[b, *row] for b, row in sorted(self.timeline.items())],
             **(extra or {}),

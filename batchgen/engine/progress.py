@@ -33,7 +33,7 @@ TTY_REDRAW_S = 0.25
 PLAIN_EVERY_S = 15.0
 JSON_RATE_EVERY_S = 1.0
 # Events worth a line even when not in --json mode.
-_NOTABLE = frozenset({"stopping", "warning", "preflight", "review_requeued", "runners"})
+_NOTABLE = frozenset({"stopping", "warning", "preflight", "review_requeued", "runners", "key_failed"})
 # --json: events are written as they happen and flushed at least this often, and at once for these.
 JSON_FLUSH_S = 0.5
 JSON_MAX_PENDING = 2000

@@ -3,7 +3,9 @@
 `run_job` opens the store and takes its lock (a second run on the same database exits 3 naming the
 holder), syncs the manifest into it (bad input raises ManifestError before anything is sent: exit 2), then
 runs the scheduler in a fresh event loop against the real API or the built-in emulator, with signal
-handlers that only set a flag. It owns the policy around the run: the settings (CLI flag over manifest over
+handlers that only set a flag. The run's keys (one from EVOLINK_API_KEY, or several from EVOLINK_API_KEYS or
+--keys-file) become a `KeyPool` (keypool.py): a client, limiter, balance check and uploader per key. It
+owns the policy around the run: the settings (CLI flag over manifest over
 default), the credit preflight, the runtime limit's deadlines, the exit code and the summary.
 
 Exit codes: 0 every request done; 1 finished but some failed for good; 2 bad input (raised, mapped by the
@@ -29,6 +31,8 @@ from typing import Any
 
 from batchgen import catalog
 from batchgen.engine import shares
+from batchgen.engine.keyfile import KeySource, load_keys
+from batchgen.engine.keypool import KeyPool, KeyState
 from batchgen.engine.progress import Progress
 from batchgen.engine.rejects import requeue_rejected
 from batchgen.engine.scheduler import Scheduler, SchedulerConfig, StopReason
@@ -61,6 +65,8 @@ async def run_job_async(manifest_path: Path, options: RunOptions) -> int:
     """`run_job` inside a running loop (tests run it next to an in-process emulator)."""
     from batchgen.manifest.load import open_manifest
 
+    # Keys first: a bad keys file is exit 2 before anything is opened or changed.
+    source = load_keys(options.keys_file, options.api_keys, None if options.emulator else options.api_key)
     manifest = open_manifest(Path(manifest_path))
     job = manifest.job
     db_path = Path(options.db_path) if options.db_path else job.default_db_path()
@@ -90,7 +96,7 @@ async def run_job_async(manifest_path: Path, options: RunOptions) -> int:
         try:
             if out.startswith("s3://"):
                 record_storage(store, job.output.endpoint_url, job.output.region)
-            return await _run(store, job, options, storage, sync.added, sync.removed, notes)
+            return await _run(store, job, options, storage, sync.added, sync.removed, notes, source)
         finally:
             await asyncio.to_thread(storage.close)
 
@@ -126,7 +132,7 @@ def effective_settings(job: JobSpec, options: RunOptions) -> RunSettings:
 
 
 async def _run(store: Store, job: JobSpec, options: RunOptions, storage: Storage, added: int, removed: int,
-               notes: list[str] | None = None) -> int:
+               notes: list[str] | None = None, source: KeySource | None = None) -> int:
     settings = effective_settings(job, options)
     try:
         rate = parse_rate(settings.rate)
@@ -141,29 +147,34 @@ async def _run(store: Store, job: JobSpec, options: RunOptions, storage: Storage
             emu = await stack.enter_async_context(Emulator(EmulatorConfig.from_options(
                 time_scale=options.time_scale, seed=options.emulator_seed, scenario_path=options.emulator_scenario)))
             api_base = files_base = emu.base_url
-            api_key = EMULATOR_KEY
+            if source is None:  # --emulator takes any key; a keys file or EVOLINK_API_KEYS tries a pool on it
+                from batchgen.engine.keyfile import KeySpec
+
+                source = KeySource([KeySpec(EMULATOR_KEY)], [], "emulator")
         else:
             api_base = options.api_base or DEFAULT_API_BASE
             files_base = options.files_base or DEFAULT_FILES_BASE
-            if not options.api_key:
-                raise ConfigError("no API key: set EVOLINK_API_KEY, or pass --emulator")
-            api_key = options.api_key
-        from batchgen.api.client import EvolinkClient
-        from batchgen.engine.ratelimit import AdaptiveLimiter
-
-        # A due poll waits at most one poll interval to fill its batch: a finished task is seen within it.
-        limiter: Any = AdaptiveLimiter(rate, poll_grace_max_s=catalog.POLL_INTERVAL_S[0] * options.time_scale)
-        if store.shared:  # one budget for every runner of the job: this runner takes its share
-            limiter = shares.ShareLimiter(limiter, rate.per_second, len(store.live_runners()))
-            shares.apply_share(limiter, rate.per_second, limiter.runners)
-        client = await stack.enter_async_context(EvolinkClient(api_base, files_base, api_key, limiter=limiter))
-        return await _drive(store, job, settings, options, storage, client, max_wait_s, added, removed, notes or [])
+            if source is None:
+                raise ConfigError("no API key: set EVOLINK_API_KEY (or EVOLINK_API_KEYS, or --keys-file), or pass "
+                                  "--emulator")
+        # One client and one rate controller per key; --rate / run.rate is each key's unless the file says. A
+        # due poll waits at most one poll interval to fill its batch: a finished task is seen within it.
+        pool = await KeyPool.open(stack, source.keys, api_base, files_base, rate,
+                                  poll_grace_max_s=catalog.POLL_INTERVAL_S[0] * options.time_scale)
+        if store.shared:  # one budget per key for every runner of the job: this runner takes its share
+            runners = len(store.live_runners())
+            for key in pool.keys:
+                shares.apply_share(key.limiter, (key.spec.rate or rate).per_second, runners)
+        return await _drive(store, job, settings, options, storage, pool, max_wait_s, added, removed, notes or [],
+                            source.warnings)
     raise AssertionError("unreachable")  # pragma: no cover
 
 
 async def _drive(store: Store, job: JobSpec, settings: RunSettings, options: RunOptions, storage: Storage,
-                 client: Any, max_wait_s: float, added: int, removed: int, notes: list[str]) -> int:
+                 pool: KeyPool, max_wait_s: float, added: int, removed: int, notes: list[str],
+                 warnings: list[str] | None = None) -> int:
     loop = asyncio.get_running_loop()
+    client = pool.keys[0].client  # downloads (no key is sent) and the one-key paths
     start = loop.time()
     submit_deadline = hard_deadline = None
     if options.max_runtime_s is not None:
@@ -189,11 +200,18 @@ async def _drive(store: Store, job: JobSpec, settings: RunSettings, options: Run
             "emulator_restarted", "the previous run's emulator is gone; resubmitted to this run's emulator")
     else:
         released = 0
-    uploader = Uploader(store, client, options.time_scale)
+    for key in pool.keys:
+        # Each key uploads its own files (files belong to an account); one key also owns pre-issue-15 uploads.
+        key.uploader = Uploader(store, key.client, options.time_scale, key_fp=key.fingerprint, legacy=pool.single)
+        store.record_key(key.fingerprint, key.label, KeyState.ACTIVE.value)
+    uploader = pool.keys[0].uploader
     scheduler = Scheduler(store, client, cfg, emit=lambda k, f: progress.event(k, f) if progress else None,
-                          prepare_body=uploader.prepare_body, reference_failed=uploader.reference_failed)
-    limiter = getattr(client, "limiter", None)  # the rate controller, shown while it runs and in the summary
+                          prepare_body=uploader.prepare_body, reference_failed=uploader.reference_failed, pool=pool)
+    # The rate controller, shown while it runs and in the summary; several keys have one each (in "keys").
+    limiter = pool.keys[0].limiter if pool.single else None
     progress = Progress.for_stream(options.json_events, scheduler.counters, limiter)
+    for warning in warnings or []:
+        progress.event("warning", {"message": warning})
     run_id = store.start_run()
     if added or removed:
         progress.event("synced", {"added": added, "removed": removed,
@@ -227,10 +245,13 @@ async def _drive(store: Store, job: JobSpec, settings: RunSettings, options: Run
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, on_signal, sig)
     ticker = asyncio.ensure_future(_tick(progress))
-    sharer = asyncio.ensure_future(_share_budget(store, client.limiter, settings)) if store.shared else None
+    sharer = asyncio.ensure_future(_share_budget(store, pool, settings)) if store.shared else None
     reason, message = StopReason.FINISHED, "finished"
     try:
-        await _preflight(store, client, scheduler, progress)
+        if pool.single:
+            await _preflight(store, client, scheduler, progress)
+        else:
+            await _preflight_pool(store, pool, scheduler, progress)
         if scheduler.stop_state is not None:
             reason, message = scheduler.stop_state
         else:
@@ -245,6 +266,9 @@ async def _drive(store: Store, job: JobSpec, settings: RunSettings, options: Run
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.remove_signal_handler(sig)
     code, summary = _finish(store, scheduler, reason, message, loop.time() - start)
+    if not pool.single:
+        summary["keys"] = [{"key": k.name, "state": k.state.value, "submitted": k.submitted,
+                            "rate": k.limiter.snapshot()} for k in pool.keys]
     try:
         if limiter is not None:
             summary.update(limiter.snapshot())  # configured/effective rate, learned limit, 429s: kept per run
@@ -286,14 +310,16 @@ def _finish(store: Store, scheduler: Scheduler, reason: StopReason, message: str
     return code, summary
 
 
-async def _share_budget(store: Store, limiter: Any, settings: RunSettings) -> None:
-    """Every heartbeat: this runner's share of the key's budget follows the number of live runners."""
-    per_second = parse_rate(settings.rate).per_second
+async def _share_budget(store: Store, pool: KeyPool, settings: RunSettings) -> None:
+    """Every heartbeat: this runner's share of each key's budget follows the number of live runners."""
+    rate = parse_rate(settings.rate)
     interval = getattr(store, "lease_s", LEASE_S) / 3
     while True:
         await asyncio.sleep(interval)
         with contextlib.suppress(BatchgenError):  # the database away for a moment: keep the last share
-            shares.apply_share(limiter, per_second, len(store.live_runners()))
+            runners = len(store.live_runners())
+            for key in pool.keys:
+                shares.apply_share(key.limiter, (key.spec.rate or rate).per_second, runners)
 
 
 async def _tick(progress: Progress) -> None:
@@ -330,6 +356,46 @@ async def _preflight(store: Store, client: Any, scheduler: Scheduler, progress: 
     else:
         progress.event("preflight", {**fields, "message": f"balance {credits.remaining:g} credits, "
                                      f"this run needs about {estimate:g}"})
+
+
+async def _preflight_pool(store: Store, pool: KeyPool, scheduler: Scheduler, progress: Progress) -> None:
+    """Each key's balance (and that it works) before sending work; a refused key leaves the pool."""
+    if not store.has_pending():
+        return
+    estimate = store.pending_estimate()
+    for key in pool.keys:
+        try:
+            credits = await key.client.credits()
+        except ConnectError as error:
+            scheduler.halt(StopReason.UNREACHABLE, f"cannot reach the API ({error}); nothing was sent: check the "
+                           "network or --api-base and run again")
+            return
+        except ApiError as error:
+            if error.status in (401, 402):
+                state = KeyState.REVOKED if error.status == 401 else KeyState.OUT_OF_CREDITS
+                pool.fail(key, state, error.message)
+                store.record_key(key.fingerprint, key.label, state.value, error.message)
+                progress.event("key_failed", {"key": key.name, "state": state.value, "message": (
+                    f"key {key.name} was refused at the balance check ({error}); the run goes on without it")})
+            else:
+                progress.event("warning", {"message": f"could not check the balance of key {key.name}: {error}"})
+            continue
+        if credits is not None and credits.remaining is not None:
+            key.balance = credits.remaining
+            store.record_key(key.fingerprint, key.label, KeyState.ACTIVE.value, balance=credits.remaining)
+    if not pool.active:
+        scheduler.drain(StopReason.AUTH, "the API refused every key; fix the keys or their balances and run again")
+        return
+    known = [k.balance for k in pool.active if k.balance is not None]
+    total = sum(known)
+    fields = {"remaining": round(total, 4), "estimate": round(estimate, 4), "keys": len(pool.active)}
+    if len(known) == len(pool.active) and total < estimate:
+        progress.event("warning", {**fields, "message": (
+            f"the keys' balances ({total:g} credits together) cannot cover this run's estimate ({estimate:g} "
+            "credits); it will stop when they run out (resumable after a top-up)")})
+    else:
+        progress.event("preflight", {**fields, "message": f"{len(pool.active)} keys, balance {total:g} credits "
+                                     f"(where known), this run needs about {estimate:g}"})
 
 
 def _write_export(store: Store, storage: Storage, progress: Progress) -> None:

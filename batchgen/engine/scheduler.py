@@ -26,6 +26,14 @@ or fail it; failed *calls* (a poll, a download, a submit that got no answer) are
 not use up the request's attempts. 429s are the limiter's business (the client penalises it) and never
 fail a request.
 
+Several keys (keypool.py, issue 15): with a `KeyPool` each submission is assigned a key when it is claimed
+(its uploads are made with that key, its attempt row records the key's fingerprint), and everything after
+that — resends, polls (batched per key), result re-fetches — uses that key. A 401 or 402 takes the key out
+of the pool and the run goes on with the others: a submit refused that way was never created, so the request
+goes back to pending for another key without using up an attempt; a revoked key's tasks in flight cannot be
+polled and are left (open) for a later run; an out-of-credits key's are still polled. Only when no key is
+left does the run stop (exit 3). Tasks of keys this run does not have are left as they are, and named.
+
 Stopping: `drain()` (credit cap, runtime limit, content-policy pause) stops new submissions and lets the
 tasks in flight finish; `halt()` (signals, 401/402, the hard runtime limit) also stops polling and, after a
 short grace for calls already answered, cancels what is left. Store writes are synchronous and happen
@@ -50,12 +58,14 @@ from typing import TYPE_CHECKING, Any
 from batchgen import catalog
 from batchgen.engine import quality
 from batchgen.engine.health import CallHealth
+from batchgen.engine.keypool import KeyPool, KeyState, PooledKey
 from batchgen.engine.uploads import UploadWaitError
 from batchgen.errors import (
     CONTENT_POLICY_CODE,
     Action,
     ApiError,
     BatchgenError,
+    ConnectError,
     HttpError,
     LocalFaultError,
     decide,
@@ -114,6 +124,7 @@ class StopReason(enum.StrEnum):
     UNREACHABLE = "unreachable"  # every call refused or failing for longer than the patience
     LOCAL_FAULT = "local_fault"  # this machine: disk full, read-only or vanished folder, database unwritable
     STORAGE = "storage"  # the output bucket refused a write or stayed unreachable
+    KEY_MISSING = "key_missing"  # only tasks of keys this run does not have (or that were revoked) are left
 
 
 @dataclass
@@ -188,14 +199,19 @@ class _Tracked:
     result_urls: tuple[str, ...] = ()
     refetched: bool = False
     resumed: bool = False  # loaded from the store at start (not submitted by this run)
+    key: PooledKey | None = None  # with a key pool: the key it was sent with (polls and fetches use it)
+    unanswered: bool = False  # a send of it went unanswered (timeout, drop, 5xx): the task may exist
 
 
 class Scheduler:
     def __init__(self, store: BaseStore, client: EvolinkClient, config: SchedulerConfig, *,
                  emit: EventSink | None = None, prepare_body: BodyPreparer | None = None,
-                 reference_failed: ReferenceCheck | None = None, rng: random.Random | None = None) -> None:
+                 reference_failed: ReferenceCheck | None = None, rng: random.Random | None = None,
+                 pool: KeyPool | None = None) -> None:
         self.store = store
         self.client = client
+        self.pool = pool
+        self._keyless: list[tuple[str, str | None]] = []  # (request key, key name) of tasks no key here can poll
         self.cfg = config
         if config.storage is None and config.out_dir is None:
             raise ValueError("SchedulerConfig needs out_dir or storage")
@@ -291,6 +307,10 @@ class Scheduler:
         stop = self._halting or self._draining
         if stop is not None:
             return RunResult(stop[0], stop[1], c)
+        if self._keyless:
+            return RunResult(StopReason.KEY_MISSING, f"{len(self._keyless)} task(s) belong to keys this run does "
+                             f"not have or that were revoked ({_names(self._keyless)}); they stay open for a run "
+                             "with those keys", c)
         if c.left:
             return RunResult(StopReason.RUNTIME, f"{c.left} task(s) still running after the maximum wait; "
                              "their task ids are kept and the next run polls them", c)
@@ -379,6 +399,13 @@ class Scheduler:
                          reserved=att.credits_reserved or att.credits_estimated or 0.0,
                          task_id=att.task_id, since=now_loop, submitted_wall=att.submitted_at or now_wall,
                          submit_tries=att.submit_tries, result_urls=tuple(att.result_urls), resumed=True)
+            if self.pool is not None:
+                t.key = self.pool.get(att.key_fp)
+                if req.state != "completed" and (t.key is None or not t.key.can_poll):
+                    # Tasks and idempotency records belong to the key's account: no other key can look at
+                    # this task or safely send it again. Left open for a run that has the key.
+                    self._keyless.append((req.key, t.key.name if t.key else att.key_fp))
+                    continue
             if req.state == "completed":
                 if att.state == AttemptState.COMPLETED:
                     self._downloads.put_nowait(t)
@@ -391,6 +418,15 @@ class Scheduler:
             else:
                 self._push(self._poll_heap, now_loop, t)
         self.counters.in_flight = len(self._tracked)
+        if self._keyless:
+            self.emit("warning", {"tasks": len(self._keyless), "message": (
+                f"{len(self._keyless)} task(s) were sent with keys this run does not have "
+                f"({_names(self._keyless)}): they cannot be looked at with another key and are left for a run "
+                f"that has them (e.g. {', '.join(k for k, _ in self._keyless[:3])})")})
+
+    def _client_for(self, t: _Tracked) -> EvolinkClient:
+        """The client of the key that sent `t` (the run's client without a pool)."""
+        return t.key.client if t.key is not None else self.client
 
     def _push(self, heap: list[tuple[float, int, int]], due: float, t: _Tracked) -> None:
         heapq.heappush(heap, (due, next(self._seq), t.attempt_id))
@@ -483,6 +519,7 @@ class Scheduler:
         cap = self.cfg.max_credits
         c = self.counters
         pending_reserve = 0.0
+        keys: list[PooledKey | None] = []
         for req in rows:
             est = _estimate(req.model, req.n)
             if cap is not None and c.credits_reserved + c.credits_used + pending_reserve + est > cap + 1e-9:
@@ -490,18 +527,31 @@ class Scheduler:
                            f"{c.credits_used:g}, reserved {c.credits_reserved + pending_reserve:g}, next request "
                            f"about {est:g}); raise --max-credits to continue")
                 break
+            key = self._assign(est)
+            if self.pool is not None and key is None:
+                break
             try:
-                body, rewritten = await self._prepare(req)
+                body, rewritten = await self._prepare(req, key)
             except ApiError as error:
+                if self.pool is not None:
+                    self.pool.refund(key, est)
+                if key is not None and self._several_keys and error.status in (401, 402):
+                    self._key_refused(key, error)  # uploads refused by this key: the request waits for another
+                    self.store.defer(req.key, time.time(), _code_of(error), error.message)
+                    continue
                 self._defer_unsent(req, error)
                 continue
             except LocalFaultError:
                 raise
             except UploadWaitError as wait:
                 # The file quota is full of our own files that requests in progress hold: try again later.
+                if self.pool is not None:
+                    self.pool.refund(key, est)
                 self.store.defer(req.key, time.time() + wait.delay_s, wait.code, str(wait))
                 continue
             except BatchgenError as error:
+                if self.pool is not None:
+                    self.pool.refund(key, est)
                 self.store.fail(req.key, "upload_failed", str(error))
                 self._on_failed(req.key, "upload_failed", str(error))
                 continue
@@ -510,33 +560,93 @@ class Scheduler:
             if self._halting is not None:
                 break
             # The body is kept only when uploads rewrote it: a resend must carry exactly the same body.
-            new.append(NewAttempt(req.key, req.attempt_no + 1, req.model, est, body if rewritten else None))
+            new.append(NewAttempt(req.key, req.attempt_no + 1, req.model, est, body if rewritten else None,
+                                  key_fp=key.fingerprint if key else None,
+                                  scoped=self.pool is not None and not self.pool.single))
             prepared.append((req, body, est))
+            keys.append(key)
             pending_reserve += est
         if not new:
             return 0
         ids = self.store.start_attempts(new)
         loop_now = self._loop.time() if self._loop else 0.0
-        for attempt_id, (req, body, est), na in zip(ids, prepared, new, strict=True):
+        for attempt_id, (req, body, est), na, key in zip(ids, prepared, new, keys, strict=True):
             t = _Tracked(req=req, attempt_id=attempt_id, attempt_no=na.attempt_no, attempts=req.attempts + 1,
-                         idempotency_key=self.store.idempotency_key(na.request_key, na.attempt_no),
+                         idempotency_key=self.store.idempotency_key(
+                             na.request_key, na.attempt_no, (na.key_fp or "") if na.scoped else ""),
                          model=na.model, body=body, est_credits=est, reserved=est, since=loop_now,
-                         submitted_wall=time.time())
+                         submitted_wall=time.time(), key=key)
             self._tracked[attempt_id] = t
             c.credits_reserved += est
             self._spawn(self._send(t), name="call")
         c.in_flight = len(self._tracked)
         return len(new)
 
-    async def _prepare(self, req: RequestRecord) -> tuple[dict[str, Any], bool]:
+    @property
+    def _several_keys(self) -> bool:
+        return self.pool is not None and not self.pool.single
+
+    def _assign(self, est: float) -> PooledKey | None:
+        """With a key pool: the key the next submission goes out with, or None (and the run drains) when no
+        key is left that can cover it. One key takes everything, as before (the API says 402 if it must)."""
+        if self.pool is None:
+            return None
+        if self.pool.single:
+            return self.pool.keys[0]
+        assert self._loop is not None
+        key = self.pool.pick(est, self._loop.time())
+        if key is None and self.pool.active:
+            left = ", ".join(f"{k.name} {k.balance - k.committed:g}" for k in self.pool.active if k.balance is not None)
+            self.drain(StopReason.BUDGET, f"no key has credits left for the next request (about {est:g}; "
+                       f"balances left: {left}); top up a key and run again")
+        elif key is None:
+            self._no_keys_left()
+        return key
+
+    async def _prepare(self, req: RequestRecord, key: PooledKey | None = None) -> tuple[dict[str, Any], bool]:
         request = GenerationRequest.model_validate(req.params)
         if request.model != req.model:
             request = request.model_copy(update={"model": req.model})
         if request.local_paths():
-            if self.prepare_body is None:
+            # Files belong to an account: a key's tasks reference only its own uploads.
+            prepare = key.uploader.prepare_body if key is not None and key.uploader is not None else self.prepare_body
+            if prepare is None:
                 raise BatchgenError("this request has local reference files and no upload step is available")
-            return await self.prepare_body(req, request), True
+            return await prepare(req, request), True
         return request.api_body(), False
+
+    # --- keys that fail (several keys only; one key stops the run as before) -----------------------
+
+    def _key_refused(self, key: PooledKey, error: ApiError) -> None:
+        """A 401/402 on `key` in a pool of several: take it out (warn once) and go on with the others; a
+        revoked key's tasks in flight are left; with no key left the run drains (exit 3)."""
+        assert self.pool is not None
+        state = KeyState.REVOKED if error.status == 401 else KeyState.OUT_OF_CREDITS
+        if self.pool.fail(key, state, error.message):
+            others = len(self.pool.active)
+            what = "was refused (401: revoked or invalid)" if state is KeyState.REVOKED else "is out of credits (402)"
+            self.store.record_key(key.fingerprint, key.label, state.value, error.message)
+            self.emit("key_failed", {"key": key.name, "state": state.value, "keys_left": others, "message": (
+                f"key {key.name} {what}; it leaves the pool and the run goes on with {others} other key(s)"
+                if others else f"key {key.name} {what}; no key is left")})
+            if state is KeyState.REVOKED:
+                self._leave_key(key)
+        if not self.pool.active:
+            self._no_keys_left()
+
+    def _leave_key(self, key: PooledKey) -> None:
+        """A revoked key's tasks cannot be polled any more: leave them open for a run where it works."""
+        for t in list(self._tracked.values()):
+            if t.key is key and t.task_id is not None:
+                self._finish_tracking(t)
+                self._keyless.append((t.req.key, key.name))
+
+    def _no_keys_left(self) -> None:
+        assert self.pool is not None
+        reasons = "; ".join(f"{k.name}: {k.state.value}" for k in self.pool.keys)
+        # Drain rather than halt: tasks of keys that are only out of credits can still be polled.
+        self.drain(StopReason.AUTH, f"no API key is left ({reasons}); fix the keys or their balances and run "
+                   "again")
 
     def _defer_unsent(self, req: RequestRecord, error: ApiError) -> None:
         """Preparing the body (uploads) failed before anything was submitted.
@@ -589,7 +699,7 @@ class Scheduler:
 
     async def _send(self, t: _Tracked) -> None:
         try:
-            snap = await self.client.submit(t.body, idempotency_key=t.idempotency_key)
+            snap = await self._client_for(t).submit(t.body, idempotency_key=t.idempotency_key)
         except ApiError as error:
             self._submit_failed(t, error)
             return
@@ -650,6 +760,8 @@ class Scheduler:
         code, message = _code_of(error), error.message
         if is_transient(error):
             t.submit_tries += 1
+            if error.status != 429 and not isinstance(error, ConnectError):
+                t.unanswered = True  # the task may exist: with several keys, only this key may send it again
             delay = self._call_failed(error, t.submit_tries)
             # Same attempt, same key: if the server did create the task, the resend gets it back.
             self.store.retry_submit(t.attempt_id, t.req.key, time.time() + delay, code, message)
@@ -657,6 +769,21 @@ class Scheduler:
             return
         self.api_health.ok()  # the API answered, and said no to this request
         d = decide(error, 1, self.cfg.max_attempts, self.rng, self.cfg.time_scale)
+        if d.action is Action.STOP and t.key is not None and self._several_keys:
+            # Refused by this key's account: no task was created unless an earlier send of this attempt may
+            # have got through unanswered; then only this key may send it again (its idempotency scope).
+            self._key_refused(t.key, error)
+            self._finish_tracking(t)
+            if self.pool is not None:
+                self.pool.refund(t.key, t.est_credits)
+            if t.unanswered or t.resumed:
+                self._keyless.append((t.req.key, t.key.name))
+                return
+            self.store.record_outcomes([Outcome(t.attempt_id, t.req.key, "requeue", error_code=code,
+                                                error_message=message, not_before=time.time(),
+                                                consume_attempt=False)])
+            self._on_requeued(t.req.key, code, 0.0, None)
+            return
         if d.action is Action.STOP:
             # Left as `sending`: the next run sends it again with the same key once the cause is fixed.
             self.halt(StopReason.AUTH, f"{error}: {d.why}")
@@ -693,12 +820,20 @@ class Scheduler:
             await self._poll_slots.acquire()
             now = self._loop.time()
             batch: list[_Tracked] = []
+            other_keys: list[tuple[float, int, int]] = []
             while heap and heap[0][0] <= now and len(batch) < BATCH_MAX:
-                _, _, attempt_id = heapq.heappop(heap)
+                due, seq, attempt_id = heapq.heappop(heap)
                 t = self._tracked.get(attempt_id)
                 # A task already in a poll call is rescheduled by that call's answer.
                 if t is not None and t.task_id is not None and attempt_id not in self._polling and t not in batch:
+                    if batch and t.key is not batch[0].key:
+                        # A task is polled with the key that created it: one call per key, each under its own
+                        # key's limiter; this one goes in the next call (it stays due).
+                        other_keys.append((due, seq, attempt_id))
+                        continue
                     batch.append(t)
+            for entry in other_keys:
+                heapq.heappush(heap, entry)
             if not batch or self._halting is not None:
                 self._poll_slots.release()
                 continue
@@ -718,7 +853,7 @@ class Scheduler:
         self.counters.polls += 1
         self.counters.tasks_polled += len(batch)
         try:
-            found = await self.client.get_tasks([t.task_id for t in batch if t.task_id])
+            found = await self._client_for(batch[0]).get_tasks([t.task_id for t in batch if t.task_id])
         except ApiError as error:
             self._poll_failed(batch, error)
             return
@@ -755,7 +890,14 @@ class Scheduler:
             delay = self._call_failed(error, worst)
         else:
             self.api_health.ok()
-            if decide(error, 1, 0).action is Action.STOP:
+            key = batch[0].key
+            stop = decide(error, 1, 0).action is Action.STOP
+            if stop and key is not None and self._several_keys:
+                self._key_refused(key, error)
+                if not key.can_poll:
+                    return  # revoked: its tasks were left for a run where it works (_leave_key)
+                # Out of credits: its tasks are still polled (with backoff, below).
+            elif stop:
                 self.halt(StopReason.AUTH, f"{error}: {rule_why(error)}")
                 return
             # Anything else (a 400 on a batch call, say) is retried in place too; the task ids stay.
@@ -848,10 +990,14 @@ class Scheduler:
         then()
 
     def _failure_outcome(self, t: _Tracked, code: str, message: str) -> tuple[Outcome, Callable[[], None]]:
+        if self.pool is not None:
+            self.pool.refund(t.key, t.est_credits)  # a failed task is refunded: the key's balance has it back
         d = decide(code, t.attempts, self.cfg.max_attempts, self.rng, self.cfg.time_scale)
         key = t.req.key
-        if (code == "image_processing_error" and self.reference_failed is not None
-                and t.attempts < self.cfg.max_attempts and self.reference_failed(t.body, t.submitted_wall)):
+        # The uploads in the body are the sending key's own: its uploader judges them.
+        check = t.key.uploader.reference_failed if t.key is not None and t.key.uploader else self.reference_failed
+        if (code == "image_processing_error" and check is not None
+                and t.attempts < self.cfg.max_attempts and check(t.body, t.submitted_wall)):
             # Not the user's photo but our upload of it (expired or deleted): the next attempt checks it and
             # uploads it again. Bounded by max_attempts, like the regeneration of expired results.
             message = f"{message} (a reference batchgen uploaded may have expired or been deleted; retrying)"
@@ -1073,12 +1219,13 @@ class Scheduler:
             self.media_health.ok()
             return data
 
-    async def _look_again(self, task_id: str) -> TaskSnapshot | None:
-        """One poll of a task, retried in place while the API fails transiently; None if it says no."""
+    async def _look_again(self, task_id: str, client: EvolinkClient | None = None) -> TaskSnapshot | None:
+        """One poll of a task (with `client`: the key that created it), retried in place while the API fails
+        transiently; None if it says no."""
         tries = 0
         while self._halting is None:
             try:
-                snap = await self.client.get_task(task_id)
+                snap = await (client or self.client).get_task(task_id)
             except ApiError as error:
                 if not is_transient(error):
                     self.api_health.ok()
@@ -1091,9 +1238,10 @@ class Scheduler:
         return None
 
     async def _expired(self, t: _Tracked, error: ApiError) -> tuple[str, ...] | None:
-        if not t.refetched and t.task_id:
+        # Only the key that created the task may look at it again (a revoked or missing key cannot).
+        if not t.refetched and t.task_id and (self.pool is None or (t.key is not None and t.key.can_poll)):
             t.refetched = True
-            snap = await self._look_again(t.task_id)
+            snap = await self._look_again(t.task_id, self._client_for(t))
             if self._halting is not None:
                 return None
             if snap is not None and snap.status == "completed" and snap.results and snap.results != t.result_urls:
@@ -1131,6 +1279,11 @@ def _estimate(model: str, n: int) -> float:
     info = catalog.get(model)
     return info.credits_for(n) if info else 0.0
 
+
+
+def _names(tasks: list[tuple[str, str | None]]) -> str:
+    """The key names of some left tasks, each once: "team-a, 3f2a9c01b2d4"."""
+    return ", ".join(dict.fromkeys(name or "no key recorded" for _, name in tasks))
 
 
 def _code_of(error: ApiError) -> str:

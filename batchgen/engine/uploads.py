@@ -36,6 +36,11 @@ more. If nothing of its own can be freed but some of its files are held only by 
 (tasks in flight, or requests not blocked on the quota themselves), the request waits (`UploadWaitError`;
 the scheduler defers it); otherwise it fails with the API's message and the request it blocks.
 
+Per key. Files belong to the account that uploaded them, so with several API keys (keypool.py) each key has
+its own Uploader: an upload is recorded with the key's fingerprint, reused only by tasks sent with that key,
+and only that key's files are deleted to free that key's quota. A photo used by tasks of two keys is thus
+uploaded once per key. Uploads recorded before the fingerprint existed belong to the one key of those runs.
+
 Errors. Everything the client raises is an `ApiError` (with the request and file added to the message), so
 the scheduler applies `errors.decide()`: rate limits, 5xx and transport errors retry with backoff; a refusal
 about the file itself (too large, wrong type) fails that request. 401/402 stop the run.
@@ -82,10 +87,15 @@ class UploadWaitError(BatchgenError):
 class Uploader:
     """Turns a request's local paths into Files API URLs (see the module docstring). One per run."""
 
-    def __init__(self, store: BaseStore, client: EvolinkClient, time_scale: float = 1.0) -> None:
+    def __init__(self, store: BaseStore, client: EvolinkClient, time_scale: float = 1.0, *,
+                 key_fp: str | None = None, legacy: bool = True) -> None:
+        """`key_fp`: the fingerprint of `client`'s key (recorded on its uploads); `legacy`: uploads recorded
+        without a key count as this key's (true for a one-key run)."""
         self.store = store
         self.client = client
         self.time_scale = time_scale
+        self.key_fp = key_fp
+        self.legacy = legacy
         self.margin_s = REUSE_MARGIN_S * time_scale
         self._locks: defaultdict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
         self._digests: dict[tuple[str, int, int], str] = {}
@@ -112,7 +122,7 @@ class Uploader:
         now = time.time()
         to_blame = False
         for row in self.store.uploads_by_url(r for r in refs if isinstance(r, str)):
-            current = self.store.current_upload(row.sha256)
+            current = self.store.current_upload(row.sha256, self.key_fp, legacy=self.legacy)
             if row.deleted_at is not None or current is None or current.file_id != row.file_id:
                 to_blame = True  # already replaced: the next attempt gets the new file
             elif row.expires_at - now <= self.margin_s:
@@ -135,7 +145,7 @@ class Uploader:
         """A URL for the content of `path` that stays valid for at least the margin, uploading if needed."""
         sha256 = await self._digest(path, req)
         async with self._locks[sha256]:
-            rec = self.store.current_upload(sha256)
+            rec = self.store.current_upload(sha256, self.key_fp, legacy=self.legacy)
             fresh = rec is not None and rec.expires_at - time.time() > self.margin_s
             if rec is not None and fresh and (rec.file_id in self._trusted or await self._still_there(rec)):
                 return rec.file_url
@@ -183,7 +193,7 @@ class Uploader:
         now = time.time()
         rec = UploadRecord(file_id=uploaded.file_id, sha256=sha256, file_url=uploaded.file_url,
                            expires_at=uploaded.expires_at.timestamp(), size=uploaded.file_size,
-                           mime=uploaded.mime_type, path=str(path), uploaded_at=now)
+                           mime=uploaded.mime_type, path=str(path), uploaded_at=now, key_fp=self.key_fp)
         self.store.record_upload(rec)
         self._trusted.add(rec.file_id)
         self.uploads += 1
@@ -213,8 +223,9 @@ class Uploader:
         needs = await self._needs()
         in_use = self.store.open_attempt_urls()
         now = time.time()
-        current = {u.sha256: u.file_id for u in self.store.live_uploads()}  # oldest first: the newest wins
-        candidates = [u for u in self.store.live_uploads()
+        mine = self.store.live_uploads(self.key_fp, legacy=self.legacy)  # this key's files, oldest first
+        current = {u.sha256: u.file_id for u in mine}  # the newest wins
+        candidates = [u for u in mine
                       if u.file_url not in in_use and not (u.sha256 in needs and current[u.sha256] == u.file_id)]
         candidates.sort(key=lambda u: (u.expires_at > now, u.uploaded_at))
         freed = 0
@@ -241,7 +252,7 @@ class Uploader:
         self._blocked.add(req.key)
         needs = await self._needs()
         now = time.time()
-        live = [u for u in self.store.live_uploads() if u.expires_at > now]
+        live = [u for u in self.store.live_uploads(self.key_fp, legacy=self.legacy) if u.expires_at > now]
         if any(not (needs.get(u.sha256, set()) & self._blocked) for u in live):
             raise UploadWaitError(
                 f"{_who(req)}: the Files API quota is full ({error.message}); waiting for requests in progress "

@@ -12,7 +12,11 @@ i.e. a task exists and its images are not all on disk), `submitted`, `completed`
 `last_run` ({`started_at`, `finished_at`, `exit_code`, `reason`, `rate`} or null), `runs` (the same for every
 run, oldest first). `rate` is what the run's rate controller ended at: {`configured_rate`, `ceiling`,
 `effective_rate`, `learned_limit` (null when the server never answered 429), `throttles` (429s received),
-`burst`}, or null for a run that was killed before its summary. `review` {`approved`,
+`burst`}, or null for a run that was killed before its summary. `keys` (issue 15: one entry per API key
+the job has used, by fingerprint — never the key): `key` (label, else fingerprint), `fingerprint`,
+`label`, `state` (active, revoked, out_of_credits; "unknown" for keys seen only on attempts), `reason`,
+`requests` (attempts sent with it), `credits_used`, `credits_reserved`, `in_flight`, `balance` (last seen).
+`review` {`approved`,
 `rejected` (current images a person rejected, not yet regenerated), `unreviewed`, `regenerating`
 (requests requeued after a reject, not finished yet), `set_aside` (images kept under _rejected/),
 `check_failed` (current images flagged by the automatic checks, `on_fail: keep`)}, `runners` (shared stores:
@@ -57,6 +61,10 @@ def collect(db_path: Path | str, job_name: str | None = None) -> dict[str, Any]:
             "image_bytes": image_bytes,
             "failures": store.failures_by_code(),
             "last_run": None,
+            "keys": [{"key": k["label"] or k["fingerprint"], "fingerprint": k["fingerprint"], "label": k["label"],
+                      "state": k["state"], "reason": k["reason"], "requests": k["requests"],
+                      "credits_used": round(k["credits_used"], 4), "credits_reserved": round(k["credits_reserved"], 4),
+                      "in_flight": k["open"], "balance": k["balance"]} for k in store.key_usage()],
             "review": store.review_counts(),
             "runners": [{"id": r.id, "host": r.host, "pid": r.pid, "since": r.started_at,
                          "heartbeat_at": r.heartbeat_at, "claimed": r.claimed} for r in store.live_runners()],
@@ -108,6 +116,13 @@ def render_text(s: dict[str, Any]) -> str:
     for r in s.get("runners") or []:
         since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(r["since"]))
         lines.append(f"runner {r['host']} pid {r['pid']}: since {since}, {r['claimed']} request(s) in flight")
+    keys = s.get("keys") or []
+    if len(keys) > 1 or any(k["state"] != "active" for k in keys):
+        lines.append("keys:")
+        for k in keys:
+            state = k["state"].replace("_", " ") + (f" ({k['reason']})" if k["reason"] else "")
+            lines.append(f"  {k['key']}: {k['requests']} request(s), {k['credits_used']:g} credits used"
+                         + (f", {k['in_flight']} in flight" if k["in_flight"] else "") + f", {state}")
     last = s.get("last_run")
     if last:
         when = time.strftime("%Y-%m-%d %H:%M", time.localtime(last["started_at"]))

@@ -162,7 +162,7 @@ class BaseStore(abc.ABC):
     def open_attempts(self) -> list[tuple[RequestRecord, AttemptRecord]]: ...
 
     @abc.abstractmethod
-    def idempotency_key(self, request_key: str, attempt_no: int) -> str: ...
+    def idempotency_key(self, request_key: str, attempt_no: int, key_fp: str = "") -> str: ...
 
     @abc.abstractmethod
     def start_attempts(self, items: Sequence[NewAttempt]) -> list[int]: ...
@@ -259,13 +259,26 @@ class BaseStore(abc.ABC):
     def record_upload(self, rec: UploadRecord) -> None: ...
 
     @abc.abstractmethod
-    def current_upload(self, sha256: str) -> UploadRecord | None: ...
+    def current_upload(self, sha256: str, key_fp: str | None = None, *, legacy: bool = True) -> UploadRecord | None:
+        """The newest live upload of this content made with the key `key_fp` (None: any key; `legacy`:
+        uploads recorded before keys were, counted as this key's)."""
 
     @abc.abstractmethod
     def uploads_by_url(self, urls: Iterable[str]) -> list[UploadRecord]: ...
 
     @abc.abstractmethod
-    def live_uploads(self) -> list[UploadRecord]: ...
+    def live_uploads(self, key_fp: str | None = None, *, legacy: bool = True) -> list[UploadRecord]: ...
+
+    # -- API keys (issue 15: fingerprints only, never a key) -------------------------------------------
+
+    @abc.abstractmethod
+    def record_key(self, fingerprint: str, label: str | None, state: str, reason: str | None = None,
+                   balance: float | None = None) -> None:
+        """A key's state as this run last saw it (for `status`); the balance is kept when None."""
+
+    @abc.abstractmethod
+    def key_usage(self) -> list[dict[str, Any]]:
+        """Per key fingerprint: label, state, reason, balance, requests, credits used/reserved, open."""
 
     @abc.abstractmethod
     def mark_upload(self, file_id: str, *, checked_at: float | None = None, suspect_at: float | None = None,

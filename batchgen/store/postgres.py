@@ -176,6 +176,16 @@ MIGRATIONS: list[tuple[str, str]] = [
         CREATE INDEX reviews_image ON reviews (job_id, request_key, idx, sha256);
         CREATE INDEX reviews_open_rejects ON reviews (job_id, decision) WHERE acted_at IS NULL;
     """),
+    ("m006_key_fingerprints", """
+        -- Issue 15 (as SQLite's m006): the key each attempt was sent with and each file uploaded with, as a
+        -- fingerprint (never the key), and each key's last known state, per job.
+        ALTER TABLE attempts ADD COLUMN key_fp TEXT;
+        ALTER TABLE uploads ADD COLUMN key_fp TEXT;
+        CREATE TABLE keys (
+            job_id BIGINT NOT NULL REFERENCES jobs(id), fingerprint TEXT NOT NULL, label TEXT,
+            state TEXT NOT NULL, reason TEXT, balance DOUBLE PRECISION, updated_at DOUBLE PRECISION,
+            PRIMARY KEY (job_id, fingerprint));
+    """),
 ]
 
 
@@ -617,7 +627,8 @@ class PostgresStore(BaseStore):
             finished_at=d["finished_at"], credits_estimated=d["credits_estimated"],
             credits_reserved=d["credits_reserved"], credits_used=d["credits_used"], error_code=d["error_code"],
             error_message=d["error_message"], result_urls=json.loads(d["result_urls"] or "[]"),
-            replayed=bool(d["replayed"]), body=json.loads(d["body"]) if d["body"] else None)
+            replayed=bool(d["replayed"]), body=json.loads(d["body"]) if d["body"] else None,
+            key_fp=d.get("key_fp"))
 
     def _attempt_rows(self, where: str, **kw: Any) -> list[AttemptRecord]:
         return [self._attempt_record(d) for d in self._rows(
@@ -692,8 +703,8 @@ class PostgresStore(BaseStore):
             "ORDER BY request_key, attempt_no DESC", self._a(keys=keys)))}
         return [(r, latest[r.key]) for r in reqs if r.key in latest]
 
-    def idempotency_key(self, request_key: str, attempt_no: int) -> str:
-        return idempotency_key(request_key, attempt_no, self.store_id)
+    def idempotency_key(self, request_key: str, attempt_no: int, key_fp: str = "") -> str:
+        return idempotency_key(request_key, attempt_no, self.store_id, key_fp)
 
     def start_attempts(self, items: Sequence[NewAttempt]) -> list[int]:
         if not items:
@@ -704,10 +715,12 @@ class PostgresStore(BaseStore):
             # executemany runs in pipeline mode: one round trip for the whole batch, not one per row.
             cur.executemany(
                 "INSERT INTO attempts (job_id, request_key, attempt_no, idempotency_key, model, body, state, "
-                "submitted_at, credits_estimated, runner_id) VALUES (%s,%s,%s,%s,%s,%s,'sending',%s,%s,%s) "
-                "RETURNING id",
-                [(self.job_id, a.request_key, a.attempt_no, self.idempotency_key(a.request_key, a.attempt_no),
-                  a.model, _j(a.body) if a.body is not None else None, now, a.credits_estimated, self.runner_id)
+                "submitted_at, credits_estimated, runner_id, key_fp) "
+                "VALUES (%s,%s,%s,%s,%s,%s,'sending',%s,%s,%s,%s) RETURNING id",
+                [(self.job_id, a.request_key, a.attempt_no,
+                  self.idempotency_key(a.request_key, a.attempt_no, (a.key_fp or "") if a.scoped else ""),
+                  a.model, _j(a.body) if a.body is not None else None, now, a.credits_estimated, self.runner_id,
+                  a.key_fp)
                  for a in items], returning=True)
             while True:
                 row = cur.fetchone()
@@ -990,17 +1003,17 @@ class PostgresStore(BaseStore):
         with self._tx(write=False) as cur:
             cur.execute(
                 "INSERT INTO uploads (job_id, file_id, sha256, file_url, expires_at, size, mime, path, uploaded_at, "
-                "checked_at, suspect_at, deleted_at) VALUES (%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s) "
+                "checked_at, suspect_at, deleted_at, key_fp) VALUES (%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s) "
                 "ON CONFLICT (job_id, file_id) DO UPDATE SET sha256=EXCLUDED.sha256, file_url=EXCLUDED.file_url, "
                 "expires_at=EXCLUDED.expires_at, size=EXCLUDED.size, mime=EXCLUDED.mime, path=EXCLUDED.path, "
                 "uploaded_at=EXCLUDED.uploaded_at, checked_at=EXCLUDED.checked_at, suspect_at=EXCLUDED.suspect_at, "
-                "deleted_at=EXCLUDED.deleted_at",
+                "deleted_at=EXCLUDED.deleted_at, key_fp=EXCLUDED.key_fp",
                 (self.job_id, rec.file_id, rec.sha256, rec.file_url, rec.expires_at, rec.size, rec.mime, rec.path,
-                 rec.uploaded_at, rec.checked_at, rec.suspect_at, rec.deleted_at))
+                 rec.uploaded_at, rec.checked_at, rec.suspect_at, rec.deleted_at, rec.key_fp))
 
-    def current_upload(self, sha256: str) -> UploadRecord | None:
-        rows = self._upload_rows("sha256 = %(sha)s AND deleted_at IS NULL ORDER BY uploaded_at DESC LIMIT 1",
-                                 sha=sha256)
+    def current_upload(self, sha256: str, key_fp: str | None = None, *, legacy: bool = True) -> UploadRecord | None:
+        rows = self._upload_rows(f"sha256 = %(sha)s AND deleted_at IS NULL AND {_key_match(key_fp, legacy)} "
+                                 "ORDER BY uploaded_at DESC LIMIT 1", sha=sha256, fp=key_fp)
         return rows[0] if rows else None
 
     def uploads_by_url(self, urls: Iterable[str]) -> list[UploadRecord]:
@@ -1009,8 +1022,41 @@ class PostgresStore(BaseStore):
             return []
         return self._upload_rows("file_url = ANY(%(urls)s)", urls=urls)
 
-    def live_uploads(self) -> list[UploadRecord]:
-        return self._upload_rows("deleted_at IS NULL ORDER BY uploaded_at")
+    def live_uploads(self, key_fp: str | None = None, *, legacy: bool = True) -> list[UploadRecord]:
+        return self._upload_rows(f"deleted_at IS NULL AND {_key_match(key_fp, legacy)} ORDER BY uploaded_at",
+                                 fp=key_fp)
+
+    # -- API keys (issue 15; fingerprints only, never a key) ---------------------------------------------
+
+    def record_key(self, fingerprint: str, label: str | None, state: str, reason: str | None = None,
+                   balance: float | None = None) -> None:
+        with self._tx(write=False) as cur:
+            cur.execute(
+                "INSERT INTO keys (job_id, fingerprint, label, state, reason, balance, updated_at) "
+                "VALUES (%s,%s,%s,%s,%s,%s,%s) ON CONFLICT (job_id, fingerprint) DO UPDATE SET label=EXCLUDED.label, "
+                "state=EXCLUDED.state, reason=EXCLUDED.reason, balance=COALESCE(EXCLUDED.balance, keys.balance), "
+                "updated_at=EXCLUDED.updated_at",
+                (self.job_id, fingerprint, label, state, reason, balance, time.time()))
+
+    def key_usage(self) -> list[dict[str, Any]]:
+        with self._tx(write=False) as cur:
+            cur.execute(
+                "SELECT key_fp, COUNT(*), SUM(credits_used), SUM(CASE WHEN state IN ('sending', 'running') "
+                "THEN COALESCE(credits_reserved, credits_estimated, 0) END), "
+                "SUM(CASE WHEN state IN ('sending', 'running') THEN 1 ELSE 0 END) FROM attempts "
+                "WHERE job_id = %s AND key_fp IS NOT NULL GROUP BY key_fp", (self.job_id,))
+            usage = {fp: {"requests": int(n), "credits_used": float(used or 0.0), "credits_reserved": float(res or 0.0),
+                          "open": int(open_ or 0)} for fp, n, used, res, open_ in cur.fetchall()}
+            cur.execute("SELECT fingerprint, label, state, reason, balance FROM keys WHERE job_id = %s "
+                        "ORDER BY COALESCE(label, fingerprint)", (self.job_id,))
+            keys = cur.fetchall()
+        out = []
+        for fp, label, state, reason, balance in keys:
+            u = usage.pop(fp, {"requests": 0, "credits_used": 0.0, "credits_reserved": 0.0, "open": 0})
+            out.append({"fingerprint": fp, "label": label, "state": state, "reason": reason, "balance": balance, **u})
+        for fp, u in sorted(usage.items()):
+            out.append({"fingerprint": fp, "label": None, "state": "unknown", "reason": None, "balance": None, **u})
+        return out
 
     def mark_upload(self, file_id: str, *, checked_at: float | None = None, suspect_at: float | None = None,
                     deleted_at: float | None = None) -> None:
@@ -1044,9 +1090,16 @@ class PostgresStore(BaseStore):
     def _upload_rows(self, where: str, **kw: Any) -> list[UploadRecord]:
         with self._tx(write=False) as cur:
             cur.execute("SELECT file_id, sha256, file_url, expires_at, size, mime, path, uploaded_at, checked_at, "
-                        f"suspect_at, deleted_at FROM uploads WHERE job_id = %(job)s AND {where}",  # type: ignore[arg-type]
+                        f"suspect_at, deleted_at, key_fp FROM uploads WHERE job_id = %(job)s AND {where}",  # type: ignore[arg-type]
                         self._a(**kw))
             return [UploadRecord(*row) for row in cur.fetchall()]
+
+
+def _key_match(key_fp: str | None, legacy: bool) -> str:
+    """SQL for "uploaded with the key %(fp)s" (and, with `legacy`, before m006); no key: any key."""
+    if key_fp is None:
+        return "TRUE"
+    return "(key_fp = %(fp)s OR key_fp IS NULL)" if legacy else "key_fp = %(fp)s"
 
 
 def _mtime(path: Path | None) -> float:

@@ -71,6 +71,7 @@ class AttemptRecord:
     result_urls: list[str]
     replayed: bool
     body: dict[str, Any] | None = None
+    key_fp: str | None = None  # fingerprint of the key it was sent with (None: before m006)
 
 
 @dataclass
@@ -123,6 +124,8 @@ class NewAttempt:
     model: str
     credits_estimated: float
     body: dict[str, Any] | None = None  # kept only when it cannot be rebuilt from params (uploads)
+    key_fp: str | None = None  # the key it goes out with; polls and fetches use the same key
+    scoped: bool = False  # several keys: the idempotency key carries the key's fingerprint
 
 
 
@@ -147,10 +150,14 @@ class Outcome:
     consume_attempt: bool = True
 
 
-def idempotency_key(request_key: str, attempt_no: int, store_id: str = "") -> str:
+def idempotency_key(request_key: str, attempt_no: int, store_id: str = "", key_fp: str = "") -> str:
     """`bg1-<store id>-<request key>-a<n>`: the same attempt of the same database always sends the same key,
-    and no other database ever sends it (16–96 chars of [A-Za-z0-9._-])."""
+    and no other database ever sends it (16–96 chars of [A-Za-z0-9._-]). With several API keys the key's
+    fingerprint joins the scope (`bg1-<store id>-<fp>-<request key>-a<n>`); one key keeps today's format,
+    so stores made before issue 15 resume with the keys they sent."""
     scope = f"{store_id}-" if store_id else ""
+    if key_fp:
+        scope += f"{key_fp}-"
     return f"{IDEMPOTENCY_PREFIX}-{scope}{request_key}-a{attempt_no}"
 
 
@@ -180,6 +187,7 @@ class UploadRecord:
     checked_at: float | None = None  # last time its URL was fetched successfully (None: only the upload vouches)
     suspect_at: float | None = None  # a task using it failed with image_processing_error
     deleted_at: float | None = None  # deleted by batchgen, or found gone (expired, deleted elsewhere)
+    key_fp: str | None = None  # fingerprint of the key that uploaded it (None: before m006)
 
 
 @dataclass(frozen=True)

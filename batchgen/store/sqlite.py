@@ -37,6 +37,10 @@ Schema (times are wall-clock epoch seconds as REAL; JSON columns hold compact JS
     uploads    (m003) file_id PK, sha256 (of the content; indexed), file_url, expires_at, size, mime, path
                (local file it came from), uploaded_at, checked_at (last proven live), suspect_at (a task
                using it failed to fetch it), deleted_at. Only files batchgen uploaded; see uploads.py
+    keys       (m006) fingerprint PK (first 12 hex of the key's sha256, never the key), label, state
+               (active / revoked / out_of_credits), reason, balance (last seen), updated_at. m006 also adds
+               `key_fp` to attempts (the key each attempt was sent with; polls use the same key) and to
+               uploads (a file belongs to the account that uploaded it). NULL: made before m006, one key.
 
 Migrations are numbered, append-only functions registered on ``MIGRATIONS`` (sqlite-utils runs each in
 its own transaction and records it in ``_sqlite_migrations``); ``PRAGMA user_version`` mirrors the count.
@@ -213,6 +217,19 @@ def m005_reviews(db: sqlite_utils.Database) -> None:
     db.execute("CREATE INDEX reviews_image ON reviews (request_key, idx, sha256)")
     db.execute("CREATE INDEX reviews_open_rejects ON reviews (decision) WHERE acted_at IS NULL")
     db.execute("PRAGMA user_version = 5")
+
+
+@MIGRATIONS()
+def m006_key_fingerprints(db: sqlite_utils.Database) -> None:
+    # Several API keys in one run (issue 15): which key sent each attempt and uploaded each file, as a
+    # fingerprint (never the key), and each key's last known state for `status`.
+    db.execute("ALTER TABLE attempts ADD COLUMN key_fp TEXT")
+    db.execute("ALTER TABLE uploads ADD COLUMN key_fp TEXT")
+    db.execute(
+        """CREATE TABLE keys (
+            fingerprint TEXT PRIMARY KEY, label TEXT, state TEXT NOT NULL, reason TEXT, balance REAL,
+            updated_at REAL)""")
+    db.execute("PRAGMA user_version = 6")
 
 
 # --- the lock -------------------------------------------------------------------------------------
@@ -626,7 +643,8 @@ class Store(BaseStore):
                 finished_at=d["finished_at"], credits_estimated=d["credits_estimated"],
                 credits_reserved=d["credits_reserved"], credits_used=d["credits_used"], error_code=d["error_code"],
                 error_message=d["error_message"], result_urls=json.loads(d["result_urls"] or "[]"),
-                replayed=bool(d["replayed"]), body=json.loads(d["body"]) if d["body"] else None))
+                replayed=bool(d["replayed"]), body=json.loads(d["body"]) if d["body"] else None,
+                key_fp=d.get("key_fp")))
         return out
 
     def _image_rows(self, where: str, args: Sequence[Any]) -> list[ImageRecord]:
@@ -677,9 +695,9 @@ class Store(BaseStore):
                 out.append((req, rows[0]))
         return out
 
-    def idempotency_key(self, request_key: str, attempt_no: int) -> str:
+    def idempotency_key(self, request_key: str, attempt_no: int, key_fp: str = "") -> str:
         """The key a new attempt is sent with (an existing attempt's key is on its row)."""
-        return idempotency_key(request_key, attempt_no, self.store_id)
+        return idempotency_key(request_key, attempt_no, self.store_id, key_fp)
 
     def start_attempts(self, items: Sequence[NewAttempt]) -> list[int]:
         """Commit attempt rows (state `sending`) and mark their requests submitted — before any call."""
@@ -689,9 +707,10 @@ class Store(BaseStore):
             for a in items:
                 cur = c.execute(
                     "INSERT INTO attempts (request_key, attempt_no, idempotency_key, model, body, state, submitted_at, "
-                    "credits_estimated) VALUES (?,?,?,?,?,'sending',?,?)",
-                    (a.request_key, a.attempt_no, self.idempotency_key(a.request_key, a.attempt_no), a.model,
-                     _j(a.body) if a.body is not None else None, now, a.credits_estimated))
+                    "credits_estimated, key_fp) VALUES (?,?,?,?,?,'sending',?,?,?)",
+                    (a.request_key, a.attempt_no,
+                     self.idempotency_key(a.request_key, a.attempt_no, (a.key_fp or "") if a.scoped else ""),
+                     a.model, _j(a.body) if a.body is not None else None, now, a.credits_estimated, a.key_fp))
                 ids.append(int(cur.lastrowid or 0))
                 c.execute(
                     "UPDATE requests SET state='submitted', attempts=attempts+1, attempt_no=?, model=?, "
@@ -973,6 +992,36 @@ class Store(BaseStore):
             c.execute("UPDATE runs SET finished_at=?, exit_code=?, reason=?, summary=? WHERE id=?",
                       (time.time(), exit_code, reason, _j(summary), run_id))
 
+    # -- API keys (issue 15: several keys in one run; fingerprints only, never a key) ------------------
+
+    def record_key(self, fingerprint: str, label: str | None, state: str, reason: str | None = None,
+                   balance: float | None = None) -> None:
+        """A key's state as this run last saw it (for `status`); the balance is kept when None."""
+        with self._tx() as c:
+            c.execute(
+                "INSERT INTO keys (fingerprint, label, state, reason, balance, updated_at) VALUES (?,?,?,?,?,?) "
+                "ON CONFLICT(fingerprint) DO UPDATE SET label=excluded.label, state=excluded.state, "
+                "reason=excluded.reason, balance=COALESCE(excluded.balance, balance), updated_at=excluded.updated_at",
+                (fingerprint, label, state, reason, balance, time.time()))
+
+    def key_usage(self) -> list[dict[str, Any]]:
+        """Per key fingerprint: label, state, reason, balance, requests (attempts sent with it), credits (used
+        by its finished tasks and reserved by those in flight), open (attempts still in flight). Keys seen on
+        attempts but never recorded (a store from before m006 has none) appear with state "unknown"."""
+        usage = {fp: {"requests": n, "credits_used": used or 0.0, "credits_reserved": res or 0.0, "open": open_}
+                 for fp, n, used, res, open_ in self.conn.execute(
+                     "SELECT key_fp, COUNT(*), SUM(credits_used), SUM(CASE WHEN state IN ('sending', 'running') "
+                     "THEN COALESCE(credits_reserved, credits_estimated, 0) END), "
+                     "SUM(state IN ('sending', 'running')) FROM attempts WHERE key_fp IS NOT NULL GROUP BY key_fp")}
+        out = []
+        for fp, label, state, reason, balance in self.conn.execute(
+                "SELECT fingerprint, label, state, reason, balance FROM keys ORDER BY COALESCE(label, fingerprint)"):
+            u = usage.pop(fp, {"requests": 0, "credits_used": 0.0, "credits_reserved": 0.0, "open": 0})
+            out.append({"fingerprint": fp, "label": label, "state": state, "reason": reason, "balance": balance, **u})
+        for fp, u in sorted(usage.items()):
+            out.append({"fingerprint": fp, "label": None, "state": "unknown", "reason": None, "balance": None, **u})
+        return out
+
     # -- uploads (issue 6: local reference files through the Files API; used by uploads.py) -----------
 
     def record_upload(self, rec: UploadRecord) -> None:
@@ -980,13 +1029,17 @@ class Store(BaseStore):
         with self._tx() as c:
             c.execute(
                 "INSERT OR REPLACE INTO uploads (file_id, sha256, file_url, expires_at, size, mime, path, uploaded_at, "
-                "checked_at, suspect_at, deleted_at) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+                "checked_at, suspect_at, deleted_at, key_fp) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
                 (rec.file_id, rec.sha256, rec.file_url, rec.expires_at, rec.size, rec.mime, rec.path, rec.uploaded_at,
-                 rec.checked_at, rec.suspect_at, rec.deleted_at))
+                 rec.checked_at, rec.suspect_at, rec.deleted_at, rec.key_fp))
 
-    def current_upload(self, sha256: str) -> UploadRecord | None:
-        """The newest upload of this content that batchgen has not deleted (it may have expired)."""
-        rows = self._upload_rows("sha256 = ? AND deleted_at IS NULL ORDER BY uploaded_at DESC LIMIT 1", [sha256])
+    def current_upload(self, sha256: str, key_fp: str | None = None, *, legacy: bool = True) -> UploadRecord | None:
+        """The newest upload of this content that batchgen has not deleted (it may have expired), made with
+        the key `key_fp` (files belong to an account; None: any key). `legacy`: uploads from before m006 (no
+        key recorded, so made with the only key there was) count too — right for a one-key run, not a pool."""
+        where, args = _key_match(key_fp, legacy)
+        rows = self._upload_rows(f"sha256 = ? AND deleted_at IS NULL AND {where} ORDER BY uploaded_at DESC LIMIT 1",
+                                 [sha256, *args])
         return rows[0] if rows else None
 
     def uploads_by_url(self, urls: Iterable[str]) -> list[UploadRecord]:
@@ -996,9 +1049,11 @@ class Store(BaseStore):
             return []
         return self._upload_rows(f"file_url IN ({','.join('?' * len(urls))})", urls)
 
-    def live_uploads(self) -> list[UploadRecord]:
-        """batchgen's uploads not deleted yet (expired ones included), oldest first."""
-        return self._upload_rows("deleted_at IS NULL ORDER BY uploaded_at", [])
+    def live_uploads(self, key_fp: str | None = None, *, legacy: bool = True) -> list[UploadRecord]:
+        """batchgen's uploads made with the key `key_fp` (see `current_upload`) not deleted yet (expired ones
+        included), oldest first."""
+        where, args = _key_match(key_fp, legacy)
+        return self._upload_rows(f"deleted_at IS NULL AND {where} ORDER BY uploaded_at", args)
 
     def mark_upload(self, file_id: str, *, checked_at: float | None = None, suspect_at: float | None = None,
                     deleted_at: float | None = None) -> None:
@@ -1032,5 +1087,12 @@ class Store(BaseStore):
     def _upload_rows(self, where: str, args: Sequence[Any]) -> list[UploadRecord]:
         cur = self.conn.execute(
             "SELECT file_id, sha256, file_url, expires_at, size, mime, path, uploaded_at, checked_at, suspect_at, "
-            f"deleted_at FROM uploads WHERE {where}", tuple(args))
+            f"deleted_at, key_fp FROM uploads WHERE {where}", tuple(args))
         return [UploadRecord(*row) for row in cur.fetchall()]
+
+
+def _key_match(key_fp: str | None, legacy: bool) -> tuple[str, list[Any]]:
+    """SQL and parameters for "uploaded with this key" (and, with `legacy`, before m006); None: any key."""
+    if key_fp is None:
+        return "1", []
+    return ("(key_fp = ? OR key_fp IS NULL)" if legacy else "key_fp = ?"), [key_fp]

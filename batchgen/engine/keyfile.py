@@ -1,0 +1,153 @@
+"""Where a run's API keys come from: `--keys-file`, `EVOLINK_API_KEYS` or `EVOLINK_API_KEY` (issue 15).
+
+One key has always come from `EVOLINK_API_KEY`; that keeps working exactly as before. A team with several
+keys (several accounts or projects) lists them either comma-separated in `EVOLINK_API_KEYS`, or one a line
+in a keys file, where each key may carry a label (shown instead of its fingerprint in warnings, events and
+`batchgen status`) and its own rate::
+
+    # team keys; '#' starts a comment, blank lines are fine
+    sk-evo-aaaa...  label=team-a rate=10/s
+    sk-evo-bbbb...  label=team-b
+    sk-evo-cccc...
+
+The first of `--keys-file`, `EVOLINK_API_KEYS`, `EVOLINK_API_KEY` that is given is used. A key is a secret:
+mistakes name the file, the line and the field, and never echo a key; a keys file that its group or others
+can read earns a warning (it is not refused: the user may have reasons, e.g. a shared group).
+
+A key's identity anywhere batchgen writes (store, events, status) is its fingerprint — the first 12 hex
+digits of its sha256 — with the label beside it for people. The fingerprint, not the label, ties an
+attempt to a key, so renaming a label between runs loses nothing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import stat
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from batchgen.errors import ConfigError
+from batchgen.units import Rate, parse_rate
+
+KEYS_ENV = "EVOLINK_API_KEYS"
+KEY_ENV = "EVOLINK_API_KEY"
+_LABEL_RE = re.compile(r"^[A-Za-z0-9._-]{1,40}$")
+_OPTIONS = ("label", "rate")
+
+
+def fingerprint(key: str) -> str:
+    """The first 12 hex digits of the key's sha256: names a key without revealing it."""
+    return hashlib.sha256(key.encode()).hexdigest()[:12]
+
+
+@dataclass(frozen=True)
+class KeySpec:
+    """One API key of a run, with what the keys file said about it."""
+
+    key: str = field(repr=False)
+    label: str | None = None
+    rate: Rate | None = None  # None: the run's --rate / run.rate
+
+    @property
+    def fingerprint(self) -> str:
+        return fingerprint(self.key)
+
+    @property
+    def name(self) -> str:
+        """What messages call the key: its label, else its fingerprint."""
+        return self.label or self.fingerprint
+
+
+@dataclass(frozen=True)
+class KeySource:
+    keys: list[KeySpec]
+    warnings: list[str]
+    origin: str  # "--keys-file PATH", EVOLINK_API_KEYS or EVOLINK_API_KEY
+
+
+def load_keys(keys_file: Path | None = None, keys_env: str | None = None,
+              key_env: str | None = None) -> KeySource | None:
+    """The keys of a run, from the first source given (None when there is none); ConfigError (exit 2)
+    names the source, line and field of a mistake, never a key."""
+    if keys_file is not None:
+        return _from_file(Path(keys_file))
+    if keys_env is not None and keys_env.strip():
+        keys = [part.strip() for part in keys_env.split(",")]
+        for pos, key in enumerate(keys, start=1):
+            if not key:
+                raise ConfigError(f"{KEYS_ENV}: key {pos} is empty; separate keys with single commas")
+            if any(ch.isspace() for ch in key):
+                raise ConfigError(f"{KEYS_ENV}: key {pos} contains whitespace; keys are comma-separated")
+        _no_duplicates([(f"{KEYS_ENV}: key {pos}", KeySpec(k)) for pos, k in enumerate(keys, start=1)])
+        return KeySource([KeySpec(k) for k in keys], [], KEYS_ENV)
+    if key_env:
+        return KeySource([KeySpec(key_env.strip())], [], KEY_ENV)
+    return None
+
+
+def _from_file(path: Path) -> KeySource:
+    try:
+        text = path.read_text(encoding="utf-8")
+        mode = path.stat().st_mode
+    except OSError as error:
+        raise ConfigError(f"{path}: cannot read the keys file: {error.strerror or error}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: the keys file is not UTF-8 text") from None
+    warnings = []
+    if mode & (stat.S_IRGRP | stat.S_IROTH):
+        warnings.append(f"{path} can be read by other users (mode {stat.S_IMODE(mode):o}); it holds API keys: "
+                        f"chmod 600 {path}")
+    entries: list[tuple[str, KeySpec]] = []
+    for number, raw in enumerate(text.splitlines(), start=1):
+        line = raw.split("#", 1)[0].strip()
+        if not line:
+            continue
+        where = f"{path} line {number}"
+        key, *options = line.split()
+        if "=" in key:
+            raise ConfigError(f"{where}: the line must start with the key; found an option ({key.split('=')[0]}=) "
+                              "first")
+        values: dict[str, str] = {}
+        for option in options:
+            name, eq, value = option.partition("=")
+            if not eq or name not in _OPTIONS:
+                shown = name if eq else "(text without '=')"
+                raise ConfigError(f"{where}: unknown field {shown}; after the key only label=NAME and "
+                                  "rate=N/s (or N/min) are allowed")
+            if name in values:
+                raise ConfigError(f"{where}: {name} is given twice")
+            values[name] = value
+        label = values.get("label")
+        if label is not None and not _LABEL_RE.match(label):
+            raise ConfigError(f"{where}: label: use 1-40 letters, digits, '.', '_' or '-'")
+        rate = None
+        if "rate" in values:
+            try:
+                rate = parse_rate(values["rate"])
+            except ValueError as error:
+                raise ConfigError(f"{where}: rate: {error}") from None
+        entries.append((where, KeySpec(key, label, rate)))
+    if not entries:
+        raise ConfigError(f"{path}: the keys file has no keys (one key a line, '#' for comments)")
+    _no_duplicates(entries)
+    return KeySource([spec for _, spec in entries], warnings, f"--keys-file {path}")
+
+
+def _no_duplicates(entries: list[tuple[str, KeySpec]]) -> None:
+    seen_keys: dict[str, str] = {}
+    seen_labels: dict[str, str] = {}
+    for where, spec in entries:
+        if spec.key in seen_keys:
+            raise ConfigError(f"{where}: the same key as {seen_keys[spec.key]}")
+        seen_keys[spec.key] = where
+        if spec.label is not None:
+            if spec.label in seen_labels:
+                raise ConfigError(f"{where}: label: {spec.label} is already used by {seen_labels[spec.label]}")
+            seen_labels[spec.label] = where
+
+
+def environ_keys() -> tuple[str | None, str | None]:
+    """(EVOLINK_API_KEYS, EVOLINK_API_KEY) from the environment."""
+    return os.environ.get(KEYS_ENV) or None, os.environ.get(KEY_ENV) or None
