@@ -73,36 +73,15 @@ def test_rate_share_splits_the_budget_between_live_runners() -> None:
     assert shares.rate_share(30.0, 0) == 30.0  # never divided by zero: this runner at least
 
 
-def test_the_share_goes_to_set_ceiling_when_the_limiter_has_it() -> None:
-    class Ceilinged:
-        ceiling: Any = None
+def test_the_share_is_the_key_limiters_ceiling() -> None:
+    from batchgen.engine.ratelimit import AdaptiveLimiter
+    from batchgen.units import parse_rate
 
-        def set_ceiling(self, per_second: float) -> None:
-            self.ceiling = per_second
-
-    inner = Ceilinged()
-    gate = shares.ShareLimiter(inner, 40.0, runners=4)
-    shares.apply_share(gate, 40.0, 4)
-    assert inner.ceiling == 10.0 and gate.runners == 1  # the limiter's own ceiling, not the gate
-    plain = shares.ShareLimiter(object(), 40.0)
-    shares.apply_share(plain, 40.0, 4)
-    assert plain.runners == 4  # fallback: each request costs four units of the whole budget
-
-
-async def test_the_share_gate_paces_a_runner_at_its_share() -> None:
-    import asyncio
-
-    class Inner:
-        async def acquire(self, lane: str = "submit") -> None:
-            return None
-
-    loop = asyncio.get_running_loop()
-    gate = shares.ShareLimiter(Inner(), 200.0, runners=4)  # a share of 50/s, no initial burst
-    start = loop.time()
-    for _ in range(10):
-        await gate.acquire()
-    # 10 requests at 50/s take about 0.2 s of the loop's clock (a bound the limiter cannot beat).
-    assert loop.time() - start >= 10 / 50 * 0.9
+    limiter = AdaptiveLimiter(parse_rate("40/s"))
+    shares.apply_share(limiter, 40.0, 4)
+    assert limiter.ceiling == 10.0  # one runner of four: a quarter of the key's budget
+    shares.apply_share(limiter, 40.0, 1)
+    assert limiter.ceiling == 40.0  # the others stopped: the whole budget again, never above --rate
 
 
 def runner(host: str) -> RunnerInfo:

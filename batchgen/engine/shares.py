@@ -4,13 +4,9 @@
 split it evenly between the runners that are live right now, recomputed on every heartbeat, so a runner
 that dies or stops returns its share within one lease. `rate_share()` is the rule, as a pure function.
 
-How a share is enforced: the rate controller of issue 12 exposes `set_ceiling(per_second)`; when the
-limiter has it, the share is its ceiling (and the adaptive control works below it). Until then,
-`ShareLimiter` sits in front of the run's limiter with one `aiolimiter.AsyncLimiter` sized to the whole
-budget, and makes each request cost as many units as there are live runners — the same "costlier
-requests, one bucket" idea as engine/ratelimit.py, so a change of share never swaps a bucket and never
-lets a burst through: each runner sends at most rate/N per second plus a burst of 1/N second's worth,
-so all of them together stay within the rate plus its burst.
+How a share is enforced: it is the ceiling of each key's rate controller (`set_ceiling(per_second)`,
+engine/ratelimit.py); the adaptive control works below it, and the controller paces evenly from its
+first call with a burst of a few calls, so a runner joining the job adds no spike.
 
 Outputs: several hosts can only share a job whose output folder they all see. Object storage is another
 issue; until then `output_conflict()` refuses a runner on a local folder when a live runner on another
@@ -19,13 +15,10 @@ host already works on the job.
 
 from __future__ import annotations
 
-import asyncio
 import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
-
-from aiolimiter import AsyncLimiter
 
 from batchgen.store.records import RunnerInfo
 
@@ -40,55 +33,9 @@ def rate_share(per_second: float, live_runners: int) -> float:
     return per_second / max(1, live_runners)
 
 
-class ShareLimiter:
-    """A runner's share of a shared budget, in front of its own limiter (see the module docstring).
-
-    `acquire()` pays `runners` units of a bucket that leaks at the whole budget, then the inner limiter's
-    own acquire; `penalize`/`reward` and everything else go to the inner limiter."""
-
-    def __init__(self, inner: Any, per_second: float, runners: int = 1) -> None:
-        self.inner = inner
-        self._capacity = max(1.0, per_second)  # one second's worth of the whole budget, at least one request
-        self._bucket = AsyncLimiter(self._capacity, self._capacity / per_second)
-        self.runners = max(1, runners)
-        self._paying: asyncio.Lock | None = None
-        self._primed = False
-
-    def set_runners(self, runners: int) -> None:
-        self.runners = max(1, runners)
-
-    async def acquire(self, lane: str = "submit") -> None:
-        if self._paying is None:
-            self._paying = asyncio.Lock()
-        async with self._paying:  # one request pays at a time, first come first served
-            if not self._primed:
-                # A runner joining a job starts with a full bucket instead of a burst: the runners already
-                # sending learn of it only at their next heartbeat, so its burst would come on top of theirs.
-                self._primed = True
-                await self._pay(self._capacity)
-            await self._pay(float(self.runners))
-        await self.inner.acquire(lane=lane)
-
-    async def _pay(self, cost: float) -> None:
-        while cost > 1e-9:
-            chunk = min(cost, self._bucket.max_rate)
-            await self._bucket.acquire(chunk)
-            cost -= chunk
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self.inner, name)
-
-
 def apply_share(limiter: Any, per_second: float, runners: int) -> None:
-    """Set this runner's share: the limiter's own ceiling when it has one (issue 12), else the gate's."""
-    inner = limiter.inner if isinstance(limiter, ShareLimiter) else limiter
-    set_ceiling = getattr(inner, "set_ceiling", None)
-    if callable(set_ceiling):
-        set_ceiling(rate_share(per_second, runners))
-        if isinstance(limiter, ShareLimiter):
-            limiter.set_runners(1)
-    elif isinstance(limiter, ShareLimiter):
-        limiter.set_runners(runners)
+    """Set this runner's share of a key's budget as that key's rate controller's ceiling."""
+    limiter.set_ceiling(rate_share(per_second, runners))
 
 
 def is_network_filesystem(path: Path) -> bool:
