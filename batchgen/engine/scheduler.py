@@ -56,7 +56,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from batchgen import catalog
-from batchgen.engine import quality
+from batchgen.engine import intake
 from batchgen.engine.health import CallHealth
 from batchgen.engine.keypool import KeyPool, KeyState, PooledKey
 from batchgen.engine.uploads import UploadWaitError
@@ -245,6 +245,10 @@ class Scheduler:
         self._saved: list[tuple[ImageRecord, bool, asyncio.Future[None]]] = []  # images on disk, not yet recorded
         self._saved_flush: asyncio.Handle | None = None
         self._claimed: dict[str, str] = {}  # file name (no extension) → request key, claimed by this run
+        # Whether a name may already belong to an image this run did not save: an earlier run's, or another
+        # runner's on a shared store. When neither can be (a fresh job, one runner), the per-image lookup
+        # in the store is skipped: every image saved since is in _claimed.
+        self._names_elsewhere = True
         self._crash: BaseException | None = None
 
     # --- control ----------------------------------------------------------------------------------
@@ -356,6 +360,7 @@ class Scheduler:
         c.done, c.failed = counts["done"], counts["failed"]
         totals = self.store.credit_totals()
         c.credits_reserved, c.credits_used = totals.reserved, totals.used
+        self._names_elsewhere = self.store.shared or self.store.image_totals()[0] > 0
         self._track_open(self.store.open_attempts(), honour_not_before=True)
 
     # --- several runners on one job (shared stores only) -----------------------------------------------
@@ -1087,12 +1092,10 @@ class Scheduler:
                 urls = data  # fresh result URLs after an expiry: start over with them
                 index = 1
                 continue
-            verdict = await self._quality_gate(t, index, data)
-            if verdict is None:
-                return  # failed its checks: set aside, and requeued or failed (already recorded)
             try:
                 rel = self._relpath(t, index)
-                rel, info = await asyncio.to_thread(self.storage.save_image, rel, data)
+                got = await asyncio.to_thread(intake.take_in, self.storage, rel, data, t.req.params.get("size"),
+                                              self.cfg.quality)
             except StorageError as error:
                 # Not the request's fault: it stays completed (its task id kept) and the next run stores it.
                 self.halt(StopReason.STORAGE, f"{error}; resumable once the storage works")
@@ -1103,6 +1106,11 @@ class Scheduler:
             except ValueError as error:
                 self._download_failed(t, "unsafe_path", str(error))
                 return
+            verdict, info = got.verdict, got.info
+            if not verdict.passed and not await self._checks_failed(t, index, rel, data, got):
+                return  # set aside, and requeued or failed (already recorded)
+            assert got.rel is not None
+            rel = got.rel
             await self._commit_image(ImageRecord(req.key, index, rel, url, info.bytes, info.sha256, info.width,
                                                  info.height, info.format, t.attempt_id, time.time(),
                                                  verdict.status, verdict.reasons or None), done=last)
@@ -1112,32 +1120,24 @@ class Scheduler:
                 self._on_done(t)
             index += 1
 
-    async def _quality_gate(self, t: _Tracked, index: int, data: bytes) -> quality.Verdict | None:
-        """The automatic checks (engine/quality.py), between the download and the save. Returns the verdict
-        to record with the image, or None when the image failed and was set aside under _rejected/: the
-        request is then requeued as a new attempt (within max_attempts; the credit cap is checked when it
-        is claimed again) or, out of attempts, failed with `quality_check_failed`."""
-        settings = self.cfg.quality
-        if not settings.enabled:
-            return quality.NOT_CHECKED
-        try:
-            info = await asyncio.to_thread(outputs.inspect_image, data)
-        except outputs.NotAnImageError:
-            return quality.NOT_CHECKED  # not an image at all: the save fails it as bad_image, as before
-        verdict = await asyncio.to_thread(quality.check_bytes, data, t.req.params.get("size"), settings)
-        if verdict.passed:
-            return verdict
+    async def _checks_failed(self, t: _Tracked, index: int, rel_no_ext: str, data: bytes,
+                             got: intake.Intake) -> bool:
+        """An image failed the automatic checks (engine/quality.py). True when it is kept anyway (on_fail
+        "keep": stored and recorded with its verdict); otherwise it is set aside under _rejected/ and the
+        request is requeued as a new attempt (within max_attempts; the credit cap is checked when it is
+        claimed again) or, out of attempts, failed with `quality_check_failed`, and False is returned."""
+        settings, verdict, info = self.cfg.quality, got.verdict, got.info
         key = t.req.key
         self.emit("check_failed", {"key": key, "index": index, "reasons": verdict.reasons,
                                    "action": settings.on_fail})
-        if settings.on_fail == "keep":
-            return verdict
+        if got.rel is not None:
+            return True
         try:
-            rel = aside.aside_relpath(self._relpath(t, index), info.sha256, info.extension)
+            rel = aside.aside_relpath(rel_no_ext, info.sha256, info.extension)
             await asyncio.to_thread(aside.write_aside, self.storage, rel, data)
         except ValueError as error:
             self._download_failed(t, "unsafe_path", str(error))
-            return None
+            return False
         requeue = t.attempts < self.cfg.max_attempts
         message = f"image {index} failed its checks ({verdict.reasons}); kept as {rel}"
         if not requeue:
@@ -1149,7 +1149,8 @@ class Scheduler:
             self._on_requeued(key, QUALITY_CODE, 0.0, None)
         else:
             self._on_failed(key, QUALITY_CODE, message)
-        return None
+        return False
+
     async def _stored(self, t: _Tracked, rec: ImageRecord) -> bool:
         """Whether an image recorded by an earlier run is still stored with its content (not written again)."""
         try:
@@ -1164,7 +1165,9 @@ class Scheduler:
                                    metadata=req.metadata, model=t.model, key=req.key, index=index)
         # Two requests must never share a file: a template that names them alike gets the key appended. A
         # name is claimed here, before the write, so two downloads in flight cannot both take it.
-        owner = self._claimed.get(rel) or self.store.path_owner([rel + ext for ext in outputs.EXTENSIONS.values()])
+        owner = self._claimed.get(rel)
+        if owner is None and self._names_elsewhere:
+            owner = self.store.path_owner([rel + ext for ext in outputs.EXTENSIONS.values()])
         if owner is not None and owner != req.key:
             rel = f"{rel}-{req.key[-8:]}"
         self._claimed[rel] = req.key

@@ -42,9 +42,10 @@ class Storage(abc.ABC):
     location: str
 
     @abc.abstractmethod
-    def save_image(self, relpath_no_ext: str, data: bytes) -> tuple[str, ImageInfo]:
+    def save_image(self, relpath_no_ext: str, data: bytes, info: ImageInfo | None = None) -> tuple[str, ImageInfo]:
         """Check `data`, store it under `relpath_no_ext` + the extension of its real type, verified.
-        Returns the relative path stored and what the image is. NotAnImageError, ValueError (unsafe name)."""
+        Returns the relative path stored and what the image is. NotAnImageError, ValueError (unsafe name).
+        `info`: what `outputs.inspect_image` already found in these very bytes (not checked again)."""
 
     @abc.abstractmethod
     def has_image(self, rel: str, sha256: str, size: int | None = None) -> bool:

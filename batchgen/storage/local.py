@@ -32,23 +32,33 @@ def safe_target(out_dir: Path, relpath: str) -> Path:
     return target
 
 
-def write_atomic(target: Path, data: bytes) -> None:
+def write_atomic(target: Path, data: bytes, *, make_parent: bool = True) -> None:
     """Write `data` to `target` so that the file is either complete or absent, even if we are killed.
 
     A write that fails (no space left, a read-only or vanished folder) removes its partial file and raises
     LocalFaultError naming the file and the cause: a fault of this machine, which stops the run resumably.
+    `make_parent=False`: the caller knows the folder exists (it is made again if it vanished meanwhile).
     """
     tmp = target.with_name(f".{target.stem}.part")
     try:
-        target.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        if make_parent:
+            target.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        except FileNotFoundError:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
         try:
             view = memoryview(data)
             while view:
                 written = os.write(fd, view)
                 view = view[written:]
-            # fsync per file: "done" in the store means the bytes are on disk, even after a power cut; the
-            # store's own commits are WAL/NORMAL, so at worst a done image is recorded again, never lost.
+            # fsync per file: "done" in the store means the bytes are on disk, even after a power cut. The
+            # store's own commits are WAL with synchronous=NORMAL, which may lose the last commits on a power
+            # cut but never orders a commit before the data it names: without this fsync, a commit that did
+            # reach the disk could name an image whose bytes did not (ext4 makes no promise for a new name),
+            # and a done image would be missing for good. Measured: it costs wall time in a worker thread,
+            # hardly any CPU (docs/benchmarks.md).
             os.fsync(fd)
         finally:
             os.close(fd)
@@ -74,15 +84,34 @@ class LocalStorage(Storage):
     def __init__(self, root: Path) -> None:
         self.root = Path(root).resolve()
         self.location = str(self.root)
+        # Folders already checked to be inside the root (symlinks resolved) and made: a job writes
+        # thousands of files into a few folders, and resolving every path again cost more CPU than the
+        # write itself. Writes replace the final name with os.replace, which never follows a symlink there.
+        self._write_dirs: dict[str, Path] = {}
 
     def path(self, rel: str) -> Path:
         """The file `rel` stands for (ValueError if it would leave the folder)."""
         return safe_target(self.root, rel)
 
-    def save_image(self, relpath_no_ext: str, data: bytes) -> tuple[str, ImageInfo]:
-        info = inspect_image(data)
+    def write_path(self, rel: str) -> Path:
+        """Where to write `rel`: its folder checked once (inside the root, made), its name checked here."""
+        folder, _, name = rel.rpartition("/")
+        if not name or name in (".", "..") or "\x00" in rel or rel.startswith(("/", "\\")):
+            raise ValueError(f"unsafe output path {rel!r}")
+        parent = self._write_dirs.get(folder)
+        if parent is None:
+            parent = safe_target(self.root, folder) if folder else self.root
+            try:
+                parent.mkdir(parents=True, exist_ok=True)
+            except OSError as error:
+                raise LocalFaultError("cannot create the output folder", str(parent), error) from None
+            self._write_dirs[folder] = parent
+        return parent / name
+
+    def save_image(self, relpath_no_ext: str, data: bytes, info: ImageInfo | None = None) -> tuple[str, ImageInfo]:
+        info = info or inspect_image(data)
         rel = relpath_no_ext + info.extension
-        write_atomic(self.path(rel), data)
+        write_atomic(self.write_path(rel), data, make_parent=False)
         return rel, info
 
     def has_image(self, rel: str, sha256: str, size: int | None = None) -> bool:

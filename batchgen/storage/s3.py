@@ -287,8 +287,8 @@ class S3Storage(Storage):
             raise StorageError(f"{self.describe(rel)}: the object store did not confirm the checksum of what "
                                "was written; it is not counted as saved")
 
-    def save_image(self, relpath_no_ext: str, data: bytes) -> tuple[str, ImageInfo]:
-        info = inspect_image(data)
+    def save_image(self, relpath_no_ext: str, data: bytes, info: ImageInfo | None = None) -> tuple[str, ImageInfo]:
+        info = info or inspect_image(data)
         rel = relpath_no_ext + info.extension
         self.key(rel)  # refuse an unsafe name before any request
         self._call(self._put, rel, data, info.sha256, hashlib.md5(data, usedforsecurity=False).hexdigest(),
