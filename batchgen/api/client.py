@@ -59,6 +59,8 @@ EXCERPT_CHARS = 300  # body excerpts on errors are capped so logs and the store 
 FILE_LIFETIME = timedelta(hours=72)  # Files API uploads expire this long after upload
 FINAL_STATUSES = frozenset({"completed", "failed", "cancelled"})
 _IDEMPOTENCY_KEY_RE = re.compile(r"^[A-Za-z0-9._-]{16,96}$")
+# Compact JSON, as the API itself answers (aiohttp's json= adds spaces); built once, not per call.
+_BODY_ENCODER = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False)
 _DOWNLOAD_CHUNK_BYTES = 64 * 1024
 
 Api = Literal["api", "files"]
@@ -266,6 +268,8 @@ class EvolinkClient:
         self._session = aiohttp.ClientSession(
             timeout=timeout,
             connector=aiohttp.TCPConnector(limit=self.max_connections),
+            # No cookies: the API does not use them, and none set by a media host may ride along to it.
+            cookie_jar=aiohttp.DummyCookieJar(),
             # Only the User-Agent is a session default: the key is added per API call so that a
             # download can never carry it.
             headers={"User-Agent": self.user_agent},
@@ -484,8 +488,7 @@ class EvolinkClient:
             send_headers.update(headers)
         data: Any = None
         if json_body is not None:
-            # Compact JSON, as the API itself answers; aiohttp's json= would add spaces.
-            data = json.dumps(json_body, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+            data = _BODY_ENCODER.encode(json_body).encode("utf-8")
             send_headers["Content-Type"] = "application/json"
         elif form is not None:
             data = form

@@ -37,6 +37,8 @@ _NOTABLE = frozenset({"stopping", "warning", "preflight", "review_requeued", "ru
 # --json: events are written as they happen and flushed at least this often, and at once for these.
 JSON_FLUSH_S = 0.5
 JSON_MAX_PENDING = 2000
+# One encoder for every event: json.dumps with options builds a new one per call.
+_ENCODER = json.JSONEncoder(separators=(",", ":"), default=str)
 _FLUSH_AT_ONCE = frozenset({"stopping", "warning", "preflight", "synced", "summary", "failed", "runners"})
 
 
@@ -77,7 +79,7 @@ class Progress:
         # Written out by tick() (at most JSON_FLUSH_S later), at once for the events a reader waits for. A
         # write per event was a system call per event (stdout is unbuffered under PYTHONUNBUFFERED), the
         # largest part of the runner's own cost per image.
-        self._pending.append(json.dumps(obj, separators=(",", ":"), default=str) + "\n")
+        self._pending.append(_ENCODER.encode(obj) + "\n")
         if obj["event"] in _FLUSH_AT_ONCE or len(self._pending) >= JSON_MAX_PENDING:
             self.flush()
 

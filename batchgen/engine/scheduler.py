@@ -43,6 +43,7 @@ between awaits, so a cancellation can never interrupt one.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import enum
 import functools
@@ -98,6 +99,8 @@ POLL_ERRORS_BEFORE_LEAVING = 5
 # Batch polls in flight at once: one slow answer (or one held at the limiter) must not hold up the others.
 POLLS_IN_FLIGHT = 4
 QUALITY_CODE = "quality_check_failed"  # an image failed the automatic checks (issue 16)
+# Images saved within this long are recorded in one transaction (sooner when every downloader waits on it).
+SAVED_FLUSH_S = 0.01
 
 # (request, body) -> body actually sent; the uploads step swaps local paths for uploaded URLs here.
 BodyPreparer = Callable[[RequestRecord, GenerationRequest], Awaitable[dict[str, Any]]]
@@ -229,6 +232,10 @@ class Scheduler:
         self._send_heap: list[tuple[float, int, int]] = []  # resends with the same key
         self._seq = itertools.count()
         self._downloads: asyncio.Queue[_Tracked] = asyncio.Queue()
+        # The threads that check and store downloaded images (engine/intake.py), as many as the storage uses.
+        self._intake = concurrent.futures.ThreadPoolExecutor(
+            min(config.download_concurrency, self.storage.parallel_writes or config.download_concurrency),
+            thread_name_prefix="batchgen-intake")
         self._downloading = 0
         self._wake = asyncio.Event()  # something changed: the submitter re-checks
         self._poll_wake = asyncio.Event()
@@ -249,6 +256,7 @@ class Scheduler:
         # runner's on a shared store. When neither can be (a fresh job, one runner), the per-image lookup
         # in the store is skipped: every image saved since is in _claimed.
         self._names_elsewhere = True
+        self._nothing_pending = False  # the store had no pending request at the last look (see _submitter)
         self._crash: BaseException | None = None
 
     # --- control ----------------------------------------------------------------------------------
@@ -301,6 +309,7 @@ class Scheduler:
             if self._saved_flush is not None:  # and images already renamed into place
                 self._saved_flush.cancel()
                 self._flush_saved()
+            self._intake.shutdown(wait=False, cancel_futures=True)
             del workers
         if self._crash is not None:
             raise self._crash
@@ -466,15 +475,19 @@ class Scheduler:
                 continue
             free = cfg.concurrency - len(self._tracked)
             timeout: float | None = None
-            if free > 0:
+            busy = bool(self._tracked) or self._downloading > 0
+            if free > 0 and not (self._nothing_pending and busy):
                 if await self._claim(min(free, BATCH_MAX)):
                     continue
                 nb = self.store.next_not_before()
-                if nb is None and not self._tracked and self._downloading == 0:
+                if nb is None and not busy:
                     if not self.store.unfinished_elsewhere():
                         return  # nothing pending, nothing in flight: the job is finished
                     # Other runners still hold work (shared store): stay to take it over if they die.
                     nb = time.time() + self._take_over_interval()
+                # Nothing pending at all (one runner): until a request comes back (_on_requeued), each task
+                # that finishes wakes this loop for nothing; it need not ask the store again each time.
+                self._nothing_pending = nb is None and not self.store.shared
                 timeout = None if nb is None else max(0.0, nb - time.time())
             await self._wait(self._wake, _min_opt(timeout, self._deadline_timeout()))
 
@@ -1037,6 +1050,7 @@ class Scheduler:
         return chain[1] if len(chain) > 1 else None
 
     def _on_requeued(self, key: str, code: str, delay_s: float, model: str | None) -> None:
+        self._nothing_pending = False
         self.counters.requeued += 1
         fields: dict[str, Any] = {"key": key, "code": code, "retry_in_s": round(delay_s, 3)}
         if model:
@@ -1094,8 +1108,8 @@ class Scheduler:
                 continue
             try:
                 rel = self._relpath(t, index)
-                got = await asyncio.to_thread(intake.take_in, self.storage, rel, data, t.req.params.get("size"),
-                                              self.cfg.quality)
+                got = await self._loop.run_in_executor(self._intake, intake.take_in, self.storage, rel, data,
+                                                       t.req.params.get("size"), self.cfg.quality)
             except StorageError as error:
                 # Not the request's fault: it stays completed (its task id kept) and the next run stores it.
                 self.halt(StopReason.STORAGE, f"{error}; resumable once the storage works")
@@ -1174,13 +1188,19 @@ class Scheduler:
         return rel
 
     async def _commit_image(self, img: ImageRecord, done: bool) -> None:
-        """Record a saved image, together with the others saved in the same loop turn (one transaction);
-        returns once it is committed."""
+        """Record a saved image, together with the others saved within SAVED_FLUSH_S (one transaction);
+        returns once it is committed. The file is in place already: a run killed before the commit fetches
+        it again (no credits) and writes the same name."""
         assert self._loop is not None
         fut: asyncio.Future[None] = self._loop.create_future()
         self._saved.append((img, done, fut))
-        if self._saved_flush is None:
-            self._saved_flush = self._loop.call_soon(self._flush_saved)
+        if len(self._saved) >= self.cfg.download_concurrency:
+            # Every downloader is waiting on this commit: nothing more can join the batch.
+            if self._saved_flush is not None:
+                self._saved_flush.cancel()
+            self._flush_saved()
+        elif self._saved_flush is None:
+            self._saved_flush = self._loop.call_later(SAVED_FLUSH_S, self._flush_saved)
         await fut
 
     def _flush_saved(self) -> None:

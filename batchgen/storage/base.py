@@ -40,6 +40,9 @@ class Storage(abc.ABC):
 
     #: What the store records as the job's output location: an absolute folder or `s3://bucket/prefix`.
     location: str
+    #: How many `save_image` calls are worth running at once (worker threads); None: one per downloader.
+    #: A bucket's writes wait on the network, so every downloader may have one under way.
+    parallel_writes: int | None = None
 
     @abc.abstractmethod
     def save_image(self, relpath_no_ext: str, data: bytes, info: ImageInfo | None = None) -> tuple[str, ImageInfo]:
