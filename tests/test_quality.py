@@ -109,3 +109,17 @@ def test_the_quality_section_is_validated(tmp_path) -> None:  # type: ignore[no-
     text = str(info.value)
     assert "quality.on_fail" in text and "'regenerate' or 'keep'" in text
     assert "quality.aspect_tolerance" in text and "quality.treshold: unknown key" in text
+
+
+def test_the_luminance_spread_is_the_standard_deviation_of_the_levels() -> None:
+    from PIL import ImageStat
+
+    from batchgen.engine.quality import luminance_spread
+
+    rnd = random.Random(7)
+    for _ in range(25):
+        img = Image.new("L", (rnd.randint(1, 60), rnd.randint(1, 60)))
+        flat = rnd.randint(0, 255)
+        img.putdata([rnd.randint(0, 255) if rnd.random() < 0.3 else flat for _ in range(img.width * img.height)])
+        assert luminance_spread(img.histogram()) == pytest.approx(ImageStat.Stat(img).stddev[0], abs=1e-6)
+    assert luminance_spread(Image.new("L", (8, 8), 200).histogram()) == 0.0
