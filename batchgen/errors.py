@@ -314,3 +314,12 @@ def decide(
     if attempt >= max_attempts:
         return Decision(Action.FAIL, 0.0, f"{rule.why}; gave up after {attempt} attempt(s)")
     return Decision(Action.RETRY, backoff_s(rule, attempt, rng) * time_scale, rule.why)
+
+
+def code_of(error: ApiError) -> str:
+    """The code a failed call is recorded under: the API's own, else `http_<status>` or `transport_error`."""
+    if error.code and not error.code.isdigit():
+        return error.code
+    if isinstance(error, HttpError) and error.status is not None:
+        return f"http_{error.status}"
+    return "transport_error" if error.status is None else f"http_{error.status}"

@@ -15,7 +15,7 @@ from click.testing import CliRunner
 from batchgen.cli import main
 from batchgen.engine.progress import Progress
 from batchgen.engine.ratelimit import AdaptiveLimiter
-from batchgen.engine.scheduler import Counters
+from batchgen.engine.runstate import Counters
 from batchgen.units import Rate
 from tests.emulator_fixtures import EmulatorFactory
 from tests.run_support import check_outputs, db_of, json_events, prompts, run, write_job

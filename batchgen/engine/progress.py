@@ -23,7 +23,7 @@ import sys
 import time
 from typing import TYPE_CHECKING, Any, TextIO
 
-from batchgen.engine.scheduler import Counters
+from batchgen.engine.runstate import Counters
 from batchgen.units import rate_text
 
 if TYPE_CHECKING:

@@ -35,7 +35,8 @@ from batchgen.engine.keyfile import KeySource, load_keys
 from batchgen.engine.keypool import KeyPool, KeyState
 from batchgen.engine.progress import Progress
 from batchgen.engine.rejects import requeue_rejected
-from batchgen.engine.scheduler import Scheduler, SchedulerConfig, StopReason
+from batchgen.engine.runstate import StopReason
+from batchgen.engine.scheduler import Scheduler, SchedulerConfig
 from batchgen.engine.uploads import Uploader
 from batchgen.errors import ApiError, BatchgenError, ConfigError, ConnectError, LocalFaultError
 from batchgen.models import JobSpec, RunOptions, RunSettings

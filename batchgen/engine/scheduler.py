@@ -18,8 +18,9 @@ Moving parts (one task each, no per-request timers):
   the whole answer in one transaction. A task is polled at its `estimated_time` (plus a small margin);
   without one, at the reference's 3 s, then every 3–5 s (× time_scale). A task past `max_wait` keeps its
   task id and is left for the next run.
-* **downloaders** — `download_concurrency` workers save each result (the job's `storage/` backend: a
-  folder or a bucket), record it, and mark the request done when all its images are stored and verified.
+* **downloads** (downloads.py) — `download_concurrency` workers bring each finished task's images home
+  (fetch, check and store in one worker-thread call, record), and mark the request done when all its
+  images are stored and verified.
 
 Every failure goes through `errors.decide()`. Failed *tasks* requeue the request (a new attempt, a new key)
 or fail it; failed *calls* (a poll, a download, a submit that got no answer) are retried in place and do
@@ -43,9 +44,7 @@ between awaits, so a cancellation can never interrupt one.
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import contextlib
-import enum
 import functools
 import heapq
 import itertools
@@ -57,9 +56,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from batchgen import catalog
-from batchgen.engine import intake
+from batchgen.engine.downloads import Downloads
 from batchgen.engine.health import CallHealth
 from batchgen.engine.keypool import KeyPool, KeyState, PooledKey
+from batchgen.engine.runstate import Counters, StopReason, Tracked
 from batchgen.engine.uploads import UploadWaitError
 from batchgen.errors import (
     CONTENT_POLICY_CODE,
@@ -67,25 +67,21 @@ from batchgen.errors import (
     ApiError,
     BatchgenError,
     ConnectError,
-    HttpError,
     LocalFaultError,
+    code_of,
     decide,
     is_transient,
     rule_for,
 )
-from batchgen.manifest import naming
 from batchgen.models import GenerationRequest, QualitySettings
-from batchgen.storage import aside, outputs
-from batchgen.storage.base import Storage, StorageError
+from batchgen.storage.base import Storage
 from batchgen.storage.local import LocalStorage
 from batchgen.store.base import BaseStore
 from batchgen.store.records import (
     AttemptState,
-    ImageRecord,
     NewAttempt,
     Outcome,
     RequestRecord,
-    SetAsideRecord,
 )
 
 if TYPE_CHECKING:
@@ -93,14 +89,10 @@ if TYPE_CHECKING:
 
 BATCH_MAX = 50
 POLL_MARGIN = 0.03  # poll a little after the estimate: an early poll is a wasted request
-EXPIRED_STATUSES = frozenset({403, 404, 410})
 HALT_GRACE_S = 2.0
 POLL_ERRORS_BEFORE_LEAVING = 5
 # Batch polls in flight at once: one slow answer (or one held at the limiter) must not hold up the others.
 POLLS_IN_FLIGHT = 4
-QUALITY_CODE = "quality_check_failed"  # an image failed the automatic checks (issue 16)
-# Images saved within this long are recorded in one transaction (sooner when every downloader waits on it).
-SAVED_FLUSH_S = 0.01
 
 # (request, body) -> body actually sent; the uploads step swaps local paths for uploaded URLs here.
 BodyPreparer = Callable[[RequestRecord, GenerationRequest], Awaitable[dict[str, Any]]]
@@ -116,19 +108,6 @@ PREPARE_MAX_TRIES = 5
 # Shared stores (several runners on one job): how often to look for attempts of dead runners, as a fraction
 # of the store's lease (takeover then happens within about 1⅓ leases of the death).
 TAKEOVER_EVERY_LEASE = 1 / 3
-
-class StopReason(enum.StrEnum):
-    FINISHED = "finished"
-    SIGNAL = "signal"
-    BUDGET = "budget"
-    RUNTIME = "runtime"
-    AUTH = "auth"  # 401/402: fix the key or the balance, then run again
-    POLICY = "policy"  # too many content-policy refusals in a row
-    UNREACHABLE = "unreachable"  # every call refused or failing for longer than the patience
-    LOCAL_FAULT = "local_fault"  # this machine: disk full, read-only or vanished folder, database unwritable
-    STORAGE = "storage"  # the output bucket refused a write or stayed unreachable
-    KEY_MISSING = "key_missing"  # only tasks of keys this run does not have (or that were revoked) are left
-
 
 @dataclass
 class SchedulerConfig:
@@ -152,58 +131,10 @@ class SchedulerConfig:
 
 
 @dataclass
-class Counters:
-    """What the progress line and the summary show; updated in place."""
-
-    total: int = 0
-    done: int = 0
-    failed: int = 0
-    in_flight: int = 0
-    submitted: int = 0  # submits sent this run
-    replayed: int = 0
-    polls: int = 0  # poll calls this run (a batch poll is one)
-    tasks_polled: int = 0
-    images: int = 0
-    requeued: int = 0
-    left: int = 0  # tasks left past max_wait for the next run
-    call_failures: int = 0  # failed calls retried in place (429, 5xx, timeouts, drops), all services
-    credits_reserved: float = 0.0
-    credits_used: float = 0.0
-    done_this_run: int = 0
-    started: float = 0.0  # loop time
-
-
-@dataclass
 class RunResult:
     reason: StopReason
     message: str
     counters: Counters
-
-
-@dataclass(eq=False)
-class _Tracked:
-    """A request in flight in this run: its current attempt and where it is."""
-
-    req: RequestRecord
-    attempt_id: int
-    attempt_no: int
-    attempts: int  # the request's charged attempts including this one
-    idempotency_key: str  # as committed on the attempt row; every send of this attempt uses it
-    model: str
-    body: dict[str, Any]
-    est_credits: float
-    reserved: float
-    task_id: str | None = None
-    since: float = 0.0  # loop time this run started tracking it (max_wait counts from here)
-    submitted_wall: float = 0.0
-    submit_tries: int = 0  # failed sends of this attempt (transient; retried in place with the same key)
-    poll_errors: int = 0
-    missing: int = 0
-    result_urls: tuple[str, ...] = ()
-    refetched: bool = False
-    resumed: bool = False  # loaded from the store at start (not submitted by this run)
-    key: PooledKey | None = None  # with a key pool: the key it was sent with (polls and fetches use it)
-    unanswered: bool = False  # a send of it went unanswered (timeout, drop, 5xx): the task may exist
 
 
 class Scheduler:
@@ -224,19 +155,12 @@ class Scheduler:
         self.reference_failed = reference_failed
         self.rng = rng or random.Random()
         self.counters = Counters()
-        self._tracked: dict[int, _Tracked] = {}  # attempt id → tracked (submitted, not yet final)
+        self._tracked: dict[int, Tracked] = {}  # attempt id → tracked (submitted, not yet final)
         self._prepare_failures: dict[str, int] = {}  # request key → failed body preparations (uploads) this run
         self.api_health = CallHealth.scaled("the API", config.patience_s, config.time_scale)
-        self.media_health = CallHealth.scaled("the result host", config.patience_s, config.time_scale)
         self._poll_heap: list[tuple[float, int, int]] = []  # (due, seq, attempt id)
         self._send_heap: list[tuple[float, int, int]] = []  # resends with the same key
         self._seq = itertools.count()
-        self._downloads: asyncio.Queue[_Tracked] = asyncio.Queue()
-        # The threads that check and store downloaded images (engine/intake.py), as many as the storage uses.
-        self._intake = concurrent.futures.ThreadPoolExecutor(
-            min(config.download_concurrency, self.storage.parallel_writes or config.download_concurrency),
-            thread_name_prefix="batchgen-intake")
-        self._downloading = 0
         self._wake = asyncio.Event()  # something changed: the submitter re-checks
         self._poll_wake = asyncio.Event()
         self._send_wake = asyncio.Event()
@@ -247,17 +171,11 @@ class Scheduler:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._polling: set[int] = set()  # attempt ids in a poll call now
         self._poll_slots = asyncio.Semaphore(POLLS_IN_FLIGHT)
-        self._answered: list[tuple[_Tracked, TaskSnapshot]] = []  # submits answered, not yet committed
+        self._answered: list[tuple[Tracked, TaskSnapshot]] = []  # submits answered, not yet committed
         self._flush_handle: asyncio.Handle | None = None
-        self._saved: list[tuple[ImageRecord, bool, asyncio.Future[None]]] = []  # images on disk, not yet recorded
-        self._saved_flush: asyncio.Handle | None = None
-        self._claimed: dict[str, str] = {}  # file name (no extension) → request key, claimed by this run
-        # Whether a name may already belong to an image this run did not save: an earlier run's, or another
-        # runner's on a shared store. When neither can be (a fresh job, one runner), the per-image lookup
-        # in the store is skipped: every image saved since is in _claimed.
-        self._names_elsewhere = True
         self._nothing_pending = False  # the store had no pending request at the last look (see _submitter)
         self._crash: BaseException | None = None
+        self.downloads = Downloads(self)
 
     # --- control ----------------------------------------------------------------------------------
 
@@ -278,6 +196,15 @@ class Scheduler:
         self._send_wake.set()
 
     @property
+    def halting(self) -> bool:
+        """Whether the run is halting (calls under way get a short grace; nothing new starts)."""
+        return self._halting is not None
+
+    def wake(self) -> None:
+        """Something the submitter waits on changed (a slot or a download freed)."""
+        self._wake.set()
+
+    @property
     def stop_state(self) -> tuple[StopReason, str] | None:
         """Why the run is stopping (None while it is not)."""
         return self._halting or self._draining
@@ -292,7 +219,7 @@ class Scheduler:
         workers = [self._spawn(self._poller()), self._spawn(self._sender())]
         if self.store.shared:
             workers.append(self._spawn(self._take_over_loop()))
-        workers += [self._spawn(self._downloader()) for _ in range(self.cfg.download_concurrency)]
+        workers += [self._spawn(self.downloads.worker()) for _ in range(self.cfg.download_concurrency)]
         try:
             await self._submitter()
         except LocalFaultError as error:
@@ -306,10 +233,7 @@ class Scheduler:
             if self._flush_handle is not None:  # answers of the last turn: their task ids go to disk too
                 self._flush_handle.cancel()
                 self._flush_answered()
-            if self._saved_flush is not None:  # and images already renamed into place
-                self._saved_flush.cancel()
-                self._flush_saved()
-            self._intake.shutdown(wait=False, cancel_futures=True)
+            self.downloads.close()  # and images already in place
             del workers
         if self._crash is not None:
             raise self._crash
@@ -369,7 +293,7 @@ class Scheduler:
         c.done, c.failed = counts["done"], counts["failed"]
         totals = self.store.credit_totals()
         c.credits_reserved, c.credits_used = totals.reserved, totals.used
-        self._names_elsewhere = self.store.shared or self.store.image_totals()[0] > 0
+        self.downloads.names_elsewhere = self.store.shared or self.store.image_totals()[0] > 0
         self._track_open(self.store.open_attempts(), honour_not_before=True)
 
     # --- several runners on one job (shared stores only) -----------------------------------------------
@@ -406,7 +330,7 @@ class Scheduler:
         for req, att in pairs:
             if att.id in self._tracked:
                 continue
-            t = _Tracked(req=req, attempt_id=att.id, attempt_no=att.attempt_no, attempts=req.attempts,
+            t = Tracked(req=req, attempt_id=att.id, attempt_no=att.attempt_no, attempts=req.attempts,
                          idempotency_key=att.idempotency_key, model=att.model,
                          body=att.body or self._body_for(req, att.model),
                          est_credits=att.credits_estimated or 0.0,
@@ -422,8 +346,7 @@ class Scheduler:
                     continue
             if req.state == "completed":
                 if att.state == AttemptState.COMPLETED:
-                    self._downloads.put_nowait(t)
-                    self._downloading += 1
+                    self.downloads.add(t)
                 continue
             self._tracked[att.id] = t
             if att.task_id is None:
@@ -438,11 +361,11 @@ class Scheduler:
                 f"({_names(self._keyless)}): they cannot be looked at with another key and are left for a run "
                 f"that has them (e.g. {', '.join(k for k, _ in self._keyless[:3])})")})
 
-    def _client_for(self, t: _Tracked) -> EvolinkClient:
+    def client_for(self, t: Tracked) -> EvolinkClient:
         """The client of the key that sent `t` (the run's client without a pool)."""
         return t.key.client if t.key is not None else self.client
 
-    def _push(self, heap: list[tuple[float, int, int]], due: float, t: _Tracked) -> None:
+    def _push(self, heap: list[tuple[float, int, int]], due: float, t: Tracked) -> None:
         heapq.heappush(heap, (due, next(self._seq), t.attempt_id))
         (self._poll_wake if heap is self._poll_heap else self._send_wake).set()
 
@@ -469,13 +392,13 @@ class Scheduler:
                 self.drain(StopReason.RUNTIME, "the runtime limit is near: no new submissions; the rest is "
                            "left for the next run")
             if self._draining is not None:
-                if not self._tracked and self._downloading == 0:
+                if not self._tracked and self.downloads.pending == 0:
                     return
                 await self._wait(self._wake, self._deadline_timeout())
                 continue
             free = cfg.concurrency - len(self._tracked)
             timeout: float | None = None
-            busy = bool(self._tracked) or self._downloading > 0
+            busy = bool(self._tracked) or self.downloads.pending > 0
             if free > 0 and not (self._nothing_pending and busy):
                 if await self._claim(min(free, BATCH_MAX)):
                     continue
@@ -512,7 +435,7 @@ class Scheduler:
 
     # --- the rule for failed calls (errors.decide; engine/health.py) ------------------------------
 
-    def _call_failed(self, error: ApiError, tries: int, health: CallHealth | None = None) -> float:
+    def call_failed(self, error: ApiError, tries: int, health: CallHealth | None = None) -> float:
         """A call failed transiently: note it, stop the run if every call has failed for the patience, and
         return how long to wait before this call is tried again."""
         assert self._loop is not None
@@ -555,7 +478,7 @@ class Scheduler:
                     self.pool.refund(key, est)
                 if key is not None and self._several_keys and error.status in (401, 402):
                     self._key_refused(key, error)  # uploads refused by this key: the request waits for another
-                    self.store.defer(req.key, time.time(), _code_of(error), error.message)
+                    self.store.defer(req.key, time.time(), code_of(error), error.message)
                     continue
                 self._defer_unsent(req, error)
                 continue
@@ -571,7 +494,7 @@ class Scheduler:
                 if self.pool is not None:
                     self.pool.refund(key, est)
                 self.store.fail(req.key, "upload_failed", str(error))
-                self._on_failed(req.key, "upload_failed", str(error))
+                self.on_failed(req.key, "upload_failed", str(error))
                 continue
             if rewritten:
                 self.api_health.ok()  # the Files API answered
@@ -589,7 +512,7 @@ class Scheduler:
         ids = self.store.start_attempts(new)
         loop_now = self._loop.time() if self._loop else 0.0
         for attempt_id, (req, body, est), na, key in zip(ids, prepared, new, keys, strict=True):
-            t = _Tracked(req=req, attempt_id=attempt_id, attempt_no=na.attempt_no, attempts=req.attempts + 1,
+            t = Tracked(req=req, attempt_id=attempt_id, attempt_no=na.attempt_no, attempts=req.attempts + 1,
                          idempotency_key=self.store.idempotency_key(
                              na.request_key, na.attempt_no, (na.key_fp or "") if na.scoped else ""),
                          model=na.model, body=body, est_credits=est, reserved=est, since=loop_now,
@@ -675,20 +598,20 @@ class Scheduler:
         if is_transient(error):  # a failed call, not a refusal: nothing about this request
             tries = self._prepare_failures.get(req.key, 0) + 1
             self._prepare_failures[req.key] = tries
-            delay = self._call_failed(error, tries)
-            self.store.defer(req.key, time.time() + delay, _code_of(error), error.message)
+            delay = self.call_failed(error, tries)
+            self.store.defer(req.key, time.time() + delay, code_of(error), error.message)
             return
         tries = self._prepare_failures.get(req.key, 0) + 1
         self._prepare_failures[req.key] = tries
         d = decide(error, tries, max(self.cfg.max_attempts, PREPARE_MAX_TRIES), self.rng, self.cfg.time_scale)
-        code, message = _code_of(error), error.message
+        code, message = code_of(error), error.message
         if d.action is Action.STOP:
             self.halt(StopReason.AUTH, f"{error}: {d.why}")
         elif d.action is Action.RETRY:
             self.store.defer(req.key, time.time() + d.delay_s, code, message)
         else:
             self.store.fail(req.key, code, message)
-            self._on_failed(req.key, code, message)
+            self.on_failed(req.key, code, message)
 
     async def _until_due(self, heap: list[tuple[float, int, int]], wake: asyncio.Event) -> bool:
         """Wait until the earliest entry of `heap` is due (woken early by `wake` when an earlier one is
@@ -715,9 +638,9 @@ class Scheduler:
             if t is not None and t.task_id is None:
                 self._spawn(self._send(t), name="call")
 
-    async def _send(self, t: _Tracked) -> None:
+    async def _send(self, t: Tracked) -> None:
         try:
-            snap = await self._client_for(t).submit(t.body, idempotency_key=t.idempotency_key)
+            snap = await self.client_for(t).submit(t.body, idempotency_key=t.idempotency_key)
         except ApiError as error:
             self._submit_failed(t, error)
             return
@@ -750,7 +673,7 @@ class Scheduler:
         for t, snap in batch:
             self._accepted(t, snap)
 
-    def _accepted(self, t: _Tracked, snap: TaskSnapshot) -> None:
+    def _accepted(self, t: Tracked, snap: TaskSnapshot) -> None:
         """The task id is on disk: count it, and put the task in the poll schedule (or apply its final answer)."""
         assert self._loop is not None
         reserved = snap.credits_reserved if snap.credits_reserved is not None else t.est_credits
@@ -771,16 +694,16 @@ class Scheduler:
             self._schedule_poll(t, snap, first=True)
         self._check()
 
-    def _submit_failed(self, t: _Tracked, error: ApiError) -> None:
+    def _submit_failed(self, t: Tracked, error: ApiError) -> None:
         """A submit call failed. Transient (429, 5xx, timeout, drop): the same attempt is sent again with the
         same key, however often, never charged to max_attempts. Otherwise it is the API's verdict."""
         assert self._loop is not None
-        code, message = _code_of(error), error.message
+        code, message = code_of(error), error.message
         if is_transient(error):
             t.submit_tries += 1
             if error.status != 429 and not isinstance(error, ConnectError):
                 t.unanswered = True  # the task may exist: with several keys, only this key may send it again
-            delay = self._call_failed(error, t.submit_tries)
+            delay = self.call_failed(error, t.submit_tries)
             # Same attempt, same key: if the server did create the task, the resend gets it back.
             self.store.retry_submit(t.attempt_id, t.req.key, time.time() + delay, code, message)
             self._push(self._send_heap, self._loop.time() + delay, t)
@@ -800,7 +723,7 @@ class Scheduler:
             self.store.record_outcomes([Outcome(t.attempt_id, t.req.key, "requeue", error_code=code,
                                                 error_message=message, not_before=time.time(),
                                                 consume_attempt=False)])
-            self._on_requeued(t.req.key, code, 0.0, None)
+            self.on_requeued(t.req.key, code, 0.0, None)
             return
         if d.action is Action.STOP:
             # Left as `sending`: the next run sends it again with the same key once the cause is fixed.
@@ -809,11 +732,11 @@ class Scheduler:
         self._finish_tracking(t)
         self.store.record_outcomes([Outcome(t.attempt_id, t.req.key, "failed", error_code=code,
                                             error_message=message)])
-        self._on_failed(t.req.key, code, message)
+        self.on_failed(t.req.key, code, message)
 
     # --- polling ----------------------------------------------------------------------------------
 
-    def _schedule_poll(self, t: _Tracked, snap: TaskSnapshot | None, first: bool = False) -> None:
+    def _schedule_poll(self, t: Tracked, snap: TaskSnapshot | None, first: bool = False) -> None:
         assert self._loop is not None
         ts = self.cfg.time_scale
         est = snap.estimated_time_s if snap is not None else None
@@ -837,7 +760,7 @@ class Scheduler:
         while await self._until_due(heap, self._poll_wake):
             await self._poll_slots.acquire()
             now = self._loop.time()
-            batch: list[_Tracked] = []
+            batch: list[Tracked] = []
             other_keys: list[tuple[float, int, int]] = []
             while heap and heap[0][0] <= now and len(batch) < BATCH_MAX:
                 due, seq, attempt_id = heapq.heappop(heap)
@@ -858,7 +781,7 @@ class Scheduler:
             self._polling.update(t.attempt_id for t in batch)
             self._spawn(self._poll_call(batch), name="call")
 
-    async def _poll_call(self, batch: list[_Tracked]) -> None:
+    async def _poll_call(self, batch: list[Tracked]) -> None:
         try:
             await self._poll(batch)
         finally:
@@ -866,17 +789,17 @@ class Scheduler:
             self._poll_slots.release()
         self._check()
 
-    async def _poll(self, batch: list[_Tracked]) -> None:
+    async def _poll(self, batch: list[Tracked]) -> None:
         assert self._loop is not None
         self.counters.polls += 1
         self.counters.tasks_polled += len(batch)
         try:
-            found = await self._client_for(batch[0]).get_tasks([t.task_id for t in batch if t.task_id])
+            found = await self.client_for(batch[0]).get_tasks([t.task_id for t in batch if t.task_id])
         except ApiError as error:
             self._poll_failed(batch, error)
             return
         self.api_health.ok()
-        finals: list[tuple[_Tracked, TaskSnapshot]] = []
+        finals: list[tuple[Tracked, TaskSnapshot]] = []
         running: list[Outcome] = []
         for t in batch:
             snap = found.get(t.task_id or "")
@@ -898,14 +821,14 @@ class Scheduler:
         self.store.record_outcomes(running)
         self._apply(finals)
 
-    def _poll_failed(self, batch: list[_Tracked], error: ApiError) -> None:
+    def _poll_failed(self, batch: list[Tracked], error: ApiError) -> None:
         """A poll call failed: every task in it stays watched and is polled again after a backoff."""
         assert self._loop is not None
         for t in batch:
             t.poll_errors += 1
         worst = max(t.poll_errors for t in batch)
         if is_transient(error):
-            delay = self._call_failed(error, worst)
+            delay = self.call_failed(error, worst)
         else:
             self.api_health.ok()
             key = batch[0].key
@@ -932,7 +855,7 @@ class Scheduler:
 
     # --- the invariant --------------------------------------------------------------------------------
 
-    def unwatched(self) -> list[_Tracked]:
+    def unwatched(self) -> list[Tracked]:
         """Tracked tasks with a task id that nothing will look at again: neither in the poll schedule nor in a
         poll call now. Always empty; tests run with `check_invariants` to prove it under faults. (A finished
         task leaves the tracked set for the download queue, which holds it until its images are saved.)"""
@@ -946,7 +869,7 @@ class Scheduler:
             if lost:
                 raise AssertionError(f"tasks with an id that nothing polls: {[t.task_id for t in lost]}")
 
-    def _task_missing(self, t: _Tracked) -> None:
+    def _task_missing(self, t: Tracked) -> None:
         """The server does not know the task (404 or absent from a batch answer)."""
         t.missing += 1
         if t.missing < 3:
@@ -956,7 +879,7 @@ class Scheduler:
         # Lost for good: the task was never going to finish; submit again as a new attempt.
         self._task_failed(t, "task_not_found", "the API no longer knows task " + (t.task_id or "?"))
 
-    def _leave(self, t: _Tracked) -> None:
+    def _leave(self, t: Tracked) -> None:
         """Past max_wait: keep the task id for the next run, unless it has been running for so long that it
         is clearly stuck (twice max_wait since it was submitted, across runs): then it is retried."""
         if time.time() - t.submitted_wall >= 2 * self.cfg.max_wait_s:
@@ -968,7 +891,7 @@ class Scheduler:
         self.emit("left", {"key": t.req.key, "task_id": t.task_id,
                            "message": "still running after the maximum wait; the next run polls it again"})
 
-    def _finish_tracking(self, t: _Tracked) -> None:
+    def _finish_tracking(self, t: Tracked) -> None:
         if self._tracked.pop(t.attempt_id, None) is not None:
             self.counters.credits_reserved -= t.reserved
             self.counters.in_flight = len(self._tracked)
@@ -976,7 +899,7 @@ class Scheduler:
 
     # --- outcomes ---------------------------------------------------------------------------------
 
-    def _apply(self, finals: list[tuple[_Tracked, TaskSnapshot]]) -> None:
+    def _apply(self, finals: list[tuple[Tracked, TaskSnapshot]]) -> None:
         """Final task snapshots: decide, commit them in one transaction, then act."""
         outcomes: list[Outcome] = []
         after: list[Callable[[], None]] = []
@@ -1001,13 +924,13 @@ class Scheduler:
         for fn in after:
             fn()
 
-    def _task_failed(self, t: _Tracked, code: str, message: str) -> None:
+    def _task_failed(self, t: Tracked, code: str, message: str) -> None:
         self._finish_tracking(t)
         outcome, then = self._failure_outcome(t, code, message)
         self.store.record_outcomes([outcome])
         then()
 
-    def _failure_outcome(self, t: _Tracked, code: str, message: str) -> tuple[Outcome, Callable[[], None]]:
+    def _failure_outcome(self, t: Tracked, code: str, message: str) -> tuple[Outcome, Callable[[], None]]:
         if self.pool is not None:
             self.pool.refund(t.key, t.est_credits)  # a failed task is refunded: the key's balance has it back
         d = decide(code, t.attempts, self.cfg.max_attempts, self.rng, self.cfg.time_scale)
@@ -1021,7 +944,7 @@ class Scheduler:
             message = f"{message} (a reference batchgen uploaded may have expired or been deleted; retrying)"
             return (Outcome(t.attempt_id, key, "requeue", error_code=code, error_message=message,
                             not_before=time.time()),
-                    lambda: self._on_requeued(key, code, 0.0, None))
+                    lambda: self.on_requeued(key, code, 0.0, None))
         if code == CONTENT_POLICY_CODE:
             self._policy_streak += 1
             if self._policy_streak >= self.cfg.policy_pause_after:
@@ -1033,14 +956,14 @@ class Scheduler:
             if nxt is not None:
                 return (Outcome(t.attempt_id, key, "requeue", error_code=code, error_message=message,
                                 not_before=time.time(), model=nxt, consume_attempt=False),
-                        lambda: self._on_requeued(key, code, 0.0, nxt))
+                        lambda: self.on_requeued(key, code, 0.0, nxt))
             message = f"{message} (no fallback model left)"
         if d.action is Action.RETRY:
             return (Outcome(t.attempt_id, key, "requeue", error_code=code, error_message=message,
                             not_before=time.time() + d.delay_s),
-                    lambda: self._on_requeued(key, code, d.delay_s, None))
+                    lambda: self.on_requeued(key, code, d.delay_s, None))
         return (Outcome(t.attempt_id, key, "failed", error_code=code, error_message=message),
-                lambda: self._on_failed(key, code, message))
+                lambda: self.on_failed(key, code, message))
 
     def _fallback_for(self, current: str, original: str) -> str | None:
         chain = [original, *[m for m in self.cfg.fallback_models if m != original]]
@@ -1049,7 +972,7 @@ class Scheduler:
             return rest[0] if rest else None
         return chain[1] if len(chain) > 1 else None
 
-    def _on_requeued(self, key: str, code: str, delay_s: float, model: str | None) -> None:
+    def on_requeued(self, key: str, code: str, delay_s: float, model: str | None) -> None:
         self._nothing_pending = False
         self.counters.requeued += 1
         fields: dict[str, Any] = {"key": key, "code": code, "retry_in_s": round(delay_s, 3)}
@@ -1058,240 +981,15 @@ class Scheduler:
         self.emit("requeued", fields)
         self._wake.set()
 
-    def _on_failed(self, key: str, code: str, message: str) -> None:
+    def on_failed(self, key: str, code: str, message: str) -> None:
         self.counters.failed += 1
         self.emit("failed", {"key": key, "code": code, "message": message})
         self._wake.set()
 
-    def _completed(self, t: _Tracked, snap: TaskSnapshot) -> None:
+    def _completed(self, t: Tracked, snap: TaskSnapshot) -> None:
         self.emit("completed", {"key": t.req.key, "task_id": snap.id, "images": len(snap.results),
                                 "credits_used": snap.credits_used})
-        self._downloading += 1
-        self._downloads.put_nowait(t)
-
-    # --- downloads --------------------------------------------------------------------------------
-
-    async def _downloader(self) -> None:
-        while True:
-            t = await self._downloads.get()
-            try:
-                if self._halting is None:
-                    await self._download_request(t)
-            except LocalFaultError as error:
-                self.local_fault(error)  # the folder is full or gone: stop; this download is done next run
-            finally:
-                self._downloading -= 1
-                self._wake.set()
-
-    async def _download_request(self, t: _Tracked) -> None:
-        req = t.req
-        # Only a request carried over from an earlier run can have images on disk already.
-        have = {img.idx: img for img in self.store.images_for(req.key)} if t.resumed else {}
-        urls = t.result_urls
-        index = 1
-        while index <= len(urls):
-            url = urls[index - 1]
-            rec = have.get(index)
-            last = index == len(urls)
-            if rec is not None and await self._stored(t, rec):
-                if last:
-                    self.store.finish_request(req.key)
-                    self._on_done(t)
-                index += 1
-                continue
-            data = await self._fetch(t, url)
-            if data is None:
-                return  # failed, requeued or halted: already recorded
-            if isinstance(data, tuple):
-                urls = data  # fresh result URLs after an expiry: start over with them
-                index = 1
-                continue
-            try:
-                rel = self._relpath(t, index)
-                got = await self._loop.run_in_executor(self._intake, intake.take_in, self.storage, rel, data,
-                                                       t.req.params.get("size"), self.cfg.quality)
-            except StorageError as error:
-                # Not the request's fault: it stays completed (its task id kept) and the next run stores it.
-                self.halt(StopReason.STORAGE, f"{error}; resumable once the storage works")
-                return
-            except outputs.NotAnImageError as error:
-                self._download_failed(t, "bad_image", f"{url}: {error}")
-                return
-            except ValueError as error:
-                self._download_failed(t, "unsafe_path", str(error))
-                return
-            verdict, info = got.verdict, got.info
-            if not verdict.passed and not await self._checks_failed(t, index, rel, data, got):
-                return  # set aside, and requeued or failed (already recorded)
-            assert got.rel is not None
-            rel = got.rel
-            await self._commit_image(ImageRecord(req.key, index, rel, url, info.bytes, info.sha256, info.width,
-                                                 info.height, info.format, t.attempt_id, time.time(),
-                                                 verdict.status, verdict.reasons or None), done=last)
-            self.counters.images += 1
-            self.emit("downloaded", {"key": req.key, "index": index, "path": rel, "bytes": info.bytes})
-            if last:
-                self._on_done(t)
-            index += 1
-
-    async def _checks_failed(self, t: _Tracked, index: int, rel_no_ext: str, data: bytes,
-                             got: intake.Intake) -> bool:
-        """An image failed the automatic checks (engine/quality.py). True when it is kept anyway (on_fail
-        "keep": stored and recorded with its verdict); otherwise it is set aside under _rejected/ and the
-        request is requeued as a new attempt (within max_attempts; the credit cap is checked when it is
-        claimed again) or, out of attempts, failed with `quality_check_failed`, and False is returned."""
-        settings, verdict, info = self.cfg.quality, got.verdict, got.info
-        key = t.req.key
-        self.emit("check_failed", {"key": key, "index": index, "reasons": verdict.reasons,
-                                   "action": settings.on_fail})
-        if got.rel is not None:
-            return True
-        try:
-            rel = aside.aside_relpath(rel_no_ext, info.sha256, info.extension)
-            await asyncio.to_thread(aside.write_aside, self.storage, rel, data)
-        except ValueError as error:
-            self._download_failed(t, "unsafe_path", str(error))
-            return False
-        requeue = t.attempts < self.cfg.max_attempts
-        message = f"image {index} failed its checks ({verdict.reasons}); kept as {rel}"
-        if not requeue:
-            message += f"; gave up after {t.attempts} attempt(s)"
-        self.store.reject_image(SetAsideRecord(key, index, t.attempt_id, rel, info.sha256, info.bytes, info.width,
-                                               info.height, info.format, "quality", verdict.reasons, time.time()),
-                                requeue=requeue, code=QUALITY_CODE, message=message)
-        if requeue:
-            self._on_requeued(key, QUALITY_CODE, 0.0, None)
-        else:
-            self._on_failed(key, QUALITY_CODE, message)
-        return False
-
-    async def _stored(self, t: _Tracked, rec: ImageRecord) -> bool:
-        """Whether an image recorded by an earlier run is still stored with its content (not written again)."""
-        try:
-            return await asyncio.to_thread(self.storage.has_image, rec.path, rec.sha256, rec.bytes)
-        except StorageError as error:
-            self.halt(StopReason.STORAGE, f"{error}; resumable once the storage works")
-            return False
-
-    def _relpath(self, t: _Tracked, index: int) -> str:
-        req = t.req
-        rel = naming.image_relpath(self.cfg.filename_template, item_id=req.item_id, variant=req.variant,
-                                   metadata=req.metadata, model=t.model, key=req.key, index=index)
-        # Two requests must never share a file: a template that names them alike gets the key appended. A
-        # name is claimed here, before the write, so two downloads in flight cannot both take it.
-        owner = self._claimed.get(rel)
-        if owner is None and self._names_elsewhere:
-            owner = self.store.path_owner([rel + ext for ext in outputs.EXTENSIONS.values()])
-        if owner is not None and owner != req.key:
-            rel = f"{rel}-{req.key[-8:]}"
-        self._claimed[rel] = req.key
-        return rel
-
-    async def _commit_image(self, img: ImageRecord, done: bool) -> None:
-        """Record a saved image, together with the others saved within SAVED_FLUSH_S (one transaction);
-        returns once it is committed. The file is in place already: a run killed before the commit fetches
-        it again (no credits) and writes the same name."""
-        assert self._loop is not None
-        fut: asyncio.Future[None] = self._loop.create_future()
-        self._saved.append((img, done, fut))
-        if len(self._saved) >= self.cfg.download_concurrency:
-            # Every downloader is waiting on this commit: nothing more can join the batch.
-            if self._saved_flush is not None:
-                self._saved_flush.cancel()
-            self._flush_saved()
-        elif self._saved_flush is None:
-            self._saved_flush = self._loop.call_later(SAVED_FLUSH_S, self._flush_saved)
-        await fut
-
-    def _flush_saved(self) -> None:
-        self._saved_flush = None
-        batch, self._saved = self._saved, []
-        if not batch:
-            return
-        try:
-            self.store.record_images([(img, done) for img, done, _ in batch])
-        except BaseException as error:
-            for _, _, fut in batch:
-                if not fut.done():
-                    fut.set_exception(error)
-            return
-        for _, _, fut in batch:
-            if not fut.done():
-                fut.set_result(None)
-
-    async def _fetch(self, t: _Tracked, url: str) -> bytes | tuple[str, ...] | None:
-        """The bytes of one result. Transient failures (5xx, timeouts, drops) are retried in place with the
-        rule for failed calls, never failing the request; an expired URL is re-fetched once through the task.
-        Returns new URLs (tuple) after a re-fetch, None when the request was dealt with (or the run halts)."""
-        tries = 0
-        while True:
-            if self._halting is not None:
-                return None
-            try:
-                data = (await self.client.download(url)).data
-            except ApiError as error:
-                if is_transient(error):
-                    tries += 1
-                    await asyncio.sleep(self._call_failed(error, tries, self.media_health))
-                    continue
-                self.media_health.ok()
-                if error.status in EXPIRED_STATUSES:
-                    return await self._expired(t, error)
-                self._download_failed(t, _code_of(error), error.message)
-                return None
-            self.media_health.ok()
-            return data
-
-    async def _look_again(self, task_id: str, client: EvolinkClient | None = None) -> TaskSnapshot | None:
-        """One poll of a task (with `client`: the key that created it), retried in place while the API fails
-        transiently; None if it says no."""
-        tries = 0
-        while self._halting is None:
-            try:
-                snap = await (client or self.client).get_task(task_id)
-            except ApiError as error:
-                if not is_transient(error):
-                    self.api_health.ok()
-                    return None
-                tries += 1
-                await asyncio.sleep(self._call_failed(error, tries))
-                continue
-            self.api_health.ok()
-            return snap
-        return None
-
-    async def _expired(self, t: _Tracked, error: ApiError) -> tuple[str, ...] | None:
-        # Only the key that created the task may look at it again (a revoked or missing key cannot).
-        if not t.refetched and t.task_id and (self.pool is None or (t.key is not None and t.key.can_poll)):
-            t.refetched = True
-            snap = await self._look_again(t.task_id, self._client_for(t))
-            if self._halting is not None:
-                return None
-            if snap is not None and snap.status == "completed" and snap.results and snap.results != t.result_urls:
-                t.result_urls = snap.results
-                self.store.update_result_urls(t.attempt_id, snap.results)
-                return snap.results
-        message = f"result URL no longer available ({error}); results expire 24 hours after completion"
-        if self.cfg.regenerate_expired and t.attempts < self.cfg.max_attempts:
-            # A regeneration is paid again, so it counts towards max_attempts.
-            self.store.abandon_attempt(t.attempt_id, "result_expired", message)
-            self.store.requeue(t.req.key, time.time(), "result_expired", message)
-            self._on_requeued(t.req.key, "result_expired", 0.0, None)
-        elif self.cfg.regenerate_expired:
-            self._download_failed(t, "result_expired", f"{message}; gave up after {t.attempts} attempt(s)")
-        else:
-            self._download_failed(t, "result_expired", message + "; set run.regenerate_expired to generate again")
-        return None
-
-    def _download_failed(self, t: _Tracked, code: str, message: str) -> None:
-        self.store.fail(t.req.key, code, message)
-        self._on_failed(t.req.key, code, message)
-
-    def _on_done(self, t: _Tracked) -> None:
-        c = self.counters
-        c.done += 1
-        c.done_this_run += 1
-        self.emit("done", {"key": t.req.key, "images": len(t.result_urls)})
+        self.downloads.add(t)
 
 
 def rule_why(error: ApiError) -> str:
@@ -1307,14 +1005,6 @@ def _estimate(model: str, n: int) -> float:
 def _names(tasks: list[tuple[str, str | None]]) -> str:
     """The key names of some left tasks, each once: "team-a, 3f2a9c01b2d4"."""
     return ", ".join(dict.fromkeys(name or "no key recorded" for _, name in tasks))
-
-
-def _code_of(error: ApiError) -> str:
-    if error.code and not error.code.isdigit():
-        return error.code
-    if isinstance(error, HttpError) and error.status is not None:
-        return f"http_{error.status}"
-    return "transport_error" if error.status is None else f"http_{error.status}"
 
 
 def _min_opt(a: float | None, b: float | None) -> float | None:
