@@ -198,10 +198,11 @@ def batchgen_cmd(*args: str) -> list[str]:
 
 def run_batchgen(manifest: Path, emu: EmulatorProcess, workdir: Path, *, rate: str | None = None,
                  concurrency: int | None = None, time_scale: float = 1.0, db: Path | None = None,
-                 timeout_s: float = 900.0, extra: Sequence[str] = ()) -> ChildResult:
-    """`batchgen run MANIFEST --json` against the emulator process, measured."""
-    cmd = batchgen_cmd("run", str(manifest), "--db", str(db or workdir / "state.db"), "--out", str(workdir / "out"),
-                       "--time-scale", repr(time_scale), "--json", *extra)
+                 timeout_s: float = 900.0, extra: Sequence[str] = (), out: Path | None = None) -> ChildResult:
+    """`batchgen run MANIFEST --json` against the emulator process, measured (images in `out`, default
+    workdir/out)."""
+    cmd = batchgen_cmd("run", str(manifest), "--db", str(db or workdir / "state.db"),
+                       "--out", str(out or workdir / "out"), "--time-scale", repr(time_scale), "--json", *extra)
     if rate is not None:
         cmd += ["--rate", rate]
     if concurrency is not None:
