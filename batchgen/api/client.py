@@ -306,8 +306,10 @@ class EvolinkClient:
         resp = await self._call("api", "GET", f"/v1/tasks/{quote(task_id, safe='')}", lane="poll")
         return TaskSnapshot.from_json(resp.json_object(), request_id=resp.request_id)
 
-    async def get_tasks(self, task_ids: list[str]) -> dict[str, TaskSnapshot]:
+    async def get_tasks(self, task_ids: list[str], *, paid: bool = False) -> dict[str, TaskSnapshot]:
         """Poll up to 50 tasks in one call (POST /v1/tasks/batch); unknown ids are absent from the answer.
+        `paid`: the caller has already taken the call's turn at the limiter (`limiter.acquire(POLL)`), so
+        that it could choose the ids at the last moment.
 
         Where the server has no batch route (404/405, remembered in `batch_supported`), this falls back
         to single polls, run concurrently under the limiter, with the same meaning: a task the server does
@@ -321,7 +323,7 @@ class EvolinkClient:
         if self.batch_supported is not False:
             try:
                 resp = await self._call("api", "POST", "/v1/tasks/batch", json_body={"task_ids": list(task_ids)},
-                                        lane="poll")
+                                        lane=None if paid else "poll")
             except HttpError as exc:
                 if exc.status not in (404, 405):
                     raise
@@ -472,7 +474,7 @@ class EvolinkClient:
         json_body: Any = None,
         form: aiohttp.FormData | None = None,
         headers: Mapping[str, str] | None = None,
-        lane: Lane = "submit",
+        lane: Lane | None = "submit",
     ) -> _Response:
         """Send one API call and return its 2xx answer, or raise the mapped error.
 
@@ -492,7 +494,7 @@ class EvolinkClient:
             send_headers["Content-Type"] = "application/json"
         elif form is not None:
             data = form
-        if self.limiter is not None:
+        if self.limiter is not None and lane is not None:  # None: the caller took the turn already
             await self.limiter.acquire(lane)
         try:
             async with session.request(method, base + path, data=data, headers=send_headers) as resp:

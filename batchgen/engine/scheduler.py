@@ -59,6 +59,7 @@ from batchgen import catalog
 from batchgen.engine.downloads import Downloads
 from batchgen.engine.health import CallHealth
 from batchgen.engine.keypool import KeyPool, KeyState, PooledKey
+from batchgen.engine.ratelimit import POLL
 from batchgen.engine.runstate import Counters, StopReason, Tracked
 from batchgen.engine.uploads import UploadWaitError
 from batchgen.errors import (
@@ -759,42 +760,67 @@ class Scheduler:
         heap = self._poll_heap
         while await self._until_due(heap, self._poll_wake):
             await self._poll_slots.acquire()
-            now = self._loop.time()
-            batch: list[Tracked] = []
-            other_keys: list[tuple[float, int, int]] = []
-            while heap and heap[0][0] <= now and len(batch) < BATCH_MAX:
-                due, seq, attempt_id = heapq.heappop(heap)
-                t = self._tracked.get(attempt_id)
-                # A task already in a poll call is rescheduled by that call's answer.
-                if t is not None and t.task_id is not None and attempt_id not in self._polling and t not in batch:
-                    if batch and t.key is not batch[0].key:
-                        # A task is polled with the key that created it: one call per key, each under its own
-                        # key's limiter; this one goes in the next call (it stays due).
-                        other_keys.append((due, seq, attempt_id))
-                        continue
-                    batch.append(t)
-            for entry in other_keys:
-                heapq.heappush(heap, entry)
-            if not batch or self._halting is not None:
+            first = self._first_due()
+            if first is None:
                 self._poll_slots.release()
                 continue
+            # A task is polled with the key that created it: one call per key, under that key's limiter. The
+            # call's turn there comes first and its ids after: the tasks that fall due while it waits (its
+            # grace, engine/ratelimit.py) go in the same call instead of the next ones.
+            limiter = self.client_for(first).limiter
+            if limiter is not None:
+                await limiter.acquire(POLL)
+            batch = self._due_batch(first.key) if self._halting is None else []
+            if not batch:
+                self._poll_slots.release()  # (a turn taken for nothing: the tasks were dealt with meanwhile)
+                continue
             self._polling.update(t.attempt_id for t in batch)
-            self._spawn(self._poll_call(batch), name="call")
+            self._spawn(self._poll_call(batch, paid=limiter is not None), name="call")
 
-    async def _poll_call(self, batch: list[Tracked]) -> None:
+    def _first_due(self) -> Tracked | None:
+        """The earliest due task still to poll; stale heap entries (finished, or in a poll call now, which
+        reschedules them with its answer) are dropped on the way."""
+        assert self._loop is not None
+        heap, now = self._poll_heap, self._loop.time()
+        while heap and heap[0][0] <= now:
+            t = self._tracked.get(heap[0][2])
+            if t is not None and t.task_id is not None and t.attempt_id not in self._polling:
+                return t
+            heapq.heappop(heap)
+        return None
+
+    def _due_batch(self, key: PooledKey | None) -> list[Tracked]:
+        """Up to BATCH_MAX due tasks of `key`, taken off the poll schedule (other keys' tasks stay due)."""
+        assert self._loop is not None
+        heap, now = self._poll_heap, self._loop.time()
+        batch: list[Tracked] = []
+        other_keys: list[tuple[float, int, int]] = []
+        while heap and heap[0][0] <= now and len(batch) < BATCH_MAX:
+            due, seq, attempt_id = heapq.heappop(heap)
+            t = self._tracked.get(attempt_id)
+            if t is not None and t.task_id is not None and attempt_id not in self._polling and t not in batch:
+                if t.key is not key:
+                    other_keys.append((due, seq, attempt_id))
+                    continue
+                batch.append(t)
+        for entry in other_keys:
+            heapq.heappush(heap, entry)
+        return batch
+
+    async def _poll_call(self, batch: list[Tracked], *, paid: bool = False) -> None:
         try:
-            await self._poll(batch)
+            await self._poll(batch, paid=paid)
         finally:
             self._polling.difference_update(t.attempt_id for t in batch)
             self._poll_slots.release()
         self._check()
 
-    async def _poll(self, batch: list[Tracked]) -> None:
+    async def _poll(self, batch: list[Tracked], *, paid: bool = False) -> None:
         assert self._loop is not None
         self.counters.polls += 1
         self.counters.tasks_polled += len(batch)
         try:
-            found = await self.client_for(batch[0]).get_tasks([t.task_id for t in batch if t.task_id])
+            found = await self.client_for(batch[0]).get_tasks([t.task_id for t in batch if t.task_id], paid=paid)
         except ApiError as error:
             self._poll_failed(batch, error)
             return
