@@ -209,6 +209,8 @@ class Downloads:
         await fut
 
     def flush(self) -> None:
+        """Record the images saved since the last flush in one transaction, and release their downloaders
+        (with the error, if the commit failed: the images are in place and the next run records them)."""
         self._saved_flush = None
         batch, self._saved = self._saved, []
         if not batch:
