@@ -66,3 +66,25 @@ def test_cli_validate_yaml_syntax_error_exits_2(tmp_path: Path) -> None:
     result = CliRunner().invoke(main, ["validate", str(path)])
     assert result.exit_code == 2
     assert f"{path} line 2: YAML syntax error" in result.output
+
+
+def test_run_with_a_bad_manifest_exits_2_and_leaves_no_database(tmp_path: Path) -> None:
+    """The rows are checked as they stream into the store; a database created for a manifest that turns out
+    to be bad is removed again, and an existing one keeps what it had."""
+    path = tmp_path / "job.yaml"
+    path.write_text("name: job\nitems:\n  - id: a\n    prompt: ''\n  - id: b\n    prompt: ok\n    n: 99\n")
+    result = CliRunner().invoke(main, ["run", str(path), "--emulator"])
+    assert result.exit_code == 2, result.output
+    assert "line 4: prompt" in result.output and "line 7: n: 99" in result.output and "Traceback" not in result.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["job.yaml"]
+    # A job that ran before keeps its database, unchanged, when its manifest is later broken.
+    path.write_text("name: job\nitems:\n  - id: a\n    prompt: a red chair\n")
+    assert CliRunner().invoke(main, ["run", str(path), "--emulator"]).exit_code == 0
+    db = tmp_path / "job.batchgen.db"
+    before = CliRunner().invoke(main, ["status", "--db", str(db), "--json"]).output
+    path.write_text("name: job\nitems:\n  - id: a\n    prompt: a red chair\n  - id: b\n    prompt: ''\n")
+    assert CliRunner().invoke(main, ["run", str(path), "--emulator"]).exit_code == 2
+    assert db.exists()
+    after = CliRunner().invoke(main, ["status", "--db", str(db), "--json"]).output
+    fields = ("total", "pending", "done", "failed", "images")
+    assert [json.loads(after)[f] for f in fields] == [json.loads(before)[f] for f in fields] == [1, 0, 1, 0, 1]

@@ -38,7 +38,7 @@ from batchgen.engine.rejects import requeue_rejected
 from batchgen.engine.runstate import StopReason
 from batchgen.engine.scheduler import Scheduler, SchedulerConfig
 from batchgen.engine.uploads import Uploader
-from batchgen.errors import ApiError, BatchgenError, ConfigError, ConnectError, LocalFaultError
+from batchgen.errors import ApiError, BatchgenError, ConfigError, ConnectError, LocalFaultError, ManifestError
 from batchgen.models import JobSpec, RunOptions, RunSettings
 from batchgen.storage.base import Storage
 from batchgen.storage.location import open_storage, record_storage, resolve_location
@@ -79,10 +79,40 @@ async def run_job_async(manifest_path: Path, options: RunOptions) -> int:
     target: str | Path = options.db_url or db_path
     job_name = options.job or (job.name if options.db_url else None)
     lease_s = max(LEASE_MIN_S, LEASE_S * options.time_scale)
+    # The manifest is checked as it streams into the store (a million rows never sit in memory): a database
+    # this run created for a manifest that turns out to be bad is removed again, so bad input changes nothing.
+    created = isinstance(target, Path) and not target.exists()
+    try:
+        return await _open_and_run(manifest_path, manifest, job, options, target, job_name, lease_s, out, source)
+    except _BadManifest as bad:
+        if created:
+            _remove_database(Path(target))
+        raise bad.error from None
+
+
+class _BadManifest(Exception):
+    """The manifest failed its checks while it was synced into the store (nothing was sent yet)."""
+
+    def __init__(self, error: ManifestError) -> None:
+        super().__init__(str(error))
+        self.error = error
+
+
+def _remove_database(path: Path) -> None:
+    for leftover in (path, *(path.with_name(path.name + suffix) for suffix in ("-wal", "-shm", "-journal", ".lock"))):
+        with contextlib.suppress(OSError):
+            leftover.unlink()
+
+
+async def _open_and_run(manifest_path: Path, manifest: Any, job: JobSpec, options: RunOptions, target: str | Path,
+                        job_name: str | None, lease_s: float, out: str, source: KeySource) -> int:
     with open_store(target, job_name, create=True, lease_s=lease_s) as store:
         store.lock()
         notes = _sharing_notes(store, out)
-        sync = store.sync(manifest, out)
+        try:
+            sync = store.sync(manifest, out)
+        except ManifestError as error:
+            raise _BadManifest(error) from None
         if sync.stale:
             notes.append(f"this manifest ({manifest_path}) is older than the version the job was last synced "
                          "from by another runner: it is not synced back; the job runs as the database has it")
