@@ -402,6 +402,9 @@ class Scheduler:
             busy = bool(self._tracked) or self.downloads.pending > 0
             if free > 0 and not (self._nothing_pending and busy):
                 if await self._claim(min(free, BATCH_MAX)):
+                    # Let the sends just started go out before claiming the next batch: at the start of a
+                    # run the claims of a whole --concurrency (20 batches of 50) held back the first submit.
+                    await asyncio.sleep(0)
                     continue
                 nb = self.store.next_not_before()
                 if nb is None and not busy:
