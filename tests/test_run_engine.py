@@ -161,3 +161,23 @@ async def test_expired_result_urls(tmp_path: Path, emulator_factory: EmulatorFac
         for rec in store.iter_requests():
             assert rec.error_code == "result_expired"
             assert len(rec.attempt_rows) == (2 if regenerate else 1)
+
+
+async def test_a_name_an_earlier_run_used_is_not_taken_over(tmp_path: Path,
+                                                           emulator_factory: EmulatorFactory) -> None:
+    """A changed prompt is a new request under the same file name: the image an earlier run saved there
+    stays, and the new one gets its key appended. (The store is asked who owns a name only when images
+    predate the run; this is the run where they do.)"""
+    from tests.run_support import image_files, out_of
+
+    emu = await emulator_factory()
+    manifest = write_job(tmp_path, [{"id": "a", "prompt": "a red chair"}])
+    assert await run(manifest, emu.base_url) == 0
+    first = (out_of(manifest) / "a_1.png").read_bytes()
+    write_job(tmp_path, [{"id": "a", "prompt": "a blue chair"}])
+    assert await run(manifest, emu.base_url) == 0
+    names = sorted(p.name for p in image_files(out_of(manifest)))
+    assert len(names) == 2 and names[1] == "a_1.png", names
+    assert names[0].startswith("a_1-") and names[0].endswith(".png"), names
+    assert (out_of(manifest) / "a_1.png").read_bytes() == first
+    assert check_outputs(manifest)["images"] == 2

@@ -59,10 +59,14 @@ class Downloads:
         self._saved: list[tuple[ImageRecord, bool, asyncio.Future[None]]] = []  # images on disk, not yet recorded
         self._saved_flush: asyncio.Handle | None = None
         self._claimed: dict[str, str] = {}  # file name (no extension) → request key, claimed by this run
-        # Whether a name may already belong to an image this run did not save: an earlier run's, or another
-        # runner's on a shared store. When neither can be (a fresh job, one runner), the per-image lookup
-        # in the store is skipped: every image saved since is in _claimed.
-        self.names_elsewhere = True
+        # Whether a name may already belong to an image this run did not save (see start()).
+        self._names_elsewhere = True
+
+    def start(self) -> None:
+        """At the start of the run: a name may belong to an image this run did not save when an earlier run
+        saved images, or another runner shares the store. When neither holds (a fresh job, one runner), the
+        per-image lookup in the store is skipped: every image saved from now on is in _claimed."""
+        self._names_elsewhere = self.store.shared or self.store.image_totals()[0] > 0
 
     def add(self, t: Tracked) -> None:
         """Queue a completed task (its result URLs committed) for download."""
@@ -185,7 +189,7 @@ class Downloads:
         # Two requests must never share a file: a template that names them alike gets the key appended. A
         # name is claimed here, before the write, so two downloads in flight cannot both take it.
         owner = self._claimed.get(rel)
-        if owner is None and self.names_elsewhere:
+        if owner is None and self._names_elsewhere:
             owner = self.store.path_owner([rel + ext for ext in outputs.EXTENSIONS.values()])
         if owner is not None and owner != req.key:
             rel = f"{rel}-{req.key[-8:]}"

@@ -294,7 +294,7 @@ class Scheduler:
         c.done, c.failed = counts["done"], counts["failed"]
         totals = self.store.credit_totals()
         c.credits_reserved, c.credits_used = totals.reserved, totals.used
-        self.downloads.names_elsewhere = self.store.shared or self.store.image_totals()[0] > 0
+        self.downloads.start()
         self._track_open(self.store.open_attempts(), honour_not_before=True)
 
     # --- several runners on one job (shared stores only) -----------------------------------------------
@@ -786,11 +786,17 @@ class Scheduler:
         assert self._loop is not None
         heap, now = self._poll_heap, self._loop.time()
         while heap and heap[0][0] <= now:
-            t = self._tracked.get(heap[0][2])
-            if t is not None and t.task_id is not None and t.attempt_id not in self._polling:
+            t = self._pollable(heap[0][2])
+            if t is not None:
                 return t
             heapq.heappop(heap)
         return None
+
+    def _pollable(self, attempt_id: int) -> Tracked | None:
+        """The tracked task of a poll-schedule entry, unless the entry is stale: the task finished, or it is
+        in a poll call now (whose answer reschedules it)."""
+        t = self._tracked.get(attempt_id)
+        return t if t is not None and t.task_id is not None and attempt_id not in self._polling else None
 
     def _due_batch(self, key: PooledKey | None) -> list[Tracked]:
         """Up to BATCH_MAX due tasks of `key`, taken off the poll schedule (other keys' tasks stay due)."""
@@ -800,8 +806,8 @@ class Scheduler:
         other_keys: list[tuple[float, int, int]] = []
         while heap and heap[0][0] <= now and len(batch) < BATCH_MAX:
             due, seq, attempt_id = heapq.heappop(heap)
-            t = self._tracked.get(attempt_id)
-            if t is not None and t.task_id is not None and attempt_id not in self._polling and t not in batch:
+            t = self._pollable(attempt_id)
+            if t is not None and t not in batch:
                 if t.key is not key:
                     other_keys.append((due, seq, attempt_id))
                     continue
