@@ -121,6 +121,27 @@ def get(name: str) -> ModelInfo | None:
     return MODELS.get(name)
 
 
+def combination_problems(model: str, size: str | None, has_mask: bool,
+                         n_images: int) -> tuple[tuple[str, str], ...]:
+    """(field, message) for every catalogue rule a request's model, size, mask and references break, all of
+    them rather than the first, so a manifest's author fixes an item in one pass. An unknown model is the
+    only problem reported for its request: what it accepts is unknown."""
+    info = MODELS.get(model)
+    if info is None:
+        return (("model", f'model "{model}" is not in the catalogue; use one of '
+                 + describe_choices(names(), limit=20)),)
+    found: list[tuple[str, str]] = []
+    if size is not None and not info.accepts_size(size):
+        found.append(("size", f'size "{size}" is not accepted by {model}; use one of '
+                      + describe_choices(info.sizes, limit=20)))
+    if has_mask and not info.supports_mask:
+        masked = [m.name for m in MODELS.values() if m.supports_mask]
+        found.append(("mask_url", f"mask_url is not supported by {model}; only by {', '.join(masked)}"))
+    if info.requires_images and not n_images:
+        found.append(("image_urls", f"{model} is an editing model and needs at least one image_urls entry"))
+    return tuple(found)
+
+
 def names() -> list[str]:
     return list(MODELS)
 

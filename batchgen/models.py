@@ -58,24 +58,12 @@ class GenerationRequest(BaseModel):
 
     @model_validator(mode="after")
     def _check_against_catalog(self) -> GenerationRequest:
-        info = catalog.get(self.model)
-        if info is None:
-            raise ValueError(
-                f'model "{self.model}" is not in the catalogue; use one of '
-                + catalog.describe_choices(catalog.names(), limit=20)
-            )
         if not self.prompt.strip():
             raise ValueError("prompt is empty")
-        if self.size is not None and not info.accepts_size(self.size):
-            raise ValueError(
-                f'size "{self.size}" is not accepted by {self.model}; use one of '
-                + catalog.describe_choices(info.sizes, limit=20)
-            )
-        if self.mask_url is not None and not info.supports_mask:
-            masked = [m.name for m in catalog.MODELS.values() if m.supports_mask]
-            raise ValueError(f"mask_url is not supported by {self.model}; only by {', '.join(masked)}")
-        if info.requires_images and not self.image_urls:
-            raise ValueError(f"{self.model} is an editing model and needs at least one image_urls entry")
+        problems = catalog.combination_problems(self.model, self.size, self.mask_url is not None,
+                                                len(self.image_urls))
+        if problems:
+            raise ValueError("; ".join(message for _, message in problems))
         return self
 
     def local_paths(self) -> list[str]:

@@ -655,3 +655,52 @@ def test_a_bad_default_is_reported_once_at_its_line(tmp_path: Path) -> None:
     problem = only_problem(path)
     assert (problem.location, problem.field) == ("line 6", "defaults.n")
     assert "4" in problem.message
+
+
+# --- every problem of an item, not only its first -----------------------------------------------------
+
+
+def test_an_item_gets_all_its_problems_reported_yaml(tmp_path: Path) -> None:
+    path = write(tmp_path / "j.yaml", (
+        "defaults: {model: z-image-turbo}\n"
+        "items:\n"
+        "  - id: a\n"
+        "    model: no-such-model\n"          # line 4; and no prompt (reported at the item, line 3)
+        "  - id: b\n"
+        "    prompt: ok\n"
+        "    n: 99\n"                          # line 7
+        "    size: '7:3'\n"                    # line 8
+        "  - id: c\n"
+        "    prompt: ok\n"
+        "    seed: abc\n"                      # line 11
+        "    size: '7:3'\n"                    # line 12
+        "    mask_url: https://x/m.png\n"      # line 13
+        "  - id: d\n"
+        "    prompt: ok\n"
+        "    model: [a, b]\n"                  # line 16: unreadable, so size is not judged against a default
+        "    size: '7:3'\n"
+    ))
+    requests, problems = expand(path)
+    assert requests == []
+    got = [(p.location, p.field) for p in problems]
+    assert got == [("line 3", "prompt"), ("line 4", "model"), ("line 7", "n"), ("line 8", "size"),
+                   ("line 11", "seed"), ("line 12", "size"), ("line 13", "mask_url"), ("line 16", "model")], \
+        [str(p) for p in problems]
+    assert '"no-such-model" is not in the catalogue' in problems[1].message
+    assert '"7:3" is not accepted by z-image-turbo' in problems[3].message
+    assert "mask_url is not supported by z-image-turbo" in problems[6].message
+
+
+def test_a_row_gets_all_its_problems_reported_csv(tmp_path: Path) -> None:
+    path = write(tmp_path / "j.csv", "id,prompt,model,size,n\nx,,nope,7:3,1\ny,hello,z-image-turbo,9:9,abc\n"
+                                     "z,fine,z-image-turbo,1:1,1\n")
+    requests, problems = expand(path)
+    assert [r.item_id for r in requests] == ["z"]
+    assert [(p.location, p.field) for p in problems] == [
+        ("row 2", "prompt"), ("row 2", "model"), ("row 3", "n"), ("row 3", "size")], [str(p) for p in problems]
+
+
+def test_a_library_user_gets_every_catalogue_problem_of_a_request() -> None:
+    with pytest.raises(ValueError) as raised:
+        GenerationRequest(prompt="x", model="z-image-turbo", size="7:3", mask_url="https://x/m.png")
+    assert 'size "7:3" is not accepted' in str(raised.value) and "mask_url is not supported" in str(raised.value)

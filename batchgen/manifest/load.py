@@ -458,7 +458,7 @@ class Manifest:
                     on_item(item_id, file, loc)
                     metadata = {name: row[i] for name, i in meta_cols}
                     params: dict[str, Any] = {}
-                    bad = False
+                    bad: set[str] = set()
                     for name, i in param_cols:
                         cell = row[i]
                         if not cell or cell.isspace():
@@ -473,10 +473,9 @@ class Manifest:
                             params[name] = _coerce_param(name, cell)
                         except ValueError as error:
                             problems.add(file, loc, name, str(error))
-                            bad = True
-                    if bad:
-                        continue
-                    yield from expand(file, loc, item_id, params, metadata, None, base, problems, on_names)
+                            bad.add(name)
+                    yield from expand(file, loc, item_id, params, metadata, None, base, problems, on_names,
+                                      frozenset(bad))
         except UnicodeDecodeError as error:
             problems.add(file, f"row {rowno + 1}", None, f"is not UTF-8 text ({error.reason}); save the CSV "
                          "as UTF-8")
@@ -505,7 +504,7 @@ class Manifest:
             on_item(item_id, file, loc)
             metadata: dict[str, str] = {}
             params: dict[str, Any] = {}
-            bad = False
+            bad: set[str] = set()
             for key, value in item.items():
                 key = str(key)
                 where = f"line {field_lines.get(key, line)}"
@@ -514,29 +513,33 @@ class Manifest:
                         continue
                     if key in self._variant_names:
                         problems.add(file, where, key, "is also a matrix variable; set it in one place")
-                        bad = True
+                        bad.add(key)
                         continue
                     try:
                         params[key] = _coerce_param(key, value)
                     except ValueError as error:
                         problems.add(file, where, key, str(error))
-                        bad = True
+                        bad.add(key)
                 elif isinstance(value, dict | list):
                     problems.add(file, where, key, "item fields must be text or numbers, not lists or mappings")
-                    bad = True
+                    bad.add(key)
                 elif key in self._variant_names:
                     problems.add(file, where, key, "is also a matrix variable; rename one of them")
-                    bad = True
+                    bad.add(key)
                 else:
                     metadata[key] = _text(value)
-            if bad:
-                continue
-            yield from self._expand(file, loc, item_id, params, metadata, field_lines, base, problems, on_names)
+            yield from self._expand(file, loc, item_id, params, metadata, field_lines, base, problems, on_names,
+                                    frozenset(bad))
 
     def _expand(self, file: str, loc: str | None, item_id: str, item_params: dict[str, Any],
                 metadata: dict[str, str], field_lines: dict[str, int] | None, base: Path, problems: _Problems,
-                on_names: Callable[[list[str], str, str], None]) -> Iterator[PlannedRequest]:
-        """The requests of one item: one per matrix combination, each checked against the catalogue."""
+                on_names: Callable[[list[str], str, str], None],
+                bad_fields: frozenset[str] = frozenset()) -> Iterator[PlannedRequest]:
+        """The requests of one item: one per matrix combination, each checked against the catalogue.
+
+        `bad_fields`: the item's fields already reported as unreadable (left out of `item_params` and
+        `metadata`); the rest of the item is still checked, so that all its problems are reported at once,
+        and it yields nothing."""
 
         reported: set[tuple[str | None, str]] = set()
 
@@ -550,39 +553,49 @@ class Manifest:
 
         # Local references written in this item resolve against the file they are written in.
         if "image_urls" in item_params or "mask_url" in item_params:
-            try:
-                item_params = self._resolve_refs(item_params, base)
-            except _RefError as error:
-                report(error.field, error.message)
-                return
+            item_params = dict(item_params)
+            for name in ("image_urls", "mask_url"):
+                if name in item_params:
+                    try:
+                        item_params.update(self._resolve_refs({name: item_params[name]}, base))
+                    except _RefError as error:
+                        report(error.field, error.message)
+                        bad_fields |= {name}
+                        del item_params[name]
         template = self._template
         values: dict[str, str] | None = None
         source = f"{file} {loc}" if loc else file
         for variant in self._variants:
             params = {**self._defaults, **item_params, **variant.params} if variant.params or item_params \
                 else self._defaults
+            # An item's problems are all reported, not only the first: a missing prompt does not stop the
+            # model and size from being checked. A request is built only when nothing is wrong.
+            ok = not bad_fields
             # Prompt: the item's own text, else the template filled from the item and the variant.
             prompt = item_params.get("prompt")
-            if prompt is None:
+            if prompt is None and "prompt" not in bad_fields:
                 if template is None:
                     report("prompt", "missing: give the item a prompt, or set "
                                  "prompt: (a template) in the manifest")
-                    return
-                if values is None:
-                    values = dict(metadata)
-                    values["id"] = item_id
-                if variant.values:
-                    values.update(variant.values)
-                missing = [f for f in template.fields if not values.get(f)]
-                if missing:
-                    available = ", ".join(sorted(k for k, v in values.items() if v)) or "none"
-                    report("prompt", at_item=True, message="the template uses "
-                                 + ", ".join("{" + f + "}" for f in missing)
-                                 + f", which this item does not have or leaves empty; it has: {available}")
-                    return
-                prompt = template.render(values)
-            ok = True
-            if not prompt.strip():
+                    ok = False
+                else:
+                    if values is None:
+                        values = dict(metadata)
+                        values["id"] = item_id
+                    if variant.values:
+                        values.update(variant.values)
+                    missing = [f for f in template.fields if not values.get(f) and f not in bad_fields]
+                    if missing:
+                        available = ", ".join(sorted(k for k, v in values.items() if v)) or "none"
+                        report("prompt", at_item=True, message="the template uses "
+                                     + ", ".join("{" + f + "}" for f in missing)
+                                     + f", which this item does not have or leaves empty; it has: {available}")
+                        ok = False
+                    elif not any(f in bad_fields for f in template.fields):
+                        prompt = template.render(values)
+            if prompt is None:
+                ok = False
+            elif not prompt.strip():
                 report("prompt", "is empty")
                 ok = False
             elif len(prompt) > catalog.MAX_PROMPT_CHARS:
@@ -595,6 +608,10 @@ class Manifest:
             urls: tuple[str, ...] = params.get("image_urls", ())
             mask = params.get("mask_url")
             for field_name, message in self._combo_verdict(model, size, n, len(urls), mask is not None):
+                # A field already reported as unreadable, or one judged against a model that is (size,
+                # mask, references), would only repeat that problem in other words.
+                if field_name in bad_fields or ("model" in bad_fields and field_name != "n"):
+                    continue
                 report(field_name, message)
                 ok = False
             for ref in urls:
@@ -735,33 +752,35 @@ def _resolve_ref(ref: str, base: Path, field_name: str) -> str:
 
 def _check_combo(model: str, size: str | None, n: Any, n_images: int,
                  has_mask: bool) -> tuple[tuple[str | None, str], ...]:
+    """Every problem of the combination: the request's own field rules (n, how many references) from
+    GenerationRequest, and every catalogue rule besides. Pydantic skips the catalogue check when a field
+    is already wrong, so it is asked directly: an item with n: 99 and a size its model refuses gets both."""
+    found: list[tuple[str | None, str]] = []
     try:
         GenerationRequest(prompt="x", model=model, size=size, n=n, image_urls=("x",) * n_images,
                           mask_url="x" if has_mask else None)
     except ValidationError as error:
-        return tuple(_explain(err, n_images) for err in error.errors())
-    return ()
+        found += [_explain(err, n_images) for err in error.errors() if err["loc"]]
+    found += [_in_manifest_words(name, message)
+              for name, message in catalog.combination_problems(model, size, has_mask, n_images)]
+    return tuple(found)
 
 
 def _explain(err: Any, n_images: int) -> tuple[str | None, str]:
-    """A GenerationRequest error as (field, message) in the manifest's words."""
-    loc = err["loc"]
+    """A GenerationRequest field error as (field, message) in the manifest's words."""
+    name = str(err["loc"][0])
+    if name == "image_urls":
+        return name, f"{n_images} reference images; at most {catalog.MAX_IMAGE_URLS} are allowed"
+    if name == "n":
+        return name, f"{err['input']} is out of range; use {catalog.MIN_N} to {catalog.MAX_N}"
     message: str = err["msg"].removeprefix("Value error, ")
-    if loc:
-        name = str(loc[0])
-        if name == "image_urls":
-            return name, f"{n_images} reference images; at most {catalog.MAX_IMAGE_URLS} are allowed"
-        if name == "n":
-            return name, f"{err['input']} is out of range; use {catalog.MIN_N} to {catalog.MAX_N}"
-        return name, f"{json.dumps(err.get('input'), default=str)} is not allowed: {message}"
-    # Errors of the catalogue check name their field first ('size "9:7" is not accepted by ...').
-    for name in ("model", "size", "mask_url", "prompt"):
-        if message.startswith(name + " "):
-            rest = message[len(name) + 1:]
-            return name, rest if rest.startswith('"') else message
-    if "image_urls" in message:
-        return "image_urls", message
-    return None, message
+    return name, f"{json.dumps(err.get('input'), default=str)} is not allowed: {message}"
+
+
+def _in_manifest_words(name: str, message: str) -> tuple[str, str]:
+    """A catalogue problem under its field: 'size "9:7" is not accepted ...' reads 'size: "9:7" is not ...'."""
+    rest = message.removeprefix(name + " ")
+    return name, rest if rest.startswith('"') else message
 
 
 class _HashLog:
