@@ -210,3 +210,28 @@ async def test_concurrent_requests_share_one_upload_after_expiry_or_doubt(
             urls = await asyncio.gather(*(url(i) for i in range(1, 9)))
     assert len(set(urls)) == 1 and urls[0] != first
     assert emu.stats()["uploads_by_sha256"] == {digest: 2}  # the first, and one re-upload for all eight
+
+
+async def test_a_request_requeued_while_the_rest_is_in_flight_is_sent_again_at_once(
+        tmp_path: Path, emulator_factory: EmulatorFactory, capsys: pytest.CaptureFixture[str]) -> None:
+    # Every request is in flight, so the submitter has seen nothing pending and stops asking the store.
+    # One task fails retryably (generation_timeout: again in 5 s) while the others are five times slower:
+    # the requeue must reopen the submitter, so that request is done before any slow one. If it did not,
+    # it would wait for the slow tasks to end and finish last.
+    emu = await emulator_factory(time_scale=0.02, latency_s=20.0, rules=[
+        {"prompt": "^flaky", "fail_with": "generation_timeout", "times": 1},
+        {"prompt": "^slow", "fail_with": "slow"}])
+    rows = [{"id": "f", "prompt": "flaky thing"}, *prompts(8, prefix="slow house")]
+    manifest = write_job(tmp_path, rows, run={"concurrency": 20})
+    assert await run(manifest, emu.base_url, time_scale=0.02) == 0
+    events = json_events(capsys.readouterr().out)
+    order = [(e["event"], e.get("key")) for e in events if e.get("event") in ("requeued", "submitted", "done")]
+    keys = {e["key"] for e in events if e.get("event") == "submitted"}
+    assert len(keys) == 9
+    with Store(db_of(manifest)) as store:
+        flaky = next(r.key for r in store.iter_requests() if r.item_id == "f")
+    requeued_at = order.index(("requeued", flaky))
+    done = [i for i, (event, _) in enumerate(order) if event == "done"]
+    assert order.index(("done", flaky)) == done[0], order
+    assert order[requeued_at:done[0]].count(("submitted", flaky)) == 1  # sent again before any slow one ended
+    assert check_outputs(manifest)["states"] == {"done": 9}
