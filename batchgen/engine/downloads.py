@@ -2,11 +2,12 @@
 
 A task the scheduler saw complete (or a resumed one whose images are not all stored yet) is queued here;
 `download_concurrency` workers take them in turn. For each image: fetch it from the result host (no API
-key, no limiter: media hosts are not the API), check and store it in one worker-thread call
-(intake.py, on the storage's own threads), record it in the store with the others saved within a few
-milliseconds, and mark the request done with its last image. Failed fetches are retried in place under
-the same rule as every call (errors.decide, engine/health.py); an expired URL is fetched again through
-the task once; an image that fails its checks is set aside and its request requeued.
+key, no limiter: media hosts are not the API), check and store it in one call (intake.py: on the event
+loop for a small image on a quick local disk, else on the storage's own threads), record it in the store
+with the others saved within a few milliseconds, and mark the request done with its last image. Failed
+fetches are retried in place under the same rule as every call (errors.decide, engine/health.py); an
+expired URL is fetched again through the task once; an image that fails its checks is set aside and its
+request requeued.
 
 The scheduler is the host: the downloads report back to it (a request requeued or failed, the run to stop)
 and use its clients, its key pool and its rule for failed calls.
@@ -56,6 +57,7 @@ class Downloads:
         self._intake = concurrent.futures.ThreadPoolExecutor(
             min(self.cfg.download_concurrency, self.storage.parallel_writes or self.cfg.download_concurrency),
             thread_name_prefix="batchgen-intake")
+        self.placement = intake.Placement(self.storage)
         self._saved: list[tuple[ImageRecord, bool, asyncio.Future[None]]] = []  # images on disk, not yet recorded
         self._saved_flush: asyncio.Handle | None = None
         self._claimed: dict[str, str] = {}  # file name (no extension) → request key, claimed by this run
@@ -117,8 +119,7 @@ class Downloads:
                 continue
             try:
                 rel = self._relpath(t, index)
-                got = await asyncio.get_running_loop().run_in_executor(
-                    self._intake, intake.take_in, self.storage, rel, data, t.req.params.get("size"), self.cfg.quality)
+                got = await self._take_in(rel, data, t.req.params.get("size"))
             except StorageError as error:
                 # Not the request's fault: it stays completed (its task id kept) and the next run stores it.
                 self.host.halt(StopReason.STORAGE, f"{error}; resumable once the storage works")
@@ -142,6 +143,20 @@ class Downloads:
             if last:
                 self._on_done(t)
             index += 1
+
+    async def _take_in(self, rel: str, data: bytes, size: str | None) -> intake.Intake:
+        """intake.take_in, on the loop or on an intake thread as `placement` decides."""
+        loop, settings = asyncio.get_running_loop(), self.cfg.quality
+        if not self.placement.try_on_loop(len(data)):
+            return await loop.run_in_executor(self._intake, intake.take_in, self.storage, rel, data, size, settings)
+        start = time.perf_counter()
+        info = outputs.inspect_image(data)
+        if not self.placement.small(info):
+            return await loop.run_in_executor(self._intake, intake.check_and_store, self.storage, rel, data, info,
+                                              size, settings)
+        got = intake.check_and_store(self.storage, rel, data, info, size, settings)
+        self.placement.took(time.perf_counter() - start)
+        return got
 
     async def _checks_failed(self, t: Tracked, index: int, rel_no_ext: str, data: bytes,
                              got: intake.Intake) -> bool:

@@ -1,9 +1,11 @@
-"""A downloaded image's bytes on their way to storage: identified, checked and stored in one call.
+"""A downloaded image's bytes on their way to storage: identified, checked and stored, and where that runs.
 
 Identifying the bytes (`outputs.inspect_image`), the automatic checks (`quality.check_bytes`) and the
-durable write (`Storage.save_image`) all block, on the CPU or on the disk, so the scheduler runs them off
-the event loop. It runs them as one call to a worker thread rather than one each, because a hop to a
-thread and back costs about as much CPU as the work itself on a small image (docs/benchmarks.md).
+durable write (`Storage.save_image`) all block, on the CPU or on the disk. For a real-size image they take
+milliseconds (a 1024 px PNG decodes in 7-25 ms), so they run off the event loop, as one call to a worker
+thread rather than one each. For a small image on a local disk the whole intake is cheaper than the hop to a
+thread and back (the thread contends with the loop for the GIL at every step): it runs on the loop, which
+`Placement` decides per image and takes back to the threads as soon as the disk is slow (docs/benchmarks.md).
 """
 
 from __future__ import annotations
@@ -14,6 +16,18 @@ from batchgen.engine import quality
 from batchgen.models import QualitySettings
 from batchgen.storage.base import Storage
 from batchgen.storage.outputs import ImageInfo, inspect_image
+
+# An image is "small" at or under both: its identification and hash take under 0.1 ms, its decode and
+# checks under 0.3 ms (measured on an emulator-sized PNG up to 128 px: 0.11-0.25 ms in all).
+INLINE_MAX_BYTES = 64 * 1024
+INLINE_MAX_PIXELS = 128 * 128
+# A small intake on the loop that takes longer than this on average (a slow or network disk waiting in
+# fsync) holds up every poll and submission behind it: the next ones go to the threads.
+INLINE_MAX_S = 0.002
+# While the intakes are on the threads, every this-many-th small image is tried on the loop again, so
+# that a disk which was slow for a moment does not keep them there for the rest of the run.
+PROBE_EVERY = 100
+_EWMA_WEIGHT = 0.2
 
 
 @dataclass(frozen=True)
@@ -30,10 +44,55 @@ def take_in(storage: Storage, relpath_no_ext: str, data: bytes, size: str | None
             settings: QualitySettings) -> Intake:
     """Identify `data`, run the checks, and store it unless it failed them (with on_fail "keep" it is stored
     anyway). Raises NotAnImageError (not an image of a type we accept), ValueError (an unsafe name), and
-    what the storage raises (LocalFaultError, StorageError). Blocking: call it in a worker thread."""
-    info = inspect_image(data)
+    what the storage raises (LocalFaultError, StorageError). Blocking."""
+    return check_and_store(storage, relpath_no_ext, data, inspect_image(data), size, settings)
+
+
+def check_and_store(storage: Storage, relpath_no_ext: str, data: bytes, info: ImageInfo, size: str | None,
+                    settings: QualitySettings) -> Intake:
+    """`take_in` for bytes already identified as `info`."""
     verdict = quality.check_bytes(data, size, settings) if settings.enabled else quality.NOT_CHECKED
     if not verdict.passed and settings.on_fail != "keep":
         return Intake(info, verdict, None)
     rel, info = storage.save_image(relpath_no_ext, data, info)
     return Intake(info, verdict, rel)
+
+
+class Placement:
+    """Whether the next image's intake runs on the event loop or on a worker thread.
+
+    On the loop only for a storage that writes to a local disk (a bucket's write waits on the network), a
+    small image (bytes first, then pixels once identified), and while the intakes on the loop have been
+    quick (a moving average of their wall time under INLINE_MAX_S); otherwise on the threads, with a
+    probe on the loop every PROBE_EVERY small images to find a disk that is quick again.
+    """
+
+    def __init__(self, storage: Storage) -> None:
+        self.enabled = storage.writes_are_local
+        self.average_s: float | None = None  # none measured yet
+        self._skipped = 0
+        self.on_loop_count = 0  # for the benchmarks and tests: how many intakes ran on the loop
+
+    def try_on_loop(self, nbytes: int) -> bool:
+        """Whether to identify these bytes on the loop (then `small(info)` decides about the rest)."""
+        if not self.enabled or nbytes > INLINE_MAX_BYTES:
+            return False
+        if self.average_s is None or self.average_s <= INLINE_MAX_S:
+            return True
+        self._skipped += 1
+        if self._skipped >= PROBE_EVERY:
+            self._skipped = 0
+            return True
+        return False
+
+    @staticmethod
+    def small(info: ImageInfo) -> bool:
+        return info.width * info.height <= INLINE_MAX_PIXELS
+
+    def took(self, seconds: float) -> None:
+        """Record the wall time of one intake that ran on the loop."""
+        self.on_loop_count += 1
+        if self.average_s is None:
+            self.average_s = seconds
+        else:
+            self.average_s += _EWMA_WEIGHT * (seconds - self.average_s)

@@ -43,6 +43,9 @@ class Storage(abc.ABC):
     #: How many `save_image` calls are worth running at once (worker threads); None: one per downloader.
     #: A bucket's writes wait on the network, so every downloader may have one under way.
     parallel_writes: int | None = None
+    #: True when `save_image` writes to a local disk: short blocking calls, which the engine may make on
+    #: the event loop for a small image (engine/intake.py). A bucket's writes wait on the network: never.
+    writes_are_local: bool = False
 
     @abc.abstractmethod
     def save_image(self, relpath_no_ext: str, data: bytes, info: ImageInfo | None = None) -> tuple[str, ImageInfo]:

@@ -85,6 +85,7 @@ class LocalStorage(Storage):
     # core, since more only take turns at the GIL. Measured on 2 cores: 1.22 ms of runner CPU per image
     # with one thread, 1.36 with two, 1.53 with the default six (docs/benchmarks.md).
     parallel_writes = os.cpu_count() or 2
+    writes_are_local = True
 
     def __init__(self, root: Path) -> None:
         self.root = Path(root).resolve()
