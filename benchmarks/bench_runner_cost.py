@@ -20,17 +20,29 @@ Two more figures say how much of it is the machine's rather than batchgen's:
 For reference, a second run of the same command on the finished job (nothing left to do) gives the fixed
 cost of a run: start-up, the fingerprint check and the end-of-run export of the whole job (most of it);
 it is reported, not subtracted.
+
+Two floors say what the libraries under the engine cost on their own, with no engine around them, so that
+the engine's own share can be read off (the tmpfs figure less the floors and the fixed cost's share):
+* HTTP alone: batchgen's API client (aiohttp, the runner's 100 connections) submitting N tasks, polling
+  them in batches of 50 until done and downloading the N images, in this benchmark's process;
+* the checks alone: identifying and checking one emulator image (`inspect_image`, `quality.check_bytes`:
+  Pillow's decode, the blank and aspect checks, the hash), N times.
 """
 
 from __future__ import annotations
 
+import asyncio
 import os
 import resource
 import shutil
 from pathlib import Path
 
+from batchgen.api.client import EvolinkClient
+from batchgen.engine import quality
+from batchgen.models import QualitySettings
 from batchgen.storage.local import write_atomic
-from benchmarks.harness import Row, check, emulator, fresh_dir, median, run_batchgen, write_csv
+from batchgen.storage.outputs import inspect_image
+from benchmarks.harness import API_KEY, FAST_MODEL, Row, check, emulator, fresh_dir, median, run_batchgen, write_csv
 
 TIME_SCALE = 0.001
 LATENCY_EMULATED_S = 50.0  # x 0.001 = 50 ms of real time per task
@@ -70,6 +82,52 @@ def file_creation_sys_ms(folder: Path, n: int) -> float:
     return 1000 * spent / n
 
 
+def _cpu_s() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+async def _http_alone(base_url: str, n: int) -> tuple[float, bytes]:
+    """CPU seconds of the client's part of N images (submit, batched polls, download), and one image."""
+    async with EvolinkClient(base_url, base_url, API_KEY) as client:
+        gate = asyncio.Semaphore(1000)  # the cost run's --concurrency
+
+        async def submit(i: int) -> str:
+            async with gate:
+                body = {"model": FAST_MODEL, "prompt": f"Studio photo of product {i} (floor)", "size": "1:1"}
+                return (await client.submit(body)).id
+
+        async def download(url: str) -> bytes:
+            async with gate:
+                return (await client.download(url)).data
+
+        start = _cpu_s()
+        ids = await asyncio.gather(*(submit(i) for i in range(n)))
+        urls: dict[str, str] = {}
+        while len(urls) < n:
+            await asyncio.sleep(0.02)
+            left = [t for t in ids if t not in urls]
+            for at in range(0, len(left), 50):
+                for task_id, snap in (await client.get_tasks(left[at:at + 50])).items():
+                    if snap.status == "completed":
+                        urls[task_id] = snap.results[0]
+        images = await asyncio.gather(*(download(u) for u in urls.values()))
+        return _cpu_s() - start, images[0]
+
+
+def floors_ms(workdir: Path, n: int) -> tuple[float, float]:
+    """(HTTP alone, the checks alone), CPU ms per image, measured in this process."""
+    fresh_dir(workdir)
+    with emulator(workdir, time_scale=TIME_SCALE, seed=3, scenario={"latency_s": LATENCY_EMULATED_S}) as emu:
+        http_s, image = asyncio.run(_http_alone(emu.base_url, n))
+    settings = QualitySettings()
+    start = _cpu_s()
+    for _ in range(n):
+        inspect_image(image)
+        quality.check_bytes(image, "1:1", settings)
+    return 1000 * http_s / n, 1000 * (_cpu_s() - start) / n
+
+
 def run(workdir: Path, *, quick: bool, runs: int) -> list[Row]:
     n = 2000 if quick else 20_000
     results = [one_run(workdir / f"run{i}", n) for i in range(runs)]
@@ -77,6 +135,7 @@ def run(workdir: Path, *, quick: bool, runs: int) -> list[Row]:
     in_memory = [one_run(workdir / f"mem{i}", n, out=TMPFS / f"batchgen-bench-{os.getpid()}-{i}")
                  for i in range(runs)] if tmpfs else []
     floor = [file_creation_sys_ms(workdir / f"files{i}", n) for i in range(runs)]
+    http, checks = zip(*(floors_ms(workdir / f"floor{i}", n) for i in range(runs)), strict=True)
 
     def col(rows: list[dict[str, float]], name: str) -> list[float]:
         return [r[name] for r in rows]
@@ -99,6 +158,10 @@ def run(workdir: Path, *, quick: bool, runs: int) -> list[Row]:
     out += [
         Row("3 runner cost", "sys CPU per file, creating files on the work folder's disk", median(floor), "ms",
             "", None, runs=floor, note="create + write + fsync + rename alone: the kernel's share of each image"),
+        Row("3 runner cost", "CPU per image of the HTTP alone (submit, batched polls, download)", median(http),
+            "ms", "", None, runs=list(http), note="batchgen's API client with no engine around it: aiohttp's floor"),
+        Row("3 runner cost", "CPU per image of the checks alone (identify, decode, check, hash)", median(checks),
+            "ms", "", None, runs=list(checks), note="Pillow's floor for an emulator image"),
         Row("3 runner cost", f"peak memory, N={n:,}", median(col(results, "rss_mb")), "MB", "", None,
             runs=col(results, "rss_mb"),
             note=f"a run with nothing left: {median(col(results, 'fixed_rss_mb')):.0f} MB"),
