@@ -21,13 +21,14 @@ from batchgen.storage.outputs import ImageInfo, inspect_image
 # checks under 0.3 ms (measured on an emulator-sized PNG up to 128 px: 0.11-0.25 ms in all).
 INLINE_MAX_BYTES = 64 * 1024
 INLINE_MAX_PIXELS = 128 * 128
-# A small intake on the loop that takes longer than this on average (a slow or network disk waiting in
-# fsync) holds up every poll and submission behind it: the next ones go to the threads.
+# A small intake on the loop that takes longer than this (a slow or network disk waiting in fsync) holds up
+# every poll and submission behind it; SLOW_IN_A_ROW such intakes send the next ones to the threads. One
+# alone does not: the first intake of a run imports Pillow's plugins, and a disk has the odd slow fsync.
 INLINE_MAX_S = 0.002
-# While the intakes are on the threads, every this-many-th small image is tried on the loop again, so
-# that a disk which was slow for a moment does not keep them there for the rest of the run.
+SLOW_IN_A_ROW = 3
+# While the intakes are on the threads, every this-many-th small image is tried on the loop again; a quick
+# one brings them back, so that a disk which was slow for a while does not keep them away for good.
 PROBE_EVERY = 100
-_EWMA_WEIGHT = 0.2
 
 
 @dataclass(frozen=True)
@@ -62,22 +63,22 @@ class Placement:
     """Whether the next image's intake runs on the event loop or on a worker thread.
 
     On the loop only for a storage that writes to a local disk (a bucket's write waits on the network), a
-    small image (bytes first, then pixels once identified), and while the intakes on the loop have been
-    quick (a moving average of their wall time under INLINE_MAX_S); otherwise on the threads, with a
-    probe on the loop every PROBE_EVERY small images to find a disk that is quick again.
+    small image (bytes first, then pixels once identified), and unless the last SLOW_IN_A_ROW intakes on
+    the loop each took over INLINE_MAX_S; then on the threads, with a probe on the loop every PROBE_EVERY
+    small images, which brings them back when it is quick.
     """
 
     def __init__(self, storage: Storage) -> None:
         self.enabled = storage.writes_are_local
-        self.average_s: float | None = None  # none measured yet
+        self.on_loop = True
+        self._slow_in_a_row = 0
         self._skipped = 0
-        self.on_loop_count = 0  # for the benchmarks and tests: how many intakes ran on the loop
 
     def try_on_loop(self, nbytes: int) -> bool:
         """Whether to identify these bytes on the loop (then `small(info)` decides about the rest)."""
         if not self.enabled or nbytes > INLINE_MAX_BYTES:
             return False
-        if self.average_s is None or self.average_s <= INLINE_MAX_S:
+        if self.on_loop:
             return True
         self._skipped += 1
         if self._skipped >= PROBE_EVERY:
@@ -91,8 +92,10 @@ class Placement:
 
     def took(self, seconds: float) -> None:
         """Record the wall time of one intake that ran on the loop."""
-        self.on_loop_count += 1
-        if self.average_s is None:
-            self.average_s = seconds
+        if seconds > INLINE_MAX_S:
+            self._slow_in_a_row += 1
+            if self._slow_in_a_row >= SLOW_IN_A_ROW:
+                self.on_loop = False
         else:
-            self.average_s += _EWMA_WEIGHT * (seconds - self.average_s)
+            self._slow_in_a_row = 0
+            self.on_loop = True
