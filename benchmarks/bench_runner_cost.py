@@ -35,7 +35,9 @@ import asyncio
 import os
 import resource
 import shutil
+from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import Any
 
 from batchgen.api.client import EvolinkClient
 from batchgen.engine import quality
@@ -90,28 +92,38 @@ def _cpu_s() -> float:
 async def _http_alone(base_url: str, n: int) -> tuple[float, bytes]:
     """CPU seconds of the client's part of N images (submit, batched polls, download), and one image."""
     async with EvolinkClient(base_url, base_url, API_KEY) as client:
-        gate = asyncio.Semaphore(1000)  # the cost run's --concurrency
+
+        async def each(jobs: list[Any], call: Callable[[Any], Awaitable[Any]]) -> list[Any]:
+            # As many under way at once as the cost run's --concurrency, like the runner (not N coroutines).
+            results: list[Any] = [None] * len(jobs)
+            at = iter(range(len(jobs)))
+
+            async def worker() -> None:
+                for i in at:
+                    results[i] = await call(jobs[i])
+
+            await asyncio.gather(*(worker() for _ in range(min(1000, len(jobs)))))
+            return results
 
         async def submit(i: int) -> str:
-            async with gate:
-                body = {"model": FAST_MODEL, "prompt": f"Studio photo of product {i} (floor)", "size": "1:1"}
-                return (await client.submit(body)).id
+            body = {"model": FAST_MODEL, "prompt": f"Studio photo of product {i} (floor)", "size": "1:1"}
+            return (await client.submit(body)).id
 
         async def download(url: str) -> bytes:
-            async with gate:
-                return (await client.download(url)).data
+            return (await client.download(url)).data
 
         start = _cpu_s()
-        ids = await asyncio.gather(*(submit(i) for i in range(n)))
+        ids = await each(list(range(n)), submit)
         urls: dict[str, str] = {}
-        while len(urls) < n:
+        left = ids
+        while left:
             await asyncio.sleep(0.02)
-            left = [t for t in ids if t not in urls]
             for at in range(0, len(left), 50):
                 for task_id, snap in (await client.get_tasks(left[at:at + 50])).items():
                     if snap.status == "completed":
                         urls[task_id] = snap.results[0]
-        images = await asyncio.gather(*(download(u) for u in urls.values()))
+            left = [t for t in left if t not in urls]
+        images = await each(list(urls.values()), download)
         return _cpu_s() - start, images[0]
 
 
