@@ -16,7 +16,6 @@ and use its clients, its key pool and its rule for failed calls.
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import time
 from typing import TYPE_CHECKING
 
@@ -53,11 +52,10 @@ class Downloads:
         self.media_health = CallHealth.scaled("the result host", host.cfg.patience_s, host.cfg.time_scale)
         self._queue: asyncio.Queue[Tracked] = asyncio.Queue()
         self.pending = 0  # queued or being downloaded
-        # The threads that check and store downloaded images (engine/intake.py), as many as the storage uses.
-        self._intake = concurrent.futures.ThreadPoolExecutor(
-            min(self.cfg.download_concurrency, self.storage.parallel_writes or self.cfg.download_concurrency),
-            thread_name_prefix="batchgen-intake")
-        self.placement = intake.Placement(self.storage)
+        # Where downloaded images are checked and stored (engine/intake.py), with as many threads as the
+        # storage uses.
+        self.intake = intake.Placement(self.storage, min(
+            self.cfg.download_concurrency, self.storage.parallel_writes or self.cfg.download_concurrency))
         self._saved: list[tuple[ImageRecord, bool, asyncio.Future[None]]] = []  # images on disk, not yet recorded
         self._saved_flush: asyncio.Handle | None = None
         self._claimed: dict[str, str] = {}  # file name (no extension) → request key, claimed by this run
@@ -80,7 +78,7 @@ class Downloads:
         if self._saved_flush is not None:
             self._saved_flush.cancel()
             self.flush()
-        self._intake.shutdown(wait=False, cancel_futures=True)
+        self.intake.shutdown()
 
     async def worker(self) -> None:
         while True:
@@ -119,7 +117,7 @@ class Downloads:
                 continue
             try:
                 rel = self._relpath(t, index)
-                got = await self._take_in(rel, data, t.req.params.get("size"))
+                got = await self.intake.take_in(rel, data, t.req.params.get("size"), self.cfg.quality)
             except StorageError as error:
                 # Not the request's fault: it stays completed (its task id kept) and the next run stores it.
                 self.host.halt(StopReason.STORAGE, f"{error}; resumable once the storage works")
@@ -143,20 +141,6 @@ class Downloads:
             if last:
                 self._on_done(t)
             index += 1
-
-    async def _take_in(self, rel: str, data: bytes, size: str | None) -> intake.Intake:
-        """intake.take_in, on the loop or on an intake thread as `placement` decides."""
-        loop, settings = asyncio.get_running_loop(), self.cfg.quality
-        if not self.placement.try_on_loop(len(data)):
-            return await loop.run_in_executor(self._intake, intake.take_in, self.storage, rel, data, size, settings)
-        start = time.perf_counter()
-        info = outputs.inspect_image(data)
-        if not self.placement.small(info):
-            return await loop.run_in_executor(self._intake, intake.check_and_store, self.storage, rel, data, info,
-                                              size, settings)
-        got = intake.check_and_store(self.storage, rel, data, info, size, settings)
-        self.placement.took(time.perf_counter() - start)
-        return got
 
     async def _checks_failed(self, t: Tracked, index: int, rel_no_ext: str, data: bytes,
                              got: intake.Intake) -> bool:

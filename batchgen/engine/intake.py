@@ -5,11 +5,14 @@ durable write (`Storage.save_image`) all block, on the CPU or on the disk. For a
 milliseconds (a 1024 px PNG decodes in 7-25 ms), so they run off the event loop, as one call to a worker
 thread rather than one each. For a small image on a local disk the whole intake is cheaper than the hop to a
 thread and back (the thread contends with the loop for the GIL at every step): it runs on the loop, which
-`Placement` decides per image and takes back to the threads as soon as the disk is slow (docs/benchmarks.md).
+`Placement` decides per image, sending them back to the threads once the disk turns slow (docs/benchmarks.md).
 """
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
+import time
 from dataclasses import dataclass
 
 from batchgen.engine import quality
@@ -60,7 +63,7 @@ def check_and_store(storage: Storage, relpath_no_ext: str, data: bytes, info: Im
 
 
 class Placement:
-    """Whether the next image's intake runs on the event loop or on a worker thread.
+    """Where each image's intake runs, and the intake threads: on the event loop or on a worker thread.
 
     On the loop only for a storage that writes to a local disk (a bucket's write waits on the network), a
     small image (bytes first, then pixels once identified), and unless the last SLOW_IN_A_ROW intakes on
@@ -68,11 +71,34 @@ class Placement:
     small images, which brings them back when it is quick.
     """
 
-    def __init__(self, storage: Storage) -> None:
+    def __init__(self, storage: Storage, threads: int = 1) -> None:
+        self.storage = storage
         self.enabled = storage.writes_are_local
         self.on_loop = True
         self._slow_in_a_row = 0
         self._skipped = 0
+        # Threads start on the first image sent to them, so a run that keeps every intake on the loop has none.
+        self._threads = concurrent.futures.ThreadPoolExecutor(threads, thread_name_prefix="batchgen-intake")
+
+    async def take_in(self, relpath_no_ext: str, data: bytes, size: str | None,
+                      settings: QualitySettings) -> Intake:
+        """`take_in`, on the loop or on an intake thread, as the rules above decide."""
+        loop = asyncio.get_running_loop()
+        if not self.try_on_loop(len(data)):
+            return await loop.run_in_executor(self._threads, take_in, self.storage, relpath_no_ext, data, size,
+                                              settings)
+        start = time.perf_counter()
+        info = inspect_image(data)
+        if not self.small(info):
+            return await loop.run_in_executor(self._threads, check_and_store, self.storage, relpath_no_ext, data,
+                                              info, size, settings)
+        got = check_and_store(self.storage, relpath_no_ext, data, info, size, settings)
+        self.took(time.perf_counter() - start)
+        return got
+
+    def shutdown(self) -> None:
+        """Let the intake threads go (at the end of the run)."""
+        self._threads.shutdown(wait=False, cancel_futures=True)
 
     def try_on_loop(self, nbytes: int) -> bool:
         """Whether to identify these bytes on the loop (then `small(info)` decides about the rest)."""
