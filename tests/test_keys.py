@@ -16,7 +16,8 @@ from batchgen.engine.keyfile import KeySpec, fingerprint, load_keys
 from batchgen.engine.keypool import KeyPool, KeyState, PooledKey
 from batchgen.engine.ratelimit import AdaptiveLimiter
 from batchgen.errors import ConfigError
-from batchgen.store.sqlite import MIGRATIONS, NewAttempt, Store, UploadRecord, idempotency_key
+from batchgen.store.sqlite import NewAttempt, Store, UploadRecord, idempotency_key
+from batchgen.store.sqlite_migrations import migration_set
 from batchgen.units import parse_rate
 
 KEY_A, KEY_B, KEY_C = "sk-evo-secret-aaaa1111", "sk-evo-secret-bbbb2222", "sk-evo-secret-cccc3333"
@@ -146,7 +147,7 @@ def test_one_key_pool_owns_attempts_from_before_fingerprints() -> None:
 def test_m006_upgrade_keeps_data_and_records_fingerprints(tmp_path: Path) -> None:
     path = tmp_path / "old.db"
     db = sqlite_utils.Database(path)
-    MIGRATIONS.apply(db, stop_before="m006_key_fingerprints")
+    migration_set().apply(db, stop_before="m006_key_fingerprints")
     db.execute("INSERT INTO requests (key, item_id, params, model) VALUES ('k1', 'i1', '{}', 'z-image-turbo')")
     db.execute("INSERT INTO uploads (file_id, sha256, file_url, expires_at, uploaded_at) "
                "VALUES ('f-old', 'abc', 'http://x/f-old', 1e12, 1)")

@@ -5,6 +5,8 @@ on a real PostgreSQL server (tests/pg_fixtures.py); PostgreSQL's own rules are i
 from __future__ import annotations
 
 import sqlite3
+import subprocess
+import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -15,7 +17,8 @@ from batchgen.errors import ManifestError, Problem, StoreLockedError
 from batchgen.models import GenerationRequest, JobSpec, PlannedRequest, State, request_key
 from batchgen.store.base import BaseStore
 from batchgen.store.open import open_store
-from batchgen.store.sqlite import MIGRATIONS, NewAttempt, Outcome, Store, idempotency_key
+from batchgen.store.sqlite import NewAttempt, Outcome, Store, idempotency_key
+from batchgen.store.sqlite_migrations import NAMES, migration_set
 
 OpenDb = Callable[[], BaseStore]
 
@@ -57,23 +60,39 @@ def keys_of(m: FakeManifest) -> list[str]:
 
 def test_blank_database_gets_every_migration(tmp_path: Path) -> None:
     with Store(tmp_path / "s.db") as store:
-        assert store.applied_migrations() == [m.name for m in MIGRATIONS._migrations]
-        assert store.schema_version() == len(MIGRATIONS._migrations)
+        assert store.applied_migrations() == list(NAMES)
+        assert store.schema_version() == len(NAMES)
         mode = store.conn.execute("PRAGMA journal_mode").fetchone()[0]
         assert mode == "wal"
         assert store.job_record() is None
 
 
+def test_up_to_date_database_opens_without_sqlite_utils(tmp_path: Path) -> None:
+    # Importing sqlite-utils costs a run about 45 ms of CPU: it is loaded only when a schema step is due.
+    probe = ("import sys; from batchgen.store.sqlite import Store; Store(sys.argv[1]).close(); "
+             "print('sqlite_utils' in sys.modules)")
+    path = tmp_path / "s.db"
+
+    def opened_with_sqlite_utils() -> bool:
+        out = subprocess.run([sys.executable, "-c", probe, str(path)], capture_output=True, text=True, check=True)
+        return out.stdout.strip() == "True"
+
+    assert opened_with_sqlite_utils()  # a new database is migrated: sqlite-utils runs the steps
+    assert not opened_with_sqlite_utils()  # up to date: one query, no import
+    with Store(path) as store:
+        assert store.applied_migrations() == list(NAMES)
+
+
 def test_upgrade_from_m001_keeps_data(tmp_path: Path) -> None:
     path = tmp_path / "old.db"
     db = sqlite_utils.Database(path)
-    MIGRATIONS.apply(db, stop_before="m002_runs")
+    migration_set().apply(db, stop_before="m002_runs")
     db.execute("INSERT INTO requests (key, item_id, params, model) VALUES ('k1', 'i1', '{}', 'z-image-turbo')")
     db.conn.commit()
     db.close()
     with Store(path) as store:
         assert "m002_runs" in store.applied_migrations()
-        assert store.schema_version() == len(MIGRATIONS._migrations)  # every later migration applied too
+        assert store.schema_version() == len(NAMES)  # every later migration applied too
         assert store.counts()["pending"] == 1
         run_id = store.start_run()
         store.finish_run(run_id, 0, "finished", {"done": 1})
@@ -223,7 +242,7 @@ def test_upgrade_to_m005_keeps_images_as_not_checked(tmp_path: Path) -> None:
     # A job saved before the quality checks existed: its images read as "not checked" and can be reviewed.
     path = tmp_path / "old.db"
     db = sqlite_utils.Database(path)
-    MIGRATIONS.apply(db, stop_before="m005_reviews")
+    migration_set().apply(db, stop_before="m005_reviews")
     db.execute("INSERT INTO requests (key, item_id, params, model, state) VALUES "
                "('k1', 'i1', '{}', 'z-image-turbo', 'done')")
     db.execute("INSERT INTO images (request_key, idx, path, bytes, sha256) VALUES ('k1', 1, 'i1_1.png', 9, 'ab')")

@@ -21,7 +21,8 @@ from batchgen.api.client import EvolinkClient
 from batchgen.cli import main
 from batchgen.engine.uploads import Uploader
 from batchgen.models import State
-from batchgen.store.sqlite import MIGRATIONS, RequestRecord, Store
+from batchgen.store.sqlite import RequestRecord, Store
+from batchgen.store.sqlite_migrations import migration_set
 from tests.emulator_fixtures import API_KEY, FAST_TIME_SCALE, EmulatorFactory
 from tests.run_support import check_outputs, db_of, run, write_job
 
@@ -256,7 +257,7 @@ def test_edit_products_example_runs_end_to_end_on_the_emulator(tmp_path: Path) -
 def test_upgrade_from_m002_adds_the_uploads_table(tmp_path: Path) -> None:
     path = tmp_path / "old.db"
     db = sqlite_utils.Database(path)
-    MIGRATIONS.apply(db, stop_before="m003_uploads")
+    migration_set().apply(db, stop_before="m003_uploads")
     db.execute("INSERT INTO requests (key, item_id, params, model) VALUES ('k1', 'i1', '{}', 'z-image-turbo')")
     db.conn.commit()
     db.close()

@@ -3,8 +3,9 @@
 Why a database: a job of 40,000 images dies sometimes (a laptop closes, cron kills it, the key runs out).
 Everything needed to pick up where it stopped — which requests exist, which task ids the API handed back,
 which images are on disk — is committed here *before* anything depends on it, so the scheduler can be
-rebuilt from this file at any time and never pays twice for the same image. This is the only module that
-imports sqlite_utils; the export, report and status code read through the methods below.
+rebuilt from this file at any time and never pays twice for the same image. This module and its schema
+steps (sqlite_migrations.py) hold every SQL statement of the SQLite backend; the export, report and status
+code read through the methods below.
 
 Durability: WAL journal with ``synchronous=NORMAL``. A committed transaction survives the process being
 killed (SIGKILL, OOM, Ctrl-C twice) — that is the promise. A power cut may lose the last few commits (never
@@ -42,10 +43,9 @@ Schema (times are wall-clock epoch seconds as REAL; JSON columns hold compact JS
                `key_fp` to attempts (the key each attempt was sent with; polls use the same key) and to
                uploads (a file belongs to the account that uploaded it). NULL: made before m006, one key.
 
-Migrations are numbered, append-only functions registered on ``MIGRATIONS`` (sqlite-utils runs each in
-its own transaction and records it in ``_sqlite_migrations``); ``PRAGMA user_version`` mirrors the count.
-To extend the schema (uploads, ...), append ``@MIGRATIONS() def m00N_...(db)`` at the end of the list —
-never edit an applied one.
+Migrations are numbered, append-only steps in sqlite_migrations.py (sqlite-utils runs each in its own
+transaction and records it in ``_sqlite_migrations``); ``PRAGMA user_version`` mirrors the count. To extend
+the schema, append a step there — never edit an applied one.
 
 Read API (for status, export, report):
     ``Store(path)``                 opens (and migrates) the database; use as a context manager
@@ -70,7 +70,6 @@ import contextlib
 import fcntl
 import json
 import os
-import secrets
 import socket
 import sqlite3
 import time
@@ -78,10 +77,9 @@ from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import sqlite_utils
-
 from batchgen.errors import BatchgenError, LocalFaultError, StoreFormatError, StoreLockedError
 from batchgen.models import State
+from batchgen.store import sqlite_migrations
 from batchgen.store.base import BaseStore
 
 # The records moved to records.py (shared with the PostgreSQL backend); re-exported here so existing
@@ -108,128 +106,8 @@ from batchgen.store.records import encode_json as _j
 if TYPE_CHECKING:
     from batchgen.manifest.load import Manifest
 
-MIGRATIONS = sqlite_utils.Migrations("batchgen")
 _SYNC_CHUNK = 5000
 _READ_CHUNK = 2000
-
-
-# --- migrations (append only) ---------------------------------------------------------------------
-
-
-@MIGRATIONS()
-def m001_initial(db: sqlite_utils.Database) -> None:
-    db.execute(
-        """CREATE TABLE job (
-            id INTEGER PRIMARY KEY CHECK (id = 1),
-            name TEXT NOT NULL, manifest_path TEXT, output_dir TEXT, filename_template TEXT,
-            settings TEXT, fingerprint TEXT, sync_gen INTEGER NOT NULL DEFAULT 0,
-            created_at REAL, updated_at REAL)"""
-    )
-    db.execute(
-        """CREATE TABLE requests (
-            key TEXT PRIMARY KEY, item_id TEXT NOT NULL, variant TEXT NOT NULL DEFAULT '{}',
-            metadata TEXT NOT NULL DEFAULT '{}', params TEXT NOT NULL, model TEXT NOT NULL,
-            n INTEGER NOT NULL DEFAULT 1, est_credits REAL NOT NULL DEFAULT 0, source TEXT NOT NULL DEFAULT '',
-            state TEXT NOT NULL DEFAULT 'pending', attempts INTEGER NOT NULL DEFAULT 0,
-            attempt_no INTEGER NOT NULL DEFAULT 0, not_before REAL NOT NULL DEFAULT 0,
-            error_code TEXT, error_message TEXT, sync_gen INTEGER NOT NULL DEFAULT 0,
-            created_at REAL, updated_at REAL)"""
-    )
-    db.execute("CREATE INDEX requests_state_not_before ON requests (state, not_before)")
-    db.execute(
-        """CREATE TABLE attempts (
-            id INTEGER PRIMARY KEY, request_key TEXT NOT NULL REFERENCES requests(key),
-            attempt_no INTEGER NOT NULL, idempotency_key TEXT NOT NULL UNIQUE, model TEXT NOT NULL,
-            body TEXT, state TEXT NOT NULL, submit_tries INTEGER NOT NULL DEFAULT 0, task_id TEXT,
-            submitted_at REAL, finished_at REAL, credits_estimated REAL, credits_reserved REAL,
-            credits_used REAL, error_code TEXT, error_message TEXT, result_urls TEXT,
-            replayed INTEGER NOT NULL DEFAULT 0)"""
-    )
-    db.execute("CREATE INDEX attempts_request ON attempts (request_key, attempt_no)")
-    db.execute("CREATE INDEX attempts_open ON attempts (state) WHERE state IN ('sending', 'running')")
-    db.execute(
-        """CREATE TABLE images (
-            request_key TEXT NOT NULL REFERENCES requests(key), idx INTEGER NOT NULL,
-            path TEXT NOT NULL UNIQUE, url TEXT, bytes INTEGER, sha256 TEXT, width INTEGER, height INTEGER,
-            format TEXT, attempt_id INTEGER, created_at REAL, PRIMARY KEY (request_key, idx))"""
-    )
-    db.execute("PRAGMA user_version = 1")
-
-
-@MIGRATIONS()
-def m002_runs(db: sqlite_utils.Database) -> None:
-    # One row per `batchgen run`: when it ran, why it ended — for status, cron logs and the report.
-    db.execute(
-        """CREATE TABLE runs (
-            id INTEGER PRIMARY KEY, started_at REAL NOT NULL, finished_at REAL, pid INTEGER, host TEXT,
-            exit_code INTEGER, reason TEXT, summary TEXT)"""
-    )
-    db.execute("PRAGMA user_version = 2")
-
-
-@MIGRATIONS()
-def m003_uploads(db: sqlite_utils.Database) -> None:
-    # Every file batchgen uploaded through the Files API, so a photo is uploaded once per content (across
-    # resumed runs) and only batchgen's own files are ever deleted to free the quota (uploads.py).
-    db.execute(
-        """CREATE TABLE uploads (
-            file_id TEXT PRIMARY KEY, sha256 TEXT NOT NULL, file_url TEXT NOT NULL, expires_at REAL NOT NULL,
-            size INTEGER, mime TEXT, path TEXT, uploaded_at REAL NOT NULL, checked_at REAL, suspect_at REAL,
-            deleted_at REAL)"""
-    )
-    db.execute("CREATE INDEX uploads_sha256 ON uploads (sha256, uploaded_at)")
-    db.execute("CREATE INDEX uploads_file_url ON uploads (file_url)")
-    db.execute("PRAGMA user_version = 3")
-
-
-@MIGRATIONS()
-def m004_store_id(db: sqlite_utils.Database) -> None:
-    # A random id per database, part of every Idempotency-Key: a server keeps idempotency records for a
-    # while, and without it a fresh database (or another --db) asking for the same request would be handed
-    # the old task back, often with result URLs that have already expired. Attempts made before this
-    # migration keep the key they were sent with (it is stored on the attempt row).
-    db.execute("CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
-    db.execute("INSERT INTO meta (key, value) VALUES ('store_id', ?)", [secrets.token_hex(4)])
-    db.execute("PRAGMA user_version = 4")
-
-
-@MIGRATIONS()
-def m005_reviews(db: sqlite_utils.Database) -> None:
-    # Issue 16. Every image's automatic check result; the images a check or a person turned down, kept
-    # aside (never deleted) once a new attempt replaces them; and people's decisions on images. An image is
-    # identified by (request_key, idx, sha256): a regeneration gives the same (request_key, idx) new bytes,
-    # so a decision made on the old bytes can never be mistaken for one on the new.
-    db.execute("ALTER TABLE images ADD COLUMN check_status TEXT")  # passed, failed, NULL: not checked
-    db.execute("ALTER TABLE images ADD COLUMN check_reasons TEXT")
-    db.execute(
-        """CREATE TABLE set_aside (
-            id INTEGER PRIMARY KEY, request_key TEXT NOT NULL, idx INTEGER NOT NULL, attempt_id INTEGER,
-            path TEXT NOT NULL, sha256 TEXT NOT NULL, bytes INTEGER, width INTEGER, height INTEGER, format TEXT,
-            why TEXT NOT NULL, reason TEXT, created_at REAL NOT NULL)"""
-    )
-    db.execute("CREATE INDEX set_aside_request ON set_aside (request_key, idx)")
-    db.execute(
-        """CREATE TABLE reviews (
-            id INTEGER PRIMARY KEY, request_key TEXT NOT NULL, idx INTEGER NOT NULL, sha256 TEXT NOT NULL,
-            attempt_id INTEGER, decision TEXT NOT NULL CHECK (decision IN ('approve', 'reject')), reason TEXT,
-            decided_at REAL NOT NULL, acted_at REAL)"""
-    )
-    db.execute("CREATE INDEX reviews_image ON reviews (request_key, idx, sha256)")
-    db.execute("CREATE INDEX reviews_open_rejects ON reviews (decision) WHERE acted_at IS NULL")
-    db.execute("PRAGMA user_version = 5")
-
-
-@MIGRATIONS()
-def m006_key_fingerprints(db: sqlite_utils.Database) -> None:
-    # Several API keys in one run (issue 15): which key sent each attempt and uploaded each file, as a
-    # fingerprint (never the key), and each key's last known state for `status`.
-    db.execute("ALTER TABLE attempts ADD COLUMN key_fp TEXT")
-    db.execute("ALTER TABLE uploads ADD COLUMN key_fp TEXT")
-    db.execute(
-        """CREATE TABLE keys (
-            fingerprint TEXT PRIMARY KEY, label TEXT, state TEXT NOT NULL, reason TEXT, balance REAL,
-            updated_at REAL)""")
-    db.execute("PRAGMA user_version = 6")
 
 
 # --- the lock -------------------------------------------------------------------------------------
@@ -307,8 +185,8 @@ def check_store_file(path: Path, conn: sqlite3.Connection) -> None:
             raise StoreFormatError(f"{path} is an SQLite database of another program, not a batchgen database; "
                                    "it was left untouched. Pass another --db")
         applied = {r[0] for r in conn.execute(
-            "SELECT name FROM _sqlite_migrations WHERE migration_set = ?", [MIGRATIONS.name])}
-        known = {m.name for m in MIGRATIONS._migrations}
+            "SELECT name FROM _sqlite_migrations WHERE migration_set = ?", [sqlite_migrations.SET_NAME])}
+        known = set(sqlite_migrations.NAMES)
         newer = sorted(applied - known)
         if newer:
             raise StoreFormatError(f"{path} was written by a newer batchgen (schema steps {', '.join(newer)} are "
@@ -348,15 +226,14 @@ class Store(BaseStore):
             raise LocalFaultError("cannot create the folder of the database", str(self.path.parent), error) from None
         # Autocommit connection: transactions are explicit (`_tx`), so nothing stays open by accident.
         conn = sqlite3.connect(str(self.path), isolation_level=None, timeout=10.0)
-        self.db = sqlite_utils.Database(conn)
         self.conn = conn
         try:
             # Before anything writes to it: a file that is not ours is refused and left as it was.
             check_store_file(self.path, conn)
-            self.db.execute("PRAGMA journal_mode=WAL")
-            self.db.execute("PRAGMA synchronous=NORMAL")
-            self.db.execute("PRAGMA foreign_keys=OFF")  # integrity is kept by the code paths; FKs cost time
-            MIGRATIONS.apply(self.db)
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute("PRAGMA synchronous=NORMAL")
+            conn.execute("PRAGMA foreign_keys=OFF")  # integrity is kept by the code paths; FKs cost time
+            sqlite_migrations.apply(conn)
             self.store_id: str = self.conn.execute("SELECT value FROM meta WHERE key='store_id'").fetchone()[0]
         except StoreFormatError:
             conn.close()
@@ -411,7 +288,7 @@ class Store(BaseStore):
         return int(self.conn.execute("PRAGMA user_version").fetchone()[0])
 
     def applied_migrations(self) -> list[str]:
-        return [m.name for m in MIGRATIONS.applied(self.db)]
+        return sqlite_migrations.applied(self.conn)
 
     def lock(self) -> None:
         """Take the run lock or raise StoreLockedError naming the holder."""
