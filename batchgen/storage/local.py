@@ -57,8 +57,8 @@ def write_atomic(target: Path, data: bytes, *, make_parent: bool = True) -> None
             # store's own commits are WAL with synchronous=NORMAL, which may lose the last commits on a power
             # cut but never orders a commit before the data it names: without this fsync, a commit that did
             # reach the disk could name an image whose bytes did not (ext4 makes no promise for a new name),
-            # and a done image would be missing for good. Measured: it costs wall time in a worker thread,
-            # hardly any CPU (docs/benchmarks.md).
+            # and a done image would be missing for good. Measured: 0.18-0.25 ms of system CPU per image on
+            # the benchmark VM's disk, kept for that promise (docs/benchmarks.md, runner CPU).
             os.fsync(fd)
         finally:
             os.close(fd)
