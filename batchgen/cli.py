@@ -207,6 +207,9 @@ def run(manifest: str, db: str | None, job: str | None, out: str | None, emulato
       batchgen run examples/quickstart.yaml --emulator
       EVOLINK_API_KEY=sk-evo-... batchgen run jobs/nightly.yaml --rate 300/min --max-runtime 50m --json
     """
+    from batchgen.engine import collector
+
+    collector.tune_process()  # this process exists for this run: the collector runs seldom, and not at exit
     from batchgen.models import RunOptions
     from batchgen.units import parse_duration_s, parse_rate
 

@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from batchgen import catalog
-from batchgen.engine import shares
+from batchgen.engine import collector, shares
 from batchgen.engine.keyfile import KeySource, load_keys
 from batchgen.engine.keypool import KeyPool, KeyState
 from batchgen.engine.progress import Progress
@@ -196,8 +196,10 @@ async def _run(store: Store, job: JobSpec, options: RunOptions, storage: Storage
             runners = len(store.live_runners())
             for key in pool.keys:
                 shares.apply_share(key.limiter, (key.spec.rate or rate).per_second, runners)
-        return await _drive(store, job, settings, options, storage, pool, max_wait_s, added, removed, notes or [],
-                            source.warnings)
+        # Everything made so far lives for the whole run: the collector skips it, and runs seldom (collector.py).
+        with collector.seldom_collections():
+            return await _drive(store, job, settings, options, storage, pool, max_wait_s, added, removed,
+                                notes or [], source.warnings)
     raise AssertionError("unreachable")  # pragma: no cover
 
 
