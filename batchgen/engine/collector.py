@@ -58,4 +58,5 @@ def tune_process() -> None:
         gc.set_threshold(max(GEN0_THRESHOLD, threshold[0]), threshold[1], threshold[2])
     # atexit runs before the interpreter's last collection; frozen objects are not walked by it. Files and
     # connections are closed by the code that opened them, so no finalizer is left for that walk to run.
+    atexit.unregister(gc.freeze)  # once, however many runs a process starts (tests invoke the CLI in-process)
     atexit.register(gc.freeze)
