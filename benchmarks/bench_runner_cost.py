@@ -115,14 +115,17 @@ async def _http_alone(base_url: str, n: int) -> tuple[float, bytes]:
         start = _cpu_s()
         ids = await each(list(range(n)), submit)
         urls: dict[str, str] = {}
+        final: set[str] = set()  # a failed task is final too: it must not be polled forever
         left = ids
         while left:
             await asyncio.sleep(0.02)
-            for at in range(0, len(left), 50):
-                for task_id, snap in (await client.get_tasks(left[at:at + 50])).items():
-                    if snap.status == "completed":
-                        urls[task_id] = snap.results[0]
-            left = [t for t in left if t not in urls]
+            for first in range(0, len(left), 50):
+                for task_id, snap in (await client.get_tasks(left[first:first + 50])).items():
+                    if snap.final:
+                        final.add(task_id)
+                        if snap.status == "completed" and snap.results:
+                            urls[task_id] = snap.results[0]
+            left = [t for t in left if t not in final]
         images = await each(list(urls.values()), download)
         return _cpu_s() - start, images[0]
 

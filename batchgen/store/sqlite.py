@@ -184,10 +184,7 @@ def check_store_file(path: Path, conn: sqlite3.Connection) -> None:
         if "_sqlite_migrations" not in tables or not tables >= _OUR_TABLES:
             raise StoreFormatError(f"{path} is an SQLite database of another program, not a batchgen database; "
                                    "it was left untouched. Pass another --db")
-        applied = {r[0] for r in conn.execute(
-            "SELECT name FROM _sqlite_migrations WHERE migration_set = ?", [sqlite_migrations.SET_NAME])}
-        known = set(sqlite_migrations.NAMES)
-        newer = sorted(applied - known)
+        newer = sorted(set(sqlite_migrations.applied(conn)) - set(sqlite_migrations.NAMES))
         if newer:
             raise StoreFormatError(f"{path} was written by a newer batchgen (schema steps {', '.join(newer)} are "
                                    "unknown to this version); it was left untouched. Upgrade batchgen")
