@@ -13,27 +13,28 @@ Moving parts (one task each, no per-request timers):
   each submit as its own task (they queue on the limiter). The task id is committed as soon as it arrives.
   Attempts whose answer never came (killed, or a transient error) are sent again with the same key from
   a due-time heap.
-* **poller** — a heap of (due time, task); when the earliest is due it takes every due task (≤ 50) into one
-  `get_tasks` call (the client falls back to single polls on servers without the batch route) and applies
-  the whole answer in one transaction. A task is polled at its `estimated_time` (plus a small margin);
-  without one, at the reference's 3 s, then every 3–5 s (× time_scale). A task past `max_wait` keeps its
-  task id and is left for the next run.
+* **poller** — the poll schedule (polls.py: a heap of due times, and the rule that times each poll); when
+  the earliest task is due it takes every due task (≤ 50) into one `get_tasks` call (the client falls back
+  to single polls on servers without the batch route) and applies the whole answer in one transaction. A
+  task is polled at its `estimated_time` (plus a small margin); without one, at the reference's 3 s, then
+  every 3–5 s (× time_scale). A task past `max_wait` keeps its task id and is left for the next run.
 * **downloads** (downloads.py) — `download_concurrency` workers bring each finished task's images home
   (fetch, check and store in one worker-thread call, record), and mark the request done when all its
   images are stored and verified.
 
 Every failure goes through `errors.decide()`. Failed *tasks* requeue the request (a new attempt, a new key)
-or fail it; failed *calls* (a poll, a download, a submit that got no answer) are retried in place and do
-not use up the request's attempts. 429s are the limiter's business (the client penalises it) and never
-fail a request.
+or fail it (outcomes.py adds what only the run knows: re-uploads, the content-policy pause, fallbacks);
+failed *calls* (a poll, a download, a submit that got no answer) are retried in place and do not use up the
+request's attempts. 429s are the limiter's business (the client penalises it) and never fail a request.
 
-Several keys (keypool.py, issue 15): with a `KeyPool` each submission is assigned a key when it is claimed
-(its uploads are made with that key, its attempt row records the key's fingerprint), and everything after
-that — resends, polls (batched per key), result re-fetches — uses that key. A 401 or 402 takes the key out
-of the pool and the run goes on with the others: a submit refused that way was never created, so the request
-goes back to pending for another key without using up an attempt; a revoked key's tasks in flight cannot be
-polled and are left (open) for a later run; an out-of-credits key's are still polled. Only when no key is
-left does the run stop (exit 3). Tasks of keys this run does not have are left as they are, and named.
+Several keys (keypool.py holds them, keyuse.py is the run's side; issue 15): with a `KeyPool` each
+submission is assigned a key when it is claimed (its uploads are made with that key, its attempt row records
+the key's fingerprint), and everything after that — resends, polls (batched per key), result re-fetches —
+uses that key. A 401 or 402 takes the key out of the pool and the run goes on with the others: a submit
+refused that way was never created, so the request goes back to pending for another key without using up an
+attempt; a revoked key's tasks in flight cannot be polled and are left (open) for a later run; an
+out-of-credits key's are still polled. Only when no key is left does the run stop (exit 3). Tasks of keys
+this run does not have are left as they are, and named.
 
 Stopping: `drain()` (credit cap, runtime limit, content-policy pause) stops new submissions and lets the
 tasks in flight finish; `halt()` (signals, 401/402, the hard runtime limit) also stops polling and, after a
@@ -44,10 +45,7 @@ between awaits, so a cancellation can never interrupt one.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import functools
-import heapq
-import itertools
 import random
 import time
 from collections.abc import Awaitable, Callable
@@ -58,12 +56,14 @@ from typing import TYPE_CHECKING, Any
 from batchgen import catalog
 from batchgen.engine.downloads import Downloads
 from batchgen.engine.health import CallHealth
-from batchgen.engine.keypool import KeyPool, KeyState, PooledKey
+from batchgen.engine.keypool import KeyPool, PooledKey
+from batchgen.engine.keyuse import KeyUse
+from batchgen.engine.outcomes import TaskFailures
+from batchgen.engine.polls import BATCH_MAX, DueHeap, PollSchedule, poll_delay, wait_for_event
 from batchgen.engine.ratelimit import POLL
 from batchgen.engine.runstate import Counters, StopReason, Tracked
 from batchgen.engine.uploads import UploadWaitError
 from batchgen.errors import (
-    CONTENT_POLICY_CODE,
     Action,
     ApiError,
     BatchgenError,
@@ -88,8 +88,6 @@ from batchgen.store.records import (
 if TYPE_CHECKING:
     from batchgen.api.client import EvolinkClient, TaskSnapshot
 
-BATCH_MAX = 50
-POLL_MARGIN = 0.03  # poll a little after the estimate: an early poll is a wasted request
 HALT_GRACE_S = 2.0
 POLL_ERRORS_BEFORE_LEAVING = 5
 # Batch polls in flight at once: one slow answer (or one held at the limiter) must not hold up the others.
@@ -146,7 +144,7 @@ class Scheduler:
         self.store = store
         self.client = client
         self.pool = pool
-        self._keyless: list[tuple[str, str | None]] = []  # (request key, key name) of tasks no key here can poll
+        self.keys = KeyUse(self, pool)  # which key sends what; refused keys; tasks left for other keys
         self.cfg = config
         if config.storage is None and config.out_dir is None:
             raise ValueError("SchedulerConfig needs out_dir or storage")
@@ -159,18 +157,14 @@ class Scheduler:
         self._tracked: dict[int, Tracked] = {}  # attempt id → tracked (submitted, not yet final)
         self._prepare_failures: dict[str, int] = {}  # request key → failed body preparations (uploads) this run
         self.api_health = CallHealth.scaled("the API", config.patience_s, config.time_scale)
-        self._poll_heap: list[tuple[float, int, int]] = []  # (due, seq, attempt id)
-        self._send_heap: list[tuple[float, int, int]] = []  # resends with the same key
-        self._seq = itertools.count()
+        self._polls = PollSchedule(self._tracked)  # tasks with an id, by when they are next polled
+        self._resends = DueHeap()  # attempts whose submit got no answer: sent again with the same key
         self._wake = asyncio.Event()  # something changed: the submitter re-checks
-        self._poll_wake = asyncio.Event()
-        self._send_wake = asyncio.Event()
         self._draining: tuple[StopReason, str] | None = None
         self._halting: tuple[StopReason, str] | None = None
-        self._policy_streak = 0
+        self.failures = TaskFailures(self)  # the rule for failed tasks (outcomes.py)
         self._tasks: set[asyncio.Task[Any]] = set()
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._polling: set[int] = set()  # attempt ids in a poll call now
         self._poll_slots = asyncio.Semaphore(POLLS_IN_FLIGHT)
         self._answered: list[tuple[Tracked, TaskSnapshot]] = []  # submits answered, not yet committed
         self._flush_handle: asyncio.Handle | None = None
@@ -193,8 +187,8 @@ class Scheduler:
             self._halting = (reason, message)
             self.drain(reason, message)
         self._wake.set()
-        self._poll_wake.set()
-        self._send_wake.set()
+        self._polls.wake.set()
+        self._resends.wake.set()
 
     @property
     def halting(self) -> bool:
@@ -245,9 +239,9 @@ class Scheduler:
         stop = self._halting or self._draining
         if stop is not None:
             return RunResult(stop[0], stop[1], c)
-        if self._keyless:
-            return RunResult(StopReason.KEY_MISSING, f"{len(self._keyless)} task(s) belong to keys this run does "
-                             f"not have or that were revoked ({_names(self._keyless)}); they stay open for a run "
+        if self.keys.left_open:
+            return RunResult(StopReason.KEY_MISSING, f"{len(self.keys.left_open)} task(s) belong to keys this run "
+                             f"does not have or that were revoked ({self.keys.names()}); they stay open for a run "
                              "with those keys", c)
         if c.left:
             return RunResult(StopReason.RUNTIME, f"{c.left} task(s) still running after the maximum wait; "
@@ -258,7 +252,7 @@ class Scheduler:
         """Give calls already under way a moment to be answered and committed."""
         assert self._loop is not None
         end = self._loop.time() + HALT_GRACE_S
-        while self._loop.time() < end and (bool(self._polling) or any(
+        while self._loop.time() < end and (bool(self._polls.polling) or any(
                 not t.done() for t in self._tasks if t.get_name() == "call")):
             await asyncio.sleep(0.05)
 
@@ -343,7 +337,7 @@ class Scheduler:
                 if req.state != "completed" and (t.key is None or not t.key.can_poll):
                     # Tasks and idempotency records belong to the key's account: no other key can look at
                     # this task or safely send it again. Left open for a run that has the key.
-                    self._keyless.append((req.key, t.key.name if t.key else att.key_fp))
+                    self.keys.leave_open(req.key, t.key.name if t.key else att.key_fp)
                     continue
             if req.state == "completed":
                 if att.state == AttemptState.COMPLETED:
@@ -352,23 +346,20 @@ class Scheduler:
             self._tracked[att.id] = t
             if att.task_id is None:
                 wait_s = max(0.0, req.not_before - now_wall) if honour_not_before else 0.0
-                self._push(self._send_heap, now_loop + wait_s, t)
+                self._resends.push(now_loop + wait_s, t.attempt_id)
             else:
-                self._push(self._poll_heap, now_loop, t)
+                self._polls.push(now_loop, t.attempt_id)
         self.counters.in_flight = len(self._tracked)
-        if self._keyless:
-            self.emit("warning", {"tasks": len(self._keyless), "message": (
-                f"{len(self._keyless)} task(s) were sent with keys this run does not have "
-                f"({_names(self._keyless)}): they cannot be looked at with another key and are left for a run "
-                f"that has them (e.g. {', '.join(k for k, _ in self._keyless[:3])})")})
+        left = self.keys.left_open
+        if left:
+            self.emit("warning", {"tasks": len(left), "message": (
+                f"{len(left)} task(s) were sent with keys this run does not have "
+                f"({self.keys.names()}): they cannot be looked at with another key and are left for a run "
+                f"that has them (e.g. {', '.join(k for k, _ in left[:3])})")})
 
     def client_for(self, t: Tracked) -> EvolinkClient:
         """The client of the key that sent `t` (the run's client without a pool)."""
         return t.key.client if t.key is not None else self.client
-
-    def _push(self, heap: list[tuple[float, int, int]], due: float, t: Tracked) -> None:
-        heapq.heappush(heap, (due, next(self._seq), t.attempt_id))
-        (self._poll_wake if heap is self._poll_heap else self._send_wake).set()
 
     def _body_for(self, req: RequestRecord, model: str) -> dict[str, Any]:
         body = GenerationRequest.model_validate(req.params).api_body()
@@ -395,7 +386,7 @@ class Scheduler:
             if self._draining is not None:
                 if not self._tracked and self.downloads.pending == 0:
                     return
-                await self._wait(self._wake, self._deadline_timeout())
+                await wait_for_event(self._wake, self._deadline_timeout())
                 continue
             free = cfg.concurrency - len(self._tracked)
             timeout: float | None = None
@@ -416,7 +407,7 @@ class Scheduler:
                 # that finishes wakes this loop for nothing; it need not ask the store again each time.
                 self._nothing_pending = nb is None and not self.store.shared
                 timeout = None if nb is None else max(0.0, nb - time.time())
-            await self._wait(self._wake, _min_opt(timeout, self._deadline_timeout()))
+            await wait_for_event(self._wake, _min_opt(timeout, self._deadline_timeout()))
 
     def _deadline_timeout(self) -> float | None:
         assert self._loop is not None
@@ -426,16 +417,6 @@ class Scheduler:
             ahead.append(self.cfg.submit_deadline)
         outs = [d - now for d in ahead if d is not None]
         return max(0.0, min(outs)) if outs else None
-
-    async def _wait(self, event: asyncio.Event, timeout: float | None) -> None:
-        """Wait for `event` (cleared by the caller before it looked at the state) or the timeout."""
-        if event.is_set():
-            return
-        if timeout is not None and timeout <= 0:
-            await asyncio.sleep(0)
-            return
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(event.wait(), timeout)
 
     # --- the rule for failed calls (errors.decide; engine/health.py) ------------------------------
 
@@ -472,7 +453,7 @@ class Scheduler:
                            f"{c.credits_used:g}, reserved {c.credits_reserved + pending_reserve:g}, next request "
                            f"about {est:g}); raise --max-credits to continue")
                 break
-            key = self._assign(est)
+            key = self.keys.assign(est, self._loop.time() if self._loop else 0.0)
             if self.pool is not None and key is None:
                 break
             try:
@@ -480,8 +461,8 @@ class Scheduler:
             except ApiError as error:
                 if self.pool is not None:
                     self.pool.refund(key, est)
-                if key is not None and self._several_keys and error.status in (401, 402):
-                    self._key_refused(key, error)  # uploads refused by this key: the request waits for another
+                if key is not None and self.keys.several and error.status in (401, 402):
+                    self.keys.refused(key, error)  # uploads refused by this key: the request waits for another
                     self.store.defer(req.key, time.time(), code_of(error), error.message)
                     continue
                 self._defer_unsent(req, error)
@@ -527,27 +508,6 @@ class Scheduler:
         c.in_flight = len(self._tracked)
         return len(new)
 
-    @property
-    def _several_keys(self) -> bool:
-        return self.pool is not None and not self.pool.single
-
-    def _assign(self, est: float) -> PooledKey | None:
-        """With a key pool: the key the next submission goes out with, or None (and the run drains) when no
-        key is left that can cover it. One key takes everything, as before (the API says 402 if it must)."""
-        if self.pool is None:
-            return None
-        if self.pool.single:
-            return self.pool.keys[0]
-        assert self._loop is not None
-        key = self.pool.pick(est, self._loop.time())
-        if key is None and self.pool.active:
-            left = ", ".join(f"{k.name} {k.balance - k.committed:g}" for k in self.pool.active if k.balance is not None)
-            self.drain(StopReason.BUDGET, f"no key has credits left for the next request (about {est:g}; "
-                       f"balances left: {left}); top up a key and run again")
-        elif key is None:
-            self._no_keys_left()
-        return key
-
     async def _prepare(self, req: RequestRecord, key: PooledKey | None = None) -> tuple[dict[str, Any], bool]:
         request = GenerationRequest.model_validate(req.params)
         if request.model != req.model:
@@ -559,39 +519,6 @@ class Scheduler:
                 raise BatchgenError("this request has local reference files and no upload step is available")
             return await prepare(req, request), True
         return request.api_body(), False
-
-    # --- keys that fail (several keys only; one key stops the run as before) -----------------------
-
-    def _key_refused(self, key: PooledKey, error: ApiError) -> None:
-        """A 401/402 on `key` in a pool of several: take it out (warn once) and go on with the others; a
-        revoked key's tasks in flight are left; with no key left the run drains (exit 3)."""
-        assert self.pool is not None
-        state = KeyState.REVOKED if error.status == 401 else KeyState.OUT_OF_CREDITS
-        if self.pool.fail(key, state, error.message):
-            others = len(self.pool.active)
-            what = "was refused (401: revoked or invalid)" if state is KeyState.REVOKED else "is out of credits (402)"
-            self.store.record_key(key.fingerprint, key.label, state.value, error.message)
-            self.emit("key_failed", {"key": key.name, "state": state.value, "keys_left": others, "message": (
-                f"key {key.name} {what}; it leaves the pool and the run goes on with {others} other key(s)"
-                if others else f"key {key.name} {what}; no key is left")})
-            if state is KeyState.REVOKED:
-                self._leave_key(key)
-        if not self.pool.active:
-            self._no_keys_left()
-
-    def _leave_key(self, key: PooledKey) -> None:
-        """A revoked key's tasks cannot be polled any more: leave them open for a run where it works."""
-        for t in list(self._tracked.values()):
-            if t.key is key and t.task_id is not None:
-                self._finish_tracking(t)
-                self._keyless.append((t.req.key, key.name))
-
-    def _no_keys_left(self) -> None:
-        assert self.pool is not None
-        reasons = "; ".join(f"{k.name}: {k.state.value}" for k in self.pool.keys)
-        # Drain rather than halt: tasks of keys that are only out of credits can still be polled.
-        self.drain(StopReason.AUTH, f"no API key is left ({reasons}); fix the keys or their balances and run "
-                   "again")
 
     def _defer_unsent(self, req: RequestRecord, error: ApiError) -> None:
         """Preparing the body (uploads) failed before anything was submitted.
@@ -617,27 +544,15 @@ class Scheduler:
             self.store.fail(req.key, code, message)
             self.on_failed(req.key, code, message)
 
-    async def _until_due(self, heap: list[tuple[float, int, int]], wake: asyncio.Event) -> bool:
-        """Wait until the earliest entry of `heap` is due (woken early by `wake` when an earlier one is
-        pushed); False once the run is halting. The one timer of the sender and of the poller."""
-        assert self._loop is not None
-        while True:
-            wake.clear()
-            if self._halting is not None:
-                return False
-            if not heap:
-                await self._wait(wake, None)
-                continue
-            wait = heap[0][0] - self._loop.time()
-            if wait <= 0:
-                return True
-            await self._wait(wake, wait)
+    def _halting_now(self) -> bool:
+        return self._halting is not None
 
     async def _sender(self) -> None:
         """Sends again, with the same idempotency key, attempts whose submit got no answer."""
-        heap = self._send_heap
-        while await self._until_due(heap, self._send_wake):
-            _, _, attempt_id = heapq.heappop(heap)
+        assert self._loop is not None
+        resends = self._resends
+        while await resends.until_due(self._loop.time, self._halting_now):
+            _, _, attempt_id = resends.pop()
             t = self._tracked.get(attempt_id)
             if t is not None and t.task_id is None:
                 self._spawn(self._send(t), name="call")
@@ -710,19 +625,19 @@ class Scheduler:
             delay = self.call_failed(error, t.submit_tries)
             # Same attempt, same key: if the server did create the task, the resend gets it back.
             self.store.retry_submit(t.attempt_id, t.req.key, time.time() + delay, code, message)
-            self._push(self._send_heap, self._loop.time() + delay, t)
+            self._resends.push(self._loop.time() + delay, t.attempt_id)
             return
         self.api_health.ok()  # the API answered, and said no to this request
         d = decide(error, 1, self.cfg.max_attempts, self.rng, self.cfg.time_scale)
-        if d.action is Action.STOP and t.key is not None and self._several_keys:
+        if d.action is Action.STOP and t.key is not None and self.keys.several:
             # Refused by this key's account: no task was created unless an earlier send of this attempt may
             # have got through unanswered; then only this key may send it again (its idempotency scope).
-            self._key_refused(t.key, error)
-            self._finish_tracking(t)
+            self.keys.refused(t.key, error)
+            self.finish_tracking(t)
             if self.pool is not None:
                 self.pool.refund(t.key, t.est_credits)
             if t.unanswered or t.resumed:
-                self._keyless.append((t.req.key, t.key.name))
+                self.keys.leave_open(t.req.key, t.key.name)
                 return
             self.store.record_outcomes([Outcome(t.attempt_id, t.req.key, "requeue", error_code=code,
                                                 error_message=message, not_before=time.time(),
@@ -733,7 +648,7 @@ class Scheduler:
             # Left as `sending`: the next run sends it again with the same key once the cause is fixed.
             self.halt(StopReason.AUTH, f"{error}: {d.why}")
             return
-        self._finish_tracking(t)
+        self.finish_tracking(t)
         self.store.record_outcomes([Outcome(t.attempt_id, t.req.key, "failed", error_code=code,
                                             error_message=message)])
         self.on_failed(t.req.key, code, message)
@@ -742,28 +657,21 @@ class Scheduler:
 
     def _schedule_poll(self, t: Tracked, snap: TaskSnapshot | None, first: bool = False) -> None:
         assert self._loop is not None
-        ts = self.cfg.time_scale
-        est = snap.estimated_time_s if snap is not None else None
-        if est is not None and est > 0:
-            delay = est * (1 + POLL_MARGIN) + 0.05 * ts
-        elif first:
-            delay = catalog.POLL_INITIAL_WAIT_S * ts
-        else:
-            lo, hi = catalog.POLL_INTERVAL_S
-            delay = self.rng.uniform(lo, hi) * ts
+        delay = poll_delay(snap.estimated_time_s if snap is not None else None, first=first,
+                           time_scale=self.cfg.time_scale, rng=self.rng)
         now = self._loop.time()
         if now + delay - t.since > self.cfg.max_wait_s:
             # Do not sleep past the maximum wait: one last look at it, then leave it.
             delay = max(0.0, t.since + self.cfg.max_wait_s - now)
-        self._push(self._poll_heap, now + delay, t)
+        self._polls.push(now + delay, t.attempt_id)
 
     async def _poller(self) -> None:
         """Polls every due task, up to BATCH_MAX in one call and POLLS_IN_FLIGHT calls at once."""
         assert self._loop is not None
-        heap = self._poll_heap
-        while await self._until_due(heap, self._poll_wake):
+        polls, clock = self._polls, self._loop.time
+        while await polls.until_due(clock, self._halting_now):
             await self._poll_slots.acquire()
-            first = self._first_due()
+            first = polls.first_due(clock())
             if first is None:
                 self._poll_slots.release()
                 continue
@@ -773,54 +681,17 @@ class Scheduler:
             limiter = self.client_for(first).limiter
             if limiter is not None:
                 await limiter.acquire(POLL)
-            batch = self._due_batch(first.key) if self._halting is None else []
+            batch = polls.take_due(first.key, clock()) if self._halting is None else []
             if not batch:
                 self._poll_slots.release()  # (a turn taken for nothing: the tasks were dealt with meanwhile)
                 continue
-            self._polling.update(t.attempt_id for t in batch)
             self._spawn(self._poll_call(batch, paid=limiter is not None), name="call")
-
-    def _first_due(self) -> Tracked | None:
-        """The earliest due task still to poll; stale heap entries (finished, or in a poll call now, which
-        reschedules them with its answer) are dropped on the way."""
-        assert self._loop is not None
-        heap, now = self._poll_heap, self._loop.time()
-        while heap and heap[0][0] <= now:
-            t = self._pollable(heap[0][2])
-            if t is not None:
-                return t
-            heapq.heappop(heap)
-        return None
-
-    def _pollable(self, attempt_id: int) -> Tracked | None:
-        """The tracked task of a poll-schedule entry, unless the entry is stale: the task finished, or it is
-        in a poll call now (whose answer reschedules it)."""
-        t = self._tracked.get(attempt_id)
-        return t if t is not None and t.task_id is not None and attempt_id not in self._polling else None
-
-    def _due_batch(self, key: PooledKey | None) -> list[Tracked]:
-        """Up to BATCH_MAX due tasks of `key`, taken off the poll schedule (other keys' tasks stay due)."""
-        assert self._loop is not None
-        heap, now = self._poll_heap, self._loop.time()
-        batch: list[Tracked] = []
-        other_keys: list[tuple[float, int, int]] = []
-        while heap and heap[0][0] <= now and len(batch) < BATCH_MAX:
-            due, seq, attempt_id = heapq.heappop(heap)
-            t = self._pollable(attempt_id)
-            if t is not None and t not in batch:
-                if t.key is not key:
-                    other_keys.append((due, seq, attempt_id))
-                    continue
-                batch.append(t)
-        for entry in other_keys:
-            heapq.heappush(heap, entry)
-        return batch
 
     async def _poll_call(self, batch: list[Tracked], *, paid: bool = False) -> None:
         try:
             await self._poll(batch, paid=paid)
         finally:
-            self._polling.difference_update(t.attempt_id for t in batch)
+            self._polls.polled(batch)
             self._poll_slots.release()
         self._check()
 
@@ -868,10 +739,10 @@ class Scheduler:
             self.api_health.ok()
             key = batch[0].key
             stop = decide(error, 1, 0).action is Action.STOP
-            if stop and key is not None and self._several_keys:
-                self._key_refused(key, error)
+            if stop and key is not None and self.keys.several:
+                self.keys.refused(key, error)
                 if not key.can_poll:
-                    return  # revoked: its tasks were left for a run where it works (_leave_key)
+                    return  # revoked: its tasks were left for a run where it works (keyuse.py)
                 # Out of credits: its tasks are still polled (with backoff, below).
             elif stop:
                 self.halt(StopReason.AUTH, f"{error}: {rule_why(error)}")
@@ -886,17 +757,15 @@ class Scheduler:
             if now - t.since >= self.cfg.max_wait_s and t.poll_errors >= POLL_ERRORS_BEFORE_LEAVING:
                 self._leave(t)
             else:
-                self._push(self._poll_heap, now + delay, t)
+                self._polls.push(now + delay, t.attempt_id)
 
     # --- the invariant --------------------------------------------------------------------------------
 
     def unwatched(self) -> list[Tracked]:
-        """Tracked tasks with a task id that nothing will look at again: neither in the poll schedule nor in a
-        poll call now. Always empty; tests run with `check_invariants` to prove it under faults. (A finished
-        task leaves the tracked set for the download queue, which holds it until its images are saved.)"""
-        scheduled = {attempt_id for _, _, attempt_id in self._poll_heap}
-        return [t for attempt_id, t in self._tracked.items()
-                if t.task_id is not None and attempt_id not in scheduled and attempt_id not in self._polling]
+        """Tracked tasks with a task id that nothing will look at again (polls.PollSchedule.unwatched). Always
+        empty. (A finished task leaves the tracked set for the download queue, which holds it until its images
+        are saved.)"""
+        return self._polls.unwatched()
 
     def _check(self) -> None:
         if self.cfg.check_invariants and self._halting is None:
@@ -909,7 +778,7 @@ class Scheduler:
         t.missing += 1
         if t.missing < 3:
             assert self._loop is not None
-            self._push(self._poll_heap, self._loop.time() + catalog.POLL_INITIAL_WAIT_S * self.cfg.time_scale, t)
+            self._polls.push(self._loop.time() + catalog.POLL_INITIAL_WAIT_S * self.cfg.time_scale, t.attempt_id)
             return
         # Lost for good: the task was never going to finish; submit again as a new attempt.
         self._task_failed(t, "task_not_found", "the API no longer knows task " + (t.task_id or "?"))
@@ -921,12 +790,17 @@ class Scheduler:
             self._task_failed(t, "generation_timeout",
                               f"task {t.task_id} gave no result within {2 * self.cfg.max_wait_s:g}s; submitting again")
             return
-        self._finish_tracking(t)
+        self.finish_tracking(t)
         self.counters.left += 1
         self.emit("left", {"key": t.req.key, "task_id": t.task_id,
                            "message": "still running after the maximum wait; the next run polls it again"})
 
-    def _finish_tracking(self, t: Tracked) -> None:
+    def tracked_of(self, key: PooledKey) -> list[Tracked]:
+        """The tasks in flight (with a task id) that `key` sent."""
+        return [t for t in self._tracked.values() if t.key is key and t.task_id is not None]
+
+    def finish_tracking(self, t: Tracked) -> None:
+        """`t` leaves the table of tasks in flight (finished, failed, or left for the next run)."""
         if self._tracked.pop(t.attempt_id, None) is not None:
             self.counters.credits_reserved -= t.reserved
             self.counters.in_flight = len(self._tracked)
@@ -939,20 +813,20 @@ class Scheduler:
         outcomes: list[Outcome] = []
         after: list[Callable[[], None]] = []
         for t, snap in finals:
-            self._finish_tracking(t)
+            self.finish_tracking(t)
             if snap.status == "completed" and snap.results:
                 used = snap.credits_used if snap.credits_used is not None else t.reserved
                 outcomes.append(Outcome(t.attempt_id, t.req.key, "completed", result_urls=snap.results,
                                         credits_reserved=snap.credits_reserved, credits_used=used))
                 self.counters.credits_used += used
                 t.result_urls = snap.results
-                self._policy_streak = 0
+                self.failures.succeeded()
                 after.append(functools.partial(self._completed, t, snap))
                 continue
             code = snap.error_code or "generation_failed_no_content"
             message = snap.error_message or ("the task completed without images" if snap.status == "completed"
                                              else "the task failed")
-            outcome, then = self._failure_outcome(t, code, message)
+            outcome, then = self.failures.outcome(t, code, message)
             outcomes.append(outcome)
             after.append(then)
         self.store.record_outcomes(outcomes)
@@ -960,52 +834,10 @@ class Scheduler:
             fn()
 
     def _task_failed(self, t: Tracked, code: str, message: str) -> None:
-        self._finish_tracking(t)
-        outcome, then = self._failure_outcome(t, code, message)
+        self.finish_tracking(t)
+        outcome, then = self.failures.outcome(t, code, message)
         self.store.record_outcomes([outcome])
         then()
-
-    def _failure_outcome(self, t: Tracked, code: str, message: str) -> tuple[Outcome, Callable[[], None]]:
-        if self.pool is not None:
-            self.pool.refund(t.key, t.est_credits)  # a failed task is refunded: the key's balance has it back
-        d = decide(code, t.attempts, self.cfg.max_attempts, self.rng, self.cfg.time_scale)
-        key = t.req.key
-        # The uploads in the body are the sending key's own: its uploader judges them.
-        check = t.key.uploader.reference_failed if t.key is not None and t.key.uploader else self.reference_failed
-        if (code == "image_processing_error" and check is not None
-                and t.attempts < self.cfg.max_attempts and check(t.body, t.submitted_wall)):
-            # Not the user's photo but our upload of it (expired or deleted): the next attempt checks it and
-            # uploads it again. Bounded by max_attempts, like the regeneration of expired results.
-            message = f"{message} (a reference batchgen uploaded may have expired or been deleted; retrying)"
-            return (Outcome(t.attempt_id, key, "requeue", error_code=code, error_message=message,
-                            not_before=time.time()),
-                    lambda: self.on_requeued(key, code, 0.0, None))
-        if code == CONTENT_POLICY_CODE:
-            self._policy_streak += 1
-            if self._policy_streak >= self.cfg.policy_pause_after:
-                self.drain(StopReason.POLICY, f"{self._policy_streak} content-policy refusals in a row: the job is "
-                           "paused so the account is not put at risk; review the prompts (batchgen status shows "
-                           "them), then run again")
-        if d.action is Action.FALLBACK:
-            nxt = self._fallback_for(t.model, t.req.params.get("model", t.model))
-            if nxt is not None:
-                return (Outcome(t.attempt_id, key, "requeue", error_code=code, error_message=message,
-                                not_before=time.time(), model=nxt, consume_attempt=False),
-                        lambda: self.on_requeued(key, code, 0.0, nxt))
-            message = f"{message} (no fallback model left)"
-        if d.action is Action.RETRY:
-            return (Outcome(t.attempt_id, key, "requeue", error_code=code, error_message=message,
-                            not_before=time.time() + d.delay_s),
-                    lambda: self.on_requeued(key, code, d.delay_s, None))
-        return (Outcome(t.attempt_id, key, "failed", error_code=code, error_message=message),
-                lambda: self.on_failed(key, code, message))
-
-    def _fallback_for(self, current: str, original: str) -> str | None:
-        chain = [original, *[m for m in self.cfg.fallback_models if m != original]]
-        if current in chain:
-            rest = chain[chain.index(current) + 1:]
-            return rest[0] if rest else None
-        return chain[1] if len(chain) > 1 else None
 
     def on_requeued(self, key: str, code: str, delay_s: float, model: str | None) -> None:
         self._nothing_pending = False
@@ -1035,11 +867,6 @@ def _estimate(model: str, n: int) -> float:
     info = catalog.get(model)
     return info.credits_for(n) if info else 0.0
 
-
-
-def _names(tasks: list[tuple[str, str | None]]) -> str:
-    """The key names of some left tasks, each once: "team-a, 3f2a9c01b2d4"."""
-    return ", ".join(dict.fromkeys(name or "no key recorded" for _, name in tasks))
 
 
 def _min_opt(a: float | None, b: float | None) -> float | None:
