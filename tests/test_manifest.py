@@ -628,16 +628,16 @@ def test_no_traceback_for_errors_in_paths_with_spaces(tmp_path: Path) -> None:
 
 def test_duplicates_found_when_hashes_spill_to_disk(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Large jobs spill id hashes to temporary files; duplicates are still found and the files removed."""
-    from batchgen.manifest import load as manifest_module
+    from batchgen.manifest import duplicates
 
-    monkeypatch.setattr(manifest_module._HashLog, "BUFFER", 4)
+    monkeypatch.setattr(duplicates.HashLog, "BUFFER", 4)
     rows = "".join(f"S{i},cat {i}\n" for i in range(300)) + "S7,again\n"
     path = write(tmp_path / "p.csv", "sku,prompt\n" + rows)
-    before = set(Path(manifest_module.tempfile.gettempdir()).glob("batchgen-dups-*"))
+    before = set(Path(duplicates.tempfile.gettempdir()).glob("batchgen-dups-*"))
     problems = problems_of(path)
     assert [(p.location, p.field) for p in problems] == [("row 302", "sku")]
     assert '"S7" is already used by row 9' in problems[0].message
-    assert set(Path(manifest_module.tempfile.gettempdir()).glob("batchgen-dups-*")) == before
+    assert set(Path(duplicates.tempfile.gettempdir()).glob("batchgen-dups-*")) == before
 
 
 def test_unknown_keys_do_not_hide_the_items_problems(tmp_path: Path) -> None:

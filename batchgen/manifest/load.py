@@ -9,15 +9,21 @@ the code:
   syntax, unknown keys, a missing or empty CSV) raise at once from `open_manifest`; row mistakes are
   collected (up to `MAX_PROBLEMS`, with a count of the rest) while `Manifest.requests()` streams, and
   `raise_if_problems()` raises them together. A consumer that writes iterates inside one transaction and
-  rolls back when that raises, so bad input changes nothing.
-* **A million rows in flat memory.** Rows stream from the CSV and are never held; duplicate item ids and
-  duplicate output files are found from one 64-bit hash per id/name in an `array('q')` (8 bytes each),
-  checked at the end, and only colliding hashes are looked at again to name the rows.
+  rolls back when that raises, so bad input changes nothing. Lines come from the YAML's node tree
+  (`yamlsource.py`); the capped list and the wording of pydantic and catalogue errors are in `problems.py`.
+* **A million rows in flat memory.** Rows stream from the CSV and are never held (its header is read and
+  checked up front, `csvsource.py`); duplicate item ids and duplicate output files are found from one 64-bit
+  hash per id/name in an `array('q')` (8 bytes each, `duplicates.py`), checked at the end, and only
+  colliding hashes are looked at again to name the rows.
 * **Speed without a second rule book.** Pydantic-validating each row would cap expansion at a few thousand
   rows a second. The rules live in `GenerationRequest` (catalogue, sizes, n, masks, editing models): each
   distinct parameter combination (model, size, n, number of images, mask or not) is validated once through
   it and the verdict cached; the prompt's length is checked against the same catalogue constant; only then
-  is the request built with `model_construct`.
+  is the request built with `model_construct`. Cells become parameters through plain functions
+  (`values.py`).
+
+This module keeps what ties those parts together: opening a manifest, the YAML settings checks, the matrix,
+the per-item expansion and `validate` (whose totals are `summary.py`'s `ValidationSummary`).
 
 Row numbers are what a spreadsheet shows: the header is row 1, the first data row is row 2.
 """
@@ -28,12 +34,8 @@ import copy
 import csv
 import hashlib
 import itertools
-import json
 import os
 import re
-import shutil
-import tempfile
-from array import array
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -45,296 +47,49 @@ from pydantic import BaseModel, ValidationError
 from batchgen import catalog
 from batchgen.errors import ManifestError, Problem
 from batchgen.manifest import naming
+from batchgen.manifest.csvsource import ID_FIELD_CANDIDATES as ID_FIELD_CANDIDATES
+from batchgen.manifest.csvsource import CsvSource, auto_id_field, csv_id_name, open_csv
+from batchgen.manifest.duplicates import HashLog
 from batchgen.manifest.localfiles import ReferenceChecker
+from batchgen.manifest.problems import MAX_PROBLEMS as MAX_PROBLEMS
+from batchgen.manifest.problems import Problems, explain, in_manifest_words, locations, pydantic_problems
 from batchgen.manifest.schema import MATRIX_PARAMS, REQUEST_PARAMS, ManifestSchema
+from batchgen.manifest.summary import ModelTotals as ModelTotals
+from batchgen.manifest.summary import ValidationSummary
+from batchgen.manifest.values import PARAM_SET, TEXT_PARAMS, as_text, coerce_param, is_unset
+from batchgen.manifest.yamlsource import at, child, node_line, parse_yaml
 from batchgen.models import (
     KEY_SCHEME,
     GenerationRequest,
     JobSpec,
-    OutputSettings,
     PlannedRequest,
-    RunSettings,
     is_remote,
     request_key_for_fields,
 )
 from batchgen.units import parse_duration_s, parse_rate
 
+# MAX_PROBLEMS, ID_FIELD_CANDIDATES and ModelTotals are imported "as" themselves above: public names of this
+# module before they moved, so they stay importable from here.
+
 _M = TypeVar("_M", bound=BaseModel)
 
-MAX_PROBLEMS = 50
 # Bumped when expansion changes in a way that could change requests, so fingerprints change with it.
 EXPANSION_VERSION = "1"
-ID_FIELD_CANDIDATES: tuple[str, ...] = ("id", "sku", "name")
 YAML_SUFFIXES = (".yaml", ".yml")
 CSV_SUFFIXES = (".csv",)
-_PARAM_SET = frozenset(REQUEST_PARAMS)
-_INT_PARAMS = frozenset({"n", "seed"})
-_TEXT_PARAMS = frozenset({"model", "size", "mask_url", "quality", "resolution"})
 _RESERVED_MATRIX = frozenset({"id", "variant", "key", "index"})
 _NAME_RE = re.compile(r"^[\w][\w.\- ]*$")
 # Cached verdicts per parameter combination / reference; cleared if a file of unique junk grows them.
 _CACHE_LIMIT = 20_000
 
 
-# --- YAML without YAML 1.1 surprises ----------------------------------------------------------------
-
-
-class _Loader(yaml.SafeLoader):
-    """SafeLoader minus sexagesimal numbers: YAML 1.1 reads an unquoted `16:9` as 969 (base 60), which
-    would turn every aspect ratio into a number."""
-
-
-_Loader.yaml_implicit_resolvers = {
-    first: [(tag, rx) for tag, rx in resolvers if tag not in ("tag:yaml.org,2002:int", "tag:yaml.org,2002:float")]
-    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
-}
-_Loader.add_implicit_resolver(
-    "tag:yaml.org,2002:int",
-    re.compile(r"^(?:[-+]?0b[0-1_]+|[-+]?0[0-7_]+|[-+]?(?:0|[1-9][0-9_]*)|[-+]?0x[0-9a-fA-F_]+)$"),
-    list("-+0123456789"),
-)
-_Loader.add_implicit_resolver(
-    "tag:yaml.org,2002:float",
-    re.compile(r"^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+][0-9]+)?|\.[0-9][0-9_]*(?:[eE][-+][0-9]+)?"
-               r"|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$"),
-    list("-+0123456789."),
-)
-
-
-def _parse_yaml(text: str, file: str) -> tuple[Any, yaml.Node | None]:
-    """The document and its node tree (for line numbers), from one parse."""
-    loader = _Loader(text)
-    try:
-        node = loader.get_single_node()
-        data = loader.construct_document(node) if node is not None else None
-    except yaml.MarkedYAMLError as error:
-        mark = error.problem_mark or error.context_mark
-        where = f"line {mark.line + 1}" if mark else None
-        what = " ".join(x for x in (error.context, error.problem) if x)
-        raise ManifestError([Problem(file, where, None, f"YAML syntax error: {what}")]) from None
-    except yaml.YAMLError as error:
-        raise ManifestError([Problem(file, None, None, f"YAML error: {error}")]) from None
-    finally:
-        loader.dispose()
-    return data, node
-
-
-def _node_line(root: yaml.Node | None, loc: tuple[Any, ...]) -> int | None:
-    """1-based line of the deepest node along `loc` (a pydantic error location) that exists."""
-    node, line = root, (root.start_mark.line + 1 if root is not None else None)
-    for part in loc:
-        if isinstance(node, yaml.MappingNode):
-            for key_node, value_node in node.value:
-                if key_node.value == part:
-                    node, line = value_node, key_node.start_mark.line + 1
-                    break
-            else:
-                return line
-        elif isinstance(node, yaml.SequenceNode) and isinstance(part, int) and part < len(node.value):
-            node = node.value[part]
-            line = node.start_mark.line + 1
-        else:
-            return line
-    return line
-
-
-def _at(line: int | None) -> str | None:
-    return f"line {line}" if line else None
-
-
-# --- problems -----------------------------------------------------------------------------------------
-
-
-class _Problems:
-    """A capped list of problems with a count of the ones beyond the cap."""
-
-    def __init__(self, cap: int = MAX_PROBLEMS) -> None:
-        self.cap = cap
-        self.items: list[Problem] = []
-        self.rest = 0
-
-    def add(self, file: str, location: str | None, field_name: str | None, message: str) -> None:
-        if len(self.items) < self.cap:
-            self.items.append(Problem(file, location, field_name, message))
-        else:
-            self.rest += 1
-
-    def __bool__(self) -> bool:
-        return bool(self.items)
-
-    def raise_if_any(self) -> None:
-        if self.items:
-            raise ManifestError(list(self.items), truncated=self.rest)
-
-
-def _pydantic_problems(error: ValidationError, file: str, root: yaml.Node | None, problems: _Problems,
-                       prefix: tuple[Any, ...] = ()) -> None:
-    def line_of(err: Any) -> int:
-        return _node_line(root, prefix + tuple(err["loc"])) or 0
-
-    for err in sorted(error.errors(), key=line_of):  # in file order, as the user reads them
-        loc = prefix + tuple(err["loc"])
-        dotted = ".".join(str(x) for x in loc) or None
-        if err["type"] == "extra_forbidden":
-            parent = _allowed_keys(prefix + tuple(err["loc"][:-1]))
-            allowed = f"; allowed keys: {', '.join(parent)}" if parent else ""
-            message = f"unknown key{allowed}"
-        else:
-            message = err["msg"].removeprefix("Value error, ")
-            if err["type"] not in ("missing",) and "input" in err and not isinstance(err["input"], dict | list):
-                message = f"{json.dumps(err['input'], default=str)} is not allowed: {message[0].lower()}{message[1:]}"
-        problems.add(file, _at(_node_line(root, loc)), dotted, message)
-
-
-def _allowed_keys(loc: tuple[Any, ...]) -> list[str]:
-    """The keys a mapping at `loc` may have, for 'unknown key' messages."""
-    from batchgen.manifest.schema import RequestDefaults
-
-    models: dict[tuple[Any, ...], type] = {(): ManifestSchema, ("defaults",): RequestDefaults,
-                                           ("output",): OutputSettings, ("run",): RunSettings}
-    model = models.get(loc)
-    return list(model.model_fields) if model else []
-
-
-# --- values from items and CSV cells --------------------------------------------------------------------
-
-
-def _is_unset(value: Any) -> bool:
-    return value is None or (isinstance(value, str) and not value.strip())
-
-
-def _text(value: Any) -> str:
-    """An item field as text (metadata, template values)."""
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if value is None:
-        return ""
-    return str(value)
-
-
-def _parse_url_list(value: Any) -> tuple[str, ...]:
-    """image_urls from a YAML list or one CSV cell: a JSON list, or entries separated by `|` or newlines."""
-    if isinstance(value, list | tuple):
-        items = list(value)
-    elif isinstance(value, str):
-        text = value.strip()
-        if text.startswith("["):
-            try:
-                items = json.loads(text)
-            except json.JSONDecodeError as error:
-                raise ValueError(f"{text[:60]!r} is not a valid JSON list ({error.msg}); write a JSON list "
-                                 'like ["a.png", "b.png"] or separate entries with |') from None
-            if not isinstance(items, list):
-                raise ValueError("must be a list of URLs or paths")
-        else:
-            items = re.split(r"[|\r\n]+", text)
-    else:
-        raise ValueError(f"{value!r} is not a list of URLs or paths")
-    out = []
-    for item in items:
-        if not isinstance(item, str):
-            raise ValueError(f"{json.dumps(item, default=str)} is not a URL or path (text expected)")
-        if item.strip():
-            out.append(item.strip())
-    return tuple(out)
-
-
-def _coerce_param(name: str, value: Any) -> Any:
-    """A request parameter from an item field, CSV cell or matrix value, in the request's type; ValueError
-    with the bad value and what is allowed. The caller has already dropped unset (empty) values."""
-    if name == "prompt":
-        if isinstance(value, dict | list):
-            raise ValueError("must be text")
-        return _text(value)
-    if name in _INT_PARAMS:
-        if isinstance(value, bool):
-            raise ValueError(f"{_text(value)} is not a whole number")
-        if isinstance(value, int):
-            return value
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
-        text = str(value).strip()
-        try:
-            return int(text)
-        except ValueError:
-            raise ValueError(f'"{text}" is not a whole number') from None
-    if name == "image_urls":
-        return _parse_url_list(value)
-    if name == "model_params":
-        if isinstance(value, dict):
-            return value
-        if isinstance(value, str):
-            try:
-                parsed = json.loads(value)
-            except json.JSONDecodeError as error:
-                raise ValueError(f"{value[:60]!r} is not valid JSON ({error.msg}); write a JSON object") from None
-            if isinstance(parsed, dict):
-                return parsed
-        raise ValueError("must be a JSON object of extra parameters")
-    # model, size, mask_url, quality, resolution: text
-    if isinstance(value, dict | list):
-        raise ValueError("must be text, not a list or mapping")
-    return _text(value).strip()
-
-
 # --- the expansion ----------------------------------------------------------------------------------------
-
-
-@dataclass
-class ModelTotals:
-    requests: int = 0
-    images: int = 0
-    credits: float = 0.0
-
-
-@dataclass
-class ValidationSummary:
-    """What `batchgen validate` prints: counts and an estimate of credits (catalogue estimates)."""
-
-    job: str
-    requests: int = 0
-    images: int = 0
-    credits: float = 0.0
-    by_model: dict[str, ModelTotals] = field(default_factory=dict)
-
-    def add(self, request: GenerationRequest) -> None:
-        credits = request.estimated_credits()
-        self.requests += 1
-        self.images += request.n
-        self.credits += credits
-        row = self.by_model.get(request.model)
-        if row is None:
-            row = self.by_model[request.model] = ModelTotals()
-        row.requests += 1
-        row.images += request.n
-        row.credits += credits
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "job": self.job,
-            "requests": self.requests,
-            "images": self.images,
-            "credits": round(self.credits, 4),
-            "credits_are_estimates": True,
-            "by_model": {m: {"requests": r.requests, "images": r.images, "credits": round(r.credits, 4)}
-                         for m, r in sorted(self.by_model.items())},
-        }
 
 
 @dataclass(frozen=True)
 class _Variant:
     values: dict[str, str]  # matrix variable -> value as text (the request's `variant`)
     params: dict[str, Any]  # the request parameters it sets
-
-
-@dataclass
-class _Csv:
-    path: Path
-    display: str
-    header: list[str]
-    param_cols: list[tuple[str, int]]
-    meta_cols: list[tuple[str, int]]
-    id_col: int | None
 
 
 @dataclass
@@ -350,7 +105,7 @@ class Manifest:
     """An opened manifest: the job's settings and a stream of its requests (see the module docstring)."""
 
     def __init__(self, job: JobSpec, *, display: str, defaults: dict[str, Any], template: naming.Template | None,
-                 variants: list[_Variant], id_field: str | None, source: _Csv | _Inline | None,
+                 variants: list[_Variant], id_field: str | None, source: CsvSource | _Inline | None,
                  fingerprint_parts: list[str], settings_problems: list[Problem] | None = None) -> None:
         self.job = job
         # Problems in the manifest's settings, reported together with the items' problems.
@@ -375,10 +130,10 @@ class Manifest:
     def requests(self) -> Iterator[PlannedRequest]:
         """Every valid request, in manifest order. Invalid rows land in `.problems` (capped; the count of the
         rest in `.truncated`); duplicate ids and output files are added once the stream ends."""
-        problems = _Problems()
+        problems = Problems()
         problems.items.extend(self._settings_problems)
         self.problems, self.truncated = problems.items, 0
-        ids, names = _HashLog(), _HashLog()
+        ids, names = HashLog(), HashLog()
         add_id, add_name = ids.add, names.add
 
         def on_item(item_id: str, file: str, loc: str) -> None:
@@ -406,16 +161,16 @@ class Manifest:
         in the YAML changes, or when batchgen's expansion changes. Photos named only in CSV cells are not
         included (the CSV's own change is)."""
         parts = [EXPANSION_VERSION, KEY_SCHEME, *self._fingerprint_parts]
-        if isinstance(self._source, _Csv):
+        if isinstance(self._source, CsvSource):
             parts.append(_stat_part(self._source.path))
         return hashlib.sha256("\n".join(parts).encode()).hexdigest()
 
     # --- expansion ------------------------------------------------------------------------------------
 
-    def _generate(self, problems: _Problems, on_item: Callable[[str, str, str], None],
+    def _generate(self, problems: Problems, on_item: Callable[[str, str, str], None],
                   on_names: Callable[[list[str], str, str], None]) -> Iterator[PlannedRequest]:
         source = self._source
-        if isinstance(source, _Csv):
+        if isinstance(source, CsvSource):
             yield from self._generate_csv(source, problems, on_item, on_names)
         elif isinstance(source, _Inline):
             yield from self._generate_inline(source, problems, on_item, on_names)
@@ -425,7 +180,7 @@ class Manifest:
             yield from self._expand(self.display, None, self.job.name, {}, {}, None, self.job.base_dir,
                                     problems, on_names)
 
-    def _generate_csv(self, src: _Csv, problems: _Problems, on_item: Callable[[str, str, str], None],
+    def _generate_csv(self, src: CsvSource, problems: Problems, on_item: Callable[[str, str, str], None],
                       on_names: Callable[[list[str], str, str], None]) -> Iterator[PlannedRequest]:
         file = src.display
         base = src.path.parent
@@ -466,11 +221,11 @@ class Manifest:
                         if name == "prompt":
                             params[name] = cell
                             continue
-                        if name in _TEXT_PARAMS:
+                        if name in TEXT_PARAMS:
                             params[name] = cell.strip()
                             continue
                         try:
-                            params[name] = _coerce_param(name, cell)
+                            params[name] = coerce_param(name, cell)
                         except ValueError as error:
                             problems.add(file, loc, name, str(error))
                             bad.add(name)
@@ -482,7 +237,7 @@ class Manifest:
         except csv.Error as error:
             problems.add(file, f"row {rowno + 1}", None, f"cannot be read as CSV: {error}")
 
-    def _generate_inline(self, src: _Inline, problems: _Problems, on_item: Callable[[str, str, str], None],
+    def _generate_inline(self, src: _Inline, problems: Problems, on_item: Callable[[str, str, str], None],
                          on_names: Callable[[list[str], str, str], None]) -> Iterator[PlannedRequest]:
         file = self.display
         base = self.job.base_dir
@@ -494,11 +249,11 @@ class Manifest:
                 continue
             if self._id_field is not None:
                 raw_id = item.get(self._id_field)
-                if _is_unset(raw_id) or isinstance(raw_id, dict | list):
+                if is_unset(raw_id) or isinstance(raw_id, dict | list):
                     problems.add(file, loc, self._id_field, f"item {position} has no {self._id_field}; every "
                                  "item needs one (or remove id_field to number items)")
                     continue
-                item_id = _text(raw_id).strip()
+                item_id = as_text(raw_id).strip()
             else:
                 item_id = str(position)
             on_item(item_id, file, loc)
@@ -508,15 +263,15 @@ class Manifest:
             for key, value in item.items():
                 key = str(key)
                 where = f"line {field_lines.get(key, line)}"
-                if key in _PARAM_SET:
-                    if _is_unset(value):
+                if key in PARAM_SET:
+                    if is_unset(value):
                         continue
                     if key in self._variant_names:
                         problems.add(file, where, key, "is also a matrix variable; set it in one place")
                         bad.add(key)
                         continue
                     try:
-                        params[key] = _coerce_param(key, value)
+                        params[key] = coerce_param(key, value)
                     except ValueError as error:
                         problems.add(file, where, key, str(error))
                         bad.add(key)
@@ -527,12 +282,12 @@ class Manifest:
                     problems.add(file, where, key, "is also a matrix variable; rename one of them")
                     bad.add(key)
                 else:
-                    metadata[key] = _text(value)
+                    metadata[key] = as_text(value)
             yield from self._expand(file, loc, item_id, params, metadata, field_lines, base, problems, on_names,
                                     frozenset(bad))
 
     def _expand(self, file: str, loc: str | None, item_id: str, item_params: dict[str, Any],
-                metadata: dict[str, str], field_lines: dict[str, int] | None, base: Path, problems: _Problems,
+                metadata: dict[str, str], field_lines: dict[str, int] | None, base: Path, problems: Problems,
                 on_names: Callable[[list[str], str, str], None],
                 bad_fields: frozenset[str] = frozenset()) -> Iterator[PlannedRequest]:
         """The requests of one item: one per matrix combination, each checked against the catalogue.
@@ -682,7 +437,7 @@ class Manifest:
 
     # --- duplicates -----------------------------------------------------------------------------------
 
-    def _report_duplicates(self, problems: _Problems, dup_ids: set[int], dup_names: set[int]) -> None:
+    def _report_duplicates(self, problems: Problems, dup_ids: set[int], dup_names: set[int]) -> None:
         if not dup_ids and not dup_names:
             return
         # Rare: walk the manifest again, collecting only the colliding ids and names, to name their rows.
@@ -698,19 +453,19 @@ class Manifest:
                 if hash(p.casefold()) in dup_names:
                     name_places.setdefault(p.casefold(), []).append((file, loc))
 
-        for _ in self._generate(_Problems(cap=0), on_item, on_names):
+        for _ in self._generate(Problems(cap=0), on_item, on_names):
             pass
         id_label = self._id_field or "id"
         for item_id, places in id_places.items():
             if len(places) > 1:
-                problems.add(places[1][0], _locations(places[1:]), id_label,
-                             f'"{item_id}" is already used by {_locations(places[:1])}; item ids must be unique')
+                problems.add(places[1][0], locations(places[1:]), id_label,
+                             f'"{item_id}" is already used by {locations(places[:1])}; item ids must be unique')
         # Items sharing an id usually share file names too; the id is the mistake to report.
         explained = {place for places in id_places.values() if len(places) > 1 for place in places}
         for name, places in name_places.items():
             if len(places) > 1 and not set(places) <= explained:
-                problems.add(places[1][0], _locations(places[1:]), "output.filename",
-                             f'"{name}" would also be written by {_locations(places[:1])}: each image needs its '
+                problems.add(places[1][0], locations(places[1:]), "output.filename",
+                             f'"{name}" would also be written by {locations(places[:1])}: each image needs its '
                              "own file; add {variant}, {index} or a unique field to the file name template")
 
 
@@ -760,87 +515,10 @@ def _check_combo(model: str, size: str | None, n: Any, n_images: int,
         GenerationRequest(prompt="x", model=model, size=size, n=n, image_urls=("x",) * n_images,
                           mask_url="x" if has_mask else None)
     except ValidationError as error:
-        found += [_explain(err, n_images) for err in error.errors() if err["loc"]]
-    found += [_in_manifest_words(name, message)
+        found += [explain(err, n_images) for err in error.errors() if err["loc"]]
+    found += [in_manifest_words(name, message)
               for name, message in catalog.combination_problems(model, size, has_mask, n_images)]
     return tuple(found)
-
-
-def _explain(err: Any, n_images: int) -> tuple[str | None, str]:
-    """A GenerationRequest field error as (field, message) in the manifest's words."""
-    name = str(err["loc"][0])
-    if name == "image_urls":
-        return name, f"{n_images} reference images; at most {catalog.MAX_IMAGE_URLS} are allowed"
-    if name == "n":
-        return name, f"{err['input']} is out of range; use {catalog.MIN_N} to {catalog.MAX_N}"
-    message: str = err["msg"].removeprefix("Value error, ")
-    return name, f"{json.dumps(err.get('input'), default=str)} is not allowed: {message}"
-
-
-def _in_manifest_words(name: str, message: str) -> tuple[str, str]:
-    """A catalogue problem under its field: 'size "9:7" is not accepted ...' reads 'size: "9:7" is not ...'."""
-    rest = message.removeprefix(name + " ")
-    return name, rest if rest.startswith('"') else message
-
-
-class _HashLog:
-    """A multiset of 64-bit hashes in flat memory: buffered in `PARTITIONS` arrays by hash value, each
-    spilled to its own temporary file when full, and checked for repeats one partition at a time. A million
-    ids cost about 8 MB of temporary disk and a few MB of memory however many rows there are."""
-
-    PARTITIONS = 64
-    BUFFER = 2048  # hashes per partition held in memory before spilling (16 KB)
-
-    def __init__(self) -> None:
-        self._buffers = [array("q") for _ in range(self.PARTITIONS)]
-        self._dir: str | None = None
-
-    def add(self, value: int) -> None:
-        buf = self._buffers[value % self.PARTITIONS]
-        buf.append(value)
-        if len(buf) >= self.BUFFER:
-            self._spill(value % self.PARTITIONS)
-
-    def _spill(self, part: int) -> None:
-        if self._dir is None:
-            self._dir = tempfile.mkdtemp(prefix="batchgen-dups-")
-        with open(os.path.join(self._dir, str(part)), "ab") as fh:
-            self._buffers[part].tofile(fh)
-        self._buffers[part] = array("q")
-
-    def repeated(self) -> set[int]:
-        """Hash values added more than once."""
-        out: set[int] = set()
-        for part in range(self.PARTITIONS):
-            values = array("q")
-            if self._dir is not None:
-                path = os.path.join(self._dir, str(part))
-                if os.path.exists(path):
-                    with open(path, "rb") as fh:
-                        values.frombytes(fh.read())
-            values.extend(self._buffers[part])
-            prev = None
-            for h in sorted(values):
-                if h == prev:
-                    out.add(h)
-                prev = h
-        return out
-
-    def close(self) -> None:
-        if self._dir is not None:
-            shutil.rmtree(self._dir, ignore_errors=True)
-            self._dir = None
-
-
-def _locations(places: list[tuple[str, str]], limit: int = 5) -> str:
-    """'rows 3, 17' / 'line 4' from [(file, 'row 3'), (file, 'row 17')]."""
-    locs = [loc for _, loc in places if loc]
-    if not locs:
-        return places[0][0] if places else ""
-    kind = locs[0].split(" ")[0]
-    nums = [loc.split(" ", 1)[1] for loc in locs]
-    shown = ", ".join(nums[:limit]) + (f" and {len(nums) - limit} more" if len(nums) > limit else "")
-    return f"{kind}s {shown}" if len(nums) > 1 else f"{kind} {shown}"
 
 
 def _stat_part(path: Path) -> str:
@@ -888,7 +566,7 @@ class _Parsed:
     problems: list[Problem] = field(default_factory=list)  # settings problems found with keep_going
 
 
-def _validate_schema(data: dict[str, Any], file: str, root: yaml.Node | None, problems: _Problems,
+def _validate_schema(data: dict[str, Any], file: str, root: yaml.Node | None, problems: Problems,
                      keep_going: bool) -> ManifestSchema:
     """Validate the YAML against the schema, recording every error.
 
@@ -902,7 +580,7 @@ def _validate_schema(data: dict[str, Any], file: str, root: yaml.Node | None, pr
         try:
             return ManifestSchema.model_validate(data)
         except ValidationError as error:
-            _pydantic_problems(error, file, root, problems)
+            pydantic_problems(error, file, root, problems)
             droppable = keep_going and all(
                 e["type"] == "extra_forbidden" or (e["loc"] and e["loc"][0] in ("name", "run", "output"))
                 for e in error.errors()
@@ -935,37 +613,37 @@ def _parse_yaml_manifest(path: Path, keep_going: bool = False) -> _Parsed:
     it, problems that leave the items' expansion meaningful are returned in `_Parsed.problems`."""
     file = str(path)
     text = _read_text(path)
-    data, root = _parse_yaml(text, file)
-    problems = _Problems()
+    data, root = parse_yaml(text, file)
+    problems = Problems()
     if data is None:
         data = {}
     if not isinstance(data, dict):
-        raise ManifestError([Problem(file, _at(_node_line(root, ())), None, "the manifest must be a mapping of "
+        raise ManifestError([Problem(file, at(node_line(root, ())), None, "the manifest must be a mapping of "
                                      "keys (name, defaults, prompt, items or items_csv, matrix, output, run)")])
     schema = _validate_schema(data, file, root, problems, keep_going)
     name = schema.name if schema.name is not None else path.stem
     if not _NAME_RE.match(name):
-        problems.add(file, _at(_node_line(root, ("name",))), "name", f'"{name}" is not a usable job name; use '
+        problems.add(file, at(node_line(root, ("name",))), "name", f'"{name}" is not a usable job name; use '
                      "letters, digits, spaces, '.', '-' and '_', starting with a letter or digit")
     run = schema.run
     try:
         parse_rate(run.rate)
     except ValueError as error:
-        problems.add(file, _at(_node_line(root, ("run", "rate"))), "run.rate", str(error))
+        problems.add(file, at(node_line(root, ("run", "rate"))), "run.rate", str(error))
     for setting in ("max_wait", "patience"):
         try:
             parse_duration_s(getattr(run, setting))
         except ValueError as error:
-            problems.add(file, _at(_node_line(root, ("run", setting))), f"run.{setting}", str(error))
+            problems.add(file, at(node_line(root, ("run", setting))), f"run.{setting}", str(error))
     for i, model in enumerate(run.fallback_models):
         if catalog.get(model) is None:
-            problems.add(file, _at(_node_line(root, ("run", "fallback_models", i))), "run.fallback_models",
+            problems.add(file, at(node_line(root, ("run", "fallback_models", i))), "run.fallback_models",
                          f'"{model}" is not in the catalogue; use one of '
                          + catalog.describe_choices(catalog.names(), limit=20))
     try:
         naming.check_filename_template(schema.output.filename)
     except ValueError as error:
-        problems.add(file, _at(_node_line(root, ("output", "filename"))), "output.filename", str(error))
+        problems.add(file, at(node_line(root, ("output", "filename"))), "output.filename", str(error))
         problems.raise_if_any()  # every row's names would repeat this mistake
     if not keep_going:
         problems.raise_if_any()
@@ -991,33 +669,27 @@ def open_manifest(path: Path) -> Manifest:
         if not path.exists():
             raise ManifestError([Problem(str(path), None, None, "does not exist")])
         job = JobSpec(name=path.stem, manifest_path=path.absolute())
-        problems = _Problems()
-        src = _open_csv(path, str(path), id_field=None, matrix_names=frozenset(), problems=problems,
-                        display_of_manifest=str(path))
+        problems = Problems()
+        src = open_csv(path, str(path), id_field=None, matrix_names=frozenset(), problems=problems,
+                       display_of_manifest=str(path))
         if src is not None and not any(name == "prompt" for name, _ in src.param_cols):
             problems.add(str(path), "row 1", "prompt", "the CSV has no prompt column; a CSV job needs one "
                          f"(columns found: {', '.join(src.header)})")
         problems.raise_if_any()
         return Manifest(job, display=str(path), defaults={}, template=None, variants=[_Variant({}, {})],
-                        id_field=_csv_id_name(src), source=src, fingerprint_parts=[])
+                        id_field=csv_id_name(src), source=src, fingerprint_parts=[])
     parsed = _parse_yaml_manifest(path, keep_going=True)
     return _build_yaml_manifest(path, parsed)
-
-
-def _csv_id_name(src: _Csv | None) -> str | None:
-    if src is None or src.id_col is None:
-        return None
-    return src.header[src.id_col]
 
 
 def _build_yaml_manifest(path: Path, parsed: _Parsed) -> Manifest:
     file = str(path)
     schema, root, job = parsed.schema, parsed.root, parsed.job
-    problems = _Problems()
+    problems = Problems()
     problems.items.extend(parsed.problems)
 
     def line(*loc: Any) -> str | None:
-        return _at(_node_line(root, loc))
+        return at(node_line(root, loc))
 
     # Template.
     if schema.prompt is not None and schema.defaults.prompt is not None:
@@ -1060,7 +732,7 @@ def _build_yaml_manifest(path: Path, parsed: _Parsed) -> Manifest:
     # Items.
     if schema.items is not None and schema.items_csv is not None:
         problems.add(file, line("items_csv"), "items_csv", "give items or items_csv, not both")
-    source: _Csv | _Inline | None = None
+    source: CsvSource | _Inline | None = None
     id_name: str | None = None
     if schema.items_csv is not None:
         csv_path = job.base_dir / schema.items_csv
@@ -1069,10 +741,10 @@ def _build_yaml_manifest(path: Path, parsed: _Parsed) -> Manifest:
             problems.add(file, line("items_csv"), "items_csv", f'"{schema.items_csv}" does not exist (looked '
                          f"for {display})")
         else:
-            src = _open_csv(csv_path, display, id_field=schema.id_field, matrix_names=matrix_names,
-                            problems=problems, display_of_manifest=file, id_line=line("id_field"))
+            src = open_csv(csv_path, display, id_field=schema.id_field, matrix_names=matrix_names,
+                           problems=problems, display_of_manifest=file, id_line=line("id_field"))
             if src is not None:
-                source, id_name = src, _csv_id_name(src)
+                source, id_name = src, csv_id_name(src)
                 columns = {name for name, _ in src.meta_cols}
                 has_prompt = any(name == "prompt" for name, _ in src.param_cols)
                 if template is None and not has_prompt:
@@ -1093,7 +765,7 @@ def _build_yaml_manifest(path: Path, parsed: _Parsed) -> Manifest:
                                      f"the template uses {{{f}}}, which is neither a column of {display}, a "
                                      f"matrix variable nor one of {', '.join(naming.BUILTIN_FIELDS)}")
     elif schema.items is not None:
-        items_node = _child(root, "items")
+        items_node = child(root, "items")
         lines: list[int] = []
         field_lines: list[dict[str, int]] = []
         for i in range(len(schema.items)):
@@ -1104,7 +776,7 @@ def _build_yaml_manifest(path: Path, parsed: _Parsed) -> Manifest:
         source = _Inline(items=schema.items, lines=lines, field_lines=field_lines)
         if not schema.items:
             problems.add(file, line("items"), "items", "is empty; list at least one item")
-        id_name = schema.id_field or _auto_id_field(
+        id_name = schema.id_field or auto_id_field(
             {str(k) for it in schema.items if isinstance(it, dict) for k in it})
     else:
         if template is None:
@@ -1121,24 +793,8 @@ def _build_yaml_manifest(path: Path, parsed: _Parsed) -> Manifest:
     return manifest
 
 
-def _child(root: yaml.Node | None, key: str) -> yaml.Node | None:
-    if isinstance(root, yaml.MappingNode):
-        for k, v in root.value:
-            if k.value == key:
-                return v
-    return None
-
-
-def _auto_id_field(columns: set[str] | list[str]) -> str | None:
-    present = {c.lower(): c for c in columns}
-    for candidate in ID_FIELD_CANDIDATES:
-        if candidate in present:
-            return present[candidate]
-    return None
-
-
 def _build_variants(schema: ManifestSchema, file: str, line: Callable[..., str | None],
-                    problems: _Problems) -> list[_Variant]:
+                    problems: Problems) -> list[_Variant]:
     """The matrix as a list of combinations (one empty combination without a matrix)."""
     axes: list[list[tuple[str, str, Any]]] = []
     for name, values in schema.matrix.items():
@@ -1151,7 +807,7 @@ def _build_variants(schema: ManifestSchema, file: str, line: Callable[..., str |
             problems.add(file, where, f"matrix.{name}", f"{name} is a built-in file-name field; choose another "
                          "name")
             continue
-        if name in _PARAM_SET and name not in MATRIX_PARAMS:
+        if name in PARAM_SET and name not in MATRIX_PARAMS:
             problems.add(file, where, f"matrix.{name}", f"{name} cannot vary in the matrix; allowed parameters: "
                          f"{', '.join(sorted(MATRIX_PARAMS))} (vary the prompt through the template)")
             continue
@@ -1161,7 +817,7 @@ def _build_variants(schema: ManifestSchema, file: str, line: Callable[..., str |
         axis: list[tuple[str, str, Any]] = []
         seen: set[str] = set()
         for i, value in enumerate(values):
-            text = _text(value).strip()
+            text = as_text(value).strip()
             if text in seen:
                 problems.add(file, line("matrix", name, i), f"matrix.{name}", f'lists "{text}" twice')
                 continue
@@ -1169,7 +825,7 @@ def _build_variants(schema: ManifestSchema, file: str, line: Callable[..., str |
             param_value: Any = None
             if name in MATRIX_PARAMS:
                 try:
-                    param_value = _coerce_param(name, value)
+                    param_value = coerce_param(name, value)
                 except ValueError as error:
                     problems.add(file, line("matrix", name, i), f"matrix.{name}", str(error))
                     continue
@@ -1181,63 +837,6 @@ def _build_variants(schema: ManifestSchema, file: str, line: Callable[..., str |
         params = {name: pv for name, _, pv in combo if name in MATRIX_PARAMS}
         variants.append(_Variant(values, params))
     return variants
-
-
-def _open_csv(path: Path, display: str, *, id_field: str | None, matrix_names: frozenset[str],
-              problems: _Problems, display_of_manifest: str, id_line: str | None = None) -> _Csv | None:
-    """Read a CSV's header (and make sure it has a data row); the rows stream later."""
-    try:
-        with path.open(newline="", encoding="utf-8-sig") as fh:
-            reader = csv.reader(fh, strict=True)
-            header = next(reader, None)
-            first_row = None
-            for row in reader:
-                if any(c.strip() for c in row):
-                    first_row = row
-                    break
-    except UnicodeDecodeError as error:
-        problems.add(display, None, None, f"is not UTF-8 text ({error.reason}); save the CSV as UTF-8")
-        return None
-    except csv.Error as error:
-        problems.add(display, None, None, f"cannot be read as CSV: {error}")
-        return None
-    except OSError as error:
-        problems.add(display, None, None, f"cannot be read: {error.strerror}")
-        return None
-    if header is None or not any(h.strip() for h in header):
-        problems.add(display, None, None, "is empty; the first row must name the columns (prompt, ...)")
-        return None
-    if first_row is None:
-        problems.add(display, None, None, "has a header but no rows")
-        return None
-    names = [h.strip() for h in header]
-    param_cols: list[tuple[str, int]] = []
-    meta_cols: list[tuple[str, int]] = []
-    seen: dict[str, int] = {}
-    for i, name in enumerate(names):
-        if not name:
-            continue  # unnamed columns (a spreadsheet's trailing commas) are ignored
-        if name in seen:
-            problems.add(display, "row 1", name, f"column {i + 1} has the same name as column {seen[name] + 1}")
-            continue
-        seen[name] = i
-        if name in matrix_names:
-            problems.add(display, "row 1", name, f"the column {name} is also a matrix variable in "
-                         f"{display_of_manifest}; rename or remove one")
-            continue
-        (param_cols if name in _PARAM_SET else meta_cols).append((name, i))
-    id_col: int | None = None
-    if id_field is not None:
-        if id_field not in seen:
-            problems.add(display_of_manifest, id_line, "id_field", f'"{id_field}" is not a column of {display}; '
-                         f"columns: {', '.join(n for n in names if n)}")
-        else:
-            id_col = seen[id_field]
-    else:
-        auto = _auto_id_field([n for n in seen if n not in _PARAM_SET])
-        id_col = seen[auto] if auto is not None else None
-    return _Csv(path=path.absolute(), display=display, header=names, param_cols=param_cols, meta_cols=meta_cols,
-                id_col=id_col)
 
 
 # --- validate -------------------------------------------------------------------------------------------
