@@ -112,3 +112,19 @@ def test_intake_refuses_bytes_that_are_not_an_image_and_writes_nothing(tmp_path:
     with pytest.raises(NotAnImageError):
         take_in(LocalStorage(tmp_path / "out"), "d_1", b"<html>rate limited</html>", "1:1", QualitySettings())
     assert files_under(tmp_path) == []
+
+
+def test_a_job_without_a_recorded_folder_is_found_beside_its_database_or_asked_for(tmp_path: Path) -> None:
+    from types import SimpleNamespace
+
+    from batchgen.errors import ConfigError
+    from batchgen.storage.location import storage_for_job
+
+    beside = SimpleNamespace(job_record=lambda: {}, get_meta=lambda key: None, path=tmp_path / "state.db",
+                             location=str(tmp_path / "state.db"))
+    assert storage_for_job(beside).location == str(tmp_path)  # type: ignore[arg-type]
+    # A shared store (no database file) has no default: the message says what to give, and where.
+    shared = SimpleNamespace(job_record=lambda: {}, get_meta=lambda key: None,
+                             location="postgresql://db.example/batchgen (job nightly)")
+    with pytest.raises(ConfigError, match=r"job nightly\).*no output folder on record.*--out"):
+        storage_for_job(shared)  # type: ignore[arg-type]

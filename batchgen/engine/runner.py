@@ -105,7 +105,7 @@ def _remove_database(path: Path) -> None:
 
 
 async def _open_and_run(manifest_path: Path, manifest: Any, job: JobSpec, options: RunOptions, target: str | Path,
-                        job_name: str | None, lease_s: float, out: str, source: KeySource) -> int:
+                        job_name: str | None, lease_s: float, out: str, source: KeySource | None) -> int:
     with open_store(target, job_name, create=True, lease_s=lease_s) as store:
         store.lock()
         notes = _sharing_notes(store, out)

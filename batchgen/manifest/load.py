@@ -371,14 +371,14 @@ class Manifest:
                 ok = False
             for ref in urls:
                 if not is_remote(ref):
-                    error = self._checker.error_for(Path(ref))
-                    if error:
-                        report("image_urls", error)
+                    unusable = self._checker.error_for(Path(ref))
+                    if unusable:
+                        report("image_urls", unusable)
                         ok = False
             if mask is not None and not is_remote(mask):
-                error = self._checker.error_for(Path(mask), mask=True)
-                if error:
-                    report("mask_url", error)
+                unusable = self._checker.error_for(Path(mask), mask=True)
+                if unusable:
+                    report("mask_url", unusable)
                     ok = False
             if not ok:
                 continue
@@ -833,9 +833,9 @@ def _build_variants(schema: ManifestSchema, file: str, line: Callable[..., str |
         axes.append(axis)
     variants = []
     for combo in itertools.product(*axes):
-        values = {name: text for name, text, _ in combo}
+        texts = {name: text for name, text, _ in combo}
         params = {name: pv for name, _, pv in combo if name in MATRIX_PARAMS}
-        variants.append(_Variant(values, params))
+        variants.append(_Variant(texts, params))
     return variants
 
 

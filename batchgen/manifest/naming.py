@@ -192,7 +192,7 @@ class NameRenderer:
             if name == "index":
                 continue
             if name == "id":
-                raw: str | None = item_id
+                raw: str = item_id
             elif name == "variant":
                 raw = "".join("_" + v for v in variant.values())
             elif name == "model":
@@ -201,13 +201,14 @@ class NameRenderer:
                 values[name] = key
                 continue
             else:
-                raw = variant.get(name)
-                if raw is None:
-                    raw = metadata.get(name)
-                if raw is None:
+                found = variant.get(name)
+                if found is None:
+                    found = metadata.get(name)
+                if found is None:
                     # Let the one slow path build the message with every available field.
                     return [image_relpath(self.template.source, item_id=item_id, variant=variant,
                                           metadata=metadata, model=model, key=key, index=1)]
+                raw = found
             values[name] = raw.translate(_VALUE_TABLE)
         out = []
         for index in range(1, n + 1):

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 from typing import TYPE_CHECKING, Any
 
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 
 from batchgen import catalog
 from batchgen.errors import ManifestError, Problem
@@ -69,7 +69,7 @@ def _allowed_keys(loc: tuple[Any, ...]) -> list[str]:
     """The keys a mapping at `loc` may have, for 'unknown key' messages."""
     from batchgen.manifest.schema import RequestDefaults
 
-    models: dict[tuple[Any, ...], type] = {(): ManifestSchema, ("defaults",): RequestDefaults,
+    models: dict[tuple[Any, ...], type[BaseModel]] = {(): ManifestSchema, ("defaults",): RequestDefaults,
                                            ("output",): OutputSettings, ("run",): RunSettings}
     model = models.get(loc)
     return list(model.model_fields) if model else []

@@ -297,8 +297,8 @@ def write_run_files(db_path: Path | str, out_dir: Path | Storage, job_name: str 
                 for img in req.images:
                     index.write(json_line(provenance_record(job, req, img)))
                     images += 1
-                for img in req.images or [None]:
-                    writer.writerow(csv_cells(row_for_image(req, img, columns, reviews)))
+                for image in req.images or (None,):
+                    writer.writerow(csv_cells(row_for_image(req, image, columns, reviews)))
                     rows += 1
         store.set_meta("run_files", stamp)
     return {INDEX_NAME: images, RESULTS_NAME: rows}

@@ -12,6 +12,7 @@ import json
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from batchgen.errors import ConfigError
 from batchgen.storage.base import Storage
 
 if TYPE_CHECKING:
@@ -56,7 +57,14 @@ def storage_for_job(store: Store, location: str | None = None) -> Storage:
     """The storage of the job in `store`: its recorded location (or `location`), with the recorded
     endpoint and region of a bucket. Used by export, provenance and report after the run."""
     job = store.job_record() or {}
-    where = location or job.get("output_dir") or str(store.path.parent)
+    where = location or job.get("output_dir")
+    if not where:
+        # A job whose run never recorded its folder: SQLite's default is the database's own folder; a shared
+        # store has no such place, so the user must say where the outputs are.
+        db_path = getattr(store, "path", None)
+        if db_path is None:
+            raise ConfigError(f"{store.location}: the job has no output folder on record; give it with --out")
+        where = str(Path(db_path).parent)
     settings = json.loads(store.get_meta(STORAGE_META) or "{}")
     return open_storage(where, endpoint_url=settings.get("endpoint_url"), region=settings.get("region"),
                         create_bucket=False)
