@@ -171,9 +171,9 @@ def test_m006_upgrade_keeps_data_and_records_fingerprints(tmp_path: Path) -> Non
         assert rows[0][1].key_fp == fp and rows[0][1].id == ids[0]
         assert rows[0][1].idempotency_key == idempotency_key("k1", 1, store.store_id, fp)
         assert fp in rows[0][1].idempotency_key
-        store.record_key(fp, "team-a", "active", balance=12.5)
-        store.record_key(fp, "team-a", "revoked", "Invalid API key")
-        usage = store.key_usage()
+        store.key_states.record(fp, "team-a", "active", balance=12.5)
+        store.key_states.record(fp, "team-a", "revoked", "Invalid API key")
+        usage = store.key_states.usage()
         assert usage == [{"fingerprint": fp, "label": "team-a", "state": "revoked", "reason": "Invalid API key",
                           "balance": 12.5, "requests": 1, "credits_used": 0.0, "credits_reserved": 0.5,
                           "open": 1}]

@@ -94,9 +94,9 @@ def test_upgrade_from_m001_keeps_data(tmp_path: Path) -> None:
         assert "m002_runs" in store.applied_migrations()
         assert store.schema_version() == len(NAMES)  # every later migration applied too
         assert store.counts()["pending"] == 1
-        run_id = store.start_run()
-        store.finish_run(run_id, 0, "finished", {"done": 1})
-        assert store.runs()[0]["summary"] == {"done": 1}
+        run_id = store.run_log.start()
+        store.run_log.finish(run_id, 0, "finished", {"done": 1})
+        assert store.run_log.all()[0]["summary"] == {"done": 1}
 
 
 def test_sync_is_idempotent_and_skips_on_same_fingerprint(tmp_path: Path, open_db: OpenDb) -> None:

@@ -172,7 +172,7 @@ def test_no_password_in_the_database_or_messages(tmp_path: Path, pg_server: PgSe
     with pg(url) as store:  # the password in the URL, as libpq reads it
         store.sync(FakeManifest(tmp_path, ["a"]))
         store.lock()
-        store.start_run()
+        store.run_log.start()
         assert PG_PASSWORD not in store.location
     monkeypatch.setenv("PGPASSWORD", PG_PASSWORD)
     with pg(pg_server.url(db, user="batchpw")) as store:  # or from PGPASSWORD

@@ -66,7 +66,7 @@ class KeyUse:
         if self.pool.fail(key, state, error.message):
             others = len(self.pool.active)
             what = "was refused (401: revoked or invalid)" if state is KeyState.REVOKED else "is out of credits (402)"
-            host.store.record_key(key.fingerprint, key.label, state.value, error.message)
+            host.store.key_states.record(key.fingerprint, key.label, state.value, error.message)
             host.emit("key_failed", {"key": key.name, "state": state.value, "keys_left": others, "message": (
                 f"key {key.name} {what}; it leaves the pool and the run goes on with {others} other key(s)"
                 if others else f"key {key.name} {what}; no key is left")})

@@ -236,7 +236,7 @@ async def _drive(store: Store, job: JobSpec, settings: RunSettings, options: Run
     for key in pool.keys:
         # Each key uploads its own files (files belong to an account); one key also owns pre-issue-15 uploads.
         key.uploader = Uploader(store, key.client, options.time_scale, key_fp=key.fingerprint, legacy=pool.single)
-        store.record_key(key.fingerprint, key.label, KeyState.ACTIVE.value)
+        store.key_states.record(key.fingerprint, key.label, KeyState.ACTIVE.value)
     uploader = pool.keys[0].uploader
     scheduler = Scheduler(store, client, cfg, emit=lambda k, f: progress.event(k, f) if progress else None,
                           prepare_body=uploader.prepare_body, reference_failed=uploader.reference_failed, pool=pool)
@@ -245,7 +245,7 @@ async def _drive(store: Store, job: JobSpec, settings: RunSettings, options: Run
     progress = Progress.for_stream(options.json_events, scheduler.counters, limiter)
     for warning in warnings or []:
         progress.event("warning", {"message": warning})
-    run_id = store.start_run()
+    run_id = store.run_log.start()
     if added or removed:
         progress.event("synced", {"added": added, "removed": removed,
                                   "message": f"manifest: {added} new request(s), {removed} removed"})
@@ -305,7 +305,7 @@ async def _drive(store: Store, job: JobSpec, settings: RunSettings, options: Run
     try:
         if limiter is not None:
             summary.update(limiter.snapshot())  # configured/effective rate, learned limit, 429s: kept per run
-        store.finish_run(run_id, code, reason.value, summary)
+        store.run_log.finish(run_id, code, reason.value, summary)
     except LocalFaultError as error:
         # The database cannot be written (disk full): everything before this was committed; only this run's
         # own record stays open (`batchgen status` shows it as "running or killed").
@@ -407,7 +407,7 @@ async def _preflight_pool(store: Store, pool: KeyPool, scheduler: Scheduler, pro
             if error.status in (401, 402):
                 state = KeyState.REVOKED if error.status == 401 else KeyState.OUT_OF_CREDITS
                 pool.fail(key, state, error.message)
-                store.record_key(key.fingerprint, key.label, state.value, error.message)
+                store.key_states.record(key.fingerprint, key.label, state.value, error.message)
                 progress.event("key_failed", {"key": key.name, "state": state.value, "message": (
                     f"key {key.name} was refused at the balance check ({error}); the run goes on without it")})
             else:
@@ -415,7 +415,7 @@ async def _preflight_pool(store: Store, pool: KeyPool, scheduler: Scheduler, pro
             continue
         if credits is not None and credits.remaining is not None:
             key.balance = credits.remaining
-            store.record_key(key.fingerprint, key.label, KeyState.ACTIVE.value, balance=credits.remaining)
+            store.key_states.record(key.fingerprint, key.label, KeyState.ACTIVE.value, balance=credits.remaining)
     if not pool.active:
         scheduler.drain(StopReason.AUTH, "the API refused every key; fix the keys or their balances and run again")
         return

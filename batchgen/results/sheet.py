@@ -91,7 +91,7 @@ def collect_totals(store: Store) -> Totals:
     counts = store.counts()
     credits = store.credit_totals()
     images, _ = store.image_totals()
-    runs = store.runs()
+    runs = store.run_log.all()
     review = store.review_counts()
     run_time_s = sum((r["finished_at"] or r["started_at"]) - r["started_at"] for r in runs)
     return Totals(

@@ -41,7 +41,7 @@ def collect(db_path: Path | str, job_name: str | None = None) -> dict[str, Any]:
         images, image_bytes = store.image_totals()
         now = time.time()
         waiting = store.waiting_retry(now)
-        runs = store.runs()
+        runs = store.run_log.all()
         out: dict[str, Any] = {
             "job": job["name"] if job else None,
             "output_dir": job["output_dir"] if job else None,
@@ -64,7 +64,7 @@ def collect(db_path: Path | str, job_name: str | None = None) -> dict[str, Any]:
             "keys": [{"key": k["label"] or k["fingerprint"], "fingerprint": k["fingerprint"], "label": k["label"],
                       "state": k["state"], "reason": k["reason"], "requests": k["requests"],
                       "credits_used": round(k["credits_used"], 4), "credits_reserved": round(k["credits_reserved"], 4),
-                      "in_flight": k["open"], "balance": k["balance"]} for k in store.key_usage()],
+                      "in_flight": k["open"], "balance": k["balance"]} for k in store.key_states.usage()],
             "review": store.review_counts(),
             "runners": [{"id": r.id, "host": r.host, "pid": r.pid, "since": r.started_at,
                          "heartbeat_at": r.heartbeat_at, "claimed": r.claimed} for r in store.live_runners()],

@@ -17,6 +17,9 @@ append-only migrations applied on open.
 
 Multi-runner hooks (`shared`, `take_over`, `live_runners`, `job_elapsed_s`, `runner_id`) have single-runner
 defaults here: with SQLite the file lock guarantees one runner, so there is never anything to take over.
+
+Ledgers the store holds: `run_log` (runlog.py: one row per `batchgen run`) and `key_states` (keystates.py:
+each API key's last known state, by fingerprint).
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ import abc
 from collections.abc import Iterable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
+from batchgen.store.keystates import KeyStates
 from batchgen.store.records import (
     AttemptRecord,
     CreditTotals,
@@ -38,6 +42,7 @@ from batchgen.store.records import (
     SyncResult,
     UploadRecord,
 )
+from batchgen.store.runlog import RunLog
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -136,9 +141,6 @@ class BaseStore(abc.ABC):
 
     @abc.abstractmethod
     def images_for(self, key: str) -> list[ImageRecord]: ...
-
-    @abc.abstractmethod
-    def runs(self) -> list[dict[str, Any]]: ...
 
     @abc.abstractmethod
     def waiting_retry(self, now: float) -> int:
@@ -247,11 +249,7 @@ class BaseStore(abc.ABC):
 
     # -- runs ---------------------------------------------------------------------------------------
 
-    @abc.abstractmethod
-    def start_run(self) -> int: ...
-
-    @abc.abstractmethod
-    def finish_run(self, run_id: int, exit_code: int, reason: str, summary: dict[str, Any]) -> None: ...
+    run_log: RunLog  # one row per `batchgen run`: when it ran, why it ended, its summary
 
     # -- uploads ------------------------------------------------------------------------------------
 
@@ -271,14 +269,7 @@ class BaseStore(abc.ABC):
 
     # -- API keys (issue 15: fingerprints only, never a key) -------------------------------------------
 
-    @abc.abstractmethod
-    def record_key(self, fingerprint: str, label: str | None, state: str, reason: str | None = None,
-                   balance: float | None = None) -> None:
-        """A key's state as this run last saw it (for `status`); the balance is kept when None."""
-
-    @abc.abstractmethod
-    def key_usage(self) -> list[dict[str, Any]]:
-        """Per key fingerprint: label, state, reason, balance, requests, credits used/reserved, open."""
+    key_states: KeyStates  # each API key's last known state and its use, by fingerprint
 
     @abc.abstractmethod
     def mark_upload(self, file_id: str, *, checked_at: float | None = None, suspect_at: float | None = None,

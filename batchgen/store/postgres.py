@@ -4,7 +4,8 @@ Why a server: a job outgrows one host (the nightly catalogue must survive its ho
 several hosts; several people read one job's status from their own machines). PostgreSQL already does
 the distributed part — row locks, `FOR UPDATE SKIP LOCKED`, advisory locks, a clock everyone agrees on —
 so batchgen adds no coordination of its own beyond a few columns. SQL is kept as text (no ORM), one query
-per operation, psycopg 3 with a `psycopg_pool.ConnectionPool`.
+per operation, psycopg 3 with a `psycopg_pool.ConnectionPool`. The concerns the store keeps as attributes
+(its ledgers, postgres_<concern>.py) hold their own SQL, through this store's connections and job scope.
 
 Synchronous on purpose (see base.py): the scheduler's store writes happen between awaits, so a
 cancellation can never interrupt one; a loopback query costs a fraction of a millisecond.
@@ -62,6 +63,8 @@ from psycopg_pool import ConnectionPool, PoolTimeout
 from batchgen.errors import ConfigError, StoreUnavailableError
 from batchgen.models import State
 from batchgen.store.base import BaseStore
+from batchgen.store.postgres_keystates import PostgresKeyStates
+from batchgen.store.postgres_runlog import PostgresRunLog
 from batchgen.store.records import (
     AttemptRecord,
     CreditTotals,
@@ -248,6 +251,8 @@ class PostgresStore(BaseStore):
         self.runner_id: str | None = None
         self._heartbeat: threading.Thread | None = None
         self._stop_beat = threading.Event()
+        self.run_log = PostgresRunLog(self)
+        self.key_states = PostgresKeyStates(self)
 
     # -- plumbing ----------------------------------------------------------------------------------
 
@@ -596,14 +601,6 @@ class PostgresStore(BaseStore):
 
     def images_for(self, key: str) -> list[ImageRecord]:
         return self._image_rows("request_key = %(key)s ORDER BY idx", key=key)
-
-    def runs(self) -> list[dict[str, Any]]:
-        out = []
-        for rec in self._rows("SELECT id, started_at, finished_at, pid, host, exit_code, reason, summary "
-                              "FROM runs WHERE job_id = %s ORDER BY id", (self.job_id,)):
-            rec["summary"] = json.loads(rec["summary"]) if rec["summary"] else None
-            out.append(rec)
-        return out
 
     def waiting_retry(self, now: float) -> int:
         return int(self._one("SELECT COUNT(*) FROM requests WHERE job_id = %s AND state='pending' "
@@ -983,20 +980,6 @@ class PostgresStore(BaseStore):
                                             "check_status='failed'", (self.job_id,)))
         return out
 
-    # -- runs ----------------------------------------------------------------------------------------
-
-    def start_run(self) -> int:
-        with self._tx() as cur:
-            cur.execute("INSERT INTO runs (job_id, started_at, pid, host, runner_id) VALUES (%s,%s,%s,%s,%s) "
-                        "RETURNING id", (self.job_id, time.time(), os.getpid(), socket.gethostname(), self.runner_id))
-            row = cur.fetchone()
-            return int(row[0]) if row else 0
-
-    def finish_run(self, run_id: int, exit_code: int, reason: str, summary: dict[str, Any]) -> None:
-        with self._tx(write=False) as cur:
-            cur.execute("UPDATE runs SET finished_at=%s, exit_code=%s, reason=%s, summary=%s WHERE id=%s",
-                        (time.time(), exit_code, reason, _j(summary), run_id))
-
     # -- uploads -------------------------------------------------------------------------------------
 
     def record_upload(self, rec: UploadRecord) -> None:
@@ -1025,38 +1008,6 @@ class PostgresStore(BaseStore):
     def live_uploads(self, key_fp: str | None = None, *, legacy: bool = True) -> list[UploadRecord]:
         return self._upload_rows(f"deleted_at IS NULL AND {_key_match(key_fp, legacy)} ORDER BY uploaded_at",
                                  fp=key_fp)
-
-    # -- API keys (issue 15; fingerprints only, never a key) ---------------------------------------------
-
-    def record_key(self, fingerprint: str, label: str | None, state: str, reason: str | None = None,
-                   balance: float | None = None) -> None:
-        with self._tx(write=False) as cur:
-            cur.execute(
-                "INSERT INTO keys (job_id, fingerprint, label, state, reason, balance, updated_at) "
-                "VALUES (%s,%s,%s,%s,%s,%s,%s) ON CONFLICT (job_id, fingerprint) DO UPDATE SET label=EXCLUDED.label, "
-                "state=EXCLUDED.state, reason=EXCLUDED.reason, balance=COALESCE(EXCLUDED.balance, keys.balance), "
-                "updated_at=EXCLUDED.updated_at",
-                (self.job_id, fingerprint, label, state, reason, balance, time.time()))
-
-    def key_usage(self) -> list[dict[str, Any]]:
-        with self._tx(write=False) as cur:
-            cur.execute(
-                "SELECT key_fp, COUNT(*), SUM(credits_used), SUM(CASE WHEN state IN ('sending', 'running') "
-                "THEN COALESCE(credits_reserved, credits_estimated, 0) END), "
-                "SUM(CASE WHEN state IN ('sending', 'running') THEN 1 ELSE 0 END) FROM attempts "
-                "WHERE job_id = %s AND key_fp IS NOT NULL GROUP BY key_fp", (self.job_id,))
-            usage = {fp: {"requests": int(n), "credits_used": float(used or 0.0), "credits_reserved": float(res or 0.0),
-                          "open": int(open_ or 0)} for fp, n, used, res, open_ in cur.fetchall()}
-            cur.execute("SELECT fingerprint, label, state, reason, balance FROM keys WHERE job_id = %s "
-                        "ORDER BY COALESCE(label, fingerprint)", (self.job_id,))
-            keys = cur.fetchall()
-        out = []
-        for fp, label, state, reason, balance in keys:
-            u = usage.pop(fp, {"requests": 0, "credits_used": 0.0, "credits_reserved": 0.0, "open": 0})
-            out.append({"fingerprint": fp, "label": label, "state": state, "reason": reason, "balance": balance, **u})
-        for fp, u in sorted(usage.items()):
-            out.append({"fingerprint": fp, "label": None, "state": "unknown", "reason": None, "balance": None, **u})
-        return out
 
     def mark_upload(self, file_id: str, *, checked_at: float | None = None, suspect_at: float | None = None,
                     deleted_at: float | None = None) -> None:

@@ -3,9 +3,10 @@
 Why a database: a job of 40,000 images dies sometimes (a laptop closes, cron kills it, the key runs out).
 Everything needed to pick up where it stopped — which requests exist, which task ids the API handed back,
 which images are on disk — is committed here *before* anything depends on it, so the scheduler can be
-rebuilt from this file at any time and never pays twice for the same image. This module and its schema
-steps (sqlite_migrations.py) hold every SQL statement of the SQLite backend; the export, report and status
-code read through the methods below.
+rebuilt from this file at any time and never pays twice for the same image. This module, its schema
+steps (sqlite_migrations.py) and its ledgers (sqlite_<concern>.py: the concerns the store keeps as
+attributes) hold every SQL statement of the SQLite backend; the export, report and status code read
+through the methods below.
 
 Durability: WAL journal with ``synchronous=NORMAL``. A committed transaction survives the process being
 killed (SIGKILL, OOM, Ctrl-C twice) — that is the promise. A power cut may lose the last few commits (never
@@ -56,7 +57,7 @@ Read API (for status, export, report):
     ``failures_by_code() -> list[dict(code, count, messages)]``
     ``iter_requests(states=None, with_history=True) -> Iterator[RequestRecord]``  in manifest order,
         each with ``.attempt_rows`` (AttemptRecord, oldest first) and ``.images`` (ImageRecord, by idx)
-    ``runs() -> list[dict]``        one row per `batchgen run`, newest last
+    ``run_log.all() -> list[dict]`` one row per `batchgen run`, newest last (sqlite_runlog.py)
 Write API (the run engine): ``sync``, ``next_due``, ``start_attempts``, ``record_task``, ``retry_submit``,
 ``record_outcomes``, ``record_image``, ``finish_request``, ``requeue``, ``fail``, ``requeue_failed``,
 ``lock``; quality and review (issue 16): ``reject_image`` (a failed check), ``decide`` (a person's
@@ -102,6 +103,8 @@ from batchgen.store.records import (  # noqa: F401
     idempotency_key,
 )
 from batchgen.store.records import encode_json as _j
+from batchgen.store.sqlite_keystates import SqliteKeyStates
+from batchgen.store.sqlite_runlog import SqliteRunLog
 
 if TYPE_CHECKING:
     from batchgen.manifest.load import Manifest
@@ -241,6 +244,8 @@ class Store(BaseStore):
             conn.close()
             raise _db_fault(self.path, error) from None
         self._lock: RunLock | None = None
+        self.run_log = SqliteRunLog(self)
+        self.key_states = SqliteKeyStates(self)
 
     # -- plumbing ----------------------------------------------------------------------------------
 
@@ -484,16 +489,6 @@ class Store(BaseStore):
 
     def images_for(self, key: str) -> list[ImageRecord]:
         return self._image_rows("request_key = ? ORDER BY idx", [key])
-
-    def runs(self) -> list[dict[str, Any]]:
-        cur = self.conn.execute("SELECT * FROM runs ORDER BY id")
-        names = [d[0] for d in cur.description]
-        out = []
-        for row in cur.fetchall():
-            rec = dict(zip(names, row, strict=True))
-            rec["summary"] = json.loads(rec["summary"]) if rec["summary"] else None
-            out.append(rec)
-        return out
 
     @staticmethod
     def _request_record(d: dict[str, Any]) -> RequestRecord:
@@ -851,49 +846,6 @@ class Store(BaseStore):
         out["set_aside"] = int(self.conn.execute("SELECT COUNT(*) FROM set_aside").fetchone()[0])
         out["check_failed"] = int(self.conn.execute(
             "SELECT COUNT(*) FROM images WHERE check_status='failed'").fetchone()[0])
-        return out
-
-    # -- runs ----------------------------------------------------------------------------------------
-
-    def start_run(self) -> int:
-        with self._tx() as c:
-            cur = c.execute("INSERT INTO runs (started_at, pid, host) VALUES (?,?,?)",
-                            (time.time(), os.getpid(), socket.gethostname()))
-            return int(cur.lastrowid or 0)
-
-    def finish_run(self, run_id: int, exit_code: int, reason: str, summary: dict[str, Any]) -> None:
-        with self._tx() as c:
-            c.execute("UPDATE runs SET finished_at=?, exit_code=?, reason=?, summary=? WHERE id=?",
-                      (time.time(), exit_code, reason, _j(summary), run_id))
-
-    # -- API keys (issue 15: several keys in one run; fingerprints only, never a key) ------------------
-
-    def record_key(self, fingerprint: str, label: str | None, state: str, reason: str | None = None,
-                   balance: float | None = None) -> None:
-        """A key's state as this run last saw it (for `status`); the balance is kept when None."""
-        with self._tx() as c:
-            c.execute(
-                "INSERT INTO keys (fingerprint, label, state, reason, balance, updated_at) VALUES (?,?,?,?,?,?) "
-                "ON CONFLICT(fingerprint) DO UPDATE SET label=excluded.label, state=excluded.state, "
-                "reason=excluded.reason, balance=COALESCE(excluded.balance, balance), updated_at=excluded.updated_at",
-                (fingerprint, label, state, reason, balance, time.time()))
-
-    def key_usage(self) -> list[dict[str, Any]]:
-        """Per key fingerprint: label, state, reason, balance, requests (attempts sent with it), credits (used
-        by its finished tasks and reserved by those in flight), open (attempts still in flight). Keys seen on
-        attempts but never recorded (a store from before m006 has none) appear with state "unknown"."""
-        usage = {fp: {"requests": n, "credits_used": used or 0.0, "credits_reserved": res or 0.0, "open": open_}
-                 for fp, n, used, res, open_ in self.conn.execute(
-                     "SELECT key_fp, COUNT(*), SUM(credits_used), SUM(CASE WHEN state IN ('sending', 'running') "
-                     "THEN COALESCE(credits_reserved, credits_estimated, 0) END), "
-                     "SUM(state IN ('sending', 'running')) FROM attempts WHERE key_fp IS NOT NULL GROUP BY key_fp")}
-        out = []
-        for fp, label, state, reason, balance in self.conn.execute(
-                "SELECT fingerprint, label, state, reason, balance FROM keys ORDER BY COALESCE(label, fingerprint)"):
-            u = usage.pop(fp, {"requests": 0, "credits_used": 0.0, "credits_reserved": 0.0, "open": 0})
-            out.append({"fingerprint": fp, "label": label, "state": state, "reason": reason, "balance": balance, **u})
-        for fp, u in sorted(usage.items()):
-            out.append({"fingerprint": fp, "label": None, "state": "unknown", "reason": None, "balance": None, **u})
         return out
 
     # -- uploads (issue 6: local reference files through the Files API; used by uploads.py) -----------
