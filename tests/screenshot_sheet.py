@@ -58,9 +58,9 @@ async def build(root: Path) -> Path:
         for n, req in enumerate(store.iter_requests()):
             for img in req.images:
                 if n % 9 == 2:
-                    store.decide(req.key, img.idx, img.sha256, "approve", None)
+                    store.reviews.decide(req.key, img.idx, img.sha256, "approve", None)
                 elif n % 23 == 4 or img.check_status == "failed":
-                    store.decide(req.key, img.idx, img.sha256, "reject", "not usable")
+                    store.reviews.decide(req.key, img.idx, img.sha256, "reject", "not usable")
     return manifest
 
 

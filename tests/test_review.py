@@ -80,7 +80,7 @@ async def test_token_host_origin_and_json_are_required(db: Path, job: Job) -> No
                                                                      "Content-Type": "text/plain"}) as r:
             assert r.status == 403  # a form post, not JSON
         with Store(db) as store:
-            assert store.latest_reviews() == {}  # nothing refused was recorded
+            assert store.reviews.latest() == {}  # nothing refused was recorded
         ok = {TOKEN_HEADER: srv.token, "Origin": base}
         async with http.post(post, json=body, headers=ok) as r:
             first = await r.json()
@@ -110,20 +110,20 @@ async def test_rejects_are_regenerated_within_max_attempts(tmp_path: Path,
     with Store(db) as store:
         reqs = list(store.iter_requests())
         old = {r.item_id: r.images[0] for r in reqs}
-        store.decide(old["r0001"].request_key, 1, old["r0001"].sha256, "reject", "wrong colour")
-        store.decide(old["r0003"].request_key, 1, old["r0003"].sha256, "reject", None)
-        store.decide(old["r0003"].request_key, 1, old["r0003"].sha256, "reject", None)  # twice: one decision
-        store.decide(old["r0004"].request_key, 1, old["r0004"].sha256, "approve", None)
+        store.reviews.decide(old["r0001"].request_key, 1, old["r0001"].sha256, "reject", "wrong colour")
+        store.reviews.decide(old["r0003"].request_key, 1, old["r0003"].sha256, "reject", None)
+        store.reviews.decide(old["r0003"].request_key, 1, old["r0003"].sha256, "reject", None)  # twice: one decision
+        store.reviews.decide(old["r0004"].request_key, 1, old["r0004"].sha256, "approve", None)
     assert collect(db)["review"] == {"approved": 1, "rejected": 2, "unreviewed": 3, "regenerating": 0,
                                      "set_aside": 0, "check_failed": 0}
     assert await run(manifest, emu.base_url) == 0
     check_outputs(manifest)
     with Store(db) as store:
         by_id = {r.item_id: r for r in store.iter_requests()}
-        aside = store.set_aside_images()
+        aside = store.reviews.set_aside_images()
         for item in ("r0001", "r0003"):
             with pytest.raises(ReviewRefusedError) as info:
-                store.decide(old[item].request_key, 1, old[item].sha256, "approve", None)
+                store.reviews.decide(old[item].request_key, 1, old[item].sha256, "approve", None)
             assert info.value.superseded
     assert {i: len(r.attempt_rows) for i, r in by_id.items()} == {
         "r0000": 1, "r0001": 2, "r0002": 1, "r0003": 2, "r0004": 1, "r0005": 1}
@@ -139,7 +139,7 @@ async def test_rejects_are_regenerated_within_max_attempts(tmp_path: Path,
     assert collect(db)["review"]["set_aside"] == 2
     # Rejected again: r0001 has used both of its attempts, so the next run leaves it (and says so).
     with Store(db) as store:
-        store.decide(by_id["r0001"].key, 1, by_id["r0001"].images[0].sha256, "reject", "still wrong")
+        store.reviews.decide(by_id["r0001"].key, 1, by_id["r0001"].images[0].sha256, "reject", "still wrong")
     assert await run(manifest, emu.base_url) == 0
     with Store(db) as store:
         again = store.get_request(by_id["r0001"].key)
@@ -150,7 +150,7 @@ async def test_rejects_are_regenerated_within_max_attempts(tmp_path: Path,
 def test_the_report_shows_checks_and_reviews_read_only(db: Path, job: Job, tmp_path: Path) -> None:
     key, idx, sha = first_image(db)
     with Store(db) as store:
-        store.decide(key, idx, sha, "reject", "<b>blurry</b>")
+        store.reviews.decide(key, idx, sha, "reject", "<b>blurry</b>")
         store.conn.execute("UPDATE images SET check_status='failed', check_reasons='blank: near-uniform' "
                            "WHERE request_key=? AND idx=?", (key, idx))
     path, tiles = write_report(db, tmp_path / "r.html", out_dir=job.out_dir)

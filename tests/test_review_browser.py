@@ -107,7 +107,7 @@ def test_reject_by_click_and_key_then_the_next_run_regenerates_exactly_those(
         server.send_signal(signal.SIGTERM)
         server.communicate(timeout=10)
     with Store(db_of(manifest)) as store:
-        reasons = {r.item_id: [v.reason for v in store.latest_reviews().values() if v.request_key == r.key]
+        reasons = {r.item_id: [v.reason for v in store.reviews.latest().values() if v.request_key == r.key]
                    for r in store.iter_requests()}
     assert {i for i, r in reasons.items() if r} == rejected
     assert reasons[ids[1]] == ["too dark"] and reasons[ids[KEYED]] == [None]
@@ -125,6 +125,6 @@ def test_reject_by_click_and_key_then_the_next_run_regenerates_exactly_those(
         else:
             assert after[item]["sha256"] == before[item]["sha256"] and after[item]["review"] == "unreviewed"
     with Store(db_of(manifest)) as store:
-        aside = store.set_aside_images()
+        aside = store.reviews.set_aside_images()
     assert sorted(a.request_key for a in aside) == sorted(before[i]["request_key"] for i in rejected)
     assert all(a.why == "review" and (manifest.parent / "out" / "job" / a.path).is_file() for a in aside)

@@ -54,7 +54,7 @@ async def test_bad_images_are_set_aside_and_regenerated_within_max_attempts(
     out = out_of(manifest)
     with Store(db_of(manifest)) as store:
         by_id = {r.item_id: r for r in store.iter_requests()}
-        aside = store.set_aside_images()
+        aside = store.reviews.set_aside_images()
     expected_attempts = {"b1": 2, "a1": 3, "t1": 2, "x1": 3}
     for item, attempts in expected_attempts.items():
         assert len(by_id[item].attempt_rows) == attempts, item
@@ -108,7 +108,7 @@ async def test_on_fail_keep_flags_without_regenerating(tmp_path: Path, emulator_
     check_outputs(manifest)
     with Store(db_of(manifest)) as store:
         by_id = {r.item_id: r for r in store.iter_requests()}
-        assert store.set_aside_images() == []
+        assert store.reviews.set_aside_images() == []
     for item, check in (("b1", "blank"), ("a1", "aspect"), ("t1", "size"), ("x1", "blank")):
         rec = by_id[item]
         assert rec.state == "done" and len(rec.attempt_rows) == 1
@@ -140,7 +140,7 @@ async def test_a_csv_job_is_checked_too_and_scenario_shares_make_bad_images(
     assert await run(manifest, emu.base_url) == 1
     with Store(manifest.parent / "rows.batchgen.db") as store:
         reqs = list(store.iter_requests())
-        aside = store.set_aside_images()
+        aside = store.reviews.set_aside_images()
     assert [(r.state, r.error_code, len(r.attempt_rows)) for r in reqs] == [("failed", "quality_check_failed", 3)] * 2
     assert len(aside) == 6 and {a.reason.split(":")[0] for a in aside if a.reason} == {"blank"}
 

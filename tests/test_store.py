@@ -252,6 +252,6 @@ def test_upgrade_to_m005_keeps_images_as_not_checked(tmp_path: Path) -> None:
         assert "m005_reviews" in store.applied_migrations()  # later ones (m006) apply too
         (img,) = store.images_for("k1")
         assert img.check_status is None and img.check_reasons is None
-        assert store.decide("k1", 1, "ab", "reject", " blurry ").reason == "blurry"
-        assert store.review_counts()["rejected"] == 1
-        assert [r.key for r, _ in store.open_rejects()] == ["k1"]
+        assert store.reviews.decide("k1", 1, "ab", "reject", " blurry ").reason == "blurry"
+        assert store.reviews.counts()["rejected"] == 1
+        assert [r.key for r, _ in store.reviews.open_rejects()] == ["k1"]

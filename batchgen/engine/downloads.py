@@ -164,9 +164,10 @@ class Downloads:
         message = f"image {index} failed its checks ({verdict.reasons}); kept as {rel}"
         if not requeue:
             message += f"; gave up after {t.attempts} attempt(s)"
-        self.store.reject_image(SetAsideRecord(key, index, t.attempt_id, rel, info.sha256, info.bytes, info.width,
-                                               info.height, info.format, "quality", verdict.reasons, time.time()),
-                                requeue=requeue, code=QUALITY_CODE, message=message)
+        self.store.reviews.reject_image(SetAsideRecord(key, index, t.attempt_id, rel, info.sha256, info.bytes,
+                                                       info.width, info.height, info.format, "quality",
+                                                       verdict.reasons, time.time()),
+                                        requeue=requeue, code=QUALITY_CODE, message=message)
         if requeue:
             self.host.on_requeued(key, QUALITY_CODE, 0.0, None)
         else:

@@ -33,7 +33,7 @@ class Requeued:
 
 def requeue_rejected(store: Store, storage: Storage, max_attempts: int) -> Requeued:
     requeued = exhausted = 0
-    for req, reviews in store.open_rejects():
+    for req, reviews in store.reviews.open_rejects():
         if req.attempts >= max_attempts:
             exhausted += 1
             continue
@@ -48,6 +48,6 @@ def requeue_rejected(store: Store, storage: Storage, max_attempts: int) -> Reque
             asides.append(SetAsideRecord(req.key, img.idx, img.attempt_id, rel, img.sha256, img.bytes, img.width,
                                          img.height, img.format, "review", reason, time.time()))
         reasons = "; ".join(dict.fromkeys(r for r in why.values() if r))
-        store.requeue_rejected(req.key, asides, "rejected in review" + (f": {reasons}" if reasons else ""))
+        store.reviews.requeue_rejected(req.key, asides, "rejected in review" + (f": {reasons}" if reasons else ""))
         requeued += 1
     return Requeued(requeued, exhausted)

@@ -177,7 +177,7 @@ def _common(req: RequestRecord, columns: Columns, attempt: AttemptRecord | None)
     return row
 
 
-Reviews = Mapping[tuple[str, int, str], ReviewRecord]  # Store.latest_reviews(): (key, idx, sha256) -> decision
+Reviews = Mapping[tuple[str, int, str], ReviewRecord]  # store.reviews.latest(): (key, idx, sha256) -> decision
 
 
 def review_of(img: ImageRecord | None, reviews: Reviews | None) -> ReviewRecord | None:
@@ -190,7 +190,7 @@ def review_of(img: ImageRecord | None, reviews: Reviews | None) -> ReviewRecord 
 def row_for_image(req: RequestRecord, img: ImageRecord | None, columns: Columns,
                   reviews: Reviews | None = None) -> dict[str, Any]:
     """One per-image row; `img` None gives the row of a request without images (empty path). `reviews`
-    (Store.latest_reviews) fills the review columns."""
+    (store.reviews.latest) fills the review columns."""
     row = _common(req, columns, producing_attempt(req, img))
     rv = review_of(img, reviews)
     row.update({
@@ -224,7 +224,7 @@ def row_for_request(req: RequestRecord, columns: Columns) -> dict[str, Any]:
 
 def iter_rows(store: BaseStore, columns: Columns, *, per_request: bool = False) -> Iterator[dict[str, Any]]:
     """Rows in manifest order, streamed from the store."""
-    reviews = store.latest_reviews()
+    reviews = store.reviews.latest()
     for req in store.iter_requests(with_history=True):
         if per_request:
             yield row_for_request(req, columns)
@@ -289,7 +289,7 @@ def write_run_files(db_path: Path | str, out_dir: Path | Storage, job_name: str 
         job = store.job_record() or {}
         columns = discover_columns(store)
         images = rows = 0
-        reviews = store.latest_reviews()
+        reviews = store.reviews.latest()
         with storage.open_text(INDEX_NAME) as index, storage.open_text(RESULTS_NAME, newline="") as results:
             writer = csv.writer(results)
             writer.writerow([neutralise_cell(c) for c in columns.names])

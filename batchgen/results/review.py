@@ -2,9 +2,9 @@
 
 The page is the report's (sheet.py gathers, render.py renders), with two buttons per tile and the keys
 `a` (approve) and `r` (reject); an optional reason typed in the toolbar goes with the next decision.
-Decisions go straight into the store (`Store.decide`, the `reviews` table, with time and reason); the next
-`batchgen run` regenerates the rejected images (engine/rejects.py). Deciding the same thing twice changes
-nothing; a decision on an image that was replaced meanwhile is refused with 409 and a message.
+Decisions go straight into the store (`store.reviews.decide`, the `reviews` table, with time and reason);
+the next `batchgen run` regenerates the rejected images (engine/rejects.py). Deciding the same thing twice
+changes nothing; a decision on an image that was replaced meanwhile is refused with 409 and a message.
 
 Who can reach it: the server binds to 127.0.0.1 unless told otherwise, and every request must carry the
 random token printed in the URL (`?token=` on pages and images, the `X-Batchgen-Token` header on
@@ -140,7 +140,7 @@ async def _decide(request: web.Request) -> web.Response:
     if reason is not None and (not isinstance(reason, str) or len(reason) > MAX_REASON_CHARS):
         return web.json_response({"error": f"reason: text of at most {MAX_REASON_CHARS} characters"}, status=400)
     try:
-        rv = request.app[STORE].decide(key, idx, sha, decision, reason)
+        rv = request.app[STORE].reviews.decide(key, idx, sha, decision, reason)
     except ReviewRefusedError as error:
         return web.json_response({"error": str(error)}, status=409 if error.superseded else 400)
     return web.json_response({"review": REVIEW_LABELS[rv.decision], "reason": rv.reason or "",

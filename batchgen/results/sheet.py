@@ -92,7 +92,7 @@ def collect_totals(store: Store) -> Totals:
     credits = store.credit_totals()
     images, _ = store.image_totals()
     runs = store.run_log.all()
-    review = store.review_counts()
+    review = store.reviews.counts()
     run_time_s = sum((r["finished_at"] or r["started_at"]) - r["started_at"] for r in runs)
     return Totals(
         job=str(job.get("name") or ""), requests=sum(v for k, v in counts.items() if k != "removed"),
@@ -130,7 +130,7 @@ class _Gatherer:
         # per tile would cost as much as the thumbnails).
         self.images_dir = images.root if isinstance(images, LocalStorage) else (
             None if isinstance(images, Storage) else images)
-        self.reviews: Reviews = store.latest_reviews()
+        self.reviews: Reviews = store.reviews.latest()
         job = store.job_record() or {}
         self.item_order, self.variant_order = input_field_order(job.get("manifest_path"))
         self.facets: dict[str, dict[str, int]] = {"status": {}, "model": {}, "check": {}, "review": {}}

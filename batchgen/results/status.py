@@ -65,7 +65,7 @@ def collect(db_path: Path | str, job_name: str | None = None) -> dict[str, Any]:
                       "state": k["state"], "reason": k["reason"], "requests": k["requests"],
                       "credits_used": round(k["credits_used"], 4), "credits_reserved": round(k["credits_reserved"], 4),
                       "in_flight": k["open"], "balance": k["balance"]} for k in store.key_states.usage()],
-            "review": store.review_counts(),
+            "review": store.reviews.counts(),
             "runners": [{"id": r.id, "host": r.host, "pid": r.pid, "since": r.started_at,
                          "heartbeat_at": r.heartbeat_at, "claimed": r.claimed} for r in store.live_runners()],
         }

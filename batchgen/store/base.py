@@ -18,8 +18,9 @@ append-only migrations applied on open.
 Multi-runner hooks (`shared`, `take_over`, `live_runners`, `job_elapsed_s`, `runner_id`) have single-runner
 defaults here: with SQLite the file lock guarantees one runner, so there is never anything to take over.
 
-Ledgers the store holds: `run_log` (runlog.py: one row per `batchgen run`) and `key_states` (keystates.py:
-each API key's last known state, by fingerprint).
+Ledgers the store holds: `run_log` (runlog.py: one row per `batchgen run`), `key_states` (keystates.py:
+each API key's last known state, by fingerprint) and `reviews` (reviews.py, `ReviewLedger`: the images
+set aside, people's decisions and the requeue of rejected requests; issue 16).
 """
 
 from __future__ import annotations
@@ -36,12 +37,11 @@ from batchgen.store.records import (
     NewAttempt,
     Outcome,
     RequestRecord,
-    ReviewRecord,
     RunnerInfo,
-    SetAsideRecord,
     SyncResult,
     UploadRecord,
 )
+from batchgen.store.reviews import ReviewLedger
 from batchgen.store.runlog import RunLog
 
 if TYPE_CHECKING:
@@ -57,6 +57,7 @@ class BaseStore(abc.ABC):
     # True when several runners may share the job (the scheduler then runs its takeover hook).
     shared: bool = False
     runner_id: str | None = None
+    reviews: ReviewLedger  # images set aside, people's decisions, rejected requests requeued (issue 16)
 
     # -- plumbing -----------------------------------------------------------------------------------
 
@@ -199,34 +200,6 @@ class BaseStore(abc.ABC):
     @abc.abstractmethod
     def record_images(self, saved: Sequence[tuple[ImageRecord, bool]]) -> None:
         """Several saved images in one transaction (`done`: the request is done with that image)."""
-
-    # -- quality checks and reviews (issue 16) ---------------------------------------------------------
-
-    @abc.abstractmethod
-    def reject_image(self, aside: SetAsideRecord, *, requeue: bool, code: str, message: str) -> None:
-        """An image failed its checks and was kept aside: record it, and requeue (a new attempt) or fail."""
-
-    @abc.abstractmethod
-    def set_aside_images(self) -> list[SetAsideRecord]: ...
-
-    @abc.abstractmethod
-    def latest_reviews(self) -> dict[tuple[str, int, str], ReviewRecord]:
-        """The latest decision on every image that has one, by (request key, idx, sha256)."""
-
-    @abc.abstractmethod
-    def decide(self, request_key: str, idx: int, sha256: str, decision: str, reason: str | None) -> ReviewRecord:
-        """A person's decision on one image; ReviewRefusedError when the image is no longer current."""
-
-    @abc.abstractmethod
-    def open_rejects(self) -> list[tuple[RequestRecord, list[ReviewRecord]]]:
-        """Done requests with a rejected current image not yet acted on: what the next run regenerates."""
-
-    @abc.abstractmethod
-    def requeue_rejected(self, request_key: str, asides: Sequence[SetAsideRecord], reason: str) -> None:
-        """The rejected images leave the results (kept aside), and the request is pending again."""
-
-    @abc.abstractmethod
-    def review_counts(self) -> dict[str, int]: ...
 
     @abc.abstractmethod
     def path_owner(self, paths: Sequence[str]) -> str | None: ...
