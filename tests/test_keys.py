@@ -159,13 +159,13 @@ def test_m006_upgrade_keeps_data_and_records_fingerprints(tmp_path: Path) -> Non
         assert "m006_key_fingerprints" in store.applied_migrations()
         assert store.schema_version() == before + 1
         # One key (legacy=True) owns the upload made before fingerprints; a pool's key does not.
-        old = store.current_upload("abc", fp)
+        old = store.uploads.current("abc", fp)
         assert old is not None and old.file_id == "f-old"
-        assert store.current_upload("abc", fp, legacy=False) is None
-        store.record_upload(UploadRecord("f-new", "abc", "http://x/f-new", 1e12, 1, "image/png", None, 2,
+        assert store.uploads.current("abc", fp, legacy=False) is None
+        store.uploads.record(UploadRecord("f-new", "abc", "http://x/f-new", 1e12, 1, "image/png", None, 2,
                                          key_fp=fp))
-        assert store.current_upload("abc", fingerprint(KEY_B), legacy=False) is None
-        assert [u.file_id for u in store.live_uploads(fp, legacy=False)] == ["f-new"]
+        assert store.uploads.current("abc", fingerprint(KEY_B), legacy=False) is None
+        assert [u.file_id for u in store.uploads.live(fp, legacy=False)] == ["f-new"]
         ids = store.start_attempts([NewAttempt("k1", 1, "z-image-turbo", 0.5, key_fp=fp, scoped=True)])
         rows = store.open_attempts()
         assert rows[0][1].key_fp == fp and rows[0][1].id == ids[0]

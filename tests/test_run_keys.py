@@ -164,7 +164,7 @@ async def test_a_photo_used_with_two_keys_is_uploaded_once_per_key(
     stats = emu.stats()
     assert stats["uploads_by_sha256"] == {digest: 2} and stats["cross_account_references"] == 0
     with Store(db_of(manifest)) as store:
-        uploads = {u.file_url: u.key_fp for u in store.live_uploads()}
+        uploads = {u.file_url: u.key_fp for u in store.uploads.live()}
     assert sorted(uploads.values()) == sorted(fingerprint(k) for k in KEYS[:2])
     for a in attempts(manifest):
         assert a.body is not None and uploads[a.body["image_urls"][0]] == a.key_fp  # its own key's file

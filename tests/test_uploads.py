@@ -41,7 +41,7 @@ def sha(path: Path) -> str:
 
 def uploads_of(manifest: Path) -> list[Any]:
     with Store(db_of(manifest)) as store:
-        return store.live_uploads()
+        return store.uploads.live()
 
 
 def bodies(manifest: Path) -> dict[str, dict[str, Any]]:
@@ -105,7 +105,7 @@ async def test_upload_gone_on_the_server_is_uploaded_again_on_resume(
     assert stats["task_errors"] == {}  # checked before use: the stale URL was never sent
     assert bodies(manifest)["late"]["image_urls"][0] != first.file_url
     with Store(db_of(manifest)) as store:
-        assert store.current_upload(sha(a)).file_id != first.file_id  # type: ignore[union-attr]
+        assert store.uploads.current(sha(a)).file_id != first.file_id  # type: ignore[union-attr]
 
 
 async def test_upload_about_to_expire_is_uploaded_again_before_use(
@@ -200,7 +200,7 @@ async def test_full_quota_deletes_only_batchgens_unneeded_uploads(
     files = live_files(emu)
     assert files[foreign]["live"] and not files[foreign]["deleted"]
     with Store(db_of(manifest)) as store:
-        ours = {u.file_id for u in store.live_uploads()} | {f for f, v in files.items() if v["deleted"]}
+        ours = {u.file_id for u in store.uploads.live()} | {f for f, v in files.items() if v["deleted"]}
     assert foreign not in ours
 
 
@@ -246,7 +246,7 @@ def test_edit_products_example_runs_end_to_end_on_the_emulator(tmp_path: Path) -
     summary = [json.loads(line) for line in result.output.splitlines() if '"event":"summary"' in line][-1]
     assert summary["done"] == summary["total"] == 8 and summary["images"] == 8
     with Store(db_of(manifest)) as store:
-        ups = store.live_uploads()
+        ups = store.uploads.live()
         assert sorted(Path(u.path or "").name for u in ups) == ["backpack.jpg", "lamp.png", "mug.png", "sneaker.jpg"]
         urls = {u.file_url for u in ups}
         for rec in store.iter_requests():
@@ -264,7 +264,7 @@ def test_upgrade_from_m002_adds_the_uploads_table(tmp_path: Path) -> None:
     with Store(path) as store:
         assert "m003_uploads" in store.applied_migrations()
         assert store.counts()["pending"] == 1
-        assert store.live_uploads() == [] and store.current_upload("0" * 64) is None
+        assert store.uploads.live() == [] and store.uploads.current("0" * 64) is None
 
 
 async def test_upload_retries_do_not_use_up_the_requests_submissions(tmp_path: Path,

@@ -121,8 +121,8 @@ class Uploader:
         refs = [*(body.get("image_urls") or []), *([body["mask_url"]] if body.get("mask_url") else [])]
         now = time.time()
         to_blame = False
-        for row in self.store.uploads_by_url(r for r in refs if isinstance(r, str)):
-            current = self.store.current_upload(row.sha256, self.key_fp, legacy=self.legacy)
+        for row in self.store.uploads.by_url(r for r in refs if isinstance(r, str)):
+            current = self.store.uploads.current(row.sha256, self.key_fp, legacy=self.legacy)
             if row.deleted_at is not None or current is None or current.file_id != row.file_id:
                 to_blame = True  # already replaced: the next attempt gets the new file
             elif row.expires_at - now <= self.margin_s:
@@ -134,7 +134,7 @@ class Uploader:
             elif row.suspect_at is not None and row.checked_at is not None and row.suspect_at <= row.checked_at:
                 continue  # proven fetchable after the last doubt and before this send: the image is the problem
             else:
-                self.store.mark_upload(row.file_id, suspect_at=now)
+                self.store.uploads.mark(row.file_id, suspect_at=now)
                 self._trusted.discard(row.file_id)
                 to_blame = True
         return to_blame
@@ -145,7 +145,7 @@ class Uploader:
         """A URL for the content of `path` that stays valid for at least the margin, uploading if needed."""
         sha256 = await self._digest(path, req)
         async with self._locks[sha256]:
-            rec = self.store.current_upload(sha256, self.key_fp, legacy=self.legacy)
+            rec = self.store.uploads.current(sha256, self.key_fp, legacy=self.legacy)
             fresh = rec is not None and rec.expires_at - time.time() > self.margin_s
             if rec is not None and fresh and (rec.file_id in self._trusted or await self._still_there(rec)):
                 return rec.file_url
@@ -171,9 +171,9 @@ class Uploader:
             if is_transient(error):
                 raise  # a failed call proves nothing about the file: the scheduler tries the request again
             log.info("upload %s of %s is gone (%s); uploading it again", rec.file_id, rec.path, error)
-            self.store.mark_upload(rec.file_id, deleted_at=time.time())
+            self.store.uploads.mark(rec.file_id, deleted_at=time.time())
             return False
-        self.store.mark_upload(rec.file_id, checked_at=time.time())
+        self.store.uploads.mark(rec.file_id, checked_at=time.time())
         self._trusted.add(rec.file_id)
         return True
 
@@ -194,7 +194,7 @@ class Uploader:
         rec = UploadRecord(file_id=uploaded.file_id, sha256=sha256, file_url=uploaded.file_url,
                            expires_at=uploaded.expires_at.timestamp(), size=uploaded.file_size,
                            mime=uploaded.mime_type, path=str(path), uploaded_at=now, key_fp=self.key_fp)
-        self.store.record_upload(rec)
+        self.store.uploads.record(rec)
         self._trusted.add(rec.file_id)
         self.uploads += 1
         return rec
@@ -204,7 +204,7 @@ class Uploader:
     async def _needs(self) -> dict[str, set[str]]:
         """content sha256 → keys of the pending and in-flight requests that reference it."""
         needs: dict[str, set[str]] = defaultdict(set)
-        for key, ref in self.store.local_references(("pending", "submitted")):
+        for key, ref in self.store.uploads.local_references(("pending", "submitted")):
             path = Path(ref)
             try:
                 st = path.stat()
@@ -221,9 +221,9 @@ class Uploader:
         """Delete batchgen's own uploads that nothing pending or in flight needs (expired first, then the
         oldest). Returns how many live files were deleted (expired ones no longer count against the quota)."""
         needs = await self._needs()
-        in_use = self.store.open_attempt_urls()
+        in_use = self.store.uploads.open_attempt_urls()
         now = time.time()
-        mine = self.store.live_uploads(self.key_fp, legacy=self.legacy)  # this key's files, oldest first
+        mine = self.store.uploads.live(self.key_fp, legacy=self.legacy)  # this key's files, oldest first
         current = {u.sha256: u.file_id for u in mine}  # the newest wins
         candidates = [u for u in mine
                       if u.file_url not in in_use and not (u.sha256 in needs and current[u.sha256] == u.file_id)]
@@ -240,7 +240,7 @@ class Uploader:
                 if u.expires_at > now:
                     freed += 1
                 self.deleted += 1
-            self.store.mark_upload(u.file_id, deleted_at=time.time())
+            self.store.uploads.mark(u.file_id, deleted_at=time.time())
             self._trusted.discard(u.file_id)
         if candidates:
             log.info("file quota full: deleted %d of batchgen's own uploads no request needs any more", freed)
@@ -252,7 +252,7 @@ class Uploader:
         self._blocked.add(req.key)
         needs = await self._needs()
         now = time.time()
-        live = [u for u in self.store.live_uploads(self.key_fp, legacy=self.legacy) if u.expires_at > now]
+        live = [u for u in self.store.uploads.live(self.key_fp, legacy=self.legacy) if u.expires_at > now]
         if any(not (needs.get(u.sha256, set()) & self._blocked) for u in live):
             raise UploadWaitError(
                 f"{_who(req)}: the Files API quota is full ({error.message}); waiting for requests in progress "

@@ -18,9 +18,13 @@ append-only migrations applied on open.
 Multi-runner hooks (`shared`, `take_over`, `live_runners`, `job_elapsed_s`, `runner_id`) have single-runner
 defaults here: with SQLite the file lock guarantees one runner, so there is never anything to take over.
 
-Ledgers the store holds: `run_log` (runlog.py: one row per `batchgen run`), `key_states` (keystates.py:
-each API key's last known state, by fingerprint) and `reviews` (reviews.py, `ReviewLedger`: the images
-set aside, people's decisions and the requeue of rejected requests; issue 16).
+Ledgers (one concern each, an interface apart from its implementations, held by the store):
+
+* `uploads` (`UploadLedger`, uploads.py): the files batchgen uploaded through the Files API (issue 6).
+* `reviews` (`ReviewLedger`, reviews.py): the images set aside, people's decisions and the requeue of
+  rejected requests (issue 16).
+* `run_log` (`RunLog`, runlog.py): one row per `batchgen run`.
+* `key_states` (`KeyStates`, keystates.py): each API key's last known state, by fingerprint (issue 15).
 """
 
 from __future__ import annotations
@@ -39,10 +43,10 @@ from batchgen.store.records import (
     RequestRecord,
     RunnerInfo,
     SyncResult,
-    UploadRecord,
 )
 from batchgen.store.reviews import ReviewLedger
 from batchgen.store.runlog import RunLog
+from batchgen.store.uploads import UploadLedger
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -57,6 +61,7 @@ class BaseStore(abc.ABC):
     # True when several runners may share the job (the scheduler then runs its takeover hook).
     shared: bool = False
     runner_id: str | None = None
+    uploads: UploadLedger  # the Files API uploads of the job (issue 6)
     reviews: ReviewLedger  # images set aside, people's decisions, rejected requests requeued (issue 16)
 
     # -- plumbing -----------------------------------------------------------------------------------
@@ -224,35 +229,9 @@ class BaseStore(abc.ABC):
 
     run_log: RunLog  # one row per `batchgen run`: when it ran, why it ended, its summary
 
-    # -- uploads ------------------------------------------------------------------------------------
-
-    @abc.abstractmethod
-    def record_upload(self, rec: UploadRecord) -> None: ...
-
-    @abc.abstractmethod
-    def current_upload(self, sha256: str, key_fp: str | None = None, *, legacy: bool = True) -> UploadRecord | None:
-        """The newest live upload of this content made with the key `key_fp` (None: any key; `legacy`:
-        uploads recorded before keys were, counted as this key's)."""
-
-    @abc.abstractmethod
-    def uploads_by_url(self, urls: Iterable[str]) -> list[UploadRecord]: ...
-
-    @abc.abstractmethod
-    def live_uploads(self, key_fp: str | None = None, *, legacy: bool = True) -> list[UploadRecord]: ...
-
     # -- API keys (issue 15: fingerprints only, never a key) -------------------------------------------
 
     key_states: KeyStates  # each API key's last known state and its use, by fingerprint
-
-    @abc.abstractmethod
-    def mark_upload(self, file_id: str, *, checked_at: float | None = None, suspect_at: float | None = None,
-                    deleted_at: float | None = None) -> None: ...
-
-    @abc.abstractmethod
-    def local_references(self, states: Sequence[str] = ("pending", "submitted")) -> list[tuple[str, str]]: ...
-
-    @abc.abstractmethod
-    def open_attempt_urls(self) -> set[str]: ...
 
     # -- several runners on one job (single-runner defaults) ----------------------------------------
 
