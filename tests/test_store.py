@@ -255,3 +255,35 @@ def test_upgrade_to_m005_keeps_images_as_not_checked(tmp_path: Path) -> None:
         assert store.reviews.decide("k1", 1, "ab", "reject", " blurry ").reason == "blurry"
         assert store.reviews.counts()["rejected"] == 1
         assert [r.key for r, _ in store.reviews.open_rejects()] == ["k1"]
+
+
+def test_the_uploads_ledger_keeps_each_keys_files_apart_on_both_backends(open_db: OpenDb) -> None:
+    """store.uploads: the newest live upload of a content per key, uploads from before keys were recorded
+    counting as any key's (legacy), marks that only fill what they are given, and lookups by URL."""
+    from batchgen.store.records import UploadRecord
+
+    def up(file_id: str, uploaded_at: float, key_fp: str | None) -> UploadRecord:
+        return UploadRecord(file_id, "sha-a", f"https://files.example/{file_id}", uploaded_at + 86_400, 10,
+                            "image/png", "/photos/a.png", uploaded_at, key_fp=key_fp)
+
+    with open_db() as store:
+        ledger = store.uploads
+        ledger.record(up("f-old", 100.0, None))  # before m006: no key recorded
+        ledger.record(up("f-a", 200.0, "fp-a"))
+        ledger.record(up("f-b", 300.0, "fp-b"))
+    with open_db() as store:  # committed: a new connection sees them
+        ledger = store.uploads
+        assert ledger.current("sha-a").file_id == "f-b"  # any key: the newest
+        assert ledger.current("sha-a", "fp-a").file_id == "f-a"
+        assert ledger.current("sha-a", "fp-c").file_id == "f-old"  # legacy counts as this key's
+        assert ledger.current("sha-a", "fp-c", legacy=False) is None
+        assert ledger.current("sha-other") is None
+        ledger.mark("f-a", checked_at=250.0)
+        ledger.mark("f-a", suspect_at=260.0)  # leaves checked_at as it was
+        ledger.mark("f-b", deleted_at=400.0)
+        assert [r.file_id for r in ledger.live("fp-a", legacy=False)] == ["f-a"]
+        assert {r.file_id for r in ledger.live()} == {"f-old", "f-a"}  # f-b deleted
+        (a,) = ledger.by_url(["https://files.example/f-a", "https://files.example/f-a"])
+        assert (a.checked_at, a.suspect_at, a.deleted_at, a.key_fp) == (250.0, 260.0, None, "fp-a")
+        assert ledger.by_url([]) == []
+        assert ledger.current("sha-a").file_id == "f-a"  # the deleted one is no longer current
