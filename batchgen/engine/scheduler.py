@@ -8,7 +8,7 @@ killed at any instant resumes by polling the tasks it has, never by paying for t
 
 Moving parts (one task each, no per-request timers):
 
-* **submitter** — claims due pending requests (as many as free slots, `concurrency` at most in flight),
+* **submitter** (submits.py) — claims due pending requests (as many as free slots, `concurrency` at most in flight),
   checks the credit cap, commits an attempt row with its `Idempotency-Key` *before* the call, then sends
   each submit as its own task (they queue on the limiter). The task id is committed as soon as it arrives.
   Attempts whose answer never came (killed, or a transient error) are sent again with the same key from
@@ -59,17 +59,14 @@ from batchgen.engine.health import CallHealth
 from batchgen.engine.keypool import KeyPool, PooledKey
 from batchgen.engine.keyuse import KeyUse
 from batchgen.engine.outcomes import TaskFailures
-from batchgen.engine.polls import BATCH_MAX, DueHeap, PollSchedule, poll_delay, wait_for_event
+from batchgen.engine.polls import PollSchedule, poll_delay
 from batchgen.engine.ratelimit import POLL
 from batchgen.engine.runstate import Counters, StopReason, Tracked
-from batchgen.engine.uploads import UploadWaitError
+from batchgen.engine.submits import Submissions
 from batchgen.errors import (
     Action,
     ApiError,
-    BatchgenError,
-    ConnectError,
     LocalFaultError,
-    code_of,
     decide,
     is_transient,
     rule_for,
@@ -80,7 +77,6 @@ from batchgen.storage.local import LocalStorage
 from batchgen.store.base import BaseStore
 from batchgen.store.records import (
     AttemptState,
-    NewAttempt,
     Outcome,
     RequestRecord,
 )
@@ -100,10 +96,6 @@ ReferenceCheck = Callable[[dict[str, Any], float], bool]
 EventSink = Callable[[str, dict[str, Any]], None]
 
 
-# Tries at preparing one request's body (uploading its local files) in one run before it fails, for
-# refusals that are not transient (those retry like any call); uploads cost no credits, so they are not
-# limited by the request's max_attempts.
-PREPARE_MAX_TRIES = 5
 # Shared stores (several runners on one job): how often to look for attempts of dead runners, as a fraction
 # of the store's lease (takeover then happens within about 1⅓ leases of the death).
 TAKEOVER_EVERY_LEASE = 1 / 3
@@ -155,10 +147,8 @@ class Scheduler:
         self.rng = rng or random.Random()
         self.counters = Counters()
         self._tracked: dict[int, Tracked] = {}  # attempt id → tracked (submitted, not yet final)
-        self._prepare_failures: dict[str, int] = {}  # request key → failed body preparations (uploads) this run
         self.api_health = CallHealth.scaled("the API", config.patience_s, config.time_scale)
         self._polls = PollSchedule(self._tracked)  # tasks with an id, by when they are next polled
-        self._resends = DueHeap()  # attempts whose submit got no answer: sent again with the same key
         self._wake = asyncio.Event()  # something changed: the submitter re-checks
         self._draining: tuple[StopReason, str] | None = None
         self._halting: tuple[StopReason, str] | None = None
@@ -166,10 +156,8 @@ class Scheduler:
         self._tasks: set[asyncio.Task[Any]] = set()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._poll_slots = asyncio.Semaphore(POLLS_IN_FLIGHT)
-        self._answered: list[tuple[Tracked, TaskSnapshot]] = []  # submits answered, not yet committed
-        self._flush_handle: asyncio.Handle | None = None
-        self._nothing_pending = False  # the store had no pending request at the last look (see _submitter)
         self._crash: BaseException | None = None
+        self.submits = Submissions(self)
         self.downloads = Downloads(self)
 
     # --- control ----------------------------------------------------------------------------------
@@ -188,7 +176,7 @@ class Scheduler:
             self.drain(reason, message)
         self._wake.set()
         self._polls.wake.set()
-        self._resends.wake.set()
+        self.submits.resends.wake.set()
 
     @property
     def halting(self) -> bool:
@@ -211,12 +199,12 @@ class Scheduler:
         c = self.counters
         c.started = loop.time()
         self._load_from_store()
-        workers = [self._spawn(self._poller()), self._spawn(self._sender())]
+        workers = [self._spawn(self._poller()), self._spawn(self.submits.resender())]
         if self.store.shared:
             workers.append(self._spawn(self._take_over_loop()))
         workers += [self._spawn(self.downloads.worker()) for _ in range(self.cfg.download_concurrency)]
         try:
-            await self._submitter()
+            await self.submits.claimer()
         except LocalFaultError as error:
             self.local_fault(error)
         finally:
@@ -225,9 +213,7 @@ class Scheduler:
             for t in list(self._tasks):
                 t.cancel()
             await asyncio.gather(*self._tasks, return_exceptions=True)
-            if self._flush_handle is not None:  # answers of the last turn: their task ids go to disk too
-                self._flush_handle.cancel()
-                self._flush_answered()
+            self.submits.close()  # answers of the last turn: their task ids go to disk too
             self.downloads.close()  # and images already in place
             del workers
         if self._crash is not None:
@@ -346,7 +332,7 @@ class Scheduler:
             self._tracked[att.id] = t
             if att.task_id is None:
                 wait_s = max(0.0, req.not_before - now_wall) if honour_not_before else 0.0
-                self._resends.push(now_loop + wait_s, t.attempt_id)
+                self.submits.resends.push(now_loop + wait_s, t.attempt_id)
             else:
                 self._polls.push(now_loop, t.attempt_id)
         self.counters.in_flight = len(self._tracked)
@@ -366,58 +352,6 @@ class Scheduler:
         body["model"] = model
         return body
 
-    # --- submitting -------------------------------------------------------------------------------
-
-    async def _submitter(self) -> None:
-        assert self._loop is not None
-        loop = self._loop
-        cfg = self.cfg
-        while True:
-            # Cleared before looking, so a wake-up that arrives while we look is not lost.
-            self._wake.clear()
-            if self._halting is not None:
-                return
-            if cfg.hard_deadline is not None and loop.time() >= cfg.hard_deadline:
-                self.halt(StopReason.RUNTIME, "runtime limit reached; the rest is left for the next run")
-                return
-            if cfg.submit_deadline is not None and loop.time() >= cfg.submit_deadline:
-                self.drain(StopReason.RUNTIME, "the runtime limit is near: no new submissions; the rest is "
-                           "left for the next run")
-            if self._draining is not None:
-                if not self._tracked and self.downloads.pending == 0:
-                    return
-                await wait_for_event(self._wake, self._deadline_timeout())
-                continue
-            free = cfg.concurrency - len(self._tracked)
-            timeout: float | None = None
-            busy = bool(self._tracked) or self.downloads.pending > 0
-            if free > 0 and not (self._nothing_pending and busy):
-                if await self._claim(min(free, BATCH_MAX)):
-                    # Let the sends just started go out before claiming the next batch: at the start of a
-                    # run the claims of a whole --concurrency (20 batches of 50) held back the first submit.
-                    await asyncio.sleep(0)
-                    continue
-                nb = self.store.next_not_before()
-                if nb is None and not busy:
-                    if not self.store.unfinished_elsewhere():
-                        return  # nothing pending, nothing in flight: the job is finished
-                    # Other runners still hold work (shared store): stay to take it over if they die.
-                    nb = time.time() + self._take_over_interval()
-                # Nothing pending at all (one runner): until a request comes back (_on_requeued), each task
-                # that finishes wakes this loop for nothing; it need not ask the store again each time.
-                self._nothing_pending = nb is None and not self.store.shared
-                timeout = None if nb is None else max(0.0, nb - time.time())
-            await wait_for_event(self._wake, _min_opt(timeout, self._deadline_timeout()))
-
-    def _deadline_timeout(self) -> float | None:
-        assert self._loop is not None
-        now = self._loop.time()
-        ahead = [self.cfg.hard_deadline]
-        if self._draining is None:
-            ahead.append(self.cfg.submit_deadline)
-        outs = [d - now for d in ahead if d is not None]
-        return max(0.0, min(outs)) if outs else None
-
     # --- the rule for failed calls (errors.decide; engine/health.py) ------------------------------
 
     def call_failed(self, error: ApiError, tries: int, health: CallHealth | None = None) -> float:
@@ -435,223 +369,8 @@ class Scheduler:
         # Never sleep past the patience: the call after it decides whether the run stops.
         return min(delay, max(0.05 * self.cfg.time_scale, health.patience_left_s(now)))
 
-    async def _claim(self, limit: int) -> int:
-        """Claim up to `limit` due requests: budget check, body, attempt rows committed, submits started."""
-        rows = self.store.next_due(limit)
-        if not rows:
-            return 0
-        new: list[NewAttempt] = []
-        prepared: list[tuple[RequestRecord, dict[str, Any], float]] = []
-        cap = self.cfg.max_credits
-        c = self.counters
-        pending_reserve = 0.0
-        keys: list[PooledKey | None] = []
-        for req in rows:
-            est = _estimate(req.model, req.n)
-            if cap is not None and c.credits_reserved + c.credits_used + pending_reserve + est > cap + 1e-9:
-                self.drain(StopReason.BUDGET, f"the credit cap of {cap:g} would be passed (spent "
-                           f"{c.credits_used:g}, reserved {c.credits_reserved + pending_reserve:g}, next request "
-                           f"about {est:g}); raise --max-credits to continue")
-                break
-            key = self.keys.assign(est, self._loop.time() if self._loop else 0.0)
-            if self.pool is not None and key is None:
-                break
-            try:
-                body, rewritten = await self._prepare(req, key)
-            except ApiError as error:
-                if self.pool is not None:
-                    self.pool.refund(key, est)
-                if key is not None and self.keys.several and error.status in (401, 402):
-                    self.keys.refused(key, error)  # uploads refused by this key: the request waits for another
-                    self.store.defer(req.key, time.time(), code_of(error), error.message)
-                    continue
-                self._defer_unsent(req, error)
-                continue
-            except LocalFaultError:
-                raise
-            except UploadWaitError as wait:
-                # The file quota is full of our own files that requests in progress hold: try again later.
-                if self.pool is not None:
-                    self.pool.refund(key, est)
-                self.store.defer(req.key, time.time() + wait.delay_s, wait.code, str(wait))
-                continue
-            except BatchgenError as error:
-                if self.pool is not None:
-                    self.pool.refund(key, est)
-                self.store.fail(req.key, "upload_failed", str(error))
-                self.on_failed(req.key, "upload_failed", str(error))
-                continue
-            if rewritten:
-                self.api_health.ok()  # the Files API answered
-            if self._halting is not None:
-                break
-            # The body is kept only when uploads rewrote it: a resend must carry exactly the same body.
-            new.append(NewAttempt(req.key, req.attempt_no + 1, req.model, est, body if rewritten else None,
-                                  key_fp=key.fingerprint if key else None,
-                                  scoped=self.pool is not None and not self.pool.single))
-            prepared.append((req, body, est))
-            keys.append(key)
-            pending_reserve += est
-        if not new:
-            return 0
-        ids = self.store.start_attempts(new)
-        loop_now = self._loop.time() if self._loop else 0.0
-        for attempt_id, (req, body, est), na, key in zip(ids, prepared, new, keys, strict=True):
-            t = Tracked(req=req, attempt_id=attempt_id, attempt_no=na.attempt_no, attempts=req.attempts + 1,
-                         idempotency_key=self.store.idempotency_key(
-                             na.request_key, na.attempt_no, (na.key_fp or "") if na.scoped else ""),
-                         model=na.model, body=body, est_credits=est, reserved=est, since=loop_now,
-                         submitted_wall=time.time(), key=key)
-            self._tracked[attempt_id] = t
-            c.credits_reserved += est
-            self._spawn(self._send(t), name="call")
-        c.in_flight = len(self._tracked)
-        return len(new)
-
-    async def _prepare(self, req: RequestRecord, key: PooledKey | None = None) -> tuple[dict[str, Any], bool]:
-        request = GenerationRequest.model_validate(req.params)
-        if request.model != req.model:
-            request = request.model_copy(update={"model": req.model})
-        if request.local_paths():
-            # Files belong to an account: a key's tasks reference only its own uploads.
-            prepare = key.uploader.prepare_body if key is not None and key.uploader is not None else self.prepare_body
-            if prepare is None:
-                raise BatchgenError("this request has local reference files and no upload step is available")
-            return await prepare(req, request), True
-        return request.api_body(), False
-
-    def _defer_unsent(self, req: RequestRecord, error: ApiError) -> None:
-        """Preparing the body (uploads) failed before anything was submitted.
-
-        Nothing was charged, so these failures have their own count (per request, this run) instead of
-        using up the request's submissions: a flaky Files API on a request's last attempt waits and tries
-        again rather than failing it, and repeated failures back off and finally give up."""
-        if is_transient(error):  # a failed call, not a refusal: nothing about this request
-            tries = self._prepare_failures.get(req.key, 0) + 1
-            self._prepare_failures[req.key] = tries
-            delay = self.call_failed(error, tries)
-            self.store.defer(req.key, time.time() + delay, code_of(error), error.message)
-            return
-        tries = self._prepare_failures.get(req.key, 0) + 1
-        self._prepare_failures[req.key] = tries
-        d = decide(error, tries, max(self.cfg.max_attempts, PREPARE_MAX_TRIES), self.rng, self.cfg.time_scale)
-        code, message = code_of(error), error.message
-        if d.action is Action.STOP:
-            self.halt(StopReason.AUTH, f"{error}: {d.why}")
-        elif d.action is Action.RETRY:
-            self.store.defer(req.key, time.time() + d.delay_s, code, message)
-        else:
-            self.store.fail(req.key, code, message)
-            self.on_failed(req.key, code, message)
-
     def _halting_now(self) -> bool:
         return self._halting is not None
-
-    async def _sender(self) -> None:
-        """Sends again, with the same idempotency key, attempts whose submit got no answer."""
-        assert self._loop is not None
-        resends = self._resends
-        while await resends.until_due(self._loop.time, self._halting_now):
-            _, _, attempt_id = resends.pop()
-            t = self._tracked.get(attempt_id)
-            if t is not None and t.task_id is None:
-                self._spawn(self._send(t), name="call")
-
-    async def _send(self, t: Tracked) -> None:
-        try:
-            snap = await self.client_for(t).submit(t.body, idempotency_key=t.idempotency_key)
-        except ApiError as error:
-            self._submit_failed(t, error)
-            return
-        self.api_health.ok()
-        # Committed with the other answers of this loop turn, in one transaction; nothing waits on the id
-        # (poll, outcome) until that commit is done.
-        self._answered.append((t, snap))
-        if self._flush_handle is None:
-            assert self._loop is not None
-            self._flush_handle = self._loop.call_soon(self._flush_answered)
-
-    def _flush_answered(self) -> None:
-        """Commit the task ids answered since the last flush, then start watching them."""
-        self._flush_handle = None
-        batch, self._answered = self._answered, []
-        if not batch:
-            return
-        try:
-            self.store.record_tasks([(t.attempt_id, snap.id, snap.credits_reserved, snap.replayed)
-                                     for t, snap in batch])
-        except LocalFaultError as error:
-            # Not committed: the attempts stay `sending` on disk, and the next run resends them with the same
-            # idempotency key, which gets these very tasks back.
-            self.local_fault(error)
-            return
-        except BaseException as error:  # a bug: stop, do not lose it in the loop's exception handler
-            self.halt(StopReason.SIGNAL, f"internal error: {error!r}")
-            self._crash = error
-            return
-        for t, snap in batch:
-            self._accepted(t, snap)
-
-    def _accepted(self, t: Tracked, snap: TaskSnapshot) -> None:
-        """The task id is on disk: count it, and put the task in the poll schedule (or apply its final answer)."""
-        assert self._loop is not None
-        reserved = snap.credits_reserved if snap.credits_reserved is not None else t.est_credits
-        t.task_id = snap.id
-        # max_wait bounds how long a task is polled: it starts now, not when the submit was first tried (a
-        # submit that met 429s or 5xx before it was accepted has not used up its task's polling time).
-        t.since = self._loop.time()
-        self.counters.credits_reserved += reserved - t.reserved
-        t.reserved = reserved
-        self.counters.submitted += 1
-        if snap.replayed:
-            self.counters.replayed += 1
-        self.emit("submitted", {"key": t.req.key, "attempt": t.attempt_no, "model": t.model, "task_id": snap.id,
-                                "replayed": snap.replayed})
-        if snap.final:
-            self._apply([(t, snap)])
-        else:
-            self._schedule_poll(t, snap, first=True)
-        self._check()
-
-    def _submit_failed(self, t: Tracked, error: ApiError) -> None:
-        """A submit call failed. Transient (429, 5xx, timeout, drop): the same attempt is sent again with the
-        same key, however often, never charged to max_attempts. Otherwise it is the API's verdict."""
-        assert self._loop is not None
-        code, message = code_of(error), error.message
-        if is_transient(error):
-            t.submit_tries += 1
-            if error.status != 429 and not isinstance(error, ConnectError):
-                t.unanswered = True  # the task may exist: with several keys, only this key may send it again
-            delay = self.call_failed(error, t.submit_tries)
-            # Same attempt, same key: if the server did create the task, the resend gets it back.
-            self.store.retry_submit(t.attempt_id, t.req.key, time.time() + delay, code, message)
-            self._resends.push(self._loop.time() + delay, t.attempt_id)
-            return
-        self.api_health.ok()  # the API answered, and said no to this request
-        d = decide(error, 1, self.cfg.max_attempts, self.rng, self.cfg.time_scale)
-        if d.action is Action.STOP and t.key is not None and self.keys.several:
-            # Refused by this key's account: no task was created unless an earlier send of this attempt may
-            # have got through unanswered; then only this key may send it again (its idempotency scope).
-            self.keys.refused(t.key, error)
-            self.finish_tracking(t)
-            if self.pool is not None:
-                self.pool.refund(t.key, t.est_credits)
-            if t.unanswered or t.resumed:
-                self.keys.leave_open(t.req.key, t.key.name)
-                return
-            self.store.record_outcomes([Outcome(t.attempt_id, t.req.key, "requeue", error_code=code,
-                                                error_message=message, not_before=time.time(),
-                                                consume_attempt=False)])
-            self.on_requeued(t.req.key, code, 0.0, None)
-            return
-        if d.action is Action.STOP:
-            # Left as `sending`: the next run sends it again with the same key once the cause is fixed.
-            self.halt(StopReason.AUTH, f"{error}: {d.why}")
-            return
-        self.finish_tracking(t)
-        self.store.record_outcomes([Outcome(t.attempt_id, t.req.key, "failed", error_code=code,
-                                            error_message=message)])
-        self.on_failed(t.req.key, code, message)
 
     # --- polling ----------------------------------------------------------------------------------
 
@@ -840,7 +559,7 @@ class Scheduler:
         then()
 
     def on_requeued(self, key: str, code: str, delay_s: float, model: str | None) -> None:
-        self._nothing_pending = False
+        self.submits.nothing_pending = False
         self.counters.requeued += 1
         fields: dict[str, Any] = {"key": key, "code": code, "retry_in_s": round(delay_s, 3)}
         if model:
@@ -861,17 +580,3 @@ class Scheduler:
 
 def rule_why(error: ApiError) -> str:
     return rule_for(error).why
-
-
-def _estimate(model: str, n: int) -> float:
-    info = catalog.get(model)
-    return info.credits_for(n) if info else 0.0
-
-
-
-def _min_opt(a: float | None, b: float | None) -> float | None:
-    if a is None:
-        return b
-    if b is None:
-        return a
-    return min(a, b)
