@@ -657,6 +657,25 @@ def test_a_bad_default_is_reported_once_at_its_line(tmp_path: Path) -> None:
     assert "4" in problem.message
 
 
+def test_a_bad_default_does_not_hide_the_settings_problems(tmp_path: Path) -> None:
+    # The items are not expanded (each would repeat the bad default), but the settings are independent of
+    # them: an unknown key, a bad rate, a bad output template and a bad duration come in the same pass.
+    path = write(tmp_path / "j.yaml", 'prompt: "{thing}"\nitems:\n  - {id: a, thing: cat}\n'
+                 "defaults:\n  n: 9\n"                       # line 5
+                 "colour: red\n"                              # line 6
+                 "run:\n  rate: fast\n  max_wait: soon\n"   # lines 8, 9
+                 "output:\n  filename: '../{id}'\n")         # line 11
+    found = [(p.location, p.field) for p in problems_of(path)]
+    assert sorted(found) == [("line 11", "output.filename"), ("line 5", "defaults.n"), ("line 6", "colour"),
+                             ("line 8", "run.rate"), ("line 9", "run.max_wait")], found
+
+
+def test_a_bad_items_value_reports_no_echo_of_having_no_items(tmp_path: Path) -> None:
+    path = write(tmp_path / "j.yaml", 'prompt: "x"\nitems: 5\nrun:\n  rate: fast\n')
+    found = [(p.location, p.field) for p in problems_of(path)]
+    assert found == [("line 2", "items"), ("line 4", "run.rate")], found
+
+
 # --- every problem of an item, not only its first -----------------------------------------------------
 
 

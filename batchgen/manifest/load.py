@@ -566,28 +566,32 @@ class _Parsed:
     problems: list[Problem] = field(default_factory=list)  # settings problems found with keep_going
 
 
-def _validate_schema(data: dict[str, Any], file: str, root: yaml.Node | None, problems: Problems,
-                     keep_going: bool) -> ManifestSchema:
-    """Validate the YAML against the schema, recording every error.
+def _is_setting_error(e: Any) -> bool:
+    """A schema error that cannot change what the items expand to: an unknown key anywhere, a bad `name`,
+    `run` or `output` value."""
+    return e["type"] == "extra_forbidden" or bool(e["loc"] and e["loc"][0] in ("name", "run", "output"))
 
-    With `keep_going`, keys that cannot change what the items expand to (unknown keys anywhere, bad
-    `name`, `run` or `output` values) are reported, dropped and validation repeated, so the user sees
-    those problems together with the items' own problems in one pass. A bad `defaults`, `prompt`,
-    `items` or `matrix` value would make every item's report a cascade of the same mistake: that stops
-    here, with everything found so far.
+
+def _validate_schema(data: dict[str, Any], file: str, root: yaml.Node | None,
+                     problems: Problems) -> tuple[ManifestSchema, bool]:
+    """Validate the YAML against the schema, recording every error; returns the schema of what is left and
+    whether the items must not be expanded.
+
+    Every erroneous key is reported, dropped and validation repeated, so the settings' problems (and the
+    checks the caller makes on them) come in the same pass as the rest. A bad `defaults`, `prompt`, `items`
+    or `matrix` value would make every item's report a cascade of the same mistake, so then the items are
+    not expanded (True), and after it only settings errors are recorded: with such a value dropped, an
+    error about the rest (no items left, say) would only echo it.
     """
+    cascade = False
     for _ in range(10):
         try:
-            return ManifestSchema.model_validate(data)
+            return ManifestSchema.model_validate(data), cascade
         except ValidationError as error:
-            pydantic_problems(error, file, root, problems)
-            droppable = keep_going and all(
-                e["type"] == "extra_forbidden" or (e["loc"] and e["loc"][0] in ("name", "run", "output"))
-                for e in error.errors()
-            )
-            if not droppable:
-                problems.raise_if_any()
-                raise  # unreachable: a ValidationError always has errors
+            pydantic_problems(error, file, root, problems, only=_is_setting_error if cascade else None)
+            cascade = cascade or not all(_is_setting_error(e) for e in error.errors())
+            if not all(e["loc"] for e in error.errors()):
+                problems.raise_if_any()  # an error of the whole manifest (items and items_csv, say): no key to drop
             data = copy.deepcopy(data)
             for e in error.errors():
                 _drop(data, tuple(e["loc"]))
@@ -620,7 +624,7 @@ def _parse_yaml_manifest(path: Path, keep_going: bool = False) -> _Parsed:
     if not isinstance(data, dict):
         raise ManifestError([Problem(file, at(node_line(root, ())), None, "the manifest must be a mapping of "
                                      "keys (name, defaults, prompt, items or items_csv, matrix, output, run)")])
-    schema = _validate_schema(data, file, root, problems, keep_going)
+    schema, cascade = _validate_schema(data, file, root, problems)
     name = schema.name if schema.name is not None else path.stem
     if not _NAME_RE.match(name):
         problems.add(file, at(node_line(root, ("name",))), "name", f'"{name}" is not a usable job name; use '
@@ -645,7 +649,7 @@ def _parse_yaml_manifest(path: Path, keep_going: bool = False) -> _Parsed:
     except ValueError as error:
         problems.add(file, at(node_line(root, ("output", "filename"))), "output.filename", str(error))
         problems.raise_if_any()  # every row's names would repeat this mistake
-    if not keep_going:
+    if cascade or not keep_going:
         problems.raise_if_any()
     job = JobSpec(name=name, manifest_path=path.absolute(), output=schema.output, run=run,
                   quality=schema.quality)

@@ -8,6 +8,7 @@ manifest (its keys, its values), not those of the models underneath; past the ca
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, ValidationError
@@ -47,11 +48,13 @@ class Problems:
 
 
 def pydantic_problems(error: ValidationError, file: str, root: yaml.Node | None, problems: Problems,
-                      prefix: tuple[Any, ...] = ()) -> None:
+                      prefix: tuple[Any, ...] = (), only: Callable[[Any], bool] | None = None) -> None:
+    """Record the errors of `error` (those `only` accepts, if given) as problems, in file order."""
     def line_of(err: Any) -> int:
         return node_line(root, prefix + tuple(err["loc"])) or 0
 
-    for err in sorted(error.errors(), key=line_of):  # in file order, as the user reads them
+    errors = [e for e in error.errors() if only is None or only(e)]
+    for err in sorted(errors, key=line_of):  # in file order, as the user reads them
         loc = prefix + tuple(err["loc"])
         dotted = ".".join(str(x) for x in loc) or None
         if err["type"] == "extra_forbidden":
