@@ -14,9 +14,15 @@ import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-from batchgen.models import State
-from batchgen.store.records import RequestRecord, ReviewRecord, ReviewRefusedError, SetAsideRecord
-from batchgen.store.reviews import ReviewLedger
+from batchgen.store.records import RequestRecord, ReviewRecord, SetAsideRecord
+from batchgen.store.reviews import (
+    ReviewLedger,
+    by_request,
+    checked_reason,
+    count_images,
+    current_image,
+    same_again,
+)
 
 if TYPE_CHECKING:
     import psycopg
@@ -63,29 +69,22 @@ class PostgresReviews(ReviewLedger):
             return {(r[0], r[1], r[2]): ReviewRecord(*r) for r in cur.fetchall()}
 
     def decide(self, request_key: str, idx: int, sha256: str, decision: str, reason: str | None) -> ReviewRecord:
-        if decision not in ("approve", "reject"):
-            raise ReviewRefusedError(f'decision must be "approve" or "reject", not "{decision}"')
-        reason = (reason or "").strip() or None
+        reason = checked_reason(decision, reason)
         with self.store._tx() as cur:
             row = cur.execute("SELECT i.sha256, i.attempt_id, r.state FROM images i JOIN requests r ON "
                               "r.job_id = i.job_id AND r.key = i.request_key WHERE i.job_id=%s AND i.request_key=%s "
                               "AND i.idx=%s FOR UPDATE OF r", (self.store.job_id, request_key, idx)).fetchone()
-            if row is None or row[0] != sha256:
-                raise ReviewRefusedError("this image has been replaced by a newer one (regenerated); reload the "
-                                         "page to review the current image", superseded=True)
-            if row[2] != State.DONE.value:
-                raise ReviewRefusedError(f"this request is {row[2]}: it is being generated again; reload the page "
-                                         "once the run has finished", superseded=True)
+            image = current_image(row, sha256)
             last = cur.execute("SELECT request_key, idx, sha256, attempt_id, decision, reason, decided_at, acted_at "
                                "FROM reviews WHERE job_id=%s AND request_key=%s AND idx=%s AND sha256=%s "
                                "ORDER BY id DESC LIMIT 1", (self.store.job_id, request_key, idx, sha256)).fetchone()
-            if last is not None and last[4] == decision and (reason is None or last[5] == reason):
+            if last is not None and same_again(last, decision, reason):
                 return ReviewRecord(*last)
             now = time.time()
             cur.execute("INSERT INTO reviews (job_id, request_key, idx, sha256, attempt_id, decision, reason, "
                         "decided_at) VALUES (%s,%s,%s,%s,%s,%s,%s,%s)",
-                        (self.store.job_id, request_key, idx, sha256, row[1], decision, reason, now))
-            return ReviewRecord(request_key, idx, sha256, row[1], decision, reason, now, None)
+                        (self.store.job_id, request_key, idx, sha256, image[1], decision, reason, now))
+            return ReviewRecord(request_key, idx, sha256, image[1], decision, reason, now, None)
 
     def open_rejects(self) -> list[tuple[RequestRecord, list[ReviewRecord]]]:
         with self.store._tx(write=False) as cur:
@@ -96,15 +95,7 @@ class PostgresReviews(ReviewLedger):
                 "r.key = v.request_key AND r.state = 'done' WHERE v.job_id = %(job)s AND v.acted_at IS NULL AND "
                 f"v.decision = 'reject' AND v.{self._LATEST} ORDER BY r.seq, v.idx", self.store._a())  # type: ignore[arg-type]
             rows = cur.fetchall()
-        by_key: dict[str, list[ReviewRecord]] = {}
-        for row in rows:
-            by_key.setdefault(row[0], []).append(ReviewRecord(*row))
-        out = []
-        for key, reviews in by_key.items():
-            req = self.store.get_request(key)
-            if req is not None:
-                out.append((req, reviews))
-        return out
+        return by_request(rows, self.store.get_request)
 
     def requeue_rejected(self, request_key: str, asides: Sequence[SetAsideRecord], reason: str) -> None:
         now = time.time()
@@ -118,12 +109,9 @@ class PostgresReviews(ReviewLedger):
 
     def counts(self) -> dict[str, int]:
         latest = self.latest()
-        out = {"approved": 0, "rejected": 0, "unreviewed": 0}
         with self.store._tx(write=False) as cur:
             cur.execute("SELECT request_key, idx, sha256 FROM images WHERE job_id = %s", (self.store.job_id,))
-            for key, idx, sha in cur.fetchall():
-                rv = latest.get((key, idx, sha))
-                out["approved" if rv and rv.decision == "approve" else "rejected" if rv else "unreviewed"] += 1
+            out = count_images(cur.fetchall(), latest)
         out["regenerating"] = int(self.store._one(
             "SELECT COUNT(DISTINCT request_key) FROM set_aside WHERE job_id = %(job)s AND why='review' AND "
             "request_key IN (SELECT key FROM requests WHERE job_id = %(job)s AND state IN "

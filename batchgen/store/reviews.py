@@ -17,9 +17,64 @@ their store's own requeue and fail helpers rather than keeping a second copy of 
 from __future__ import annotations
 
 import abc
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
 
-from batchgen.store.records import RequestRecord, ReviewRecord, SetAsideRecord
+from batchgen.models import State
+from batchgen.store.records import RequestRecord, ReviewRecord, ReviewRefusedError, SetAsideRecord
+
+DECISIONS = ("approve", "reject")
+
+# The rules of a decision, the same on every backend (each reads the rows its own way).
+
+
+def checked_reason(decision: str, reason: str | None) -> str | None:
+    """The reason to record with `decision` (trimmed; empty is None); ReviewRefusedError for a decision
+    that is neither approve nor reject."""
+    if decision not in DECISIONS:
+        raise ReviewRefusedError(f'decision must be "approve" or "reject", not "{decision}"')
+    return (reason or "").strip() or None
+
+
+def current_image(image: Sequence[Any] | None, sha256: str) -> Sequence[Any]:
+    """`image` is (sha256, attempt id, request state) of the image now at that place, or None; returned when
+    a decision may be taken on it. A decision is only taken on the image a person saw, while its request is
+    done: otherwise ReviewRefusedError (the page is stale)."""
+    if image is None or image[0] != sha256:
+        raise ReviewRefusedError("this image has been replaced by a newer one (regenerated); reload the "
+                                 "page to review the current image", superseded=True)
+    if image[2] != State.DONE.value:
+        raise ReviewRefusedError(f"this request is {image[2]}: it is being generated again; reload the page "
+                                 "once the run has finished", superseded=True)
+    return image
+
+
+def same_again(last: Sequence[Any], decision: str, reason: str | None) -> bool:
+    """Whether the latest decision row (as ReviewRecord's fields) already says this: nothing to record."""
+    return bool(last[4] == decision and (reason is None or last[5] == reason))
+
+
+def by_request(rows: Iterable[Sequence[Any]],
+               get_request: Callable[[str], RequestRecord | None]) -> list[tuple[RequestRecord, list[ReviewRecord]]]:
+    """Decision rows (ReviewRecord's fields, in order) grouped by request, with the request."""
+    groups: dict[str, list[ReviewRecord]] = {}
+    for row in rows:
+        groups.setdefault(row[0], []).append(ReviewRecord(*row))
+    out = []
+    for key, reviews in groups.items():
+        req = get_request(key)
+        if req is not None:
+            out.append((req, reviews))
+    return out
+
+
+def count_images(images: Iterable[Sequence[Any]], latest: dict[tuple[str, int, str], ReviewRecord]) -> dict[str, int]:
+    """The images (request key, idx, sha256) of the results by review state."""
+    out = {"approved": 0, "rejected": 0, "unreviewed": 0}
+    for key, idx, sha in images:
+        rv = latest.get((key, idx, sha))
+        out["approved" if rv and rv.decision == "approve" else "rejected" if rv else "unreviewed"] += 1
+    return out
 
 
 class ReviewLedger(abc.ABC):

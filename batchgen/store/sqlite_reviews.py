@@ -13,9 +13,15 @@ import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
-from batchgen.models import State
-from batchgen.store.records import RequestRecord, ReviewRecord, ReviewRefusedError, SetAsideRecord
-from batchgen.store.reviews import ReviewLedger
+from batchgen.store.records import RequestRecord, ReviewRecord, SetAsideRecord
+from batchgen.store.reviews import (
+    ReviewLedger,
+    by_request,
+    checked_reason,
+    count_images,
+    current_image,
+    same_again,
+)
 
 if TYPE_CHECKING:
     from batchgen.store.sqlite import Store
@@ -65,27 +71,20 @@ class SqliteReviews(ReviewLedger):
         """A person's decision on one image. Deciding the same thing again changes nothing; a decision on
         an image that is no longer the request's (regenerated, or requeued for regeneration) is refused
         with ReviewRefusedError. A later decision on the same image replaces an earlier one."""
-        if decision not in ("approve", "reject"):
-            raise ReviewRefusedError(f'decision must be "approve" or "reject", not "{decision}"')
-        reason = (reason or "").strip() or None
+        reason = checked_reason(decision, reason)
         with self.store._tx() as c:
             row = c.execute("SELECT i.sha256, i.attempt_id, r.state FROM images i JOIN requests r ON "
                             "r.key = i.request_key WHERE i.request_key=? AND i.idx=?", (request_key, idx)).fetchone()
-            if row is None or row[0] != sha256:
-                raise ReviewRefusedError("this image has been replaced by a newer one (regenerated); reload the "
-                                         "page to review the current image", superseded=True)
-            if row[2] != State.DONE.value:
-                raise ReviewRefusedError(f"this request is {row[2]}: it is being generated again; reload the page "
-                                         "once the run has finished", superseded=True)
+            image = current_image(row, sha256)
             last = c.execute("SELECT request_key, idx, sha256, attempt_id, decision, reason, decided_at, acted_at "
                              "FROM reviews WHERE request_key=? AND idx=? AND sha256=? ORDER BY id DESC LIMIT 1",
                              (request_key, idx, sha256)).fetchone()
-            if last is not None and last[4] == decision and (reason is None or last[5] == reason):
-                return ReviewRecord(*last)  # the same decision again: nothing to change
+            if last is not None and same_again(last, decision, reason):
+                return ReviewRecord(*last)
             now = time.time()
             c.execute("INSERT INTO reviews (request_key, idx, sha256, attempt_id, decision, reason, decided_at) "
-                      "VALUES (?,?,?,?,?,?,?)", (request_key, idx, sha256, row[1], decision, reason, now))
-            return ReviewRecord(request_key, idx, sha256, row[1], decision, reason, now, None)
+                      "VALUES (?,?,?,?,?,?,?)", (request_key, idx, sha256, image[1], decision, reason, now))
+            return ReviewRecord(request_key, idx, sha256, image[1], decision, reason, now, None)
 
     def open_rejects(self) -> list[tuple[RequestRecord, list[ReviewRecord]]]:
         """Done requests with a current image whose latest decision is a reject not yet acted on, with
@@ -96,15 +95,7 @@ class SqliteReviews(ReviewLedger):
             "i.sha256 = v.sha256 JOIN requests r ON r.key = v.request_key AND r.state = 'done' "
             "WHERE v.acted_at IS NULL AND v.decision = 'reject' AND v.id IN "
             "(SELECT MAX(id) FROM reviews GROUP BY request_key, idx, sha256) ORDER BY r.rowid, v.idx")
-        by_key: dict[str, list[ReviewRecord]] = {}
-        for row in cur.fetchall():
-            by_key.setdefault(row[0], []).append(ReviewRecord(*row))
-        out = []
-        for key, reviews in by_key.items():
-            req = self.store.get_request(key)
-            if req is not None:
-                out.append((req, reviews))
-        return out
+        return by_request(cur.fetchall(), self.store.get_request)
 
     def requeue_rejected(self, request_key: str, asides: Sequence[SetAsideRecord], reason: str) -> None:
         """A person rejected images of this done request: its images (files already moved under _rejected/)
@@ -120,11 +111,7 @@ class SqliteReviews(ReviewLedger):
 
     def counts(self) -> dict[str, int]:
         """Images of the results by review state, plus rejects being regenerated and images set aside."""
-        latest = self.latest()
-        out = {"approved": 0, "rejected": 0, "unreviewed": 0}
-        for key, idx, sha in self.store.conn.execute("SELECT request_key, idx, sha256 FROM images"):
-            rv = latest.get((key, idx, sha))
-            out["approved" if rv and rv.decision == "approve" else "rejected" if rv else "unreviewed"] += 1
+        out = count_images(self.store.conn.execute("SELECT request_key, idx, sha256 FROM images"), self.latest())
         out["regenerating"] = int(self.store.conn.execute(
             "SELECT COUNT(DISTINCT request_key) FROM set_aside WHERE why='review' AND request_key IN "
             "(SELECT key FROM requests WHERE state IN ('pending', 'submitted', 'completed'))").fetchone()[0])
