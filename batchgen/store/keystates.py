@@ -9,7 +9,24 @@ postgres_keystates.py), instead of two more methods on a store that already does
 from __future__ import annotations
 
 import abc
+from collections.abc import Iterable, Sequence
 from typing import Any
+
+
+def merged_usage(attempts: Iterable[Sequence[Any]], keys: Iterable[Sequence[Any]]) -> list[dict[str, Any]]:
+    """`usage()`'s rows from the two reads every backend makes: per key fingerprint, its attempts (fingerprint,
+    count, credits used, credits reserved in flight, open attempts) and its recorded state (fingerprint,
+    label, state, reason, balance; in display order). Fingerprints seen only on attempts come last, as
+    "unknown"."""
+    usage = {fp: {"requests": int(n), "credits_used": float(used or 0.0), "credits_reserved": float(res or 0.0),
+                  "open": int(open_ or 0)} for fp, n, used, res, open_ in attempts}
+    out = []
+    for fp, label, state, reason, balance in keys:
+        u = usage.pop(fp, {"requests": 0, "credits_used": 0.0, "credits_reserved": 0.0, "open": 0})
+        out.append({"fingerprint": fp, "label": label, "state": state, "reason": reason, "balance": balance, **u})
+    for fp, u in sorted(usage.items()):
+        out.append({"fingerprint": fp, "label": None, "state": "unknown", "reason": None, "balance": None, **u})
+    return out
 
 
 class KeyStates(abc.ABC):

@@ -10,7 +10,7 @@ from __future__ import annotations
 import time
 from typing import TYPE_CHECKING, Any
 
-from batchgen.store.keystates import KeyStates
+from batchgen.store.keystates import KeyStates, merged_usage
 
 if TYPE_CHECKING:
     from batchgen.store.postgres import PostgresStore
@@ -39,15 +39,8 @@ class PostgresKeyStates(KeyStates):
                 "THEN COALESCE(credits_reserved, credits_estimated, 0) END), "
                 "SUM(CASE WHEN state IN ('sending', 'running') THEN 1 ELSE 0 END) FROM attempts "
                 "WHERE job_id = %s AND key_fp IS NOT NULL GROUP BY key_fp", (self.store.job_id,))
-            usage = {fp: {"requests": int(n), "credits_used": float(used or 0.0), "credits_reserved": float(res or 0.0),
-                          "open": int(open_ or 0)} for fp, n, used, res, open_ in cur.fetchall()}
+            attempts = cur.fetchall()
             cur.execute("SELECT fingerprint, label, state, reason, balance FROM keys WHERE job_id = %s "
                         "ORDER BY COALESCE(label, fingerprint)", (self.store.job_id,))
             keys = cur.fetchall()
-        out = []
-        for fp, label, state, reason, balance in keys:
-            u = usage.pop(fp, {"requests": 0, "credits_used": 0.0, "credits_reserved": 0.0, "open": 0})
-            out.append({"fingerprint": fp, "label": label, "state": state, "reason": reason, "balance": balance, **u})
-        for fp, u in sorted(usage.items()):
-            out.append({"fingerprint": fp, "label": None, "state": "unknown", "reason": None, "balance": None, **u})
-        return out
+        return merged_usage(attempts, keys)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import time
 from typing import TYPE_CHECKING, Any
 
-from batchgen.store.keystates import KeyStates
+from batchgen.store.keystates import KeyStates, merged_usage
 
 if TYPE_CHECKING:
     from batchgen.store.sqlite import Store
@@ -36,16 +36,11 @@ class SqliteKeyStates(KeyStates):
         """Per key fingerprint: label, state, reason, balance, requests (attempts sent with it), credits (used
         by its finished tasks and reserved by those in flight), open (attempts still in flight). Keys seen on
         attempts but never recorded (a store from before m006 has none) appear with state "unknown"."""
-        usage = {fp: {"requests": n, "credits_used": used or 0.0, "credits_reserved": res or 0.0, "open": open_}
-                 for fp, n, used, res, open_ in self.store.conn.execute(
-                     "SELECT key_fp, COUNT(*), SUM(credits_used), SUM(CASE WHEN state IN ('sending', 'running') "
-                     "THEN COALESCE(credits_reserved, credits_estimated, 0) END), "
-                     "SUM(state IN ('sending', 'running')) FROM attempts WHERE key_fp IS NOT NULL GROUP BY key_fp")}
-        out = []
-        for fp, label, state, reason, balance in self.store.conn.execute(
-                "SELECT fingerprint, label, state, reason, balance FROM keys ORDER BY COALESCE(label, fingerprint)"):
-            u = usage.pop(fp, {"requests": 0, "credits_used": 0.0, "credits_reserved": 0.0, "open": 0})
-            out.append({"fingerprint": fp, "label": label, "state": state, "reason": reason, "balance": balance, **u})
-        for fp, u in sorted(usage.items()):
-            out.append({"fingerprint": fp, "label": None, "state": "unknown", "reason": None, "balance": None, **u})
-        return out
+        conn = self.store.conn
+        return merged_usage(
+            conn.execute("SELECT key_fp, COUNT(*), SUM(credits_used), SUM(CASE WHEN state IN ('sending', 'running') "
+                         "THEN COALESCE(credits_reserved, credits_estimated, 0) END), "
+                         "SUM(state IN ('sending', 'running')) FROM attempts WHERE key_fp IS NOT NULL "
+                         "GROUP BY key_fp").fetchall(),
+            conn.execute("SELECT fingerprint, label, state, reason, balance FROM keys "
+                         "ORDER BY COALESCE(label, fingerprint)").fetchall())
