@@ -1,4 +1,4 @@
-"""Every PostgreSQL read and write batchgen makes: many jobs in one database, many runners on one job.
+"""The PostgreSQL store: many jobs in one database, many runners on one job (with its ledgers, all its SQL).
 
 Why a server: a job outgrows one host (the nightly catalogue must survive its host; a backfill runs on
 several hosts; several people read one job's status from their own machines). PostgreSQL already does

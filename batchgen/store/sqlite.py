@@ -1,4 +1,4 @@
-"""Every SQLite read and write batchgen makes: the run state of one job, in one file.
+"""The SQLite store: the run state of one job, in one file (with its ledgers, every SQLite statement).
 
 Why a database: a job of 40,000 images dies sometimes (a laptop closes, cron kills it, the key runs out).
 Everything needed to pick up where it stopped — which requests exist, which task ids the API handed back,
