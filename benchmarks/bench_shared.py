@@ -31,7 +31,7 @@ def _store_rates(db: str | Path, job: str, manifest: Path, n: int) -> tuple[floa
     from batchgen.store.records import NewAttempt
 
     with open_store(db, job, create=True) as store:
-        store.lock()
+        store.runners.lock()
         store.sync(open_manifest(manifest))
         started = time.perf_counter()
         ids: list[int] = []

@@ -107,7 +107,7 @@ async def test_second_run_on_a_locked_database_names_the_holder(tmp_path: Path,
     emu = await emulator_factory()
     manifest = write_job(tmp_path, prompts(3))
     with Store(db_of(manifest)) as holder:
-        holder.lock()
+        holder.runners.lock()
         with pytest.raises(StoreLockedError) as info:
             await run(manifest, emu.base_url)
         assert info.value.exit_code == 3 and "pid" in str(info.value)

@@ -60,7 +60,7 @@ def test_status_shows_the_live_runners(tmp_path: Path, pg_url: str) -> None:
     manifest = write_job(tmp_path, prompts(3), name="nightly")
     assert CliRunner().invoke(main, ["run", str(manifest), "--emulator", "--db", pg_url]).exit_code == 0
     with open_store(pg_url, "nightly") as runner:
-        runner.lock()  # a runner working on the job right now
+        runner.runners.lock()  # a runner working on the job right now
         result = CliRunner().invoke(main, ["status", "--db", pg_url])
         data = json.loads(CliRunner().invoke(main, ["status", "--db", pg_url, "--json"]).output)
     assert result.exit_code == 0, result.output
@@ -115,7 +115,7 @@ async def test_max_credits_holds_for_the_job_as_a_whole(tmp_path: Path, pg_url: 
         from batchgen.manifest.load import open_manifest
 
         other.sync(open_manifest(manifest))
-        other.lock()  # another live runner holds four tasks in flight: 2 credits reserved
+        other.runners.lock()  # another live runner holds four tasks in flight: 2 credits reserved
         due = other.next_due(4)
         other.start_attempts([NewAttempt(r.key, 1, r.model, 0.5) for r in due])
         assert await run(manifest, emu.base_url, db_url=pg_url, max_credits=3.2) == 3
@@ -133,7 +133,7 @@ async def test_max_runtime_counts_from_the_jobs_first_live_runner(tmp_path: Path
     emu = await emulator_factory()
     manifest = write_job(tmp_path, prompts(5), name="timed")
     with open_store(pg_url, "timed", create=True) as other:
-        other.lock()  # a runner that has been at it for an hour already
+        other.runners.lock()  # a runner that has been at it for an hour already
         with psycopg.connect(pg_url, autocommit=True) as conn:
             conn.execute("UPDATE jobs SET group_started_at = group_started_at - 3600")
         assert await run(manifest, emu.base_url, db_url=pg_url, max_runtime_s=600.0) == 3

@@ -213,12 +213,12 @@ def test_submit_retry_keeps_attempt_and_budget(tmp_path: Path, open_db: OpenDb) 
 def test_lock_names_holder_and_is_released(tmp_path: Path) -> None:
     path = tmp_path / "s.db"
     with Store(path) as a, Store(path) as b:
-        a.lock()
+        a.runners.lock()
         with pytest.raises(StoreLockedError) as info:
-            b.lock()
+            b.runners.lock()
         assert "pid" in str(info.value) and "in use" in str(info.value)
-        a.unlock()
-        b.lock()
+        a.runners.unlock()
+        b.runners.lock()
 
 
 def test_readers_see_commits_while_a_writer_is_open(tmp_path: Path) -> None:

@@ -16,6 +16,7 @@ from batchgen.errors import ConfigError, StoreUnavailableError
 from batchgen.models import State
 from batchgen.store.open import open_store
 from batchgen.store.postgres import MIGRATIONS, PostgresStore
+from batchgen.store.postgres_runners import PostgresRunners
 from batchgen.store.records import NewAttempt
 from batchgen.store.scrub import scrub_url
 from tests.pg_fixtures import PG_PASSWORD, PgServer
@@ -30,9 +31,11 @@ def pg(url: str, job: str = "t", lease_s: float = 5.0) -> PostgresStore:
 
 def kill(store: PostgresStore, url: str) -> None:
     """What SIGKILL leaves behind: no more heartbeats, a lease running out (here: already run out)."""
-    store._stop_beat.set()
-    assert store._heartbeat is not None
-    store._heartbeat.join()
+    runners = store.runners
+    assert isinstance(runners, PostgresRunners)
+    runners._stop_beat.set()
+    assert runners._heartbeat is not None
+    runners._heartbeat.join()
     with psycopg.connect(url, autocommit=True) as conn:
         conn.execute("UPDATE runners SET heartbeat_at = heartbeat_at - 3600 WHERE id = %s", (store.runner_id,))
     store.runner_id = None  # the process is gone: it never releases anything
@@ -68,13 +71,13 @@ def test_two_runners_never_claim_the_same_request(tmp_path: Path, pg_url: str) -
     m = FakeManifest(tmp_path, [f"p{i}" for i in range(40)])
     with pg(pg_url) as a, pg(pg_url) as b:
         a.sync(m)
-        a.lock()
-        b.lock()
+        a.runners.lock()
+        b.runners.lock()
         got_a = {r.key for r in a.next_due(15)}
         got_b = {r.key for r in b.next_due(100)}
         assert len(got_a) == 15 and len(got_b) == 25 and not got_a & got_b
         assert b.next_due(100) and not (got_a & {r.key for r in b.next_due(100)})  # b only re-sees its own
-        assert {r.id for r in a.live_runners()} == {a.runner_id, b.runner_id}
+        assert {r.id for r in a.runners.live()} == {a.runner_id, b.runner_id}
 
 
 def test_a_dead_runners_attempts_are_taken_over_with_their_keys(tmp_path: Path, pg_url: str) -> None:
@@ -82,23 +85,23 @@ def test_a_dead_runners_attempts_are_taken_over_with_their_keys(tmp_path: Path, 
     a, b = pg(pg_url), pg(pg_url)
     try:
         a.sync(m)
-        a.lock()
-        b.lock()
+        a.runners.lock()
+        b.runners.lock()
         ka, kb, kc = keys_of(m)
         assert {r.key for r in a.next_due(10)} == {ka, kb, kc}
         ids = a.start_attempts([NewAttempt(k, 1, "z-image-turbo", 0.5) for k in (ka, kb)])
         a.record_task(ids[0], "task-unified-1-aaaaaaaa", 0.5, replayed=False)
-        assert b.take_over() == [] and b.next_due(10) == []  # a is live: nothing to take, nothing to claim
+        assert b.runners.take_over() == [] and b.next_due(10) == []  # a is live: nothing to take, nothing to claim
         kill(a, pg_url)
-        taken = b.take_over()
+        taken = b.runners.take_over()
         assert [(r.key, att.task_id) for r, att in taken] == [(ka, "task-unified-1-aaaaaaaa"), (kb, None)]
         assert [att.idempotency_key for _, att in taken] == [b.idempotency_key(k, 1) for k in (ka, kb)]
-        assert b.take_over() == []  # claimed now: taken once
+        assert b.runners.take_over() == []  # claimed now: taken once
         assert [r.key for r in b.next_due(10)] == [kc]  # a's claimed-but-unsent request is free again
         with psycopg.connect(pg_url) as conn:
             owners = {r[0] for r in conn.execute("SELECT runner_id FROM attempts").fetchall()}
         assert owners == {b.runner_id}
-        assert [r.id for r in b.live_runners()] == [b.runner_id]
+        assert [r.id for r in b.runners.live()] == [b.runner_id]
     finally:
         b.close()
 
@@ -107,25 +110,25 @@ def test_a_clean_stop_hands_over_at_once(tmp_path: Path, pg_url: str) -> None:
     m = FakeManifest(tmp_path, ["a"])
     with pg(pg_url, lease_s=3600) as a, pg(pg_url, lease_s=3600) as b:
         a.sync(m)
-        a.lock()
-        b.lock()
+        a.runners.lock()
+        b.runners.lock()
         [k] = [r.key for r in a.next_due(1)]
         a.start_attempts([NewAttempt(k, 1, "z-image-turbo", 0.5)])
-        a.unlock()  # `batchgen run` ends: its runner row is stopped and its requests released
-        assert [r.key for r, _ in b.take_over()] == [k]
+        a.runners.unlock()  # `batchgen run` ends: its runner row is stopped and its requests released
+        assert [r.key for r, _ in b.runners.take_over()] == [k]
 
 
 def test_heartbeats_keep_a_short_lease_alive(tmp_path: Path, pg_url: str) -> None:
     with pg(pg_url, lease_s=0.6) as a, pg(pg_url, lease_s=0.6) as b:
         a.sync(FakeManifest(tmp_path, ["a"]))
-        a.lock()
-        b.lock()
+        a.runners.lock()
+        b.runners.lock()
         [k] = [r.key for r in a.next_due(1)]
         a.start_attempts([NewAttempt(k, 1, "z-image-turbo", 0.5)])
         time.sleep(1.5)  # 2.5 leases: only the heartbeat keeps a alive
-        assert b.take_over() == []
-        assert len(b.live_runners()) == 2
-        assert [r.claimed for r in b.live_runners() if r.id == a.runner_id] == [1]
+        assert b.runners.take_over() == []
+        assert len(b.runners.live()) == 2
+        assert [r.claimed for r in b.runners.live() if r.id == a.runner_id] == [1]
 
 
 def test_sync_runs_once_under_the_lock_and_an_older_manifest_is_not_synced_back(tmp_path: Path,
@@ -155,13 +158,13 @@ def test_sync_runs_once_under_the_lock_and_an_older_manifest_is_not_synced_back(
 
 def test_the_job_wide_start_is_kept_while_any_runner_lives(tmp_path: Path, pg_url: str) -> None:
     with pg(pg_url) as a, pg(pg_url) as b:
-        a.lock()
+        a.runners.lock()
         time.sleep(0.3)
-        b.lock()  # joins a live group: the job's start stays a's
-        assert b.job_elapsed_s() >= 0.3
+        b.runners.lock()  # joins a live group: the job's start stays a's
+        assert b.runners.elapsed_s() >= 0.3
     with pg(pg_url) as c:
-        c.lock()  # a new group after everyone stopped: the clock starts again
-        assert c.job_elapsed_s() < 0.3
+        c.runners.lock()  # a new group after everyone stopped: the clock starts again
+        assert c.runners.elapsed_s() < 0.3
 
 
 def test_no_password_in_the_database_or_messages(tmp_path: Path, pg_server: PgServer,
@@ -171,7 +174,7 @@ def test_no_password_in_the_database_or_messages(tmp_path: Path, pg_server: PgSe
     url = pg_server.url(db, user="batchpw", password=PG_PASSWORD)
     with pg(url) as store:  # the password in the URL, as libpq reads it
         store.sync(FakeManifest(tmp_path, ["a"]))
-        store.lock()
+        store.runners.lock()
         store.run_log.start()
         assert PG_PASSWORD not in store.location
     monkeypatch.setenv("PGPASSWORD", PG_PASSWORD)
@@ -202,13 +205,14 @@ def test_a_runner_waits_only_for_work_others_hold(tmp_path: Path, pg_url: str) -
     m = FakeManifest(tmp_path, ["a", "b"])
     with pg(pg_url) as a, pg(pg_url) as b:
         a.sync(m)
-        a.lock()
-        b.lock()
+        a.runners.lock()
+        b.runners.lock()
         ka, kb = keys_of(m)
         a.start_attempts([NewAttempt(r.key, 1, "z-image-turbo", 0.5) for r in a.next_due(1)])
-        assert a.unfinished_elsewhere() == 1  # b's request, not yet claimed by anyone
+        assert a.runners.unfinished_elsewhere() == 1  # b's request, not yet claimed by anyone
         b.start_attempts([NewAttempt(r.key, 1, "z-image-turbo", 0.5) for r in b.next_due(1)])
-        assert a.unfinished_elsewhere() == 1 and b.unfinished_elsewhere() == 1  # each waits only for the other
+        # Each waits only for the other.
+        assert a.runners.unfinished_elsewhere() == 1 and b.runners.unfinished_elsewhere() == 1
         a.finish_request(ka)
         b.finish_request(kb)
-        assert a.unfinished_elsewhere() == b.unfinished_elsewhere() == 0
+        assert a.runners.unfinished_elsewhere() == b.runners.unfinished_elsewhere() == 0

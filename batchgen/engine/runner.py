@@ -107,7 +107,7 @@ def _remove_database(path: Path) -> None:
 async def _open_and_run(manifest_path: Path, manifest: Any, job: JobSpec, options: RunOptions, target: str | Path,
                         job_name: str | None, lease_s: float, out: str, source: KeySource | None) -> int:
     with open_store(target, job_name, create=True, lease_s=lease_s) as store:
-        store.lock()
+        store.runners.lock()
         notes = _sharing_notes(store, out)
         try:
             sync = store.sync(manifest, out)
@@ -137,7 +137,7 @@ def _sharing_notes(store: Store, out: str) -> list[str]:
     is shared storage: every runner may write it)."""
     if not store.shared:
         return []
-    others = [r for r in store.live_runners() if r.id != store.runner_id]
+    others = [r for r in store.runners.live() if r.id != store.runner_id]
     problem = None if out.startswith("s3://") else shares.output_conflict(Path(out), socket.gethostname(), others)
     if problem is not None:
         raise ConfigError(problem)
@@ -193,7 +193,7 @@ async def _run(store: Store, job: JobSpec, options: RunOptions, storage: Storage
         pool = await KeyPool.open(stack, source.keys, api_base, files_base, rate,
                                   poll_grace_max_s=catalog.POLL_INTERVAL_S[0] * options.time_scale)
         if store.shared:  # one budget per key for every runner of the job: this runner takes its share
-            runners = len(store.live_runners())
+            runners = len(store.runners.live())
             for key in pool.keys:
                 shares.apply_share(key.limiter, (key.spec.rate or rate).per_second, runners)
         # Everything made so far lives for the whole run: the collector skips it, and runs seldom (collector.py).
@@ -211,7 +211,7 @@ async def _drive(store: Store, job: JobSpec, settings: RunSettings, options: Run
     start = loop.time()
     submit_deadline = hard_deadline = None
     if options.max_runtime_s is not None:
-        begun = start - store.job_elapsed_s()  # shared stores: the limit holds for the job's runners as a whole
+        begun = start - store.runners.elapsed_s()  # shared stores: the limit holds for the job's runners as a whole
         # Stop submitting early enough for tasks in flight to finish and download before the hard stop.
         margin = min(max_wait_s + 5.0 * options.time_scale, 0.25 * options.max_runtime_s)
         submit_deadline = begun + options.max_runtime_s - margin
@@ -350,7 +350,7 @@ async def _share_budget(store: Store, pool: KeyPool, settings: RunSettings) -> N
     while True:
         await asyncio.sleep(interval)
         with contextlib.suppress(BatchgenError):  # the database away for a moment: keep the last share
-            runners = len(store.live_runners())
+            runners = len(store.runners.live())
             for key in pool.keys:
                 shares.apply_share(key.limiter, (key.spec.rate or rate).per_second, runners)
 

@@ -292,7 +292,7 @@ class Scheduler:
                 continue
             totals = self.store.credit_totals()
             self.counters.credits_reserved, self.counters.credits_used = totals.reserved, totals.used
-            taken = self.store.take_over()
+            taken = self.store.runners.take_over()
             if taken:
                 self._track_taken_over(taken)
                 self.emit("takeover", {"requests": len(taken), "message": f"took over {len(taken)} request(s) "

@@ -107,7 +107,7 @@ class Submissions:
                     continue
                 nb = self.store.next_not_before()
                 if nb is None and not busy:
-                    if not self.store.unfinished_elsewhere():
+                    if not self.store.runners.unfinished_elsewhere():
                         return  # nothing pending, nothing in flight: the job is finished
                     # Other runners still hold work (shared store): stay to take it over if they die.
                     nb = time.time() + self.host._take_over_interval()

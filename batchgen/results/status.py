@@ -67,7 +67,7 @@ def collect(db_path: Path | str, job_name: str | None = None) -> dict[str, Any]:
                       "in_flight": k["open"], "balance": k["balance"]} for k in store.key_states.usage()],
             "review": store.reviews.counts(),
             "runners": [{"id": r.id, "host": r.host, "pid": r.pid, "since": r.started_at,
-                         "heartbeat_at": r.heartbeat_at, "claimed": r.claimed} for r in store.live_runners()],
+                         "heartbeat_at": r.heartbeat_at, "claimed": r.claimed} for r in store.runners.live()],
         }
         out["runs"] = [_run_record(run) for run in runs]
         if runs:

@@ -15,8 +15,8 @@ Every backend keeps the same promises: the same states and transitions (models.S
 transition committed before anything depends on it, a task id on disk before anything waits on it, numbered
 append-only migrations applied on open.
 
-Multi-runner hooks (`shared`, `take_over`, `live_runners`, `job_elapsed_s`, `runner_id`) have single-runner
-defaults here: with SQLite the file lock guarantees one runner, so there is never anything to take over.
+Multi-runner hooks: `shared` (False here) and `runner_id` (None here) on the store, and the `runners`
+ledger; with SQLite the file lock guarantees one runner, so its ledger never has anything to take over.
 
 Ledgers (one concern each, an interface apart from its implementations, held by the store):
 
@@ -25,6 +25,8 @@ Ledgers (one concern each, an interface apart from its implementations, held by 
   rejected requests (issue 16).
 * `run_log` (`RunLog`, runlog.py): one row per `batchgen run`.
 * `key_states` (`KeyStates`, keystates.py): each API key's last known state, by fingerprint (issue 15).
+* `runners` (`Runners`, runners.py): who runs this job — the run lock or registration and heartbeat, the
+  live runners, the job's elapsed time, taking over the requests of runners whose lease expired.
 """
 
 from __future__ import annotations
@@ -41,11 +43,11 @@ from batchgen.store.records import (
     NewAttempt,
     Outcome,
     RequestRecord,
-    RunnerInfo,
     SyncResult,
 )
 from batchgen.store.reviews import ReviewLedger
 from batchgen.store.runlog import RunLog
+from batchgen.store.runners import Runners
 from batchgen.store.uploads import UploadLedger
 
 if TYPE_CHECKING:
@@ -95,14 +97,6 @@ class BaseStore(abc.ABC):
 
     @abc.abstractmethod
     def applied_migrations(self) -> list[str]: ...
-
-    @abc.abstractmethod
-    def lock(self) -> None:
-        """Become this job's runner (SQLite: the only one; shared stores: one of several), or raise
-        StoreLockedError naming the holder."""
-
-    @abc.abstractmethod
-    def unlock(self) -> None: ...
 
     # -- job and sync -------------------------------------------------------------------------------
 
@@ -233,22 +227,6 @@ class BaseStore(abc.ABC):
 
     key_states: KeyStates  # each API key's last known state and its use, by fingerprint
 
-    # -- several runners on one job (single-runner defaults) ----------------------------------------
+    # -- several runners on one job -----------------------------------------------------------------
 
-    def take_over(self, limit: int = 500) -> list[tuple[RequestRecord, AttemptRecord]]:
-        """Open attempts of runners whose lease expired, now claimed by this runner (poll them, or send
-        them again with their own idempotency key). Single-runner stores have none."""
-        return []
-
-    def unfinished_elsewhere(self) -> int:
-        """Unfinished requests other runners may still hold (single-runner stores: none)."""
-        return 0
-
-    def live_runners(self) -> list[RunnerInfo]:
-        """The runners sharing this job right now (single-runner stores: none are recorded)."""
-        return []
-
-    def job_elapsed_s(self) -> float:
-        """Seconds since the job's current group of runners started (for a job-wide --max-runtime); 0 for
-        single-runner stores, where this run's own start counts."""
-        return 0.0
+    runners: Runners  # who runs this job: run lock or registration and heartbeat, live runners, takeover

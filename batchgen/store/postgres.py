@@ -13,24 +13,26 @@ cancellation can never interrupt one; a loopback query costs a fraction of a mil
 Jobs: every table carries `job_id` (a row of `jobs`, found by the job's name: the manifest's `name`, or
 `--job NAME`), so any number of jobs share one database without seeing each other's rows.
 
-Runners and leases (docs/scale-out.md):
+Runners and leases (docs/scale-out.md; registration, heartbeat and takeover are `store.runners`,
+postgres_runners.py):
 
-* `lock()` registers this process in `runners` (id, host, pid, started_at, heartbeat_at, lease_s) and starts
-  a heartbeat thread that moves `heartbeat_at` forward every `lease_s / 3` on its own pooled connection.
-  Times of leases are the database's clock (`clock_timestamp()`), so hosts need not agree on the time.
+* `runners.lock()` registers this process in `runners` (id, host, pid, started_at, heartbeat_at, lease_s) and
+  starts a heartbeat thread that moves `heartbeat_at` forward every `lease_s / 3` on its own pooled
+  connection. Times of leases are the database's clock (`clock_timestamp()`), so hosts need not agree on
+  the time.
 * A runner is *live* while `heartbeat_at + lease_s` is ahead of the database's clock and it has not
   stopped. Every request a runner works on carries its id in `requests.claimed_by` (pending ones it is
   about to submit, and in-flight ones), and every attempt it makes or takes over carries it in
   `attempts.runner_id`.
 * `next_due` claims due pending requests with `FOR UPDATE SKIP LOCKED` (two runners never get the same
   row; neither waits for the other); rows claimed by a live runner are skipped.
-* `take_over()` claims in-flight requests whose runner is no longer live (killed, host lost, or stopped
+* `runners.take_over()` claims in-flight requests whose runner is no longer live (killed, host lost, or stopped
   cleanly, which releases at once): tasks with an id are polled, submits without an answer are sent
   again with their stored idempotency key, so a gateway that honours the key charges nothing twice.
 * Manifest sync runs under `pg_advisory_xact_lock` for the job, once: the first runner expands it, the
   others find the fingerprint unchanged. A runner whose manifest is older (by the manifest file's mtime)
   than the one last synced says so and does not sync it back (`SyncResult.stale`).
-* `job_elapsed_s()`: the job-wide start of the current group of runners (set by the first runner to
+* `runners.elapsed_s()`: the job-wide start of the current group of runners (set by the first runner to
   register while no other is live) for a job-wide `--max-runtime`; `credit_totals()` sums the whole job,
   which the scheduler re-reads every few seconds for a job-wide `--max-credits`.
 
@@ -46,12 +48,8 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import secrets
-import socket
-import threading
 import time
-import uuid
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -66,6 +64,8 @@ from batchgen.store.base import BaseStore
 from batchgen.store.postgres_keystates import PostgresKeyStates
 from batchgen.store.postgres_reviews import PostgresReviews
 from batchgen.store.postgres_runlog import PostgresRunLog
+from batchgen.store.postgres_runners import LIVE_RUNNERS as _LIVE
+from batchgen.store.postgres_runners import PostgresRunners
 from batchgen.store.postgres_uploads import PostgresUploads
 from batchgen.store.records import (
     AttemptRecord,
@@ -74,7 +74,6 @@ from batchgen.store.records import (
     NewAttempt,
     Outcome,
     RequestRecord,
-    RunnerInfo,
     SyncResult,
     encode_json,
     idempotency_key,
@@ -88,10 +87,6 @@ DEFAULT_LEASE_S = 15.0
 _READ_CHUNK = 2000
 _SYNC_CHUNK = 5000
 _MIGRATION_LOCK = 0x6261746368  # "batch": one migrator at a time per database
-_NOW = "EXTRACT(EPOCH FROM clock_timestamp())::double precision"
-# Runners of this job that are alive: heartbeat within their lease, not stopped.
-_LIVE = (f"SELECT id FROM runners WHERE job_id = %(job)s AND stopped_at IS NULL "
-         f"AND heartbeat_at + lease_s >= {_NOW}")
 
 # --- migrations (append only) ---------------------------------------------------------------------
 
@@ -246,9 +241,8 @@ class PostgresStore(BaseStore):
         except BaseException:
             self.pool.close()
             raise
-        self.runner_id: str | None = None
-        self._heartbeat: threading.Thread | None = None
-        self._stop_beat = threading.Event()
+        self.runner_id: str | None = None  # set by runners.lock(): this process's id among the job's runners
+        self.runners = PostgresRunners(self)
         self.uploads = PostgresUploads(self)
         self.run_log = PostgresRunLog(self)
         self.key_states = PostgresKeyStates(self)
@@ -257,7 +251,7 @@ class PostgresStore(BaseStore):
     # -- plumbing ----------------------------------------------------------------------------------
 
     def close(self) -> None:
-        self.unlock()
+        self.runners.unlock()
         self.pool.close()
 
     @property
@@ -335,92 +329,6 @@ class PostgresStore(BaseStore):
 
     def applied_migrations(self) -> list[str]:
         return list(self._migrations)
-
-    # -- runners -----------------------------------------------------------------------------------
-
-    def lock(self) -> None:
-        """Register this process as one of the job's runners and start its heartbeat."""
-        if self.runner_id is not None:
-            return
-        rid = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-        with self._tx() as cur:
-            # Serialise registrations of this job, so "no other runner is live" is decided once.
-            cur.execute("SELECT pg_advisory_xact_lock(hashtextextended('batchgen-runners:' || %s::text, 0))",
-                        (self.job_id,))
-            others = cur.execute(_LIVE.replace("%(job)s", "%s"), (self.job_id,)).fetchall()
-            cur.execute(f"INSERT INTO runners (id, job_id, host, pid, started_at, heartbeat_at, lease_s) "
-                        f"VALUES (%s, %s, %s, %s, {_NOW}, {_NOW}, %s)",
-                        (rid, self.job_id, socket.gethostname(), os.getpid(), self.lease_s))
-            if not others:
-                cur.execute(f"UPDATE jobs SET group_started_at = {_NOW} WHERE id = %s", (self.job_id,))
-        self.runner_id = rid
-        self._stop_beat.clear()
-        self._heartbeat = threading.Thread(target=self._beat, name="batchgen-heartbeat", daemon=True)
-        self._heartbeat.start()
-
-    def _beat(self) -> None:
-        interval = self.lease_s / 3
-        while not self._stop_beat.wait(interval):
-            # A missed beat (the server briefly away) is retried at the next interval; the lease is three
-            # beats long, so one miss costs nothing.
-            with contextlib.suppress(Exception):
-                self.heartbeat()
-
-    def heartbeat(self) -> None:
-        with self._tx(write=False) as cur:
-            cur.execute(f"UPDATE runners SET heartbeat_at = {_NOW} WHERE id = %s", (self.runner_id,))
-
-    def unlock(self) -> None:
-        """Stop the heartbeat and release this runner's requests so the others take them over at once."""
-        if self.runner_id is None:
-            return
-        self._stop_beat.set()
-        if self._heartbeat is not None:
-            self._heartbeat.join(timeout=5)
-        with contextlib.suppress(StoreUnavailableError), self._tx() as cur:
-            cur.execute(f"UPDATE runners SET stopped_at = {_NOW} WHERE id = %s", (self.runner_id,))
-            cur.execute("UPDATE requests SET claimed_by = NULL WHERE job_id = %s AND claimed_by = %s",
-                        (self.job_id, self.runner_id))
-        self.runner_id = None
-        self._heartbeat = None
-
-    def live_runners(self) -> list[RunnerInfo]:
-        rows = self._rows(
-            "SELECT r.id, r.host, r.pid, r.started_at, r.heartbeat_at, (SELECT COUNT(*) FROM requests q "
-            "WHERE q.job_id = r.job_id AND q.claimed_by = r.id AND q.state IN ('submitted', 'completed')) "
-            f"AS claimed FROM runners r WHERE r.id IN ({_LIVE}) ORDER BY r.started_at", self._a())
-        return [RunnerInfo(id=r["id"], host=r["host"], pid=r["pid"], started_at=r["started_at"],
-                           heartbeat_at=r["heartbeat_at"], claimed=int(r["claimed"])) for r in rows]
-
-    def job_elapsed_s(self) -> float:
-        row = self._one(f"SELECT {_NOW} - group_started_at FROM jobs WHERE id = %s", (self.job_id,))
-        return max(0.0, float(row)) if row is not None else 0.0
-
-    def take_over(self, limit: int = 500) -> list[tuple[RequestRecord, AttemptRecord]]:
-        """Claim in-flight requests of runners that are not live any more, with their current attempt."""
-        if self.runner_id is None:
-            return []
-        with self._tx() as cur:
-            cur.row_factory = dict_row  # type: ignore[assignment]
-            cur.execute(
-                f"WITH picked AS (SELECT key FROM requests WHERE job_id = %(job)s "
-                "AND state IN ('submitted', 'completed') AND claimed_by IS DISTINCT FROM %(me)s "
-                f"AND (claimed_by IS NULL OR claimed_by NOT IN ({_LIVE})) ORDER BY seq LIMIT %(limit)s "
-                "FOR UPDATE SKIP LOCKED) "
-                "UPDATE requests r SET claimed_by = %(me)s FROM picked WHERE r.job_id = %(job)s "
-                "AND r.key = picked.key RETURNING r.*", self._a(limit=limit))
-            reqs = sorted((self._request_record(d) for d in cur.fetchall()), key=lambda r: r.seq)
-            if not reqs:
-                return []
-            keys = [r.key for r in reqs]
-            cur.execute(
-                "UPDATE attempts a SET runner_id = %(me)s FROM requests r WHERE a.job_id = %(job)s "
-                "AND r.job_id = %(job)s AND r.key = a.request_key AND a.attempt_no = r.attempt_no "
-                "AND r.key = ANY(%(keys)s)", self._a(keys=keys))
-            cur.execute("SELECT DISTINCT ON (request_key) * FROM attempts WHERE job_id = %(job)s "
-                        "AND request_key = ANY(%(keys)s) ORDER BY request_key, attempt_no DESC", self._a(keys=keys))
-            latest = {d["request_key"]: self._attempt_record(d) for d in cur.fetchall()}
-        return [(r, latest[r.key]) for r in reqs if r.key in latest]
 
     # -- job and sync ------------------------------------------------------------------------------
 
@@ -663,14 +571,6 @@ class PostgresStore(BaseStore):
                           self._a())
         return None if value is None else float(value)
 
-    def unfinished_elsewhere(self) -> int:
-        """Unfinished requests (pending or in flight) that other runners hold, or that no runner holds: a
-        runner with nothing left of its own stays while this is not 0, to take them over if their runner
-        dies. Its own (tasks it left past max_wait) do not count, or two runners could wait on each other."""
-        return int(self._one("SELECT COUNT(*) FROM requests WHERE job_id = %(job)s "
-                             "AND state IN ('pending', 'submitted', 'completed') "
-                             "AND claimed_by IS DISTINCT FROM %(me)s", self._a()))
-
     def pending_estimate(self) -> float:
         return float(self._one("SELECT COALESCE(SUM(est_credits), 0) FROM requests WHERE job_id = %s "
                                "AND state='pending'", (self.job_id,)))
@@ -682,10 +582,10 @@ class PostgresStore(BaseStore):
     def open_attempts(self) -> list[tuple[RequestRecord, AttemptRecord]]:
         """Requests in flight with their current attempt that this process may work on: without a runner
         (status, tests) every one of the job; as a runner, its own plus those of runners no longer live
-        (which it claims; see take_over)."""
+        (which it claims; see runners.take_over)."""
         if self.runner_id is not None:
             mine = self._open_where("r.claimed_by = %(me)s")
-            return sorted(mine + self.take_over(limit=1 << 30), key=lambda p: p[0].seq)
+            return sorted(mine + self.runners.take_over(limit=1 << 30), key=lambda p: p[0].seq)
         return self._open_where("TRUE")
 
     def _open_where(self, cond: str) -> list[tuple[RequestRecord, AttemptRecord]]:

@@ -2,7 +2,7 @@
 
 Apart from the store (postgres.py) so that the store does not also keep the log of its runs. Every row is
 scoped by the store's job id, as every row of a shared database is; a run's row names the runner that
-`lock()` registered (the store's `runner_id`, None before it), which stays the store's business.
+`runners.lock()` registered (the store's `runner_id`, None before it), which stays the store's business.
 """
 
 from __future__ import annotations

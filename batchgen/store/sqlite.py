@@ -60,25 +60,22 @@ Read API (for status, export, report):
     ``run_log.all() -> list[dict]`` one row per `batchgen run`, newest last (sqlite_runlog.py)
 Write API (the run engine): ``sync``, ``next_due``, ``start_attempts``, ``record_task``, ``retry_submit``,
 ``record_outcomes``, ``record_image``, ``finish_request``, ``requeue``, ``fail``, ``requeue_failed``,
-``lock``; quality and review (issue 16), on ``store.reviews`` (sqlite_reviews.py): ``reject_image`` (a
-failed check), ``decide`` (a person's decision; ``latest`` reads them), ``open_rejects`` +
-``requeue_rejected`` (the next run), ``set_aside_images``, ``counts``.
+``runners.lock`` (the run lock, sqlite_runners.py); quality and review (issue 16), on ``store.reviews``
+(sqlite_reviews.py): ``reject_image`` (a failed check), ``decide`` (a person's decision; ``latest`` reads
+them), ``open_rejects`` + ``requeue_rejected`` (the next run), ``set_aside_images``, ``counts``.
 """
 
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import json
-import os
-import socket
 import sqlite3
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from batchgen.errors import BatchgenError, LocalFaultError, StoreFormatError, StoreLockedError
+from batchgen.errors import BatchgenError, LocalFaultError, StoreFormatError
 from batchgen.models import State
 from batchgen.store import sqlite_migrations
 from batchgen.store.base import BaseStore
@@ -106,6 +103,7 @@ from batchgen.store.records import encode_json as _j
 from batchgen.store.sqlite_keystates import SqliteKeyStates
 from batchgen.store.sqlite_reviews import SqliteReviews
 from batchgen.store.sqlite_runlog import SqliteRunLog
+from batchgen.store.sqlite_runners import SqliteRunners
 from batchgen.store.sqlite_uploads import SqliteUploads
 
 if TYPE_CHECKING:
@@ -113,49 +111,6 @@ if TYPE_CHECKING:
 
 _SYNC_CHUNK = 5000
 _READ_CHUNK = 2000
-
-
-# --- the lock -------------------------------------------------------------------------------------
-
-
-class RunLock:
-    """`fcntl.flock` on `<db>.lock`: one run per database. The OS drops the lock when its holder dies
-    (even by SIGKILL), so a stale lock file is simply taken over; the file's text only names the holder."""
-
-    def __init__(self, db_path: Path) -> None:
-        self.path = Path(str(db_path) + ".lock")
-        self._fd: int | None = None
-
-    def acquire(self) -> None:
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.read(fd, 4096).decode("utf-8", "replace")
-            os.close(fd)
-            raise StoreLockedError(_holder_message(self.path, holder)) from None
-        os.ftruncate(fd, 0)
-        info = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.time()}
-        os.pwrite(fd, json.dumps(info).encode(), 0)
-        self._fd = fd
-
-    def release(self) -> None:
-        if self._fd is not None:
-            with contextlib.suppress(OSError):
-                os.ftruncate(self._fd, 0)
-            os.close(self._fd)  # closing drops the flock
-            self._fd = None
-
-
-def _holder_message(path: Path, text: str) -> str:
-    db = str(path)[: -len(".lock")]
-    try:
-        info = json.loads(text)
-        since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(float(info["since"])))
-        who = f"pid {info['pid']} on {info['host']}, running since {since}"
-    except (ValueError, KeyError, TypeError):
-        who = "another process (it is just starting)"
-    return f"{db} is in use by another batchgen run ({who}); wait for it to finish or stop it, then run again"
 
 
 # --- the store ------------------------------------------------------------------------------------
@@ -245,7 +200,7 @@ class Store(BaseStore):
                 raise
             conn.close()
             raise _db_fault(self.path, error) from None
-        self._lock: RunLock | None = None
+        self.runners = SqliteRunners(self)
         self.uploads = SqliteUploads(self)
         self.run_log = SqliteRunLog(self)
         self.key_states = SqliteKeyStates(self)
@@ -260,7 +215,7 @@ class Store(BaseStore):
         self.close()
 
     def close(self) -> None:
-        self.unlock()
+        self.runners.unlock()
         self.conn.close()
 
     @property
@@ -295,18 +250,6 @@ class Store(BaseStore):
 
     def applied_migrations(self) -> list[str]:
         return sqlite_migrations.applied(self.conn)
-
-    def lock(self) -> None:
-        """Take the run lock or raise StoreLockedError naming the holder."""
-        if self._lock is None:
-            lock = RunLock(self.path)
-            lock.acquire()
-            self._lock = lock
-
-    def unlock(self) -> None:
-        if self._lock is not None:
-            self._lock.release()
-            self._lock = None
 
     # -- job and sync --------------------------------------------------------------------------------
 
