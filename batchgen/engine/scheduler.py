@@ -146,10 +146,10 @@ class Scheduler:
         self.reference_failed = reference_failed
         self.rng = rng or random.Random()
         self.counters = Counters()
-        self._tracked: dict[int, Tracked] = {}  # attempt id → tracked (submitted, not yet final)
+        # attempt id → tracked (submitted, not yet final): the table the submissions, polls and keys share
+        self.tracked: dict[int, Tracked] = {}
         self.api_health = CallHealth.scaled("the API", config.patience_s, config.time_scale)
-        self._polls = PollSchedule(self._tracked)  # tasks with an id, by when they are next polled
-        self._wake = asyncio.Event()  # something changed: the submitter re-checks
+        self._polls = PollSchedule(self.tracked)  # tasks with an id, by when they are next polled
         self._draining: tuple[StopReason, str] | None = None
         self._halting: tuple[StopReason, str] | None = None
         self.failures = TaskFailures(self)  # the rule for failed tasks (outcomes.py)
@@ -167,16 +167,26 @@ class Scheduler:
         if self._draining is None:
             self._draining = (reason, message)
             self.emit("stopping", {"reason": reason.value, "message": message})
-        self._wake.set()
+        self.wake()
 
     def halt(self, reason: StopReason, message: str) -> None:
         """Stop as soon as calls already under way are answered (or the grace ends); all is resumable."""
         if self._halting is None:
             self._halting = (reason, message)
             self.drain(reason, message)
-        self._wake.set()
+        self.wake()
         self._polls.wake.set()
         self.submits.resends.wake.set()
+
+    @property
+    def draining(self) -> bool:
+        """Whether new submissions have stopped (the tasks in flight still finish)."""
+        return self._draining is not None
+
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop | None:
+        """The loop the run is on (None before `run`)."""
+        return self._loop
 
     @property
     def halting(self) -> bool:
@@ -185,7 +195,7 @@ class Scheduler:
 
     def wake(self) -> None:
         """Something the submitter waits on changed (a slot or a download freed)."""
-        self._wake.set()
+        self.submits.wake.set()
 
     @property
     def stop_state(self) -> tuple[StopReason, str] | None:
@@ -199,10 +209,10 @@ class Scheduler:
         c = self.counters
         c.started = loop.time()
         self._load_from_store()
-        workers = [self._spawn(self._poller()), self._spawn(self.submits.resender())]
+        workers = [self.spawn(self._poller()), self.spawn(self.submits.resender())]
         if self.store.shared:
-            workers.append(self._spawn(self._take_over_loop()))
-        workers += [self._spawn(self.downloads.worker()) for _ in range(self.cfg.download_concurrency)]
+            workers.append(self.spawn(self._take_over_loop()))
+        workers += [self.spawn(self.downloads.worker()) for _ in range(self.cfg.download_concurrency)]
         try:
             await self.submits.claimer()
         except LocalFaultError as error:
@@ -242,7 +252,7 @@ class Scheduler:
                 not t.done() for t in self._tasks if t.get_name() == "call")):
             await asyncio.sleep(0.05)
 
-    def _spawn(self, coro: Awaitable[Any], name: str = "worker") -> asyncio.Task[Any]:
+    def spawn(self, coro: Awaitable[Any], name: str = "worker") -> asyncio.Task[Any]:
         task = asyncio.ensure_future(coro)
         task.set_name(name)
         self._tasks.add(task)
@@ -251,16 +261,20 @@ class Scheduler:
 
     def _task_done(self, task: asyncio.Task[Any]) -> None:
         self._tasks.discard(task)
-        if task.cancelled() or task.exception() is None:
+        exc = None if task.cancelled() else task.exception()
+        if exc is None:
             return
-        exc = task.exception()
         if isinstance(exc, LocalFaultError):
             # This machine failed us (disk full, folder gone, database unwritable): stop new work, resumably.
             self.local_fault(exc)
             return
         # A bug in a worker (or an error we must report as it is): stop everything rather than hang.
-        self.halt(StopReason.SIGNAL, f"internal error: {exc!r}")
-        self._crash = exc
+        self.internal_error(exc)
+
+    def internal_error(self, error: BaseException) -> None:
+        """A bug: stop everything, and raise it from `run` once the run is wound down."""
+        self.halt(StopReason.SIGNAL, f"internal error: {error!r}")
+        self._crash = error
 
     def local_fault(self, error: LocalFaultError) -> None:
         self.halt(StopReason.LOCAL_FAULT, f"{error}; nothing was lost: fix it and run again to continue")
@@ -279,7 +293,7 @@ class Scheduler:
 
     # --- several runners on one job (shared stores only) -----------------------------------------------
 
-    def _take_over_interval(self) -> float:
+    def take_over_interval(self) -> float:
         return float(getattr(self.store, "lease_s", 15.0)) * TAKEOVER_EVERY_LEASE
 
     async def _take_over_loop(self) -> None:
@@ -287,7 +301,7 @@ class Scheduler:
         job-wide credit totals so that --max-credits holds for the job as a whole. (With SQLite there is
         one runner per database and this loop is not started.)"""
         while self._halting is None:
-            await asyncio.sleep(self._take_over_interval())
+            await asyncio.sleep(self.take_over_interval())
             if self._draining is not None:
                 continue
             totals = self.store.credit_totals()
@@ -297,7 +311,7 @@ class Scheduler:
                 self._track_taken_over(taken)
                 self.emit("takeover", {"requests": len(taken), "message": f"took over {len(taken)} request(s) "
                                        "of a runner that stopped answering"})
-                self._wake.set()
+                self.wake()
 
     def _track_taken_over(self, pairs: list[tuple[RequestRecord, Any]]) -> None:
         """Track attempts taken over from a dead runner exactly as a resumed run's own."""
@@ -309,7 +323,7 @@ class Scheduler:
         assert self._loop is not None
         now_loop, now_wall = self._loop.time(), time.time()
         for req, att in pairs:
-            if att.id in self._tracked:
+            if att.id in self.tracked:
                 continue
             t = Tracked(req=req, attempt_id=att.id, attempt_no=att.attempt_no, attempts=req.attempts,
                          idempotency_key=att.idempotency_key, model=att.model,
@@ -329,13 +343,13 @@ class Scheduler:
                 if att.state == AttemptState.COMPLETED:
                     self.downloads.add(t)
                 continue
-            self._tracked[att.id] = t
+            self.tracked[att.id] = t
             if att.task_id is None:
                 wait_s = max(0.0, req.not_before - now_wall) if honour_not_before else 0.0
                 self.submits.resends.push(now_loop + wait_s, t.attempt_id)
             else:
                 self._polls.push(now_loop, t.attempt_id)
-        self.counters.in_flight = len(self._tracked)
+        self.counters.in_flight = len(self.tracked)
         left = self.keys.left_open
         if left:
             self.emit("warning", {"tasks": len(left), "message": (
@@ -369,10 +383,15 @@ class Scheduler:
         # Never sleep past the patience: the call after it decides whether the run stops.
         return min(delay, max(0.05 * self.cfg.time_scale, health.patience_left_s(now)))
 
-    def _halting_now(self) -> bool:
-        return self._halting is not None
-
     # --- polling ----------------------------------------------------------------------------------
+
+    def watch(self, t: Tracked, snap: TaskSnapshot) -> None:
+        """A task's id is on disk: apply its answer if it is already final, else schedule its first poll."""
+        if snap.final:
+            self._apply([(t, snap)])
+        else:
+            self._schedule_poll(t, snap, first=True)
+        self._check()
 
     def _schedule_poll(self, t: Tracked, snap: TaskSnapshot | None, first: bool = False) -> None:
         assert self._loop is not None
@@ -388,7 +407,7 @@ class Scheduler:
         """Polls every due task, up to BATCH_MAX in one call and POLLS_IN_FLIGHT calls at once."""
         assert self._loop is not None
         polls, clock = self._polls, self._loop.time
-        while await polls.until_due(clock, self._halting_now):
+        while await polls.until_due(clock, lambda: self.halting):
             await self._poll_slots.acquire()
             first = polls.first_due(clock())
             if first is None:
@@ -404,7 +423,7 @@ class Scheduler:
             if not batch:
                 self._poll_slots.release()  # (a turn taken for nothing: the tasks were dealt with meanwhile)
                 continue
-            self._spawn(self._poll_call(batch, paid=limiter is not None), name="call")
+            self.spawn(self._poll_call(batch, paid=limiter is not None), name="call")
 
     async def _poll_call(self, batch: list[Tracked], *, paid: bool = False) -> None:
         try:
@@ -516,14 +535,14 @@ class Scheduler:
 
     def tracked_of(self, key: PooledKey) -> list[Tracked]:
         """The tasks in flight (with a task id) that `key` sent."""
-        return [t for t in self._tracked.values() if t.key is key and t.task_id is not None]
+        return [t for t in self.tracked.values() if t.key is key and t.task_id is not None]
 
     def finish_tracking(self, t: Tracked) -> None:
         """`t` leaves the table of tasks in flight (finished, failed, or left for the next run)."""
-        if self._tracked.pop(t.attempt_id, None) is not None:
+        if self.tracked.pop(t.attempt_id, None) is not None:
             self.counters.credits_reserved -= t.reserved
-            self.counters.in_flight = len(self._tracked)
-            self._wake.set()
+            self.counters.in_flight = len(self.tracked)
+            self.wake()
 
     # --- outcomes ---------------------------------------------------------------------------------
 
@@ -565,12 +584,12 @@ class Scheduler:
         if model:
             fields["model"] = model
         self.emit("requeued", fields)
-        self._wake.set()
+        self.wake()
 
     def on_failed(self, key: str, code: str, message: str) -> None:
         self.counters.failed += 1
         self.emit("failed", {"key": key, "code": code, "message": message})
-        self._wake.set()
+        self.wake()
 
     def _completed(self, t: Tracked, snap: TaskSnapshot) -> None:
         self.emit("completed", {"key": t.req.key, "task_id": snap.id, "images": len(snap.results),

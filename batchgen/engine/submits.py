@@ -58,8 +58,8 @@ class Submissions:
         self.counters = host.counters
         self.pool = host.pool
         self.keys = host.keys
-        self.tracked = host._tracked  # attempt id → Tracked: the host's table, shared
-        self.wake = host._wake  # the claimer's event (a slot, a download or a request came free)
+        self.tracked = host.tracked  # attempt id → Tracked: the host's table, shared
+        self.wake = asyncio.Event()  # the claimer's event (a slot, a download or a request came free)
         self.resends = DueHeap()  # attempts whose submit got no answer: sent again with the same key
         self.nothing_pending = False  # the store had no pending request at the last look (see claimer)
         self._prepare_failures: dict[str, int] = {}  # request key → failed body preparations (uploads) this run
@@ -68,7 +68,7 @@ class Submissions:
 
     @property
     def _loop(self) -> asyncio.AbstractEventLoop | None:
-        return self.host._loop
+        return self.host.loop
 
     def close(self) -> None:
         """At the end of the run: the answers of the last loop turn are committed too."""
@@ -83,7 +83,7 @@ class Submissions:
         while True:
             # Cleared before looking, so a wake-up that arrives while we look is not lost.
             self.wake.clear()
-            if self.host._halting is not None:
+            if self.host.halting:
                 return
             if cfg.hard_deadline is not None and loop.time() >= cfg.hard_deadline:
                 self.host.halt(StopReason.RUNTIME, "runtime limit reached; the rest is left for the next run")
@@ -91,7 +91,7 @@ class Submissions:
             if cfg.submit_deadline is not None and loop.time() >= cfg.submit_deadline:
                 self.host.drain(StopReason.RUNTIME, "the runtime limit is near: no new submissions; the rest is "
                                 "left for the next run")
-            if self.host._draining is not None:
+            if self.host.draining:
                 if not self.tracked and self.host.downloads.pending == 0:
                     return
                 await wait_for_event(self.wake, self._deadline_timeout())
@@ -110,7 +110,7 @@ class Submissions:
                     if not self.store.runners.unfinished_elsewhere():
                         return  # nothing pending, nothing in flight: the job is finished
                     # Other runners still hold work (shared store): stay to take it over if they die.
-                    nb = time.time() + self.host._take_over_interval()
+                    nb = time.time() + self.host.take_over_interval()
                 # Nothing pending at all (one runner): until a request comes back (Scheduler.on_requeued), each task
                 # that finishes wakes this loop for nothing; it need not ask the store again each time.
                 self.nothing_pending = nb is None and not self.store.shared
@@ -121,7 +121,7 @@ class Submissions:
         assert self._loop is not None
         now = self._loop.time()
         ahead = [self.cfg.hard_deadline]
-        if self.host._draining is None:
+        if not self.host.draining:
             ahead.append(self.cfg.submit_deadline)
         outs = [d - now for d in ahead if d is not None]
         return max(0.0, min(outs)) if outs else None
@@ -174,7 +174,7 @@ class Submissions:
                 continue
             if rewritten:
                 self.host.api_health.ok()  # the Files API answered
-            if self.host._halting is not None:
+            if self.host.halting:
                 break
             # The body is kept only when uploads rewrote it: a resend must carry exactly the same body.
             new.append(NewAttempt(req.key, req.attempt_no + 1, req.model, est, body if rewritten else None,
@@ -195,7 +195,7 @@ class Submissions:
                          submitted_wall=time.time(), key=key)
             self.tracked[attempt_id] = t
             c.credits_reserved += est
-            self.host._spawn(self._send(t), name="call")
+            self.host.spawn(self._send(t), name="call")
         c.in_flight = len(self.tracked)
         return len(new)
 
@@ -218,14 +218,12 @@ class Submissions:
         Nothing was charged, so these failures have their own count (per request, this run) instead of
         using up the request's submissions: a flaky Files API on a request's last attempt waits and tries
         again rather than failing it, and repeated failures back off and finally give up."""
+        tries = self._prepare_failures.get(req.key, 0) + 1
+        self._prepare_failures[req.key] = tries
         if is_transient(error):  # a failed call, not a refusal: nothing about this request
-            tries = self._prepare_failures.get(req.key, 0) + 1
-            self._prepare_failures[req.key] = tries
             delay = self.host.call_failed(error, tries)
             self.store.defer(req.key, time.time() + delay, code_of(error), error.message)
             return
-        tries = self._prepare_failures.get(req.key, 0) + 1
-        self._prepare_failures[req.key] = tries
         d = decide(error, tries, max(self.cfg.max_attempts, PREPARE_MAX_TRIES), self.host.rng, self.cfg.time_scale)
         code, message = code_of(error), error.message
         if d.action is Action.STOP:
@@ -240,11 +238,11 @@ class Submissions:
         """Sends again, with the same idempotency key, attempts whose submit got no answer."""
         assert self._loop is not None
         resends = self.resends
-        while await resends.until_due(self._loop.time, self.host._halting_now):
+        while await resends.until_due(self._loop.time, lambda: self.host.halting):
             _, _, attempt_id = resends.pop()
             t = self.tracked.get(attempt_id)
             if t is not None and t.task_id is None:
-                self.host._spawn(self._send(t), name="call")
+                self.host.spawn(self._send(t), name="call")
 
     async def _send(self, t: Tracked) -> None:
         try:
@@ -275,8 +273,7 @@ class Submissions:
             self.host.local_fault(error)
             return
         except BaseException as error:  # a bug: stop, do not lose it in the loop's exception handler
-            self.host.halt(StopReason.SIGNAL, f"internal error: {error!r}")
-            self.host._crash = error
+            self.host.internal_error(error)
             return
         for t, snap in batch:
             self._accepted(t, snap)
@@ -294,13 +291,9 @@ class Submissions:
         self.counters.submitted += 1
         if snap.replayed:
             self.counters.replayed += 1
-        self.host.emit("submitted", {"key": t.req.key, "attempt": t.attempt_no, "model": t.model, "task_id": snap.id,
-                                "replayed": snap.replayed})
-        if snap.final:
-            self.host._apply([(t, snap)])
-        else:
-            self.host._schedule_poll(t, snap, first=True)
-        self.host._check()
+        self.host.emit("submitted", {"key": t.req.key, "attempt": t.attempt_no, "model": t.model,
+                                     "task_id": snap.id, "replayed": snap.replayed})
+        self.host.watch(t, snap)
 
     def _submit_failed(self, t: Tracked, error: ApiError) -> None:
         """A submit call failed. Transient (429, 5xx, timeout, drop): the same attempt is sent again with the
