@@ -631,6 +631,10 @@ def test_duplicates_found_when_hashes_spill_to_disk(tmp_path: Path, monkeypatch:
     from batchgen.manifest import duplicates
 
     monkeypatch.setattr(duplicates.HashLog, "BUFFER", 4)
+    spills: list[str] = []
+    real_mkdtemp = duplicates.tempfile.mkdtemp
+    monkeypatch.setattr(duplicates.tempfile, "mkdtemp",
+                        lambda *a, **k: spills.append(real_mkdtemp(*a, **k)) or spills[-1])
     rows = "".join(f"S{i},cat {i}\n" for i in range(300)) + "S7,again\n"
     path = write(tmp_path / "p.csv", "sku,prompt\n" + rows)
     before = set(Path(duplicates.tempfile.gettempdir()).glob("batchgen-dups-*"))
@@ -638,6 +642,7 @@ def test_duplicates_found_when_hashes_spill_to_disk(tmp_path: Path, monkeypatch:
     assert [(p.location, p.field) for p in problems] == [("row 302", "sku")]
     assert '"S7" is already used by row 9' in problems[0].message
     assert set(Path(duplicates.tempfile.gettempdir()).glob("batchgen-dups-*")) == before
+    assert spills, "the hashes were meant to spill to disk"
 
 
 def test_unknown_keys_do_not_hide_the_items_problems(tmp_path: Path) -> None:
@@ -668,10 +673,43 @@ def test_a_bad_default_does_not_hide_the_settings_problems(tmp_path: Path) -> No
     found = [(p.location, p.field) for p in problems_of(path)]
     assert sorted(found) == [("line 11", "output.filename"), ("line 5", "defaults.n"), ("line 6", "colour"),
                              ("line 8", "run.rate"), ("line 9", "run.max_wait")], found
+    # The job's settings alone (status, export, report) list the same settings problems, each once.
+    with pytest.raises(ManifestError) as raised:
+        load_job(path)
+    assert sorted((p.location, p.field) for p in raised.value.problems) == sorted(found)
+
+
+def test_after_a_bad_default_the_rows_are_not_expanded(tmp_path: Path) -> None:
+    # Each row would repeat the bad default; item b's own unknown model is not reported either.
+    path = write(tmp_path / "j.yaml", 'prompt: "{thing}"\nitems:\n  - {id: a, thing: cat}\n'
+                 '  - {id: b, thing: dog, model: no-such-model}\ndefaults:\n  n: 9\n')
+    assert [(p.location, p.field) for p in problems_of(path)] == [("line 6", "defaults.n")]
+
+
+def test_an_error_inside_a_list_drops_the_whole_value_and_is_reported_once(tmp_path: Path) -> None:
+    # pydantic places these errors inside a list or a union branch: the value holding them is dropped so the
+    # other checks still run, and the loop does not report them again.
+    path = write(tmp_path / "j.yaml", 'prompt: "x"\nitems:\n  - {id: a}\ndefaults:\n  image_urls: [5]\n'
+                 "matrix:\n  style: [[a]]\nrun:\n  rate: fast\n  fallback_models: [5]\n")
+    found = [(p.location, p.field) for p in problems_of(path)]
+    assert [f for _, f in found].count("run.fallback_models.0") == 1, found
+    assert [f for _, f in found].count("defaults.image_urls.0") == 1, found
+    assert ("line 9", "run.rate") in found and any(f.startswith("matrix.style") for _, f in found), found
+    with pytest.raises(ManifestError) as raised:
+        load_job(path)
+    fields = [p.field for p in raised.value.problems]
+    assert fields.count("run.fallback_models.0") == 1 and "run.rate" in fields, fields
+
+
+def test_a_bad_quality_setting_does_not_hide_the_items_problems(tmp_path: Path) -> None:
+    path = write(tmp_path / "j.yaml", 'prompt: "x"\nitems:\n  - {id: a, n: 99}\nquality:\n  on_fail: nope\n')
+    found = [(p.location, p.field) for p in problems_of(path)]
+    assert found == [("line 5", "quality.on_fail"), ("line 3", "n")], found
 
 
 def test_a_bad_items_value_reports_no_echo_of_having_no_items(tmp_path: Path) -> None:
-    path = write(tmp_path / "j.yaml", 'prompt: "x"\nitems: 5\nrun:\n  rate: fast\n')
+    # With a template field, an items list that was dropped would read as "no item has {thing}".
+    path = write(tmp_path / "j.yaml", 'prompt: "{thing}"\nitems: 5\nrun:\n  rate: fast\n')
     found = [(p.location, p.field) for p in problems_of(path)]
     assert found == [("line 2", "items"), ("line 4", "run.rate")], found
 

@@ -6,7 +6,8 @@ the code:
 
 * **Every problem, with its place.** A user fixes a manifest in one pass only if all mistakes are listed,
   each with file, line or CSV row, field, the bad value and what is allowed. File-level mistakes (YAML
-  syntax, unknown keys, a missing or empty CSV) raise at once from `open_manifest`; row mistakes are
+  syntax, a bad value the rows depend on, a missing or empty CSV) raise from `open_manifest`, together
+  with the settings' problems (unknown keys, `run`, `output`); row mistakes are
   collected (up to `MAX_PROBLEMS`, with a count of the rest) while `Manifest.requests()` streams, and
   `raise_if_problems()` raises them together. A consumer that writes iterates inside one transaction and
   rolls back when that raises, so bad input changes nothing. Lines come from the YAML's node tree
@@ -69,7 +70,8 @@ from batchgen.models import (
 from batchgen.units import parse_duration_s, parse_rate
 
 # MAX_PROBLEMS, ID_FIELD_CANDIDATES and ModelTotals are imported "as" themselves above: public names of this
-# module before they moved, so they stay importable from here.
+# module before they moved, so they stay importable from here (read from their new modules: rebinding them
+# here changes nothing).
 
 _M = TypeVar("_M", bound=BaseModel)
 
@@ -568,8 +570,8 @@ class _Parsed:
 
 def _is_setting_error(e: Any) -> bool:
     """A schema error that cannot change what the items expand to: an unknown key anywhere, a bad `name`,
-    `run` or `output` value."""
-    return e["type"] == "extra_forbidden" or bool(e["loc"] and e["loc"][0] in ("name", "run", "output"))
+    `run`, `output` or `quality` value."""
+    return e["type"] == "extra_forbidden" or bool(e["loc"] and e["loc"][0] in ("name", "run", "output", "quality"))
 
 
 def _validate_schema(data: dict[str, Any], file: str, root: yaml.Node | None,
@@ -578,43 +580,49 @@ def _validate_schema(data: dict[str, Any], file: str, root: yaml.Node | None,
     whether the items must not be expanded.
 
     Every erroneous key is reported, dropped and validation repeated, so the settings' problems (and the
-    checks the caller makes on them) come in the same pass as the rest. A bad `defaults`, `prompt`, `items`
-    or `matrix` value would make every item's report a cascade of the same mistake, so then the items are
-    not expanded (True), and after it only settings errors are recorded: with such a value dropped, an
-    error about the rest (no items left, say) would only echo it.
+    checks the caller makes on them) come in the same pass as the rest. A bad value of a key the rows
+    depend on (`defaults`, `prompt`, `items`, `items_csv`, `id_field`, `matrix`) would make every item's
+    report a cascade of the same mistake, so then the items are not expanded (True). pydantic reports
+    every error of a pass, so the second pass normally succeeds; each pass drops at least one key, so an
+    error is never recorded twice.
     """
     cascade = False
-    for _ in range(10):
+    while True:
         try:
             return ManifestSchema.model_validate(data), cascade
         except ValidationError as error:
-            pydantic_problems(error, file, root, problems, only=_is_setting_error if cascade else None)
+            pydantic_problems(error, file, root, problems)
             cascade = cascade or not all(_is_setting_error(e) for e in error.errors())
-            if not all(e["loc"] for e in error.errors()):
-                problems.raise_if_any()  # an error of the whole manifest (items and items_csv, say): no key to drop
             data = copy.deepcopy(data)
-            for e in error.errors():
-                _drop(data, tuple(e["loc"]))
-    problems.raise_if_any()
-    raise AssertionError("unreachable")
+            dropped = [_drop(data, tuple(e["loc"])) for e in error.errors()]
+            if not any(dropped):
+                problems.raise_if_any()  # nothing left to drop: what was found is all there is
+                raise
 
 
-def _drop(data: Any, loc: tuple[Any, ...]) -> None:
-    """Remove the value at `loc` (a pydantic error location) so its default applies."""
-    for part in loc[:-1]:
-        if (isinstance(data, dict) and part in data) or (
-            isinstance(data, list) and isinstance(part, int) and part < len(data)
-        ):
+def _drop(data: Any, loc: tuple[Any, ...]) -> bool:
+    """Remove the key of the deepest mapping on `loc` (a pydantic error location) so its default applies: an
+    error inside a list, a union branch or a mapping's key drops the whole value that holds it. False when
+    there was nothing to remove."""
+    holder: dict[Any, Any] | None = None
+    key: Any = None
+    for part in loc:
+        if isinstance(data, dict) and part in data:
+            holder, key, data = data, part, data[part]
+        elif isinstance(data, list) and isinstance(part, int) and 0 <= part < len(data):
             data = data[part]
         else:
-            return
-    if isinstance(data, dict):
-        data.pop(loc[-1], None)
+            break
+    if holder is None:
+        return False
+    del holder[key]
+    return True
 
 
 def _parse_yaml_manifest(path: Path, keep_going: bool = False) -> _Parsed:
-    """Parse and check a YAML manifest's settings. Without `keep_going` any problem raises at once; with
-    it, problems that leave the items' expansion meaningful are returned in `_Parsed.problems`."""
+    """Parse and check a YAML manifest's settings; every settings problem is found before any raises. Without
+    `keep_going` any problem raises; with it, problems that leave the items' expansion meaningful are
+    returned in `_Parsed.problems` (a bad value the rows depend on still raises, see `_validate_schema`)."""
     file = str(path)
     text = _read_text(path)
     data, root = parse_yaml(text, file)
@@ -666,8 +674,9 @@ def load_job(path: Path) -> JobSpec:
 
 
 def open_manifest(path: Path) -> Manifest:
-    """Open a manifest for expansion; raises ManifestError at once for file-level problems (syntax,
-    unknown keys, a missing or empty CSV, no prompt, template fields no item can have)."""
+    """Open a manifest for expansion; raises ManifestError at once for file-level problems (syntax, a bad
+    value the rows depend on, a missing or empty CSV, no prompt, template fields no item can have), with
+    the settings' problems found beside them."""
     path = Path(path)
     if _kind(path) == "csv":
         if not path.exists():

@@ -8,7 +8,6 @@ manifest (its keys, its values), not those of the models underneath; past the ca
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, ValidationError
@@ -17,7 +16,7 @@ from batchgen import catalog
 from batchgen.errors import ManifestError, Problem
 from batchgen.manifest.schema import ManifestSchema
 from batchgen.manifest.yamlsource import at, node_line
-from batchgen.models import OutputSettings, RunSettings
+from batchgen.models import OutputSettings, QualitySettings, RunSettings
 
 if TYPE_CHECKING:
     import yaml
@@ -48,13 +47,12 @@ class Problems:
 
 
 def pydantic_problems(error: ValidationError, file: str, root: yaml.Node | None, problems: Problems,
-                      prefix: tuple[Any, ...] = (), only: Callable[[Any], bool] | None = None) -> None:
-    """Record the errors of `error` (those `only` accepts, if given) as problems, in file order."""
+                      prefix: tuple[Any, ...] = ()) -> None:
+    """Record the errors of `error` as problems, in file order."""
     def line_of(err: Any) -> int:
         return node_line(root, prefix + tuple(err["loc"])) or 0
 
-    errors = [e for e in error.errors() if only is None or only(e)]
-    for err in sorted(errors, key=line_of):  # in file order, as the user reads them
+    for err in sorted(error.errors(), key=line_of):  # in file order, as the user reads them
         loc = prefix + tuple(err["loc"])
         dotted = ".".join(str(x) for x in loc) or None
         if err["type"] == "extra_forbidden":
@@ -73,7 +71,8 @@ def _allowed_keys(loc: tuple[Any, ...]) -> list[str]:
     from batchgen.manifest.schema import RequestDefaults
 
     models: dict[tuple[Any, ...], type[BaseModel]] = {(): ManifestSchema, ("defaults",): RequestDefaults,
-                                           ("output",): OutputSettings, ("run",): RunSettings}
+                                                      ("output",): OutputSettings, ("run",): RunSettings,
+                                                      ("quality",): QualitySettings}
     model = models.get(loc)
     return list(model.model_fields) if model else []
 
