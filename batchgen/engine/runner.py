@@ -12,7 +12,7 @@ Exit codes: 0 every request done; 1 finished but some failed for good; 2 bad inp
 CLI); 3 stopped early and resumable (signal, budget, runtime limit, 401/402, API unreachable, policy pause,
 tasks left past max_wait, database locked).
 
-Shared store (`--db postgresql://...`, docs/scale-out.md): `lock()` registers this process as one of the
+Shared store (`--db postgresql://...`, docs/scale-out.md): `store.runners.lock()` registers this process as one of the
 job's runners instead of taking a file lock; the run prints which runners it shares the job with, refuses
 a local output folder when another host already runs the job, takes its share of `--rate` (re-read every
 heartbeat), and counts `--max-runtime` from the job-wide start of the current group of runners.

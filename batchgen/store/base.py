@@ -63,8 +63,14 @@ class BaseStore(abc.ABC):
     # True when several runners may share the job (the scheduler then runs its takeover hook).
     shared: bool = False
     runner_id: str | None = None
+
+    # -- ledgers: one concern each, set by every backend's __init__ (see the module docstring) -------------
+
     uploads: UploadLedger  # the Files API uploads of the job (issue 6)
     reviews: ReviewLedger  # images set aside, people's decisions, rejected requests requeued (issue 16)
+    run_log: RunLog  # one row per `batchgen run`: when it ran, why it ended, its summary
+    key_states: KeyStates  # each API key's last known state and its use, by fingerprint (issue 15)
+    runners: Runners  # who runs this job: run lock or registration and heartbeat, live runners, takeover
 
     # -- plumbing -----------------------------------------------------------------------------------
 
@@ -218,15 +224,3 @@ class BaseStore(abc.ABC):
 
     @abc.abstractmethod
     def requeue_failed(self, codes: list[str] | None = None) -> int: ...
-
-    # -- runs ---------------------------------------------------------------------------------------
-
-    run_log: RunLog  # one row per `batchgen run`: when it ran, why it ended, its summary
-
-    # -- API keys (issue 15: fingerprints only, never a key) -------------------------------------------
-
-    key_states: KeyStates  # each API key's last known state and its use, by fingerprint
-
-    # -- several runners on one job -----------------------------------------------------------------
-
-    runners: Runners  # who runs this job: run lock or registration and heartbeat, live runners, takeover

@@ -64,8 +64,7 @@ from batchgen.store.base import BaseStore
 from batchgen.store.postgres_keystates import PostgresKeyStates
 from batchgen.store.postgres_reviews import PostgresReviews
 from batchgen.store.postgres_runlog import PostgresRunLog
-from batchgen.store.postgres_runners import LIVE_RUNNERS as _LIVE
-from batchgen.store.postgres_runners import PostgresRunners
+from batchgen.store.postgres_runners import LIVE_RUNNERS, PostgresRunners
 from batchgen.store.postgres_uploads import PostgresUploads
 from batchgen.store.records import (
     AttemptRecord,
@@ -557,7 +556,8 @@ class PostgresStore(BaseStore):
             cur.execute(
                 "WITH picked AS (SELECT key FROM requests WHERE job_id = %(job)s AND state = 'pending' "
                 "AND not_before <= %(now)s AND (claimed_by IS NULL OR claimed_by = %(me)s "
-                f"OR claimed_by NOT IN ({_LIVE})) ORDER BY not_before, seq LIMIT %(limit)s FOR UPDATE SKIP LOCKED) "
+                f"OR claimed_by NOT IN ({LIVE_RUNNERS})) ORDER BY not_before, seq LIMIT %(limit)s "
+                "FOR UPDATE SKIP LOCKED) "
                 "UPDATE requests r SET claimed_by = %(me)s FROM picked WHERE r.job_id = %(job)s "
                 "AND r.key = picked.key RETURNING r.*", self._a(now=now, limit=limit))
             rows = [self._request_record(d) for d in cur.fetchall()]
@@ -567,7 +567,7 @@ class PostgresStore(BaseStore):
         """When the earliest pending request this runner may claim becomes due (others' claims excluded,
         or the submitter would spin on rows it cannot have)."""
         value = self._one("SELECT MIN(not_before) FROM requests WHERE job_id = %(job)s AND state='pending' "
-                          f"AND (claimed_by IS NULL OR claimed_by = %(me)s OR claimed_by NOT IN ({_LIVE}))",
+                          f"AND (claimed_by IS NULL OR claimed_by = %(me)s OR claimed_by NOT IN ({LIVE_RUNNERS}))",
                           self._a())
         return None if value is None else float(value)
 
@@ -686,8 +686,7 @@ class PostgresStore(BaseStore):
 
     def abandon_attempt(self, attempt_id: int, code: str, message: str) -> None:
         with self._tx(write=False) as cur:
-            cur.execute("UPDATE attempts SET state='abandoned', error_code=%s, error_message=%s, finished_at=%s "
-                        "WHERE id=%s", (code, message, time.time(), attempt_id))
+            self._abandon(cur, attempt_id, code, message, time.time())
 
     def release_open_attempts(self, code: str, message: str) -> int:
         """As in SQLite (an in-process emulator's tasks died with it), but only requests no live runner holds."""
@@ -697,10 +696,9 @@ class PostgresStore(BaseStore):
                 "SELECT a.id, r.key FROM requests r JOIN attempts a ON a.job_id = r.job_id AND "
                 "a.request_key = r.key AND a.attempt_no = r.attempt_no WHERE r.job_id = %(job)s "
                 "AND r.state IN ('submitted', 'completed') AND (r.claimed_by IS NULL OR r.claimed_by = %(me)s "
-                f"OR r.claimed_by NOT IN ({_LIVE})) FOR UPDATE OF r SKIP LOCKED", self._a()).fetchall()
+                f"OR r.claimed_by NOT IN ({LIVE_RUNNERS})) FOR UPDATE OF r SKIP LOCKED", self._a()).fetchall()
             for attempt_id, key in rows:
-                cur.execute("UPDATE attempts SET state='abandoned', error_code=%s, error_message=%s, finished_at=%s "
-                            "WHERE id=%s", (code, message, now, attempt_id))
+                self._abandon(cur, attempt_id, code, message, now)
                 self._requeue(cur, key, 0.0, code, message, None, False, now)
         return len(rows)
 
@@ -765,6 +763,12 @@ class PostgresStore(BaseStore):
     def _fail(self, cur: psycopg.Cursor[Any], key: str, code: str | None, message: str | None, now: float) -> None:
         cur.execute("UPDATE requests SET state='failed', error_code=%s, error_message=%s, claimed_by=NULL, "
                     "updated_at=%s WHERE job_id=%s AND key=%s", (code, message, now, self.job_id, key))
+
+    @staticmethod
+    def _abandon(cur: psycopg.Cursor[Any], attempt_id: int, code: str | None, message: str | None,
+                 now: float) -> None:
+        cur.execute("UPDATE attempts SET state='abandoned', error_code=%s, error_message=%s, finished_at=%s "
+                    "WHERE id=%s", (code, message, now, attempt_id))
 
     def requeue_failed(self, codes: list[str] | None = None) -> int:
         sql = ("UPDATE requests SET state='pending', attempts=0, not_before=0, model=params::json->>'model', "

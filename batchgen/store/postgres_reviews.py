@@ -21,6 +21,7 @@ from batchgen.store.reviews import (
     checked_reason,
     count_images,
     current_image,
+    latest_by_image,
     same_again,
 )
 
@@ -42,8 +43,7 @@ class PostgresReviews(ReviewLedger):
             self._insert_aside(cur, aside)
             if requeue:
                 if aside.attempt_id is not None:
-                    cur.execute("UPDATE attempts SET state='abandoned', error_code=%s, error_message=%s, "
-                                "finished_at=%s WHERE id=%s", (code, message, now, aside.attempt_id))
+                    self.store._abandon(cur, aside.attempt_id, code, message, now)
                 self.store._requeue(cur, aside.request_key, now, code, message, None, True, now)
             else:
                 self.store._fail(cur, aside.request_key, code, message, now)
@@ -66,7 +66,7 @@ class PostgresReviews(ReviewLedger):
         with self.store._tx(write=False) as cur:
             cur.execute("SELECT request_key, idx, sha256, attempt_id, decision, reason, decided_at, acted_at "
                         f"FROM reviews WHERE {self._LATEST}", self.store._a())  # type: ignore[arg-type]
-            return {(r[0], r[1], r[2]): ReviewRecord(*r) for r in cur.fetchall()}
+            return latest_by_image(cur.fetchall())
 
     def decide(self, request_key: str, idx: int, sha256: str, decision: str, reason: str | None) -> ReviewRecord:
         reason = checked_reason(decision, reason)

@@ -7,14 +7,13 @@ scoped by the store's job id, as every row of a shared database is; a run's row 
 
 from __future__ import annotations
 
-import json
 import os
 import socket
 import time
 from typing import TYPE_CHECKING, Any
 
 from batchgen.store.records import encode_json as _j
-from batchgen.store.runlog import RunLog
+from batchgen.store.runlog import RunLog, decoded
 
 if TYPE_CHECKING:
     from batchgen.store.postgres import PostgresStore
@@ -40,9 +39,6 @@ class PostgresRunLog(RunLog):
                         (time.time(), exit_code, reason, _j(summary), run_id))
 
     def all(self) -> list[dict[str, Any]]:
-        out = []
-        for rec in self.store._rows("SELECT id, started_at, finished_at, pid, host, exit_code, reason, summary "
-                                    "FROM runs WHERE job_id = %s ORDER BY id", (self.store.job_id,)):
-            rec["summary"] = json.loads(rec["summary"]) if rec["summary"] else None
-            out.append(rec)
-        return out
+        return [decoded(rec) for rec in self.store._rows(
+            "SELECT id, started_at, finished_at, pid, host, exit_code, reason, summary FROM runs WHERE job_id = %s "
+            "ORDER BY id", (self.store.job_id,))]

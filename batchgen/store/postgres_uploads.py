@@ -12,7 +12,7 @@ from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from batchgen.store.records import UploadRecord
-from batchgen.store.uploads import UploadLedger
+from batchgen.store.uploads import UploadLedger, local_only, urls_of
 
 if TYPE_CHECKING:
     from batchgen.store.postgres import PostgresStore
@@ -67,7 +67,7 @@ class PostgresUploads(UploadLedger):
                 "AND state = ANY(%(states)s) AND params::json->>'mask_url' IS NOT NULL",
                 self.store._a(states=list(states)))
             rows = cur.fetchall()
-        return [(k, v) for k, v in rows if isinstance(v, str) and not v.startswith(("http://", "https://"))]
+        return local_only(rows)
 
     def open_attempt_urls(self) -> set[str]:
         with self.store._tx(write=False) as cur:
@@ -77,7 +77,7 @@ class PostgresUploads(UploadLedger):
                 "ELSE '[]'::json END) AS j(value) WHERE a.job_id = %(job)s AND a.state IN ('sending', 'running') "
                 "AND a.body IS NOT NULL UNION SELECT body::json->>'mask_url' FROM attempts WHERE job_id = %(job)s "
                 "AND state IN ('sending', 'running') AND body IS NOT NULL", self.store._a())
-            return {v for (v,) in cur.fetchall() if isinstance(v, str)}
+            return urls_of(cur.fetchall())
 
     def _rows(self, where: str, **kw: Any) -> list[UploadRecord]:
         with self.store._tx(write=False) as cur:

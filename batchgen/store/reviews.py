@@ -68,6 +68,11 @@ def by_request(rows: Iterable[Sequence[Any]],
     return out
 
 
+def latest_by_image(rows: Iterable[Sequence[Any]]) -> dict[tuple[str, int, str], ReviewRecord]:
+    """Decision rows (ReviewRecord's fields) by the image they are about: (request key, idx, sha256)."""
+    return {(r[0], r[1], r[2]): ReviewRecord(*r) for r in rows}
+
+
 def count_images(images: Iterable[Sequence[Any]], latest: dict[tuple[str, int, str], ReviewRecord]) -> dict[str, int]:
     """The images (request key, idx, sha256) of the results by review state."""
     out = {"approved": 0, "rejected": 0, "unreviewed": 0}

@@ -9,7 +9,14 @@ postgres_runlog.py), rather than three more methods on a store that already does
 from __future__ import annotations
 
 import abc
+import json
 from typing import Any
+
+
+def decoded(run: dict[str, Any]) -> dict[str, Any]:
+    """A run row as `all()` returns it: its summary decoded from the stored JSON (None while it runs)."""
+    run["summary"] = json.loads(run["summary"]) if run["summary"] else None
+    return run
 
 
 class RunLog(abc.ABC):

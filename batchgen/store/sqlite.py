@@ -38,7 +38,7 @@ Schema (times are wall-clock epoch seconds as REAL; JSON columns hold compact JS
                (approve/reject), reason, decided_at, acted_at (when a run requeued the request for it)
     uploads    (m003) file_id PK, sha256 (of the content; indexed), file_url, expires_at, size, mime, path
                (local file it came from), uploaded_at, checked_at (last proven live), suspect_at (a task
-               using it failed to fetch it), deleted_at. Only files batchgen uploaded; see uploads.py
+               using it failed to fetch it), deleted_at. Only files batchgen uploaded; see engine/uploads.py
     keys       (m006) fingerprint PK (first 12 hex of the key's sha256, never the key), label, state
                (active / revoked / out_of_credits), reason, balance (last seen), updated_at. m006 also adds
                `key_fp` to attempts (the key each attempt was sent with; polls use the same key) and to
@@ -590,8 +590,7 @@ class Store(BaseStore):
     def abandon_attempt(self, attempt_id: int, code: str, message: str) -> None:
         """An attempt whose results cannot be used (expired URLs, lost task); a new attempt follows."""
         with self._tx() as c:
-            c.execute("UPDATE attempts SET state='abandoned', error_code=?, error_message=?, finished_at=? "
-                      "WHERE id=?", (code, message, time.time(), attempt_id))
+            self._abandon(c, attempt_id, code, message, time.time())
 
     def release_open_attempts(self, code: str, message: str) -> int:
         """Give up every attempt in flight and requeue its request, without charging it an attempt.
@@ -605,8 +604,7 @@ class Store(BaseStore):
                 "SELECT a.id, r.key FROM requests r JOIN attempts a ON a.request_key = r.key AND "
                 "a.attempt_no = r.attempt_no WHERE r.state IN ('submitted', 'completed')").fetchall()
             for attempt_id, key in rows:
-                c.execute("UPDATE attempts SET state='abandoned', error_code=?, error_message=?, finished_at=? "
-                          "WHERE id=?", (code, message, now, attempt_id))
+                self._abandon(c, attempt_id, code, message, now)
                 self._requeue(c, key, 0.0, code, message, None, False, now)
         return len(rows)
 
@@ -675,6 +673,11 @@ class Store(BaseStore):
         c.execute("UPDATE requests SET state='failed', error_code=?, error_message=?, updated_at=? WHERE key=?",
                   (code, message, now, key))
 
+    @staticmethod
+    def _abandon(c: sqlite3.Connection, attempt_id: int, code: str | None, message: str | None, now: float) -> None:
+        c.execute("UPDATE attempts SET state='abandoned', error_code=?, error_message=?, finished_at=? WHERE id=?",
+                  (code, message, now, attempt_id))
+
     def requeue_failed(self, codes: list[str] | None = None) -> int:
         """`batchgen retry`: failed requests (optionally only these error codes) go back to pending with a
         fresh attempt budget and their original model. History (attempts, errors) is kept."""
@@ -686,4 +689,3 @@ class Store(BaseStore):
             args.extend(codes)
         with self._tx() as c:
             return int(c.execute(sql, args).rowcount)
-

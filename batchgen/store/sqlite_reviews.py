@@ -20,6 +20,7 @@ from batchgen.store.reviews import (
     checked_reason,
     count_images,
     current_image,
+    latest_by_image,
     same_again,
 )
 
@@ -42,8 +43,7 @@ class SqliteReviews(ReviewLedger):
             self._insert_aside(c, aside)
             if requeue:
                 if aside.attempt_id is not None:
-                    c.execute("UPDATE attempts SET state='abandoned', error_code=?, error_message=?, "
-                              "finished_at=? WHERE id=?", (code, message, now, aside.attempt_id))
+                    self.store._abandon(c, aside.attempt_id, code, message, now)
                 self.store._requeue(c, aside.request_key, now, code, message, None, True, now)
             else:
                 self.store._fail(c, aside.request_key, code, message, now)
@@ -65,7 +65,7 @@ class SqliteReviews(ReviewLedger):
         cur = self.store.conn.execute(
             "SELECT request_key, idx, sha256, attempt_id, decision, reason, decided_at, acted_at FROM reviews "
             "WHERE id IN (SELECT MAX(id) FROM reviews GROUP BY request_key, idx, sha256)")
-        return {(r[0], r[1], r[2]): ReviewRecord(*r) for r in cur.fetchall()}
+        return latest_by_image(cur.fetchall())
 
     def decide(self, request_key: str, idx: int, sha256: str, decision: str, reason: str | None) -> ReviewRecord:
         """A person's decision on one image. Deciding the same thing again changes nothing; a decision on

@@ -7,14 +7,13 @@ anywhere else in the store (a LocalFaultError, the run resumable).
 
 from __future__ import annotations
 
-import json
 import os
 import socket
 import time
 from typing import TYPE_CHECKING, Any
 
 from batchgen.store.records import encode_json as _j
-from batchgen.store.runlog import RunLog
+from batchgen.store.runlog import RunLog, decoded
 
 if TYPE_CHECKING:
     from batchgen.store.sqlite import Store
@@ -40,9 +39,4 @@ class SqliteRunLog(RunLog):
     def all(self) -> list[dict[str, Any]]:
         cur = self.store.conn.execute("SELECT * FROM runs ORDER BY id")
         names = [d[0] for d in cur.description]
-        out = []
-        for row in cur.fetchall():
-            rec = dict(zip(names, row, strict=True))
-            rec["summary"] = json.loads(rec["summary"]) if rec["summary"] else None
-            out.append(rec)
-        return out
+        return [decoded(dict(zip(names, row, strict=True))) for row in cur.fetchall()]

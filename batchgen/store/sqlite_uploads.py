@@ -11,7 +11,7 @@ from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from batchgen.store.records import UploadRecord
-from batchgen.store.uploads import UploadLedger
+from batchgen.store.uploads import UploadLedger, local_only, urls_of
 
 if TYPE_CHECKING:
     from batchgen.store.sqlite import Store
@@ -70,8 +70,7 @@ class SqliteUploads(UploadLedger):
             f"SELECT r.key, j.value FROM requests r, json_each(r.params, '$.image_urls') j WHERE r.state IN ({qs}) "
             f"UNION ALL SELECT key, json_extract(params, '$.mask_url') FROM requests WHERE state IN ({qs}) "
             "AND json_extract(params, '$.mask_url') IS NOT NULL", (*states, *states))
-        return [(k, v) for k, v in cur.fetchall()
-                if isinstance(v, str) and not v.startswith(("http://", "https://"))]
+        return local_only(cur.fetchall())
 
     def open_attempt_urls(self) -> set[str]:
         """Every reference URL in the bodies of attempts still open (sending or running): files the API may
@@ -81,7 +80,7 @@ class SqliteUploads(UploadLedger):
             "WHERE a.state IN ('sending', 'running') AND a.body IS NOT NULL "
             "UNION SELECT json_extract(body, '$.mask_url') FROM attempts "
             "WHERE state IN ('sending', 'running') AND body IS NOT NULL")
-        return {v for (v,) in cur.fetchall() if isinstance(v, str)}
+        return urls_of(cur.fetchall())
 
     def _rows(self, where: str, args: Sequence[Any]) -> list[UploadRecord]:
         cur = self.store.conn.execute(

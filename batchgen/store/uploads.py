@@ -12,8 +12,20 @@ from __future__ import annotations
 
 import abc
 from collections.abc import Iterable, Sequence
+from typing import Any
 
+from batchgen.models import is_remote
 from batchgen.store.records import UploadRecord
+
+
+def local_only(rows: Iterable[Sequence[Any]]) -> list[tuple[str, str]]:
+    """(request key, reference) rows read from the requests, keeping the local paths (not http(s) URLs)."""
+    return [(k, v) for k, v in rows if isinstance(v, str) and not is_remote(v)]
+
+
+def urls_of(rows: Iterable[Sequence[Any]]) -> set[str]:
+    """The reference URLs of one-column rows read from attempt bodies (a missing mask reads as NULL)."""
+    return {v for (v,) in rows if isinstance(v, str)}
 
 
 class UploadLedger(abc.ABC):
