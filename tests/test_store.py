@@ -4,6 +4,7 @@ on a real PostgreSQL server (tests/pg_fixtures.py); PostgreSQL's own rules are i
 
 from __future__ import annotations
 
+import os
 import sqlite3
 import subprocess
 import sys
@@ -16,9 +17,15 @@ import sqlite_utils
 from batchgen.errors import ManifestError, Problem, StoreLockedError
 from batchgen.models import GenerationRequest, JobSpec, PlannedRequest, State, request_key
 from batchgen.store.base import BaseStore
+from batchgen.store.keystates import KeyStates
 from batchgen.store.open import open_store
+from batchgen.store.records import AttemptState, ImageRecord, ReviewRefusedError, SetAsideRecord, UploadRecord
+from batchgen.store.reviews import ReviewLedger
+from batchgen.store.runlog import RunLog
+from batchgen.store.runners import Runners
 from batchgen.store.sqlite import NewAttempt, Outcome, Store, idempotency_key
 from batchgen.store.sqlite_migrations import NAMES, migration_set
+from batchgen.store.uploads import UploadLedger
 
 OpenDb = Callable[[], BaseStore]
 
@@ -287,3 +294,204 @@ def test_the_uploads_ledger_keeps_each_keys_files_apart_on_both_backends(open_db
         assert (a.checked_at, a.suspect_at, a.deleted_at, a.key_fp) == (250.0, 260.0, None, "fp-a")
         assert ledger.by_url([]) == []
         assert ledger.current("sha-a").file_id == "f-a"  # the deleted one is no longer current
+
+
+# -- the ledgers' contract: reviews, run log, key states, runners, job scope ----------------------------------
+
+
+def completed(store: BaseStore, keys: list[str], key_fp: str | None = None) -> list[int]:
+    """Drive these requests through a finished task to `completed` (the images not yet saved): attempt ids."""
+    ids = store.start_attempts([NewAttempt(k, 1, "z-image-turbo", 0.5, key_fp=key_fp) for k in keys])
+    store.record_tasks([(aid, f"task-unified-1-{aid:08d}", 0.5, False) for aid in ids])
+    store.record_outcomes([Outcome(aid, k, "completed", result_urls=(f"http://x/{aid}.png",), credits_used=0.5)
+                           for aid, k in zip(ids, keys, strict=True)])
+    return ids
+
+
+def done_with_image(store: BaseStore, key: str, sha256: str, key_fp: str | None = None) -> int:
+    """A request done with one saved image (idx 1) of this content, as a run leaves it: its attempt id."""
+    [aid] = completed(store, [key], key_fp)
+    store.record_images([(ImageRecord(key, 1, f"{key}_1.png", f"http://x/{aid}.png", 10, sha256, 1, 1, "PNG",
+                                      aid, 1.0), True)])
+    return aid
+
+
+def aside(key: str, attempt_id: int | None, sha256: str, why: str, reason: str | None) -> SetAsideRecord:
+    return SetAsideRecord(key, 1, attempt_id, f"_rejected/{key}_1-{sha256}.png", sha256, 10, 1, 1, "PNG", why,
+                          reason, 2.0)
+
+
+def test_every_ledger_is_an_instance_of_its_interface_on_both_backends(open_db: OpenDb) -> None:
+    """The store declares its ledgers only as annotations: nothing else holds a backend to the interfaces."""
+    with open_db() as store:
+        for name, interface in (("uploads", UploadLedger), ("reviews", ReviewLedger), ("run_log", RunLog),
+                                ("key_states", KeyStates), ("runners", Runners)):
+            assert isinstance(getattr(store, name), interface), name
+
+
+def test_a_reject_is_recorded_once_refused_on_a_stale_image_and_requeued_with_its_image_set_aside(
+        tmp_path: Path, open_db: OpenDb) -> None:
+    """store.reviews from a person's reject to the next run's requeue: what review, status and run rely on."""
+    m = FakeManifest(tmp_path, ["a", "b"])
+    with open_db() as store:
+        store.sync(m)
+        ka, kb = keys_of(m)
+        aid = done_with_image(store, ka, "sha-a1")
+        reviews = store.reviews
+        rv = reviews.decide(ka, 1, "sha-a1", "reject", " blurry ")
+        assert (rv.request_key, rv.idx, rv.sha256, rv.attempt_id, rv.decision, rv.reason, rv.acted_at) == (
+            ka, 1, "sha-a1", aid, "reject", "blurry", None)
+        assert reviews.latest() == {(ka, 1, "sha-a1"): rv}
+        assert reviews.counts() == {"approved": 0, "rejected": 1, "unreviewed": 0, "regenerating": 0,
+                                    "set_aside": 0, "check_failed": 0}
+        # The same decision again (a double click, a resent form) returns the recorded one and adds no row.
+        assert reviews.decide(ka, 1, "sha-a1", "reject", "blurry") == rv
+        assert reviews.decide(ka, 1, "sha-a1", "reject", None) == rv  # no reason given: the same decision
+        assert reviews.latest() == {(ka, 1, "sha-a1"): rv}
+        # A page showing an older image, or a request without one, is stale: refused as superseded.
+        for key, sha in ((ka, "sha-older"), (kb, "sha-a1")):
+            with pytest.raises(ReviewRefusedError) as info:
+                reviews.decide(key, 1, sha, "approve", None)
+            assert info.value.superseded is True
+        # An image saved while its request is not done (the rest still downloading, or regenerating) is not final.
+        [aid_b] = completed(store, [kb])
+        store.record_images([(ImageRecord(kb, 1, "b_1.png", None, 10, "sha-b1", 1, 1, "PNG", aid_b, 1.0), False)])
+        with pytest.raises(ReviewRefusedError, match="this request is completed") as info:
+            reviews.decide(kb, 1, "sha-b1", "approve", None)
+        assert info.value.superseded is True
+        with pytest.raises(ReviewRefusedError) as info:
+            reviews.decide(ka, 1, "sha-a1", "maybe", None)
+        assert info.value.superseded is False
+        assert reviews.latest() == {(ka, 1, "sha-a1"): rv}  # nothing refused was recorded
+
+        [(req, decisions)] = reviews.open_rejects()
+        assert (req.key, [i.sha256 for i in req.images], decisions) == (ka, ["sha-a1"], [rv])
+
+        moved = aside(ka, aid, "sha-a1", "review", "blurry")
+        reviews.requeue_rejected(ka, [moved], "rejected in review: blurry")
+        again = store.get_request(ka)
+        assert again is not None and again.state == State.PENDING and again.attempts == 1
+        assert (again.error_code, again.error_message) == ("review_rejected", "rejected in review: blurry")
+        assert reviews.open_rejects() == []  # acted on: the run after next does not requeue it again
+        assert reviews.latest()[(ka, 1, "sha-a1")].acted_at is not None
+        assert reviews.set_aside_images() == [moved]
+        assert store.images_for(ka) == []
+        counts = reviews.counts()
+        assert (counts["set_aside"], counts["regenerating"], counts["rejected"]) == (1, 1, 0)
+        with pytest.raises(ReviewRefusedError) as info:  # the image left the results
+            reviews.decide(ka, 1, "sha-a1", "approve", None)
+        assert info.value.superseded is True
+
+
+def test_an_image_failing_its_checks_is_set_aside_and_requeues_or_fails_its_request(
+        tmp_path: Path, open_db: OpenDb) -> None:
+    """reviews.reject_image is one transaction: the aside row, and a new attempt or the request failed."""
+    m = FakeManifest(tmp_path, ["a", "b"])
+    with open_db() as store:
+        store.sync(m)
+        ka, kb = keys_of(m)
+        aid_a, aid_b = completed(store, [ka, kb])  # downloading: the checks run before the image is saved
+        bad_a = aside(ka, aid_a, "sha-dark", "quality", "too dark")
+        bad_b = aside(kb, aid_b, "sha-blank", "quality", "blank")
+        store.reviews.reject_image(bad_a, requeue=True, code="quality_check_failed", message="image 1 is too dark")
+        store.reviews.reject_image(bad_b, requeue=False, code="quality_check_failed", message="gave up")
+        reqs = {r.key: r for r in store.iter_requests(with_history=True)}
+        a, b = reqs[ka], reqs[kb]
+        assert (a.state, a.error_code, a.attempts) == (State.PENDING, "quality_check_failed", 1)
+        assert [(x.id, x.state, x.error_code) for x in a.attempt_rows] == [
+            (aid_a, AttemptState.ABANDONED, "quality_check_failed")]
+        assert (b.state, b.error_code, b.error_message) == (State.FAILED, "quality_check_failed", "gave up")
+        assert store.get_request(kb).state == State.FAILED  # type: ignore[union-attr]
+        assert store.reviews.set_aside_images() == [bad_a, bad_b]
+        counts = store.reviews.counts()
+        assert (counts["set_aside"], counts["regenerating"]) == (2, 0)  # a failed check is not a review's reject
+        assert store.counts()["failed"] == 1 and store.counts()["pending"] == 1
+
+
+def test_the_run_log_keeps_each_runs_end_and_summary(open_db: OpenDb) -> None:
+    """store.run_log: status and the report read back how each run ended; a run still going has no end."""
+    with open_db() as store:
+        first = store.run_log.start()
+        second = store.run_log.start()
+        assert isinstance(first, int) and second != first
+        store.run_log.finish(first, 3, "signal", {"images": 2})
+    with open_db() as store:  # committed: a new connection sees them
+        runs = store.run_log.all()
+        assert [r["id"] for r in runs] == [first, second]
+        ended, going = runs
+        assert (ended["exit_code"], ended["reason"], ended["summary"]) == (3, "signal", {"images": 2})
+        assert ended["finished_at"] >= ended["started_at"] and ended["pid"] == os.getpid()
+        assert (going["finished_at"], going["exit_code"], going["reason"], going["summary"]) == (None,) * 4
+
+
+def test_key_states_keep_the_last_balance_and_count_what_was_sent_with_each_key(
+        tmp_path: Path, open_db: OpenDb) -> None:
+    """store.key_states: `status` shows each key's last state and use; keys never recorded come last."""
+    m = FakeManifest(tmp_path, ["a", "b", "c"])
+    with open_db() as store:
+        store.sync(m)
+        ka, kb, kc = keys_of(m)
+        keys = store.key_states
+        keys.record("fp-a", "team-a", "active", balance=10.0)
+        keys.record("fp-a", "team-a", "revoked", "401")  # no balance given: the last one is kept
+        keys.record("fp-b", None, "active")  # no label: ordered by its fingerprint
+        completed(store, [ka], key_fp="fp-a")
+        store.start_attempts([NewAttempt(kb, 1, "z-image-turbo", 0.25, key_fp="fp-a"),
+                              NewAttempt(kc, 1, "z-image-turbo", 0.75, key_fp="fp-0")])  # in flight
+        assert keys.usage() == [
+            {"fingerprint": "fp-b", "label": None, "state": "active", "reason": None, "balance": None,
+             "requests": 0, "credits_used": 0.0, "credits_reserved": 0.0, "open": 0},
+            {"fingerprint": "fp-a", "label": "team-a", "state": "revoked", "reason": "401", "balance": 10.0,
+             "requests": 2, "credits_used": 0.5, "credits_reserved": 0.25, "open": 1},
+            # seen only on an attempt: after the recorded keys, though its fingerprint sorts first
+            {"fingerprint": "fp-0", "label": None, "state": "unknown", "reason": None, "balance": None,
+             "requests": 1, "credits_used": 0.0, "credits_reserved": 0.75, "open": 1},
+        ]
+
+
+def test_closing_a_sqlite_store_releases_its_run_lock(tmp_path: Path) -> None:
+    """close() unlocks the runners ledger, so the next `batchgen run` in this process (or any) may start."""
+    path = tmp_path / "s.db"
+    with open_store(path) as first:
+        first.runners.lock()
+        with open_store(path) as other, pytest.raises(StoreLockedError):
+            other.runners.lock()  # held while the first store is open
+    with open_store(path) as second:
+        second.runners.lock()
+
+
+def test_a_jobs_ledgers_are_invisible_to_another_job_in_the_same_postgres_database(
+        tmp_path: Path, pg_url: str) -> None:
+    """Every ledger of a shared database is scoped by job: beta never sees alpha's uploads, runs, keys or reviews."""
+    m = FakeManifest(tmp_path, ["a", "b"])
+    ka, kb = keys_of(m)
+    upload = UploadRecord("f-1", "sha-u", "https://files.example/f-1", 1e12, 10, "image/png", "/a.png", 1.0,
+                          key_fp="fp-a")
+    with open_store(pg_url, "alpha", create=True) as alpha, open_store(pg_url, "beta", create=True) as beta:
+        alpha.sync(m)
+        beta.sync(m)  # the same request keys in both jobs
+        alpha.uploads.record(upload)
+        alpha.run_log.finish(alpha.run_log.start(), 0, "finished", {"images": 1})
+        alpha.key_states.record("fp-a", "team-a", "active", balance=5.0)
+        done_with_image(alpha, ka, "sha-a1", key_fp="fp-a")
+        alpha.reviews.decide(ka, 1, "sha-a1", "reject", "blurry")
+        [aid_b] = completed(alpha, [kb], key_fp="fp-a")
+        alpha.reviews.reject_image(aside(kb, aid_b, "sha-blank", "quality", "blank"), requeue=False,
+                                   code="quality_check_failed", message="gave up")
+        # alpha sees all of it ...
+        assert [u.file_id for u in alpha.uploads.live()] == ["f-1"]
+        assert len(alpha.run_log.all()) == 1 and [k["fingerprint"] for k in alpha.key_states.usage()] == ["fp-a"]
+        assert len(alpha.reviews.latest()) == 1 and [r.key for r, _ in alpha.reviews.open_rejects()] == [ka]
+        assert len(alpha.reviews.set_aside_images()) == 1
+        # ... beta none of it
+        assert beta.uploads.live() == [] and beta.uploads.current("sha-u") is None
+        assert beta.uploads.by_url([upload.file_url]) == []
+        assert beta.run_log.all() == []
+        assert beta.key_states.usage() == []  # not even alpha's attempts sent with fp-a
+        assert beta.reviews.latest() == {} and beta.reviews.open_rejects() == []
+        assert beta.reviews.set_aside_images() == []
+        assert beta.reviews.counts() == {"approved": 0, "rejected": 0, "unreviewed": 0, "regenerating": 0,
+                                         "set_aside": 0, "check_failed": 0}
+        with pytest.raises(ReviewRefusedError):  # beta's request of the same key has no image to decide on
+            beta.reviews.decide(ka, 1, "sha-a1", "approve", None)
+        assert beta.counts()["pending"] == 2  # alpha's transitions left beta's requests alone
