@@ -17,7 +17,7 @@ from batchgen.models import State
 from batchgen.store.open import open_store
 from batchgen.store.postgres import MIGRATIONS, PostgresStore
 from batchgen.store.postgres_runners import PostgresRunners
-from batchgen.store.records import NewAttempt
+from batchgen.store.records import NewAttempt, Outcome
 from batchgen.store.scrub import scrub_url
 from tests.pg_fixtures import PG_PASSWORD, PgServer
 from tests.test_store import FakeManifest, keys_of
@@ -65,6 +65,42 @@ def test_jobs_share_a_database_without_seeing_each_other(tmp_path: Path, pg_url:
         open_store(pg_url, "gamma")
     with open_store(pg_url, "beta") as b2:
         assert b2.counts()["pending"] == 3
+
+
+def test_an_id_from_another_job_changes_nothing_there(tmp_path: Path, pg_url: str) -> None:
+    """Attempt and run ids are database-wide serials, so every update by id is scoped by job as well: an id
+    that reached the wrong job (a bug, a hand-edited call) cannot touch another job's rows."""
+    columns = "state, task_id, submit_tries, credits_reserved, credits_used, result_urls, error_code, finished_at"
+
+    def attempt(attempt_id: int) -> tuple[object, ...]:
+        with psycopg.connect(pg_url) as conn:
+            row = conn.execute(f"SELECT {columns} FROM attempts WHERE id = %s", (attempt_id,)).fetchone()
+        assert row is not None
+        return tuple(row)
+
+    with pg(pg_url, "alpha") as alpha, pg(pg_url, "beta") as beta:
+        alpha.sync(FakeManifest(tmp_path, ["a"]))
+        mb = FakeManifest(tmp_path, ["b"])
+        beta.sync(mb)
+        [kb] = keys_of(mb)
+        [bid] = beta.start_attempts([NewAttempt(kb, 1, "z-image-turbo", 0.5)])
+        run_id = beta.run_log.start()
+        before = attempt(bid)
+        alpha.record_tasks([(bid, "task-unified-1-zzzzzzzz", 9.0, False)])
+        alpha.retry_submit(bid, kb, 0.0, "http_503", "busy")
+        alpha.record_outcomes([Outcome(bid, kb, "running", credits_reserved=9.0)])
+        alpha.record_outcomes([Outcome(bid, kb, "completed", result_urls=("https://x/1.png",), credits_used=9.0)])
+        alpha.record_outcomes([Outcome(bid, kb, "failed", error_code="bad", error_message="bad")])
+        alpha.update_result_urls(bid, ["https://x/2.png"])
+        alpha.abandon_attempt(bid, "gone", "gone")
+        alpha.run_log.finish(run_id, 0, "finished", {"images": 1})
+        assert attempt(bid) == before
+        assert [r["finished_at"] for r in beta.run_log.all()] == [None]
+        # and the same calls by the job that owns the ids do land
+        beta.record_tasks([(bid, "task-unified-1-bbbbbbbb", 0.5, False)])
+        beta.run_log.finish(run_id, 0, "finished", {"images": 1})
+        assert attempt(bid)[:3] == ("running", "task-unified-1-bbbbbbbb", before[2] + 1)
+        assert [r["exit_code"] for r in beta.run_log.all()] == [0]
 
 
 def test_two_runners_never_claim_the_same_request(tmp_path: Path, pg_url: str) -> None:

@@ -638,15 +638,15 @@ class PostgresStore(BaseStore):
         with self._tx() as cur:
             cur.executemany(
                 "UPDATE attempts SET state='running', task_id=%s, credits_reserved=%s, replayed=%s, "
-                "submit_tries=submit_tries+1 WHERE id=%s",
-                [(task_id, reserved, int(replayed), attempt_id)
+                "submit_tries=submit_tries+1 WHERE id=%s AND job_id=%s",
+                [(task_id, reserved, int(replayed), attempt_id, self.job_id)
                  for attempt_id, task_id, reserved, replayed in accepted])
 
     def retry_submit(self, attempt_id: int, request_key: str, not_before: float, code: str | None,
                      message: str | None) -> None:
         with self._tx() as cur:
-            cur.execute("UPDATE attempts SET submit_tries=submit_tries+1, error_code=%s, error_message=%s WHERE id=%s",
-                        (code, message, attempt_id))
+            cur.execute("UPDATE attempts SET submit_tries=submit_tries+1, error_code=%s, error_message=%s "
+                        "WHERE id=%s AND job_id=%s", (code, message, attempt_id, self.job_id))
             cur.execute("UPDATE requests SET not_before=%s, updated_at=%s WHERE job_id=%s AND key=%s",
                         (not_before, time.time(), self.job_id, request_key))
 
@@ -656,27 +656,28 @@ class PostgresStore(BaseStore):
         if not outcomes:
             return
         now = time.time()
-        running = [(o.credits_reserved, o.attempt_id) for o in outcomes
+        running = [(o.credits_reserved, o.attempt_id, self.job_id) for o in outcomes
                    if o.kind == "running" and o.credits_reserved is not None]
         done = [o for o in outcomes if o.kind == "completed"]
         bad = [o for o in outcomes if o.kind in ("requeue", "failed")]
         with self._tx() as cur:
             if running:
-                cur.executemany("UPDATE attempts SET credits_reserved=%s WHERE id=%s", running)
+                cur.executemany("UPDATE attempts SET credits_reserved=%s WHERE id=%s AND job_id=%s", running)
             if done:
                 cur.executemany(
                     "UPDATE attempts SET state='completed', finished_at=%s, result_urls=%s, "
                     "credits_reserved=COALESCE(%s, credits_reserved), "
                     "credits_used=COALESCE(%s, %s, credits_reserved), error_code=NULL, error_message=NULL "
-                    "WHERE id=%s",
+                    "WHERE id=%s AND job_id=%s",
                     [(now, _j(list(o.result_urls)), o.credits_reserved, o.credits_used, o.credits_reserved,
-                      o.attempt_id) for o in done])
+                      o.attempt_id, self.job_id) for o in done])
                 cur.executemany("UPDATE requests SET state='completed', updated_at=%s WHERE job_id=%s AND key=%s",
                                 [(now, self.job_id, o.request_key) for o in done])
             if bad:
                 cur.executemany(
                     "UPDATE attempts SET state='failed', finished_at=%s, credits_used=0, error_code=%s, "
-                    "error_message=%s WHERE id=%s", [(now, o.error_code, o.error_message, o.attempt_id) for o in bad])
+                    "error_message=%s WHERE id=%s AND job_id=%s",
+                    [(now, o.error_code, o.error_message, o.attempt_id, self.job_id) for o in bad])
                 for o in bad:
                     if o.kind == "requeue":
                         self._requeue(cur, o.request_key, o.not_before, o.error_code, o.error_message, o.model,
@@ -704,7 +705,8 @@ class PostgresStore(BaseStore):
 
     def update_result_urls(self, attempt_id: int, urls: Sequence[str]) -> None:
         with self._tx(write=False) as cur:
-            cur.execute("UPDATE attempts SET result_urls=%s WHERE id=%s", (_j(list(urls)), attempt_id))
+            cur.execute("UPDATE attempts SET result_urls=%s WHERE id=%s AND job_id=%s",
+                        (_j(list(urls)), attempt_id, self.job_id))
 
     def record_image(self, img: ImageRecord, done: bool) -> None:
         self.record_images([(img, done)])
@@ -764,11 +766,10 @@ class PostgresStore(BaseStore):
         cur.execute("UPDATE requests SET state='failed', error_code=%s, error_message=%s, claimed_by=NULL, "
                     "updated_at=%s WHERE job_id=%s AND key=%s", (code, message, now, self.job_id, key))
 
-    @staticmethod
-    def _abandon(cur: psycopg.Cursor[Any], attempt_id: int, code: str | None, message: str | None,
+    def _abandon(self, cur: psycopg.Cursor[Any], attempt_id: int, code: str | None, message: str | None,
                  now: float) -> None:
         cur.execute("UPDATE attempts SET state='abandoned', error_code=%s, error_message=%s, finished_at=%s "
-                    "WHERE id=%s", (code, message, now, attempt_id))
+                    "WHERE id=%s AND job_id=%s", (code, message, now, attempt_id, self.job_id))
 
     def requeue_failed(self, codes: list[str] | None = None) -> int:
         sql = ("UPDATE requests SET state='pending', attempts=0, not_before=0, model=params::json->>'model', "

@@ -35,8 +35,9 @@ class PostgresRunLog(RunLog):
 
     def finish(self, run_id: int, exit_code: int, reason: str, summary: dict[str, Any]) -> None:
         with self.store._tx(write=False) as cur:
-            cur.execute("UPDATE runs SET finished_at=%s, exit_code=%s, reason=%s, summary=%s WHERE id=%s",
-                        (time.time(), exit_code, reason, _j(summary), run_id))
+            cur.execute("UPDATE runs SET finished_at=%s, exit_code=%s, reason=%s, summary=%s "
+                        "WHERE id=%s AND job_id=%s", (time.time(), exit_code, reason, _j(summary), run_id,
+                                                      self.store.job_id))
 
     def all(self) -> list[dict[str, Any]]:
         return [decoded(rec) for rec in self.store._rows(
