@@ -29,14 +29,8 @@ from aioresponses import aioresponses
 from yarl import URL
 
 from batchgen import __version__
-from batchgen.api.client import (
-    Credits,
-    Downloaded,
-    EvolinkClient,
-    Quota,
-    TaskSnapshot,
-    UploadedFile,
-)
+from batchgen.api.answers import Credits, Downloaded, Quota, TaskSnapshot, UploadedFile
+from batchgen.api.client import EvolinkClient
 from batchgen.engine.ratelimit import AdaptiveLimiter, Lane
 from batchgen.errors import ApiError, FilesApiError, HttpError, TransportError
 from batchgen.units import Rate

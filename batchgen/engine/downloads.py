@@ -29,7 +29,8 @@ from batchgen.storage.base import StorageError
 from batchgen.store.records import ImageRecord, SetAsideRecord
 
 if TYPE_CHECKING:
-    from batchgen.api.client import EvolinkClient, TaskSnapshot
+    from batchgen.api.answers import TaskSnapshot
+    from batchgen.api.client import EvolinkClient
     from batchgen.engine.scheduler import Scheduler
 
 # A result URL that answers one of these has expired (results live 24 hours).

@@ -82,7 +82,8 @@ from batchgen.store.records import (
 )
 
 if TYPE_CHECKING:
-    from batchgen.api.client import EvolinkClient, TaskSnapshot
+    from batchgen.api.answers import TaskSnapshot
+    from batchgen.api.client import EvolinkClient
 
 HALT_GRACE_S = 2.0
 POLL_ERRORS_BEFORE_LEAVING = 5

@@ -38,7 +38,7 @@ from batchgen.models import GenerationRequest
 from batchgen.store.records import NewAttempt, Outcome, RequestRecord
 
 if TYPE_CHECKING:
-    from batchgen.api.client import TaskSnapshot
+    from batchgen.api.answers import TaskSnapshot
     from batchgen.engine.keypool import PooledKey
     from batchgen.engine.scheduler import Scheduler
 
