@@ -177,13 +177,16 @@ class Rule:
     growth: float = 2.0
     max_wait_s: float = 300.0
     why: str = ""
+    # For STOP: the account refuses new work but its tasks still run and can be polled (no credits), so the
+    # run stops submitting and lets the tasks it paid for finish and download before it stops.
+    finish_paid: bool = False
 
 
 # HTTP statuses on a call (submit, poll, download, upload).
 HTTP_RULES: dict[int, Rule] = {
     400: Rule(Action.FAIL, why="bad request; the API's message says which field"),
     401: Rule(Action.STOP, why="invalid API key; fix EVOLINK_API_KEY and run again"),
-    402: Rule(Action.STOP, why="insufficient credits; top up and run again"),
+    402: Rule(Action.STOP, why="insufficient credits; top up and run again", finish_paid=True),
     403: Rule(Action.FAIL, why="the key may not use this model"),
     404: Rule(Action.FAIL, why="not found"),
     408: Rule(Action.RETRY, wait_s=2.0, why="request timeout"),
@@ -232,6 +235,7 @@ class Decision:
     delay_s: float = 0.0
     why: str = ""
     extra: dict[str, str] = field(default_factory=dict)
+    finish_paid: bool = False  # a STOP that lets the tasks in flight finish (the rule's `finish_paid`)
 
 
 # --- failed calls ---------------------------------------------------------------------------------
@@ -296,14 +300,14 @@ def decide(
       `attempt` is then how many times this call has failed. The wait is a short full-jitter backoff, or the
       reference's long wait when `persistent` (every call has been failing for a while). A Retry-After the
       server sent is honoured (plus a little positive jitter). Other rows are the API's verdict (400: fail
-      with its message; 401/402: stop the run).
+      with its message; 401: stop the run; 402: stop submitting, let the tasks in flight finish, stop).
 
     `time_scale` shrinks our own waits (runs against a time-scaled emulator); a server's Retry-After is
     already in its own time and is not scaled again.
     """
     rule = rule_for(error)
     if rule.action is not Action.RETRY:
-        return Decision(rule.action, 0.0, rule.why)
+        return Decision(rule.action, 0.0, rule.why, finish_paid=rule.finish_paid)
     r = (rng or random).random
     if isinstance(error, ApiError):
         own_s = backoff_s(rule, attempt, rng) if persistent else call_backoff_s(attempt, rng)

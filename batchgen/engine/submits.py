@@ -227,7 +227,8 @@ class Submissions:
         d = decide(error, tries, max(self.cfg.max_attempts, PREPARE_MAX_TRIES), self.host.rng, self.cfg.time_scale)
         code, message = code_of(error), error.message
         if d.action is Action.STOP:
-            self.host.halt(StopReason.AUTH, f"{error}: {d.why}")
+            stop = self.host.drain if d.finish_paid else self.host.halt
+            stop(StopReason.AUTH, f"{error}: {d.why}")
         elif d.action is Action.RETRY:
             self.store.defer(req.key, time.time() + d.delay_s, code, message)
         else:
@@ -325,6 +326,21 @@ class Submissions:
                                                 error_message=message, not_before=time.time(),
                                                 consume_attempt=False)])
             self.host.on_requeued(t.req.key, code, 0.0, None)
+            return
+        if d.action is Action.STOP and d.finish_paid:
+            # The account takes no new work (402) but its tasks still run: this submit created no task, so its
+            # request goes back to pending with its attempt unused (unless an earlier send of this attempt
+            # went unanswered: then it stays `sending`, for the next run to send again with the same key).
+            # The tasks in flight, already paid for, are still polled and downloaded before the run stops.
+            self.host.finish_tracking(t)
+            if self.pool is not None:
+                self.pool.refund(t.key, t.est_credits)
+            if not (t.unanswered or t.resumed):
+                self.store.record_outcomes([Outcome(t.attempt_id, t.req.key, "requeue", error_code=code,
+                                                    error_message=message, not_before=time.time(),
+                                                    consume_attempt=False)])
+                self.host.on_requeued(t.req.key, code, 0.0, None)
+            self.host.drain(StopReason.AUTH, f"{error}: {d.why}")
             return
         if d.action is Action.STOP:
             # Left as `sending`: the next run sends it again with the same key once the cause is fixed.

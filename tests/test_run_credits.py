@@ -1,0 +1,37 @@
+"""Running out of credits with one key: a 402 on a submit stops new submissions, the tasks already paid for
+finish and download, nothing is left open or used up, and after a top-up the job resumes with nothing paid
+twice."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from batchgen import catalog
+from batchgen.store.sqlite import Store
+from tests.emulator_fixtures import API_KEY, EmulatorFactory
+from tests.run_support import MODEL, check_outputs, db_of, json_events, prompts, run, write_job
+
+
+async def test_out_of_credits_stops_submitting_and_finishes_what_was_paid_for(
+        tmp_path: Path, emulator_factory: EmulatorFactory, capsys: pytest.CaptureFixture[str]) -> None:
+    """A 402 on a submit means no task was made: that request goes back to pending with its attempt unused,
+    nothing new is sent, and the tasks already paid for are polled and downloaded before the run stops."""
+    price = catalog.get(MODEL).credits_for(1)  # type: ignore[union-attr]
+    emu = await emulator_factory(latency_s=3.0, initial_credits=price * 3.5)  # three tasks' worth
+    manifest = write_job(tmp_path, prompts(12), run={"rate": "100/s", "concurrency": 12})
+    assert await run(manifest, emu.base_url) == 3
+    summary = json_events(capsys.readouterr().out)[-1]
+    assert summary["reason"] == "auth" and "402" in summary["message"] and "top up" in summary["message"]
+    with Store(db_of(manifest)) as store:
+        counts = store.counts()
+        rows = [a for r in store.iter_requests() for a in r.attempt_rows]
+        reserved = store.credit_totals().reserved
+    assert counts["done"] == 3 and counts["pending"] == 9, counts  # the paid tasks finished in this run
+    assert not [a for a in rows if a.state in ("sending", "running")] and reserved == 0  # nothing left open
+    assert all(r.attempt_no == 1 for r in rows)  # no attempt was used up by the refusals
+    emu.set_credits(API_KEY, 1000.0)  # the top-up
+    assert await run(manifest, emu.base_url) == 0
+    assert check_outputs(manifest)["states"] == {"done": 12}
+    assert len(emu.tasks()) == 12  # nothing paid twice
