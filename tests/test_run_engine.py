@@ -16,7 +16,7 @@ from batchgen.results.status import collect
 from batchgen.store.open import open_store
 from batchgen.store.sqlite import Store
 from tests.emulator_fixtures import EmulatorFactory
-from tests.run_support import check_outputs, db_of, prompts, run, write_job
+from tests.run_support import check_outputs, db_of, json_events, prompts, run, write_job
 
 
 @pytest.mark.usefixtures("store_backend")
@@ -100,6 +100,24 @@ async def test_max_credits_stops_resumably_then_finishes(tmp_path: Path, emulato
     assert emu.stats()["tasks_created"] <= 6
     assert await run(manifest, emu.base_url) == 0
     assert check_outputs(manifest)["states"] == {"done": 20}
+
+
+async def test_max_runtime_is_kept_with_submits_still_waiting_at_the_limit(
+        tmp_path: Path, emulator_factory: EmulatorFactory, capsys: pytest.CaptureFixture[str]) -> None:
+    """The halt comes early enough that its grace for calls under way ends at the limit: with submits still
+    queued at a 5/s limiter the run used to end a full grace (2 s) late."""
+    emu = await emulator_factory(latency_s=150.0)  # 1.5 s at the tests' time scale
+    manifest = write_job(tmp_path, prompts(24), run={"rate": "5/s", "concurrency": 24})
+    assert await run(manifest, emu.base_url, max_runtime_s=2.0) == 3
+    summary = json_events(capsys.readouterr().out)[-1]
+    assert summary["reason"] == "runtime", summary
+    assert summary["elapsed_s"] < 2.0 + 0.75, summary  # before: about 4 s (the limit plus the whole grace)
+    made = len(emu.tasks())
+    assert 0 < made < 24
+    # The next run collects the rest; a submit cut off at the limit is sent again with its idempotency key.
+    assert await run(manifest, emu.base_url) == 0
+    assert check_outputs(manifest)["states"] == {"done": 24}
+    assert len(emu.tasks()) == 24  # nothing paid twice
 
 
 async def test_second_run_on_a_locked_database_names_the_holder(tmp_path: Path,

@@ -36,7 +36,7 @@ from batchgen.engine.keypool import KeyPool, KeyState
 from batchgen.engine.progress import Progress
 from batchgen.engine.rejects import requeue_rejected
 from batchgen.engine.runstate import StopReason
-from batchgen.engine.scheduler import Scheduler, SchedulerConfig
+from batchgen.engine.scheduler import HALT_GRACE_S, Scheduler, SchedulerConfig
 from batchgen.engine.uploads import Uploader
 from batchgen.errors import ApiError, BatchgenError, ConfigError, ConnectError, LocalFaultError, ManifestError
 from batchgen.models import JobSpec, RunOptions, RunSettings
@@ -209,19 +209,22 @@ async def _drive(store: Store, job: JobSpec, settings: RunSettings, options: Run
     loop = asyncio.get_running_loop()
     client = pool.keys[0].client  # downloads (no key is sent) and the one-key paths
     start = loop.time()
-    submit_deadline = hard_deadline = None
+    submit_deadline = hard_deadline = runtime_end = None
     if options.max_runtime_s is not None:
         begun = start - store.runners.elapsed_s()  # shared stores: the limit holds for the job's runners as a whole
         # Stop submitting early enough for tasks in flight to finish and download before the hard stop.
         margin = min(max_wait_s + 5.0 * options.time_scale, 0.25 * options.max_runtime_s)
         submit_deadline = begun + options.max_runtime_s - margin
-        hard_deadline = begun + options.max_runtime_s
+        # Halt early enough that the grace given to calls under way ends at the limit, not after it.
+        runtime_end = begun + options.max_runtime_s
+        hard_deadline = runtime_end - min(HALT_GRACE_S, 0.1 * options.max_runtime_s)
     cfg = SchedulerConfig(
         out_dir=None, storage=storage, filename_template=job.output.filename, concurrency=settings.concurrency,
         max_attempts=settings.max_attempts, fallback_models=list(settings.fallback_models), max_wait_s=max_wait_s,
         download_concurrency=settings.download_concurrency, regenerate_expired=settings.regenerate_expired,
         policy_pause_after=settings.policy_pause_after, max_credits=settings.max_credits,
         time_scale=options.time_scale, submit_deadline=submit_deadline, hard_deadline=hard_deadline,
+        runtime_end=runtime_end,
         patience_s=parse_duration_s(settings.patience), check_invariants=bool(os.environ.get(CHECK_INVARIANTS_ENV)),
         quality=job.quality)
     progress: Progress | None = None

@@ -116,6 +116,7 @@ class SchedulerConfig:
     time_scale: float = 1.0
     submit_deadline: float | None = None  # loop time: no new submissions after it
     hard_deadline: float | None = None  # loop time: halt
+    runtime_end: float | None = None  # loop time the run must be over by (--max-runtime): the halt's grace ends there
     patience_s: float = 300.0  # emulated seconds of every call failing before the run stops (exit 3)
     check_invariants: bool = False  # tests: assert the poll invariant after every change (costs O(n))
     quality: QualitySettings = field(default_factory=QualitySettings)  # checks on every download (issue 16)
@@ -249,6 +250,8 @@ class Scheduler:
         """Give calls already under way a moment to be answered and committed."""
         assert self._loop is not None
         end = self._loop.time() + HALT_GRACE_S
+        if self.cfg.runtime_end is not None:
+            end = min(end, self.cfg.runtime_end)
         while self._loop.time() < end and (bool(self._polls.polling) or any(
                 not t.done() for t in self._tasks if t.get_name() == "call")):
             await asyncio.sleep(0.05)
