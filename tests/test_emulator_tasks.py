@@ -294,6 +294,20 @@ async def test_result_images_are_deterministic_from_the_prompt(emulator_factory:
     assert (await download((await submit(fresh, prompt="a fox"))["results"][0]))[1] == data[0]
 
 
+async def test_a_new_attempt_draws_a_new_picture_even_on_a_fresh_emulator(emulator_factory: EmulatorFactory) -> None:
+    # `batchgen run --emulator` starts a fresh emulator every run: a request regenerated after a reject
+    # (a new attempt, so a new idempotency key) must not get the rejected picture back.
+    async def first_image(emu: Emulator, key: str) -> bytes:
+        status, task = await call(emu, "POST", GEN, {"prompt": "a fox"}, headers={**AUTH, "Idempotency-Key": key})
+        assert status == 200, task
+        return (await download(task["results"][0]))[1]
+
+    attempt1 = await first_image(await emulator_factory(latency_s=0.0), "bg1-store0001-v1-fox-a1")
+    fresh = await emulator_factory(latency_s=0.0)
+    assert await first_image(fresh, "bg1-store0001-v1-fox-a2") != attempt1
+    assert await first_image(await emulator_factory(latency_s=0.0), "bg1-store0001-v1-fox-a1") == attempt1
+
+
 async def test_result_urls_expire_24_emulated_hours_after_completion(emulator_factory: EmulatorFactory) -> None:
     # 24 emulated hours last 0.864 real seconds at this scale.
     emu = await emulator_factory(time_scale=1e-5, latency_s=0.0)

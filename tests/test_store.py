@@ -373,7 +373,7 @@ def test_a_reject_is_recorded_once_refused_on_a_stale_image_and_requeued_with_it
         assert again is not None and again.state == State.PENDING and again.attempts == 1
         assert (again.error_code, again.error_message) == ("review_rejected", "rejected in review: blurry")
         assert reviews.open_rejects() == []  # acted on: the run after next does not requeue it again
-        assert reviews.latest()[(ka, 1, "sha-a1")].acted_at is not None
+        assert (ka, 1, "sha-a1") not in reviews.latest()  # acted on: about no image in the results any more
         assert reviews.set_aside_images() == [moved]
         assert store.images_for(ka) == []
         counts = reviews.counts()
@@ -381,6 +381,33 @@ def test_a_reject_is_recorded_once_refused_on_a_stale_image_and_requeued_with_it
         with pytest.raises(ReviewRefusedError) as info:  # the image left the results
             reviews.decide(ka, 1, "sha-a1", "approve", None)
         assert info.value.superseded is True
+
+
+def test_a_regenerated_image_with_the_rejected_bytes_is_a_new_image_to_review(
+        tmp_path: Path, open_db: OpenDb) -> None:
+    """A model may draw the same picture again: after a reject was acted on, the new image is unreviewed
+    (not "rejected" by the old decision), and rejecting it again is recorded and regenerates it again."""
+    m = FakeManifest(tmp_path, ["a"])
+    with open_db() as store:
+        store.sync(m)
+        [ka] = keys_of(m)
+        aid = done_with_image(store, ka, "sha-same")
+        reviews = store.reviews
+        first = reviews.decide(ka, 1, "sha-same", "reject", "blurry")
+        reviews.requeue_rejected(ka, [aside(ka, aid, "sha-same", "review", "blurry")], "rejected in review: blurry")
+        [aid2] = store.start_attempts([NewAttempt(ka, 2, "z-image-turbo", 0.5)])
+        store.record_tasks([(aid2, "task-unified-2-00000002", 0.5, False)])
+        store.record_outcomes([Outcome(aid2, ka, "completed", result_urls=("http://x/2.png",), credits_used=0.5)])
+        store.record_images([(ImageRecord(ka, 1, f"{ka}_1.png", "http://x/2.png", 10, "sha-same", 1, 1, "PNG",
+                                          aid2, 3.0), True)])
+        assert reviews.latest() == {} and reviews.open_rejects() == []
+        counts = reviews.counts()
+        assert (counts["unreviewed"], counts["rejected"]) == (1, 0)
+        second = reviews.decide(ka, 1, "sha-same", "reject", "blurry")  # the same words: still a new decision
+        assert second != first and (second.attempt_id, second.acted_at) == (aid2, None)
+        assert reviews.latest() == {(ka, 1, "sha-same"): second}
+        [(req, decisions)] = reviews.open_rejects()
+        assert (req.key, decisions) == (ka, [second])
 
 
 def test_an_image_failing_its_checks_is_set_aside_and_requeues_or_fails_its_request(

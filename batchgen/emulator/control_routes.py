@@ -83,7 +83,8 @@ async def file(request: web.Request) -> web.Response:
     result = state.tasks.result(tail, now)
     if result is not None:
         task, index = result
-        body, content_type = render_png(task.prompt, task.size, index, task.image_fault, task.generation), "image/png"
+        body, content_type = render_png(task.prompt, task.size, index, task.image_fault, task.generation,
+                                     task.idempotency_key or ""), "image/png"
         name = tail.rsplit("/", 1)[-1]
     else:
         stored = state.files.lookup(tail, now)

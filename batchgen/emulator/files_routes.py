@@ -142,7 +142,8 @@ async def _fetch(request: web.Request, url: str) -> bytes:
             from batchgen.emulator.images import render_png
 
             task, index = result
-            return render_png(task.prompt, task.size, index, task.image_fault, task.generation)
+            return render_png(task.prompt, task.size, index, task.image_fault, task.generation,
+                              task.idempotency_key or "")
         raise FilesProblem(URL_DOWNLOAD_FAILED, "URL download failed: HTTP 404.")
     limit = state.config.max_upload_bytes
     try:

@@ -35,12 +35,16 @@ def dimensions(size: str | None, short_side: int = SHORT_SIDE_PX) -> tuple[int, 
 
 
 @lru_cache(maxsize=4096)
-def render_png(prompt: str, size: str | None, index: int, fault: str | None = None, generation: int = 0) -> bytes:
+def render_png(prompt: str, size: str | None, index: int, fault: str | None = None, generation: int = 0,
+               variant: str = "") -> bytes:
     width, height = dimensions(size, TINY_SIDE_PX if fault == "tiny" else SHORT_SIDE_PX)
     if fault == "wrong_aspect":
         width, height = (height, width) if width != height else (2 * width, height)
-    # A later task with the same prompt (a regeneration) draws a different picture, as a real model would.
-    seed = f"{index}\0{prompt}" + (f"\0{generation}" if generation else "")
+    # A later task with the same prompt (a regeneration) draws a different picture, as a real model would:
+    # `generation` counts this emulator's earlier tasks of the prompt, and `variant` (the submit's
+    # idempotency key: a new attempt has a new one) keeps that true across emulators, e.g. one per
+    # `batchgen run --emulator`. A resend of the same attempt replays its task and its picture.
+    seed = f"{index}\0{prompt}" + (f"\0{generation}" if generation else "") + (f"\0{variant}" if variant else "")
     digest = hashlib.sha256(seed.encode()).digest()
     image = Image.new("RGB", (width, height), tuple(digest[0:3]))
     if fault == "blank":

@@ -50,7 +50,10 @@ def current_image(image: Sequence[Any] | None, sha256: str) -> Sequence[Any]:
 
 
 def same_again(last: Sequence[Any], decision: str, reason: str | None) -> bool:
-    """Whether the latest decision row (as ReviewRecord's fields) already says this: nothing to record."""
+    """Whether the latest decision row (as ReviewRecord's fields) already says this: nothing to record. A
+    reject already acted on is about an earlier image with the same bytes: a new decision is recorded."""
+    if last[7] is not None and last[4] == "reject":
+        return False
     return bool(last[4] == decision and (reason is None or last[5] == reason))
 
 
@@ -69,8 +72,11 @@ def by_request(rows: Iterable[Sequence[Any]],
 
 
 def latest_by_image(rows: Iterable[Sequence[Any]]) -> dict[tuple[str, int, str], ReviewRecord]:
-    """Decision rows (ReviewRecord's fields) by the image they are about: (request key, idx, sha256)."""
-    return {(r[0], r[1], r[2]): ReviewRecord(*r) for r in rows}
+    """Decision rows (ReviewRecord's fields) by the image they are about: (request key, idx, sha256).
+
+    A reject a run has acted on (`acted_at`) is left out: its image left the results and the request was
+    generated again, so an image there now with the same bytes is a new one, not yet reviewed."""
+    return {(r[0], r[1], r[2]): ReviewRecord(*r) for r in rows if r[7] is None or r[4] != "reject"}
 
 
 def count_images(images: Iterable[Sequence[Any]], latest: dict[tuple[str, int, str], ReviewRecord]) -> dict[str, int]:
