@@ -5,18 +5,19 @@ SQLite and on PostgreSQL."""
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
 
 from batchgen.cli import main
-from batchgen.errors import StoreLockedError
+from batchgen.errors import ConfigError, StoreLockedError
 from batchgen.results.status import collect
 from batchgen.store.open import open_store
 from batchgen.store.sqlite import Store
 from tests.emulator_fixtures import EmulatorFactory
-from tests.run_support import check_outputs, db_of, json_events, prompts, run, write_job
+from tests.run_support import check_outputs, db_of, json_events, out_of, prompts, run, write_job
 
 
 @pytest.mark.usefixtures("store_backend")
@@ -118,6 +119,29 @@ async def test_max_runtime_is_kept_with_submits_still_waiting_at_the_limit(
     assert await run(manifest, emu.base_url) == 0
     assert check_outputs(manifest)["states"] == {"done": 24}
     assert len(emu.tasks()) == 24  # nothing paid twice
+
+
+@pytest.mark.usefixtures("store_backend")
+async def test_a_new_output_folder_for_a_job_with_images_is_refused_unless_they_were_moved_there(
+        tmp_path: Path, emulator_factory: EmulatorFactory, capsys: pytest.CaptureFixture[str]) -> None:
+    """--out elsewhere on a job with saved images would record a folder without them (status and the report
+    then show every image missing); a folder the images were moved to is taken, with a note."""
+    emu = await emulator_factory()
+    manifest = write_job(tmp_path, prompts(3))
+    assert await run(manifest, emu.base_url) == 0
+    first = collect(db_of(manifest))["output_dir"]
+    with pytest.raises(ConfigError, match=r"this job's images are in .*--out") as info:
+        await run(manifest, emu.base_url, out_dir=str(tmp_path / "elsewhere"))
+    assert info.value.exit_code == 2 and str(out_of(manifest)) in str(info.value)
+    assert collect(db_of(manifest))["output_dir"] == first  # nothing changed
+    moved = tmp_path / "moved"
+    shutil.move(out_of(manifest), moved)
+    capsys.readouterr()
+    assert await run(manifest, emu.base_url, out_dir=str(moved)) == 0
+    assert any("output moved" in line for line in capsys.readouterr().out.splitlines())
+    assert collect(db_of(manifest))["output_dir"] == str(moved.resolve())
+    assert check_outputs(manifest, out=moved)["states"] == {"done": 3}
+    assert emu.stats()["tasks_created"] == 3  # nothing generated again
 
 
 async def test_second_run_on_a_locked_database_names_the_holder(tmp_path: Path,

@@ -41,7 +41,7 @@ from batchgen.engine.uploads import Uploader
 from batchgen.errors import ApiError, BatchgenError, ConfigError, ConnectError, LocalFaultError, ManifestError
 from batchgen.models import JobSpec, RunOptions, RunSettings
 from batchgen.storage.base import Storage
-from batchgen.storage.location import open_storage, record_storage, resolve_location
+from batchgen.storage.location import check_output_move, open_storage, output_move, record_storage, resolve_location
 from batchgen.store.base import BaseStore as Store
 from batchgen.store.open import open_store
 from batchgen.units import parse_duration_s, parse_rate
@@ -109,6 +109,10 @@ async def _open_and_run(manifest_path: Path, manifest: Any, job: JobSpec, option
     with open_store(target, job_name, create=True, lease_s=lease_s) as store:
         store.runners.lock()
         notes = _sharing_notes(store, out)
+        move = output_move(store, out)
+        if move is not None:  # the images on record are elsewhere: only if they were moved here
+            notes.append(await asyncio.to_thread(check_output_move, store.location, *move, out,
+                                                 endpoint_url=job.output.endpoint_url, region=job.output.region))
         try:
             sync = store.sync(manifest, out)
         except ManifestError as error:

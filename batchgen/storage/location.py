@@ -12,7 +12,7 @@ import json
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from batchgen.errors import ConfigError
+from batchgen.errors import BatchgenError, ConfigError
 from batchgen.storage.base import Storage
 
 if TYPE_CHECKING:
@@ -68,6 +68,47 @@ def storage_for_job(store: Store, location: str | None = None) -> Storage:
     settings = json.loads(store.get_meta(STORAGE_META) or "{}")
     return open_storage(where, endpoint_url=settings.get("endpoint_url"), region=settings.get("region"),
                         create_bucket=False)
+
+
+MOVE_SAMPLE = 20  # saved images looked for at a new output location before the job is taken to have moved
+
+
+def output_move(store: Store, location: str) -> tuple[str, list[str]] | None:
+    """(the recorded location, a sample of saved image paths) when a run would record `location` as the
+    output of a job whose images are somewhere else on record; None when nothing would move. Reads the
+    store only (on the store's own thread); `check_output_move` looks at the new place."""
+    job = store.job_record() or {}
+    recorded = job.get("output_dir")
+    if not recorded or _same_location(str(recorded), location):
+        return None
+    sample = [img.path for img in store.sample_images(MOVE_SAMPLE)]
+    return (str(recorded), sample) if sample else None  # nothing saved yet: the job may write anywhere
+
+
+def check_output_move(where: str, recorded: str, sample: list[str], location: str, *,
+                      endpoint_url: str | None = None, region: str | None = None) -> str:
+    """A note when the job's saved images (`sample`, from `output_move`) are already at `location` (the
+    folder or bucket was moved, or copied); else ConfigError: a run pointed elsewhere would report every
+    image missing and resume nothing that is there. One stat or HEAD per sampled image (`MOVE_SAMPLE`)."""
+    try:
+        storage = open_storage(location, endpoint_url=endpoint_url, region=region, create_bucket=False)
+        with storage:
+            found = sum(storage.exists(path) for path in sample)
+    except (BatchgenError, OSError):
+        found = 0  # a bucket that does not exist, say: the images are not there
+    if found == len(sample):
+        return f"the job's output moved from {recorded} to {location} (its images are there); recorded the new place"
+    raise ConfigError(
+        f"{where}: this job's images are in {recorded}, but this run would write to {location}, "
+        f"where {found} of {len(sample)} of them looked for are. Run with --out {recorded} (or set "
+        "output.folder back), or move the folder there first; a new job in a new folder needs its own "
+        "database (--db)")
+
+
+def _same_location(a: str, b: str) -> bool:
+    if is_bucket_url(a) or is_bucket_url(b):
+        return a.rstrip("/") == b.rstrip("/")
+    return Path(a).resolve() == Path(b).resolve()
 
 
 def record_storage(store: Store, endpoint_url: str | None, region: str | None) -> None:

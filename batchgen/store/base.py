@@ -149,6 +149,10 @@ class BaseStore(abc.ABC):
     def images_for(self, key: str) -> list[ImageRecord]: ...
 
     @abc.abstractmethod
+    def sample_images(self, limit: int) -> list[ImageRecord]:
+        """Up to `limit` saved images of the job, the oldest and the newest: a cheap look at where they are."""
+
+    @abc.abstractmethod
     def waiting_retry(self, now: float) -> int:
         """Pending requests whose not_before is still ahead (waiting to be retried)."""
 

@@ -509,6 +509,12 @@ class PostgresStore(BaseStore):
     def images_for(self, key: str) -> list[ImageRecord]:
         return self._image_rows("request_key = %(key)s ORDER BY idx", key=key)
 
+    def sample_images(self, limit: int) -> list[ImageRecord]:
+        ends = ("SELECT request_key, idx FROM images WHERE job_id = %(job)s ORDER BY created_at {}, request_key, "
+                "idx LIMIT %(half)s")
+        return self._image_rows(f"((request_key, idx) IN ({ends.format('ASC')}) OR (request_key, idx) IN "
+                                f"({ends.format('DESC')}))", half=max(1, limit // 2))
+
     def waiting_retry(self, now: float) -> int:
         return int(self._one("SELECT COUNT(*) FROM requests WHERE job_id = %s AND state='pending' "
                              "AND not_before > %s", (self.job_id, now)))

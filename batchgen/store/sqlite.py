@@ -437,6 +437,11 @@ class Store(BaseStore):
     def images_for(self, key: str) -> list[ImageRecord]:
         return self._image_rows("request_key = ? ORDER BY idx", [key])
 
+    def sample_images(self, limit: int) -> list[ImageRecord]:
+        half = max(1, limit // 2)
+        return self._image_rows("rowid IN (SELECT rowid FROM images ORDER BY rowid LIMIT ?) OR rowid IN "
+                                "(SELECT rowid FROM images ORDER BY rowid DESC LIMIT ?)", [half, half])
+
     @staticmethod
     def _request_record(d: dict[str, Any]) -> RequestRecord:
         return RequestRecord(
