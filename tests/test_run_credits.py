@@ -1,6 +1,6 @@
-"""Running out of credits with one key: a 402 on a submit stops new submissions, the tasks already paid for
-finish and download, nothing is left open or used up, and after a top-up the job resumes with nothing paid
-twice."""
+"""One key's account: running out of credits (a 402 on a submit stops new submissions, the tasks already paid
+for finish and download, nothing is left open or used up, and after a top-up the job resumes with nothing
+paid twice), and the key's state and balance as status shows them."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from batchgen import catalog
+from batchgen.results.status import collect
 from batchgen.store.sqlite import Store
 from tests.emulator_fixtures import API_KEY, EmulatorFactory
 from tests.run_support import MODEL, check_outputs, db_of, json_events, prompts, run, write_job
@@ -35,3 +36,19 @@ async def test_out_of_credits_stops_submitting_and_finishes_what_was_paid_for(
     assert await run(manifest, emu.base_url) == 0
     assert check_outputs(manifest)["states"] == {"done": 12}
     assert len(emu.tasks()) == 12  # nothing paid twice
+
+
+async def test_the_only_keys_state_and_balance_are_recorded_for_status(
+        tmp_path: Path, emulator_factory: EmulatorFactory) -> None:
+    """As for each key of a pool: a working key shows its balance, a refused one why (before, one key always
+    read `active`, with no balance, even after a 401)."""
+    emu = await emulator_factory(initial_credits=250.0)
+    manifest = write_job(tmp_path, prompts(2))
+    assert await run(manifest, emu.base_url) == 0
+    [key] = collect(db_of(manifest))["keys"]
+    assert (key["state"], key["balance"]) == ("active", 250.0)
+    emu.revoke(API_KEY)
+    write_job(tmp_path, prompts(3))  # one more request, so the next run has work to send
+    assert await run(manifest, emu.base_url) == 3
+    [key] = collect(db_of(manifest))["keys"]
+    assert key["state"] == "revoked" and key["reason"]

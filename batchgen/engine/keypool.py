@@ -48,6 +48,11 @@ class KeyState(enum.StrEnum):
     OUT_OF_CREDITS = "out_of_credits"  # 402: no new submissions; its tasks in flight are still polled
 
 
+def refusal_state(status: int | None) -> KeyState:
+    """The state a key is left in by the API refusing it: 401 revoked (or invalid), 402 out of credits."""
+    return KeyState.REVOKED if status == 401 else KeyState.OUT_OF_CREDITS
+
+
 @dataclass(eq=False)
 class PooledKey:
     """One key of the pool and everything this run knows about it."""

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from batchgen.engine.keypool import KeyPool, KeyState, PooledKey
+from batchgen.engine.keypool import KeyPool, KeyState, PooledKey, refusal_state
 from batchgen.engine.runstate import StopReason
 
 if TYPE_CHECKING:
@@ -57,12 +57,19 @@ class KeyUse:
             self.no_keys_left()
         return key
 
+    def refused_alone(self, key: PooledKey | None, error: ApiError) -> None:
+        """A 401/402 on the run's only key: its state is recorded, so status says why the run stopped
+        (the run itself stops or drains: the submit and poll rules decide)."""
+        if key is not None:
+            self.host.store.key_states.record(key.fingerprint, key.label, refusal_state(error.status).value,
+                                              error.message)
+
     def refused(self, key: PooledKey, error: ApiError) -> None:
         """A 401/402 on `key` in a pool of several: take it out (warn once) and go on with the others; a
         revoked key's tasks in flight are left; with no key left the run drains (exit 3)."""
         assert self.pool is not None
         host = self.host
-        state = KeyState.REVOKED if error.status == 401 else KeyState.OUT_OF_CREDITS
+        state = refusal_state(error.status)
         if self.pool.fail(key, state, error.message):
             others = len(self.pool.active)
             what = "was refused (401: revoked or invalid)" if state is KeyState.REVOKED else "is out of credits (402)"

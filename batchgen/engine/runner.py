@@ -32,7 +32,7 @@ from typing import Any
 from batchgen import catalog
 from batchgen.engine import collector, shares
 from batchgen.engine.keyfile import KeySource, load_keys
-from batchgen.engine.keypool import KeyPool, KeyState
+from batchgen.engine.keypool import KeyPool, KeyState, PooledKey, refusal_state
 from batchgen.engine.progress import Progress
 from batchgen.engine.rejects import requeue_rejected
 from batchgen.engine.runstate import StopReason
@@ -289,7 +289,7 @@ async def _drive(store: Store, job: JobSpec, settings: RunSettings, options: Run
     reason, message = StopReason.FINISHED, "finished"
     try:
         if pool.single:
-            await _preflight(store, client, scheduler, progress)
+            await _preflight(store, pool.keys[0], scheduler, progress)
         else:
             await _preflight_pool(store, pool, scheduler, progress)
         if scheduler.stop_state is not None:
@@ -368,19 +368,21 @@ async def _tick(progress: Progress) -> None:
         progress.tick()
 
 
-async def _preflight(store: Store, client: Any, scheduler: Scheduler, progress: Progress) -> None:
-    """Check the key and the balance before sending work; say plainly when the balance falls short."""
+async def _preflight(store: Store, key: PooledKey, scheduler: Scheduler, progress: Progress) -> None:
+    """Check the key and the balance before sending work; say plainly when the balance falls short. The
+    key's state and balance are recorded for status, as for each key of a pool."""
     if not store.has_pending():
         return
     estimate = store.pending_estimate()
     try:
-        credits = await client.credits()
+        credits = await key.client.credits()
     except ConnectError as error:
         scheduler.halt(StopReason.UNREACHABLE, f"cannot reach the API ({error}); nothing was sent: check the "
                        "network or --api-base and run again")
         return
     except ApiError as error:
         if error.status in (401, 402):
+            store.key_states.record(key.fingerprint, key.label, refusal_state(error.status).value, error.message)
             scheduler.drain(StopReason.AUTH, f"the API refused the key ({error}); fix EVOLINK_API_KEY or the "
                             "balance and run again")
         else:
@@ -388,6 +390,8 @@ async def _preflight(store: Store, client: Any, scheduler: Scheduler, progress: 
         return
     if credits is None or credits.remaining is None:
         return
+    key.balance = credits.remaining
+    store.key_states.record(key.fingerprint, key.label, KeyState.ACTIVE.value, balance=credits.remaining)
     fields = {"remaining": credits.remaining, "estimate": round(estimate, 4)}
     if credits.remaining < estimate:
         progress.event("warning", {**fields, "message": (
@@ -412,7 +416,7 @@ async def _preflight_pool(store: Store, pool: KeyPool, scheduler: Scheduler, pro
             return
         except ApiError as error:
             if error.status in (401, 402):
-                state = KeyState.REVOKED if error.status == 401 else KeyState.OUT_OF_CREDITS
+                state = refusal_state(error.status)
                 pool.fail(key, state, error.message)
                 store.key_states.record(key.fingerprint, key.label, state.value, error.message)
                 progress.event("key_failed", {"key": key.name, "state": state.value, "message": (

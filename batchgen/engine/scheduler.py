@@ -487,6 +487,7 @@ class Scheduler:
                     return  # revoked: its tasks were left for a run where it works (keyuse.py)
                 # Out of credits: its tasks are still polled (with backoff, below).
             elif stop:
+                self.keys.refused_alone(key, error)
                 self.halt(StopReason.AUTH, f"{error}: {rule_why(error)}")
                 return
             # Anything else (a 400 on a batch call, say) is retried in place too; the task ids stay.

@@ -332,6 +332,7 @@ class Submissions:
             # request goes back to pending with its attempt unused (unless an earlier send of this attempt
             # went unanswered: then it stays `sending`, for the next run to send again with the same key).
             # The tasks in flight, already paid for, are still polled and downloaded before the run stops.
+            self.keys.refused_alone(t.key, error)
             self.host.finish_tracking(t)
             if self.pool is not None:
                 self.pool.refund(t.key, t.est_credits)
@@ -344,6 +345,7 @@ class Submissions:
             return
         if d.action is Action.STOP:
             # Left as `sending`: the next run sends it again with the same key once the cause is fixed.
+            self.keys.refused_alone(t.key, error)
             self.host.halt(StopReason.AUTH, f"{error}: {d.why}")
             return
         self.host.finish_tracking(t)
