@@ -314,6 +314,25 @@ def test_template_field_empty_in_a_row(tmp_path: Path) -> None:
     assert "{colour}" in problem.message
 
 
+def test_a_template_without_items_fills_matrix_variables_and_id(tmp_path: Path) -> None:
+    # Without items the job is one item whose id is the job name (docs/manifest.md): {id} and the matrix
+    # variables are all a template can use, and both are there.
+    path = write(tmp_path / "j.yaml", "name: mx2\nprompt: hi {style} from {id}\nmatrix: {style: [a, b]}\n")
+    requests, problems = expand(path)
+    assert problems == []
+    assert [(r.item_id, r.request.prompt) for r in requests] == [("mx2", "hi a from mx2"), ("mx2", "hi b from mx2")]
+    requests, problems = expand(write(tmp_path / "k.yaml", "name: solo\nprompt: hi {id}\n"))
+    assert problems == [] and [r.request.prompt for r in requests] == ["hi solo"]
+
+
+def test_a_template_without_items_names_only_the_fields_it_cannot_fill(tmp_path: Path) -> None:
+    path = write(tmp_path / "j.yaml", "name: mx\nprompt: '{style} {colour} {id} {colour}'\nmatrix: {style: [a]}\n")
+    problem = only_problem(path)
+    assert (problem.location, problem.field) == ("line 2", "prompt")
+    assert problem.message.startswith("the template uses {colour}, which is neither a matrix variable nor {id}")
+    assert "{style}" not in problem.message and "no items" in problem.message
+
+
 def test_unsafe_template_syntax_is_refused(tmp_path: Path) -> None:
     problem = only_problem(write(tmp_path / "j.yaml", "prompt: '{name.__class__}'\nitems: [{name: a}]\n"))
     assert problem.field == "prompt" and "only plain {field}" in problem.message
