@@ -254,6 +254,34 @@ def test_yaml_syntax_error_names_the_line(tmp_path: Path) -> None:
     assert "YAML syntax error" in problem.message
 
 
+def test_duplicate_keys_are_problems_at_any_depth_listed_with_the_others(tmp_path: Path) -> None:
+    # YAML keeps the last value of a repeated key without a word; here each repeat is a problem at its line.
+    path = write(tmp_path / "j.yaml", "name: x\n"
+                 "base: &b {model: z-image-turbo}\n"       # line 2: an unknown key, reported too
+                 "defaults:\n  <<: *b\n  model: gpt-image-1\n  n: 1\n  n: 2\n"  # a merged key is no repeat
+                 'prompt: "hi {thing}"\n'
+                 "items:\n  - {id: a, thing: cat, thing: dog}\n  - id: b\n    thing: cow\n    id: c\n"
+                 "matrix:\n  style: [a]\n  style: [b]\n"
+                 "prompt: again\n")                           # line 17
+    problems = problems_of(path)
+    assert [(p.location, p.field) for p in problems[:5]] == [
+        ("line 7", "defaults.n"), ("line 10", "items.0.thing"), ("line 13", "items.1.id"),
+        ("line 16", "matrix.style"), ("line 17", "prompt")], [str(p) for p in problems]
+    assert problems[0].message.startswith("is set again (also set line 6)")
+    assert "also set earlier on this line" in problems[1].message
+    assert "also set line 8" in problems[4].message
+    assert ("line 2", "base") in [(p.location, p.field) for p in problems[5:]]
+    with pytest.raises(ManifestError) as raised:
+        load_job(path)
+    assert [p.field for p in raised.value.problems][:5] == [p.field for p in problems[:5]]
+
+
+def test_a_key_repeated_at_the_top_level_is_refused(tmp_path: Path) -> None:
+    problem = only_problem(write(tmp_path / "j.yaml", "name: x\nprompt: hi\nprompt: again\n"))
+    assert (problem.file, problem.location, problem.field) == (str(tmp_path / "j.yaml"), "line 3", "prompt")
+    assert "line 2" in problem.message
+
+
 def test_unknown_keys_name_line_key_and_allowed_keys(tmp_path: Path) -> None:
     path = write(tmp_path / "j.yaml", "prompt: a cat\nmatirx:\n  style: [a]\nrun:\n  ratee: 5/s\n")
     problems = problems_of(path)

@@ -168,8 +168,9 @@ def _parse_yaml_manifest(path: Path, keep_going: bool = False) -> _Parsed:
     returned in `_Parsed.problems` (a bad value the rows depend on still raises, see `_validate_schema`)."""
     file = str(path)
     text = _read_text(path)
-    data, root = parse_yaml(text, file)
+    data, root, duplicates = parse_yaml(text, file)
     problems = Problems()
+    problems.items.extend(duplicates)  # listed with the other problems; the YAML itself is readable
     if data is None:
         data = {}
     if not isinstance(data, dict):

@@ -36,11 +36,15 @@ _Loader.add_implicit_resolver(
 )
 
 
-def parse_yaml(text: str, file: str) -> tuple[Any, yaml.Node | None]:
-    """The document and its node tree (for line numbers), from one parse."""
+def parse_yaml(text: str, file: str) -> tuple[Any, yaml.Node | None, list[Problem]]:
+    """The document, its node tree (for line numbers) and its duplicate keys as problems, from one parse.
+    A syntax error raises ManifestError."""
     loader = _Loader(text)
     try:
         node = loader.get_single_node()
+        # Before construction: constructing a mapping merges `<<: *anchor` keys into the node's own keys,
+        # where they would look like duplicates.
+        duplicates = duplicate_keys(node, file)
         data = loader.construct_document(node) if node is not None else None
     except yaml.MarkedYAMLError as error:
         mark = error.problem_mark or error.context_mark
@@ -51,15 +55,55 @@ def parse_yaml(text: str, file: str) -> tuple[Any, yaml.Node | None]:
         raise ManifestError([Problem(file, None, None, f"YAML error: {error}")]) from None
     finally:
         loader.dispose()
-    return data, node
+    return data, node, duplicates
+
+
+def duplicate_keys(root: yaml.Node | None, file: str) -> list[Problem]:
+    """A problem for every key that a mapping sets again, at any depth: PyYAML keeps the last value without a
+    word, so a key repeated by mistake would silently replace the first one."""
+    found: list[Problem] = []
+    seen_nodes: set[int] = set()  # an alias repeats a node (and may contain itself): visit each once
+
+    def walk(node: yaml.Node, path: tuple[str, ...]) -> None:
+        if id(node) in seen_nodes:
+            return
+        seen_nodes.add(id(node))
+        if isinstance(node, yaml.MappingNode):
+            first_line: dict[tuple[str, str], int] = {}
+            for key_node, value_node in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    walk(value_node, path)  # `<<: *base` may repeat: each merges, and own keys override them
+                elif isinstance(key_node, yaml.ScalarNode):
+                    # By tag and text: `1` and `"1"` are different keys.
+                    ident = (key_node.tag, key_node.value)
+                    line = key_node.start_mark.line + 1
+                    if ident in first_line:
+                        first = (f"line {first_line[ident]}" if first_line[ident] != line
+                                 else "earlier on this line")
+                        found.append(Problem(file, f"line {line}", ".".join((*path, key_node.value)),
+                                             f"is set again (also set {first}); a key may appear only once "
+                                             "in a mapping, so keep one"))
+                    else:
+                        first_line[ident] = line
+                    walk(value_node, (*path, key_node.value))
+                else:
+                    walk(value_node, path)
+        elif isinstance(node, yaml.SequenceNode):
+            for i, item in enumerate(node.value):
+                walk(item, (*path, str(i)))
+
+    if root is not None:
+        walk(root, ())
+    return found
 
 
 def node_line(root: yaml.Node | None, loc: tuple[Any, ...]) -> int | None:
-    """1-based line of the deepest node along `loc` (a pydantic error location) that exists."""
+    """1-based line of the deepest node along `loc` (a pydantic error location) that exists. A key set twice
+    is found where it is set last: that is the value the data holds."""
     node, line = root, (root.start_mark.line + 1 if root is not None else None)
     for part in loc:
         if isinstance(node, yaml.MappingNode):
-            for key_node, value_node in node.value:
+            for key_node, value_node in reversed(node.value):
                 if key_node.value == part:
                     node, line = value_node, key_node.start_mark.line + 1
                     break
@@ -78,8 +122,9 @@ def at(line: int | None) -> str | None:
 
 
 def child(root: yaml.Node | None, key: str) -> yaml.Node | None:
+    """The value node of `key` in a mapping (where it is set last, as in the data)."""
     if isinstance(root, yaml.MappingNode):
-        for k, v in root.value:
+        for k, v in reversed(root.value):
             if k.value == key:
                 return v
     return None
