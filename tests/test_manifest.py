@@ -254,6 +254,23 @@ def test_yaml_syntax_error_names_the_line(tmp_path: Path) -> None:
     assert "YAML syntax error" in problem.message
 
 
+def test_yaml_syntax_error_points_where_an_unclosed_quote_starts(tmp_path: Path) -> None:
+    path = write(tmp_path / "j.yaml", 'name: x\nprompt: "hi\nmodel: m\nitems:\n  - {id: a}\nrun: {rate: 5/s}\n')
+    problem = only_problem(path)
+    assert (problem.location, problem.field) == ("line 2", None)
+    assert problem.message == ("YAML syntax error: the quoted text that starts here is never closed (found the "
+                               "end of the file at line 7)")
+
+
+def test_yaml_indentation_error_stays_at_the_line_that_breaks_it(tmp_path: Path) -> None:
+    # A block mapping starts at the enclosing key (here line 1, the whole file): its start says nothing, so
+    # the line PyYAML stopped at is the place, and the mapping's start is named beside it.
+    path = write(tmp_path / "j.yaml", "name: x\ndefaults:\n  model: m\n size: 1:1\nprompt: hi\n")
+    problem = only_problem(path)
+    assert problem.location == "line 4"
+    assert "(in the mapping that starts on line 1); check the indentation" in problem.message
+
+
 def test_duplicate_keys_are_problems_at_any_depth_listed_with_the_others(tmp_path: Path) -> None:
     # YAML keeps the last value of a repeated key without a word; here each repeat is a problem at its line.
     path = write(tmp_path / "j.yaml", "name: x\n"

@@ -47,15 +47,67 @@ def parse_yaml(text: str, file: str) -> tuple[Any, yaml.Node | None, list[Proble
         duplicates = duplicate_keys(node, file)
         data = loader.construct_document(node) if node is not None else None
     except yaml.MarkedYAMLError as error:
-        mark = error.problem_mark or error.context_mark
-        where = f"line {mark.line + 1}" if mark else None
-        what = " ".join(x for x in (error.context, error.problem) if x)
-        raise ManifestError([Problem(file, where, None, f"YAML syntax error: {what}")]) from None
+        raise ManifestError([syntax_problem(error, file)]) from None
     except yaml.YAMLError as error:
         raise ManifestError([Problem(file, None, None, f"YAML error: {error}")]) from None
     finally:
         loader.dispose()
     return data, node, duplicates
+
+
+# PyYAML's contexts ("while scanning a quoted scalar") in plain words, and whether the construct needs closing.
+_CONSTRUCTS: dict[str, tuple[str, bool]] = {
+    "a quoted scalar": ("quoted text", True),
+    "a double-quoted scalar": ("quoted text", True),
+    "a flow sequence": ("[ ] list", True),
+    "a flow mapping": ("{ } mapping", True),
+    "a simple key": ("key", False),
+    "a block scalar": ("block of text", False),
+    "a block mapping": ("mapping", False),
+    "a block collection": ("list", False),
+    "a mapping": ("mapping", False),
+}
+
+
+# What to do about PyYAML's commonest complaints, by a phrase of its problem text.
+_HINTS: tuple[tuple[str, str], ...] = (
+    ("<block end>", "check the indentation"),
+    ("mapping values are not allowed", "quote a value that contains ': ' (\"A: b\"), or check the indentation"),
+    ("'\\t'", "YAML does not allow tabs for indentation; use spaces"),
+    ("escape character", "in double quotes a \\ starts an escape: write \\\\ or use single quotes"),
+)
+
+
+def syntax_problem(error: yaml.MarkedYAMLError, file: str) -> Problem:
+    """A YAML syntax error placed where the mistake most likely is, in plain words.
+
+    PyYAML marks where it gave up (`problem_mark`) and where the construct it was reading began
+    (`context_mark`). An unclosed quote or bracket, or a key without its colon, runs on until something it
+    cannot take, often the end of the file, so the construct's start is where to look. A block mapping or
+    list, or a value being constructed, begins at the enclosing key (line 1 for the whole file), so there
+    the problem mark is the place; the start is named beside it."""
+    context = (error.context or "").removeprefix("while ")
+    for verb in ("scanning ", "parsing ", "constructing ", "composing "):
+        context = context.removeprefix(verb)
+    noun, closes = _CONSTRUCTS.get(context, (context.removeprefix("a ").removeprefix("an "), False))
+    problem = error.problem or "the file cannot be read as YAML"
+    hints = "".join(f"; {hint}" for phrase, hint in _HINTS if phrase in problem)
+    cmark, pmark = error.context_mark, error.problem_mark
+    if cmark is not None and noun and context not in ("a block mapping", "a block collection", "a mapping"):
+        if pmark is None or pmark.line == cmark.line:
+            what = f"in the {noun} that starts here: {problem}" + (f" (column {pmark.column + 1})" if pmark else "")
+        elif closes and ("end of stream" in problem or "<stream end>" in problem):
+            what = f"the {noun} that starts here is never closed (found the end of the file at line {pmark.line + 1})"
+        elif closes:
+            what = (f"the {noun} that starts here is never closed ({problem} at line {pmark.line + 1}, "
+                    f"column {pmark.column + 1})")
+        else:
+            what = f"in the {noun} that starts here: {problem} (at line {pmark.line + 1})"
+        return Problem(file, f"line {cmark.line + 1}", None, f"YAML syntax error: {what}{hints}")
+    if cmark is not None and noun and pmark is not None and cmark.line != pmark.line:
+        problem += f" (in the {noun} that starts on line {cmark.line + 1})"
+    mark = pmark or cmark
+    return Problem(file, f"line {mark.line + 1}" if mark else None, None, f"YAML syntax error: {problem}{hints}")
 
 
 def duplicate_keys(root: yaml.Node | None, file: str) -> list[Problem]:
