@@ -169,6 +169,22 @@ def node_line(root: yaml.Node | None, loc: tuple[Any, ...]) -> int | None:
     return line
 
 
+def existing_depth(root: yaml.Node | None, loc: tuple[Any, ...]) -> int:
+    """How many leading parts of `loc` (a pydantic error location) are places in the file: keys of its
+    mappings, indexes of its lists. The rest are pydantic's own (a union branch's name)."""
+    node = root
+    for depth, part in enumerate(loc):
+        if isinstance(node, yaml.MappingNode):
+            node = next((v for k, v in reversed(node.value) if k.value == str(part)), None)
+        elif isinstance(node, yaml.SequenceNode) and isinstance(part, int) and 0 <= part < len(node.value):
+            node = node.value[part]
+        else:
+            return depth
+        if node is None:
+            return depth
+    return len(loc)
+
+
 def at(line: int | None) -> str | None:
     return f"line {line}" if line else None
 
