@@ -690,9 +690,40 @@ def test_csv_row_with_too_many_cells(tmp_path: Path) -> None:
 
 def test_csv_not_utf8(tmp_path: Path) -> None:
     path = tmp_path / "j.csv"
-    path.write_bytes("id,prompt\na,caf\xe9\n".encode("latin-1"))
+    path.write_bytes("id,prompt\na,hi\nb,caf\xe9\n".encode("latin-1"))
     problem = only_problem(path)
-    assert "UTF-8" in problem.message
+    assert (problem.file, problem.location, problem.field) == (str(path), "row 3", "prompt")
+    assert problem.message.startswith('"caf\\xe9" is not UTF-8 text (byte 0xE9')
+    assert "save the CSV as UTF-8" in problem.message
+
+
+def test_csv_not_utf8_every_row_named_far_into_the_file(tmp_path: Path) -> None:
+    # Past the first read buffer, between good rows, in an item CSV: each bad row is named, the row numbers
+    # after a multi-line cell stay right, and the rows' other problems are still found.
+    rows = [b"sku,name,model"]
+    for i in range(2, 2002):
+        name = b"thing %d" % i
+        if i == 1500:
+            name = b"caf\xe9 " + name
+        if i == 1501:
+            name = b'"two\nlines \xe9"'
+        rows.append(b"S%d,%s,%s" % (i, name, b"nope" if i in (100, 1900) else b""))
+    (tmp_path / "p.csv").write_bytes(b"\n".join(rows) + b"\nS7,again,\n")
+    path = write(tmp_path / "j.yaml", "items_csv: p.csv\nprompt: 'a {name}'\n")
+    manifest = open_manifest(path)
+    assert sum(1 for _ in manifest.requests()) == 2001 - 4  # S7 twice: reported, both yielded
+    assert [(p.file, p.location, p.field) for p in manifest.problems] == [
+        (str(tmp_path / "p.csv"), f"row {n}", field) for n, field in
+        [(100, "model"), (1500, "name"), (1501, "name"), (1900, "model"), (2002, "sku")]]
+    assert '"two\nlines \\xe9" is not UTF-8 text' in manifest.problems[2].message
+
+
+def test_csv_header_not_utf8(tmp_path: Path) -> None:
+    path = tmp_path / "j.csv"
+    path.write_bytes("id,prompt,caf\xe9\na,hi,x\n".encode("latin-1"))
+    problem = only_problem(path)
+    assert (problem.location, problem.field) == ("row 1", None)
+    assert problem.message.startswith('the header, column 3: "caf\\xe9" is not UTF-8 text')
 
 
 def test_bad_input_changes_nothing_the_consumer_can_roll_back(tmp_path: Path) -> None:
