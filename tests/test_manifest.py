@@ -359,6 +359,17 @@ def test_template_field_empty_in_a_row(tmp_path: Path) -> None:
     assert "{colour}" in problem.message
 
 
+def test_a_rows_fields_are_its_columns_and_the_shared_fields_apart(tmp_path: Path) -> None:
+    # The CSV has no id column (sku is the id): "it has: id, sku" named a column that is not there.
+    write(tmp_path / "p.csv", "sku,name,colour\nA,mug,red\nB,lamp,\n")
+    path = write(tmp_path / "j.yaml", "items_csv: p.csv\nprompt: 'a {colour} {style} {name}'\n"
+                 "matrix: {style: [flat]}\n")
+    problem = only_problem(path)
+    assert problem.location == "row 3"
+    assert problem.message == ("the template uses {colour}, which this item does not have or leaves empty; "
+                               "it has: name, sku; every item also has {id}, {style}")
+
+
 def test_a_template_without_items_fills_matrix_variables_and_id(tmp_path: Path) -> None:
     # Without items the job is one item whose id is the job name (docs/manifest.md): {id} and the matrix
     # variables are all a template can use, and both are there.

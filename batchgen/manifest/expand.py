@@ -321,15 +321,19 @@ class Manifest:
                 else:
                     if values is None:
                         values = dict(metadata)
-                        values["id"] = item_id
+                        values["id"] = item_id  # naming.PROMPT_BUILTIN_FIELDS
                     if variant.values:
                         values.update(variant.values)
                     missing = [f for f in template.fields if not values.get(f) and f not in bad_fields]
                     if missing:
-                        available = ", ".join(sorted(k for k, v in values.items() if v)) or "none"
+                        # The item's own fields (its CSV columns), apart from what every item has: listing
+                        # `id` among them would read as a column the CSV does not have.
+                        own = ", ".join(sorted(k for k, v in metadata.items() if v)) or "no filled-in fields"
+                        shared = ", ".join("{" + f + "}" for f in (*naming.PROMPT_BUILTIN_FIELDS, *variant.values))
                         report("prompt", at_item=True, message="the template uses "
-                                     + ", ".join("{" + f + "}" for f in missing)
-                                     + f", which this item does not have or leaves empty; it has: {available}")
+                                     + ", ".join("{" + f + "}" for f in dict.fromkeys(missing))
+                                     + f", which this item does not have or leaves empty; it has: {own}; "
+                                     f"every item also has {shared}")
                         ok = False
                     elif not any(f in bad_fields for f in template.fields):
                         prompt = template.render(values)
