@@ -284,9 +284,9 @@ def test_duplicate_keys_are_problems_at_any_depth_listed_with_the_others(tmp_pat
     assert [(p.location, p.field) for p in problems[:5]] == [
         ("line 7", "defaults.n"), ("line 10", "items.0.thing"), ("line 13", "items.1.id"),
         ("line 16", "matrix.style"), ("line 17", "prompt")], [str(p) for p in problems]
-    assert problems[0].message.startswith("is set again (also set line 6)")
+    assert problems[0].message.startswith("is set again (also set on line 6)")
     assert "also set earlier on this line" in problems[1].message
-    assert "also set line 8" in problems[4].message
+    assert "also set on line 8" in problems[4].message
     assert ("line 2", "base") in [(p.location, p.field) for p in problems[5:]]
     with pytest.raises(ManifestError) as raised:
         load_job(path)

@@ -130,7 +130,7 @@ def duplicate_keys(root: yaml.Node | None, file: str) -> list[Problem]:
                     ident = (key_node.tag, key_node.value)
                     line = key_node.start_mark.line + 1
                     if ident in first_line:
-                        first = (f"line {first_line[ident]}" if first_line[ident] != line
+                        first = (f"on line {first_line[ident]}" if first_line[ident] != line
                                  else "earlier on this line")
                         found.append(Problem(file, f"line {line}", ".".join((*path, key_node.value)),
                                              f"is set again (also set {first}); a key may appear only once "
