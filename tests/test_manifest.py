@@ -673,7 +673,7 @@ def test_type_errors_name_the_bad_value_and_what_is_allowed(tmp_path: Path) -> N
                              "(style: [studio, lifestyle]), got a list: [1, 2]"),
         ("line 6", "run.concurrency", "0 is too small; use at least 1"),
         ("line 7", "run.regenerate_expired", 'expected true or false, got the text "maybe"'),
-        ("line 9", "quality.on_fail", '"nope" is not allowed; use "regenerate" or "keep"'),
+        ("line 9", "quality.on_fail", '"nope" is not allowed; use \'regenerate\' or \'keep\''),
     ]
 
 

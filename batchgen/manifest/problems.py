@@ -109,7 +109,7 @@ def _words(errs: list[Any], loc: tuple[Any, ...]) -> str:
             message += " (put it in quotes if it is meant as text)"
         return message
     if kind in ("literal_error", "enum"):
-        return f"{_shown(value)} is not allowed; use {str(ctx.get('expected', '')).replace(chr(39), chr(34))}"
+        return f"{_shown(value)} is not allowed; use {ctx.get('expected', 'one of the listed values')}"
     if kind in _RANGES:
         bound = _RANGES[kind].format(**{k: _number(v) for k, v in ctx.items()})
         return f"{_shown(value)} is too {'small' if kind.startswith('greater') else 'large'}; use {bound}"
