@@ -254,6 +254,51 @@ def test_yaml_syntax_error_names_the_line(tmp_path: Path) -> None:
     assert "YAML syntax error" in problem.message
 
 
+def test_yaml_syntax_error_points_where_an_unclosed_quote_starts(tmp_path: Path) -> None:
+    path = write(tmp_path / "j.yaml", 'name: x\nprompt: "hi\nmodel: m\nitems:\n  - {id: a}\nrun: {rate: 5/s}\n')
+    problem = only_problem(path)
+    assert (problem.location, problem.field) == ("line 2", None)
+    assert problem.message == ("YAML syntax error: the quoted text that starts here is never closed (found the "
+                               "end of the file at line 7)")
+
+
+def test_yaml_indentation_error_stays_at_the_line_that_breaks_it(tmp_path: Path) -> None:
+    # A block mapping starts at the enclosing key (here line 1, the whole file): its start says nothing, so
+    # the line PyYAML stopped at is the place, and the mapping's start is named beside it.
+    path = write(tmp_path / "j.yaml", "name: x\ndefaults:\n  model: m\n size: 1:1\nprompt: hi\n")
+    problem = only_problem(path)
+    assert problem.location == "line 4"
+    assert "(in the mapping that starts on line 1); check the indentation" in problem.message
+
+
+def test_duplicate_keys_are_problems_at_any_depth_listed_with_the_others(tmp_path: Path) -> None:
+    # YAML keeps the last value of a repeated key without a word; here each repeat is a problem at its line.
+    path = write(tmp_path / "j.yaml", "name: x\n"
+                 "base: &b {model: z-image-turbo}\n"       # line 2: an unknown key, reported too
+                 "defaults:\n  <<: *b\n  model: gpt-image-1\n  n: 1\n  n: 2\n"  # a merged key is no repeat
+                 'prompt: "hi {thing}"\n'
+                 "items:\n  - {id: a, thing: cat, thing: dog}\n  - id: b\n    thing: cow\n    id: c\n"
+                 "matrix:\n  style: [a]\n  style: [b]\n"
+                 "prompt: again\n")                           # line 17
+    problems = problems_of(path)
+    assert [(p.location, p.field) for p in problems[:5]] == [
+        ("line 7", "defaults.n"), ("line 10", "items.0.thing"), ("line 13", "items.1.id"),
+        ("line 16", "matrix.style"), ("line 17", "prompt")], [str(p) for p in problems]
+    assert problems[0].message.startswith("is set again (also set on line 6)")
+    assert "also set earlier on this line" in problems[1].message
+    assert "also set on line 8" in problems[4].message
+    assert ("line 2", "base") in [(p.location, p.field) for p in problems[5:]]
+    with pytest.raises(ManifestError) as raised:
+        load_job(path)
+    assert [p.field for p in raised.value.problems][:5] == [p.field for p in problems[:5]]
+
+
+def test_a_key_repeated_at_the_top_level_is_refused(tmp_path: Path) -> None:
+    problem = only_problem(write(tmp_path / "j.yaml", "name: x\nprompt: hi\nprompt: again\n"))
+    assert (problem.file, problem.location, problem.field) == (str(tmp_path / "j.yaml"), "line 3", "prompt")
+    assert "line 2" in problem.message
+
+
 def test_unknown_keys_name_line_key_and_allowed_keys(tmp_path: Path) -> None:
     path = write(tmp_path / "j.yaml", "prompt: a cat\nmatirx:\n  style: [a]\nrun:\n  ratee: 5/s\n")
     problems = problems_of(path)
@@ -312,6 +357,36 @@ def test_template_field_empty_in_a_row(tmp_path: Path) -> None:
     problem = only_problem(write(tmp_path / "j.yaml", "items_csv: p.csv\nprompt: 'a {colour} {name}'\n"))
     assert problem.file == str(tmp_path / "p.csv") and problem.location == "row 3"
     assert "{colour}" in problem.message
+
+
+def test_a_rows_fields_are_its_columns_and_the_shared_fields_apart(tmp_path: Path) -> None:
+    # The CSV has no id column (sku is the id): "it has: id, sku" named a column that is not there.
+    write(tmp_path / "p.csv", "sku,name,colour\nA,mug,red\nB,lamp,\n")
+    path = write(tmp_path / "j.yaml", "items_csv: p.csv\nprompt: 'a {colour} {style} {name}'\n"
+                 "matrix: {style: [flat]}\n")
+    problem = only_problem(path)
+    assert problem.location == "row 3"
+    assert problem.message == ("the template uses {colour}, which this item does not have or leaves empty; "
+                               "it has: name, sku; every item also has {id}, {style}")
+
+
+def test_a_template_without_items_fills_matrix_variables_and_id(tmp_path: Path) -> None:
+    # Without items the job is one item whose id is the job name (docs/manifest.md): {id} and the matrix
+    # variables are all a template can use, and both are there.
+    path = write(tmp_path / "j.yaml", "name: mx2\nprompt: hi {style} from {id}\nmatrix: {style: [a, b]}\n")
+    requests, problems = expand(path)
+    assert problems == []
+    assert [(r.item_id, r.request.prompt) for r in requests] == [("mx2", "hi a from mx2"), ("mx2", "hi b from mx2")]
+    requests, problems = expand(write(tmp_path / "k.yaml", "name: solo\nprompt: hi {id}\n"))
+    assert problems == [] and [r.request.prompt for r in requests] == ["hi solo"]
+
+
+def test_a_template_without_items_names_only_the_fields_it_cannot_fill(tmp_path: Path) -> None:
+    path = write(tmp_path / "j.yaml", "name: mx\nprompt: '{style} {colour} {id} {colour}'\nmatrix: {style: [a]}\n")
+    problem = only_problem(path)
+    assert (problem.location, problem.field) == ("line 2", "prompt")
+    assert problem.message.startswith("the template uses {colour}, which is neither a matrix variable nor {id}")
+    assert "{style}" not in problem.message and "no items" in problem.message
 
 
 def test_unsafe_template_syntax_is_refused(tmp_path: Path) -> None:
@@ -581,7 +656,37 @@ def test_wrong_type_in_schema(tmp_path: Path) -> None:
     path = write(tmp_path / "j.yaml", "prompt: a\ndefaults:\n  n: many\nmatrix: [a, b]\n")
     problems = problems_of(path)
     assert [(p.location, p.field) for p in problems] == [("line 3", "defaults.n"), ("line 4", "matrix")]
-    assert '"many" is not allowed' in problems[0].message
+    assert problems[0].message == 'expected a whole number, got the text "many"'
+
+
+def test_type_errors_name_the_bad_value_and_what_is_allowed(tmp_path: Path) -> None:
+    # In the manifest's words, never pydantic's ("Input should be a valid string").
+    path = write(tmp_path / "j.yaml", "prompt: a\n"
+                 "defaults: {model: 5}\n"                     # line 2
+                 "matrix: [1, 2]\n"                           # line 3
+                 "items: [{id: a}]\n"
+                 "run:\n  concurrency: 0\n  regenerate_expired: maybe\n"  # lines 6, 7
+                 "quality:\n  on_fail: nope\n")              # line 9
+    assert [(p.location, p.field, p.message) for p in problems_of(path)] == [
+        ("line 2", "defaults.model", "expected text, got the number 5 (put it in quotes if it is meant as text)"),
+        ("line 3", "matrix", "expected a mapping of parameter or field name to a list of values "
+                             "(style: [studio, lifestyle]), got a list: [1, 2]"),
+        ("line 6", "run.concurrency", "0 is too small; use at least 1"),
+        ("line 7", "run.regenerate_expired", 'expected true or false, got the text "maybe"'),
+        ("line 9", "quality.on_fail", '"nope" is not allowed; use \'regenerate\' or \'keep\''),
+    ]
+
+
+def test_a_value_no_type_fits_is_one_problem_at_its_place(tmp_path: Path) -> None:
+    # A matrix value may be text, a number or true/false: pydantic fails it once per type, under made-up
+    # places (matrix.style.1.str, ...int); that is one mistake.
+    long_list = "[" + ", ".join(["x" * 10] * 10) + "]"
+    path = write(tmp_path / "j.yaml", f"prompt: a\nmatrix:\n  style: [a, {long_list}]\n  size: 1:1\n")
+    problems = problems_of(path)
+    assert [(p.location, p.field) for p in problems] == [("line 3", "matrix.style.1"), ("line 4", "matrix.size")]
+    assert problems[0].message.startswith('expected one value: text, a number or true/false, got a list: ["xxxx')
+    assert problems[0].message.endswith("...") and len(problems[0].message) < 130
+    assert problems[1].message == 'expected a list of values ([a, b]), got the text "1:1"'
 
 
 def test_manifest_that_is_not_a_mapping(tmp_path: Path) -> None:
@@ -596,9 +701,40 @@ def test_csv_row_with_too_many_cells(tmp_path: Path) -> None:
 
 def test_csv_not_utf8(tmp_path: Path) -> None:
     path = tmp_path / "j.csv"
-    path.write_bytes("id,prompt\na,caf\xe9\n".encode("latin-1"))
+    path.write_bytes("id,prompt\na,hi\nb,caf\xe9\n".encode("latin-1"))
     problem = only_problem(path)
-    assert "UTF-8" in problem.message
+    assert (problem.file, problem.location, problem.field) == (str(path), "row 3", "prompt")
+    assert problem.message.startswith('"caf\\xe9" is not UTF-8 text (byte 0xE9')
+    assert "save the CSV as UTF-8" in problem.message
+
+
+def test_csv_not_utf8_every_row_named_far_into_the_file(tmp_path: Path) -> None:
+    # Past the first read buffer, between good rows, in an item CSV: each bad row is named, the row numbers
+    # after a multi-line cell stay right, and the rows' other problems are still found.
+    rows = [b"sku,name,model"]
+    for i in range(2, 2002):
+        name = b"thing %d" % i
+        if i == 1500:
+            name = b"caf\xe9 " + name
+        if i == 1501:
+            name = b'"two\nlines \xe9"'
+        rows.append(b"S%d,%s,%s" % (i, name, b"nope" if i in (100, 1900) else b""))
+    (tmp_path / "p.csv").write_bytes(b"\n".join(rows) + b"\nS7,again,\n")
+    path = write(tmp_path / "j.yaml", "items_csv: p.csv\nprompt: 'a {name}'\n")
+    manifest = open_manifest(path)
+    assert sum(1 for _ in manifest.requests()) == 2001 - 4  # S7 twice: reported, both yielded
+    assert [(p.file, p.location, p.field) for p in manifest.problems] == [
+        (str(tmp_path / "p.csv"), f"row {n}", field) for n, field in
+        [(100, "model"), (1500, "name"), (1501, "name"), (1900, "model"), (2002, "sku")]]
+    assert '"two\nlines \\xe9" is not UTF-8 text' in manifest.problems[2].message
+
+
+def test_csv_header_not_utf8(tmp_path: Path) -> None:
+    path = tmp_path / "j.csv"
+    path.write_bytes("id,prompt,caf\xe9\na,hi,x\n".encode("latin-1"))
+    problem = only_problem(path)
+    assert (problem.location, problem.field) == ("row 1", None)
+    assert problem.message.startswith('the header, column 3: "caf\\xe9" is not UTF-8 text')
 
 
 def test_bad_input_changes_nothing_the_consumer_can_roll_back(tmp_path: Path) -> None:

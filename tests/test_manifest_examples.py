@@ -64,8 +64,10 @@ def test_cli_validate_yaml_syntax_error_exits_2(tmp_path: Path) -> None:
     path = tmp_path / "job.yaml"
     path.write_text("prompt: [oops\n")
     result = CliRunner().invoke(main, ["validate", str(path)])
-    assert result.exit_code == 2
-    assert f"{path} line 2: YAML syntax error" in result.output
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    # The line where the unclosed list starts, not the end of the file where PyYAML gave up.
+    assert (f"{path} line 1: YAML syntax error: the [ ] list that starts here is never closed (found the end of "
+            "the file at line 2)") in result.output
 
 
 def test_run_with_a_bad_manifest_exits_2_and_leaves_no_database(tmp_path: Path) -> None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import itertools
 import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -25,7 +26,7 @@ from batchgen import catalog
 from batchgen.errors import ManifestError, Problem
 from batchgen.manifest import naming
 from batchgen.manifest.csvsource import ID_FIELD_CANDIDATES as ID_FIELD_CANDIDATES
-from batchgen.manifest.csvsource import CsvSource
+from batchgen.manifest.csvsource import UNDECODED, CsvSource, not_utf8
 from batchgen.manifest.duplicates import HashLog
 from batchgen.manifest.localfiles import ReferenceChecker
 from batchgen.manifest.problems import MAX_PROBLEMS as MAX_PROBLEMS
@@ -151,55 +152,75 @@ class Manifest:
         ncols = len(src.header)
         param_cols, meta_cols, id_col = src.param_cols, src.meta_cols, src.id_col
         expand = self._expand
-        try:
-            with src.path.open(newline="", encoding="utf-8-sig") as fh:
-                reader = csv.reader(fh, strict=True)
-                next(reader, None)
-                rowno = 1
-                for row in reader:
-                    rowno += 1
-                    if not any(row):
-                        continue  # a blank line, or a row of empty cells (spreadsheets leave them at the end)
-                    if len(row) != ncols:
-                        if len(row) > ncols and any(c.strip() for c in row[ncols:]):
-                            problems.add(file, f"row {rowno}", None, f"has {len(row)} cells but the header "
-                                         f"has {ncols} columns; quote cells that contain commas")
-                            continue
-                        row = (row + [""] * ncols)[:ncols]
-                    loc = f"row {rowno}"
-                    if id_col is not None:
-                        item_id = row[id_col].strip()
-                        if not item_id:
-                            problems.add(file, loc, self._id_field, "is empty; every row needs an id")
-                            continue
-                    else:
-                        item_id = str(rowno)
-                    on_item(item_id, file, loc)
-                    metadata = {name: row[i] for name, i in meta_cols}
-                    params: dict[str, Any] = {}
-                    bad: set[str] = set()
-                    for name, i in param_cols:
-                        cell = row[i]
-                        if not cell or cell.isspace():
-                            continue
-                        if name == "prompt":
-                            params[name] = cell
-                            continue
-                        if name in TEXT_PARAMS:
-                            params[name] = cell.strip()
-                            continue
-                        try:
-                            params[name] = coerce_param(name, cell)
-                        except ValueError as error:
-                            problems.add(file, loc, name, str(error))
-                            bad.add(name)
-                    yield from expand(file, loc, item_id, params, metadata, None, base, problems, on_names,
-                                      frozenset(bad))
-        except UnicodeDecodeError as error:
-            problems.add(file, f"row {rowno + 1}", None, f"is not UTF-8 text ({error.reason}); save the CSV "
-                         "as UTF-8")
-        except csv.Error as error:
-            problems.add(file, f"row {rowno + 1}", None, f"cannot be read as CSV: {error}")
+        named = [*param_cols, *meta_cols]
+        rowno = 1  # rows read so far, the header included
+        # Strict decoding fails a whole buffer of rows at once without saying which; after such a failure the
+        # file is read again from the first row not yet expanded, with surrogateescape, and each row's cells
+        # are searched for the bytes that are not UTF-8 (only then: the search costs time on every row).
+        lenient = False
+        while True:
+            try:
+                with src.path.open(newline="", encoding="utf-8-sig",
+                                   errors="surrogateescape" if lenient else "strict") as fh:
+                    reader = csv.reader(fh, strict=True)
+                    for _ in itertools.islice(reader, rowno):
+                        pass  # the header, and the rows expanded before the failure
+                    for row in reader:
+                        rowno += 1
+                        if not any(row):
+                            continue  # a blank line, or a row of empty cells (spreadsheets leave them at the end)
+                        if len(row) != ncols:
+                            if len(row) > ncols and any(c.strip() for c in row[ncols:]):
+                                problems.add(file, f"row {rowno}", None, f"has {len(row)} cells but the header "
+                                             f"has {ncols} columns; quote cells that contain commas")
+                                continue
+                            row = (row + [""] * ncols)[:ncols]
+                        loc = f"row {rowno}"
+                        bad: set[str] = set()
+                        if lenient:
+                            unreadable = [(name, i) for name, i in named if UNDECODED.search(row[i])]
+                            if unreadable:
+                                for name, i in unreadable:
+                                    problems.add(file, loc, name, not_utf8(row[i]))
+                                if any(i == id_col for _, i in unreadable):
+                                    continue  # without its id the row is nothing to check further
+                                row = row.copy()
+                                for name, i in unreadable:
+                                    row[i] = ""  # reported; the row's other cells are still checked
+                                    bad.add(name)
+                        if id_col is not None:
+                            item_id = row[id_col].strip()
+                            if not item_id:
+                                problems.add(file, loc, self._id_field, "is empty; every row needs an id")
+                                continue
+                        else:
+                            item_id = str(rowno)
+                        on_item(item_id, file, loc)
+                        metadata = {name: row[i] for name, i in meta_cols}
+                        params: dict[str, Any] = {}
+                        for name, i in param_cols:
+                            cell = row[i]
+                            if not cell or cell.isspace():
+                                continue
+                            if name == "prompt":
+                                params[name] = cell
+                                continue
+                            if name in TEXT_PARAMS:
+                                params[name] = cell.strip()
+                                continue
+                            try:
+                                params[name] = coerce_param(name, cell)
+                            except ValueError as error:
+                                problems.add(file, loc, name, str(error))
+                                bad.add(name)
+                        yield from expand(file, loc, item_id, params, metadata, None, base, problems, on_names,
+                                          frozenset(bad))
+                return
+            except UnicodeDecodeError:
+                lenient = True  # happens once: surrogateescape decodes any byte
+            except csv.Error as error:
+                problems.add(file, f"row {rowno + 1}", None, f"cannot be read as CSV: {error}")
+                return
 
     def _generate_inline(self, src: Inline, problems: Problems, on_item: Callable[[str, str, str], None],
                          on_names: Callable[[list[str], str, str], None]) -> Iterator[PlannedRequest]:
@@ -300,15 +321,19 @@ class Manifest:
                 else:
                     if values is None:
                         values = dict(metadata)
-                        values["id"] = item_id
+                        values["id"] = item_id  # naming.PROMPT_BUILTIN_FIELDS
                     if variant.values:
                         values.update(variant.values)
                     missing = [f for f in template.fields if not values.get(f) and f not in bad_fields]
                     if missing:
-                        available = ", ".join(sorted(k for k, v in values.items() if v)) or "none"
+                        # The item's own fields (its CSV columns), apart from what every item has: listing
+                        # `id` among them would read as a column the CSV does not have.
+                        own = ", ".join(sorted(k for k, v in metadata.items() if v)) or "no filled-in fields"
+                        shared = ", ".join("{" + f + "}" for f in (*naming.PROMPT_BUILTIN_FIELDS, *variant.values))
                         report("prompt", at_item=True, message="the template uses "
-                                     + ", ".join("{" + f + "}" for f in missing)
-                                     + f", which this item does not have or leaves empty; it has: {available}")
+                                     + ", ".join("{" + f + "}" for f in dict.fromkeys(missing))
+                                     + f", which this item does not have or leaves empty; it has: {own}; "
+                                     f"every item also has {shared}")
                         ok = False
                     elif not any(f in bad_fields for f in template.fields):
                         prompt = template.render(values)

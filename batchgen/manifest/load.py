@@ -168,8 +168,9 @@ def _parse_yaml_manifest(path: Path, keep_going: bool = False) -> _Parsed:
     returned in `_Parsed.problems` (a bad value the rows depend on still raises, see `_validate_schema`)."""
     file = str(path)
     text = _read_text(path)
-    data, root = parse_yaml(text, file)
+    data, root, duplicates = parse_yaml(text, file)
     problems = Problems()
+    problems.items.extend(duplicates)  # listed with the other problems; the YAML itself is readable
     if data is None:
         data = {}
     if not isinstance(data, dict):
@@ -252,13 +253,13 @@ def _build_yaml_manifest(path: Path, parsed: _Parsed) -> Manifest:
         problems.add(file, line("defaults", "prompt"), "defaults.prompt", "the prompt template is given twice "
                      "(prompt: and defaults.prompt:); keep one")
     template_text = schema.prompt if schema.prompt is not None else schema.defaults.prompt
+    template_line = line("prompt") if schema.prompt is not None else line("defaults", "prompt")
     template: naming.Template | None = None
     if template_text is not None:
         try:
             template = naming.compile_template(template_text)
         except ValueError as error:
-            where = line("prompt") if schema.prompt is not None else line("defaults", "prompt")
-            problems.add(file, where, "prompt", str(error))
+            problems.add(file, template_line, "prompt", str(error))
 
     # Defaults: everything but the prompt template; local references relative to the manifest.
     defaults: dict[str, Any] = {}
@@ -307,10 +308,10 @@ def _build_yaml_manifest(path: Path, parsed: _Parsed) -> Manifest:
                     problems.add(file, line("prompt"), "prompt", f"missing: set prompt: (a template) or give "
                                  f"{display} a prompt column (columns found: {', '.join(src.header)})")
                 if template is not None:
-                    known = columns | matrix_names | {"id"}
-                    for f in template.fields:
+                    known = columns | matrix_names | set(naming.PROMPT_BUILTIN_FIELDS)
+                    for f in dict.fromkeys(template.fields):
                         if f not in known:
-                            problems.add(file, line("prompt") or line("defaults", "prompt"), "prompt",
+                            problems.add(file, template_line, "prompt",
                                          f"the template uses {{{f}}}, which is neither a column of {display} "
                                          f"nor a matrix variable; columns: {', '.join(sorted(columns))}")
                 fn_tpl = naming.compile_template(job.output.filename)
@@ -335,12 +336,19 @@ def _build_yaml_manifest(path: Path, parsed: _Parsed) -> Manifest:
         id_name = schema.id_field or auto_id_field(
             {str(k) for it in schema.items if isinstance(it, dict) for k in it})
     else:
+        # No items: the job is one item (named after the job), so the template can use only the matrix
+        # variables and the built-in fields.
         if template is None:
             problems.add(file, None, "prompt", "missing: set prompt: (the prompt, or a template for items)")
-        elif template.fields:
-            problems.add(file, line("prompt"), "prompt", "the template uses "
-                         + ", ".join("{" + f + "}" for f in template.fields if f not in matrix_names and f != "id")
-                         + " but the manifest has no items; add items: or items_csv:")
+        else:
+            unknown = [f for f in dict.fromkeys(template.fields)
+                       if f not in matrix_names and f not in naming.PROMPT_BUILTIN_FIELDS]
+            if unknown:
+                builtins = ", ".join("{" + f + "}" for f in naming.PROMPT_BUILTIN_FIELDS)
+                problems.add(file, template_line, "prompt", "the template uses "
+                             + ", ".join("{" + f + "}" for f in unknown)
+                             + f", which is neither a matrix variable nor {builtins}, and the manifest has no "
+                             "items to take it from; add items: or items_csv:, or add it to the matrix")
     if len(problems.items) > len(parsed.problems):
         problems.raise_if_any()  # the items cannot be expanded meaningfully
     manifest = Manifest(job, display=file, defaults=defaults, template=template, variants=variants,

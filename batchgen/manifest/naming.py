@@ -33,6 +33,8 @@ MAX_PATH_CHARS = 1024
 
 # Fields every file-name template can use besides the item's own fields and matrix variables.
 BUILTIN_FIELDS: tuple[str, ...] = ("id", "variant", "model", "key", "index")
+# Fields every prompt template can use besides the item's own fields and matrix variables (the item id).
+PROMPT_BUILTIN_FIELDS: tuple[str, ...] = ("id",)
 
 
 @dataclass(frozen=True)
