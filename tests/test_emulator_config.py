@@ -65,8 +65,8 @@ def test_flags_override_the_scenario(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(("text", "field"), [
-    ("faults:\n  submitt: {http_429: 0.1}\n", "faults.submitt: unknown field"),
-    ("bogus: 1\n", "bogus: unknown field"),
+    ("faults:\n  submitt: {http_429: 0.1}\n", "line 2: faults.submitt: unknown key; allowed keys: submit, poll"),
+    ("bogus: 1\n", "line 1: bogus: unknown key"),
     ("faults:\n  poll: {http_500: 1.5}\n", "faults.poll.http_500"),
     ("faults:\n  poll: {http_500: 0.6, drop: 0.6}\n", "faults.poll"),
     ("time_scale: 0\n", "time_scale"),
@@ -75,13 +75,34 @@ def test_flags_override_the_scenario(tmp_path: Path) -> None:
     ("rules:\n  - fail_with: teapot\n", "rules.0.fail_with"),
     ("rules:\n  - fail_with: 418\n", "rules.0.fail_with"),
     ("- just\n- a list\n", "mapping"),
-    ("faults: [unclosed\n", "not valid YAML"),
+    ("faults: [unclosed\n", "YAML syntax error"),
 ])
 def test_scenario_mistakes_name_the_file_and_field(tmp_path: Path, text: str, field: str) -> None:
     path = write(tmp_path, text)
     with pytest.raises(ConfigError) as caught:
         EmulatorConfig.from_options(scenario_path=path)
     assert str(path) in str(caught.value) and field in str(caught.value)
+
+
+def test_every_problem_of_a_scenario_is_listed_with_its_line(tmp_path: Path) -> None:
+    path = write(tmp_path, "faults:\n  submit:\n    http_429: 5\n  bogus: 1\naccounts:\n  - api_key: k\n    rate: 5\n")
+    with pytest.raises(ConfigError) as caught:
+        EmulatorConfig.from_options(scenario_path=path)
+    lines = str(caught.value).splitlines()
+    assert lines[0] == "the scenario has 3 problem(s):"
+    assert [line.strip().removeprefix(str(path) + " ").split(":")[0] for line in lines[1:]] == [
+        "line 3", "line 4", "line 7"]
+    assert "http_429: 5 is too large; use at most 1" in lines[1]
+    assert "accounts.0.rate: unknown key; allowed keys: api_key, rate_limit, credits" in lines[3]
+
+
+def test_a_run_on_the_emulator_with_a_bad_scenario_changes_nothing(tmp_path: Path) -> None:
+    scenario = write(tmp_path, "bogus: 1\n")
+    manifest = tmp_path / "job.yaml"
+    manifest.write_text("name: job\nprompt: a red chair\n")
+    result = CliRunner().invoke(main, ["run", str(manifest), "--emulator", "--emulator-scenario", str(scenario)])
+    assert result.exit_code == 2 and "bogus: unknown key" in result.output
+    assert not (tmp_path / "job.batchgen.db").exists() and not (tmp_path / "out").exists()
 
 
 def test_a_missing_scenario_file_is_a_config_error(tmp_path: Path) -> None:
@@ -93,7 +114,7 @@ def test_the_cli_reports_a_bad_scenario_with_exit_2(tmp_path: Path) -> None:
     path = write(tmp_path, "faults:\n  submitt: {}\n")
     result = CliRunner().invoke(main, ["emulator", "--port", "0", "--scenario", str(path)])
     assert result.exit_code == 2
-    assert "faults.submitt: unknown field" in result.output and "Traceback" not in result.output
+    assert "faults.submitt: unknown key" in result.output and "Traceback" not in result.output
 
 
 @pytest.mark.slow

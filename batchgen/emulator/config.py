@@ -10,12 +10,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from batchgen import catalog
 from batchgen.emulator.faults import FaultRule, Faults
-from batchgen.errors import ConfigError
+from batchgen.errors import ConfigError, ManifestError
 
 
 class AccountConfig(BaseModel):
@@ -99,20 +98,35 @@ class EmulatorConfig(BaseModel):
 
 
 def load_scenario(path: Path) -> dict[str, Any]:
-    """A scenario file's mapping, checked against EmulatorConfig (ConfigError names file and field)."""
+    """A scenario file's mapping, checked against EmulatorConfig. Every problem is reported together, each
+    with its line, field and what is allowed, in the words a manifest's problems use (ConfigError: exit 2)."""
+    from batchgen.manifest.problems import Problems, pydantic_problems
+    from batchgen.manifest.yamlsource import parse_yaml
+
     try:
         text = Path(path).read_text(encoding="utf-8")
-    except OSError as error:
-        raise ConfigError(f"{path}: cannot read the scenario: {error.strerror or error}") from None
+    except (OSError, UnicodeDecodeError) as error:
+        reason = error.strerror if isinstance(error, OSError) else "it is not UTF-8 text"
+        raise ConfigError(f"{path}: cannot read the scenario: {reason or error}") from None
     try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as error:
-        raise ConfigError(f"{path}: not valid YAML: {error}") from None
-    if data is None:
+        data, root, duplicates = parse_yaml(text, str(path))
+    except ManifestError as error:  # a syntax error, with its line
+        raise ConfigError(str(error)) from None
+    if data is None and not duplicates:
         return {}
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: a scenario is a mapping of settings (see docs/emulator.md)")
-    _validated(data, str(path))
+    problems = Problems()
+    for problem in duplicates:
+        problems.add(problem.file, problem.location, problem.field, problem.message)
+    try:
+        EmulatorConfig.model_validate(data)
+    except ValidationError as error:
+        pydantic_problems(error, str(path), root, problems, schema=EmulatorConfig)
+    if problems:
+        lines = [str(p) for p in problems.items] + ([f"... and {problems.rest} more"] if problems.rest else [])
+        count = len(problems.items) + problems.rest
+        raise ConfigError(f"the scenario has {count} problem(s):\n  " + "\n  ".join(lines))
     return data
 
 

@@ -66,8 +66,12 @@ async def run_job_async(manifest_path: Path, options: RunOptions) -> int:
     """`run_job` inside a running loop (tests run it next to an in-process emulator)."""
     from batchgen.manifest.load import open_manifest
 
-    # Keys first: a bad keys file is exit 2 before anything is opened or changed.
+    # Keys first: a bad keys file is exit 2 before anything is opened or changed; so is a bad scenario.
     source = load_keys(options.keys_file, options.api_keys, None if options.emulator else options.api_key)
+    if options.emulator and options.emulator_scenario is not None:
+        from batchgen.emulator.config import load_scenario
+
+        load_scenario(options.emulator_scenario)
     manifest = open_manifest(Path(manifest_path))
     job = manifest.job
     db_path = Path(options.db_path) if options.db_path else job.default_db_path()

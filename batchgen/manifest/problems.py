@@ -8,7 +8,7 @@ manifest (its keys, its values), not those of the models underneath; past the ca
 from __future__ import annotations
 
 import json
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, get_args
 
 from pydantic import BaseModel, ValidationError
 
@@ -16,7 +16,7 @@ from batchgen import catalog
 from batchgen.errors import ManifestError, Problem
 from batchgen.manifest.schema import ManifestSchema
 from batchgen.manifest.yamlsource import at, existing_depth, node_line
-from batchgen.models import OutputSettings, QualitySettings, RunSettings
+from batchgen.models import GenerationRequest
 
 if TYPE_CHECKING:
     import yaml
@@ -47,8 +47,10 @@ class Problems:
 
 
 def pydantic_problems(error: ValidationError, file: str, root: yaml.Node | None, problems: Problems,
-                      prefix: tuple[Any, ...] = ()) -> None:
-    """Record the errors of `error` as problems, in file order.
+                      prefix: tuple[Any, ...] = (), schema: type[BaseModel] = ManifestSchema) -> None:
+    """Record the errors of `error` as problems, in file order; `schema` is the model the document was
+    validated against (a manifest by default; the emulator's scenario files use it too), for the keys an
+    'unknown key' message lists.
 
     A value that fits no branch of a union (a matrix value that is a list, say) fails once per branch, each
     error under a location with the branch's name appended (`matrix.style.0.str`, `...int`); those are one
@@ -62,11 +64,11 @@ def pydantic_problems(error: ValidationError, file: str, root: yaml.Node | None,
     found: list[tuple[int, tuple[Any, ...], str]] = []
     for place, errs in groups.items():
         if len(errs) > 1 and all(len(prefix) + len(e["loc"]) > len(place) for e in errs):
-            found.append((node_line(root, place) or 0, place, _words(errs, place)))
+            found.append((node_line(root, place) or 0, place, _words(errs, place, schema)))
         else:
             for err in errs:
                 loc = prefix + tuple(err["loc"])
-                found.append((node_line(root, loc) or 0, loc, _words([err], loc)))
+                found.append((node_line(root, loc) or 0, loc, _words([err], loc, schema)))
     for line, loc, message in sorted(found, key=lambda f: f[0]):  # in file order, as the user reads them
         problems.add(file, at(line or None), ".".join(str(x) for x in loc) or None, message)
 
@@ -91,16 +93,16 @@ _RANGES: dict[str, str] = {"greater_than_equal": "at least {ge}", "greater_than"
                            "less_than_equal": "at most {le}", "less_than": "less than {lt}"}
 
 
-def _words(errs: list[Any], loc: tuple[Any, ...]) -> str:
+def _words(errs: list[Any], loc: tuple[Any, ...], schema: type[BaseModel]) -> str:
     """One problem's message from its pydantic errors (several for a value no branch of a union takes)."""
     err = errs[0]
     kind, value, ctx = err["type"], err.get("input"), err.get("ctx") or {}
     if kind == "extra_forbidden":
-        parent = _allowed_keys(loc[:-1])
+        parent = _allowed_keys(schema, loc[:-1])
         return "unknown key" + (f"; allowed keys: {', '.join(parent)}" if parent else "")
     if kind == "missing":
         return "is required"
-    expected = [_expected(e["type"], loc) for e in errs]
+    expected = [_expected(e["type"], loc, schema) for e in errs]
     if all(expected):
         shape = next((v for k, v in _SHAPES.items() if len(k) == len(loc) and all(
             a is None or a == b for a, b in zip(k, loc, strict=True))), None)
@@ -119,9 +121,9 @@ def _words(errs: list[Any], loc: tuple[Any, ...]) -> str:
     return f"{_shown(value)} is not allowed: {message[0].lower()}{message[1:]}"
 
 
-def _expected(kind: str, loc: tuple[Any, ...]) -> str | None:
+def _expected(kind: str, loc: tuple[Any, ...], schema: type[BaseModel]) -> str | None:
     if kind in ("model_type", "model_attributes_type"):
-        keys = _allowed_keys(loc)
+        keys = _allowed_keys(schema, loc)
         return f"a mapping (keys: {', '.join(keys)})" if keys else "a mapping (key: value)"
     return _EXPECTED.get(kind)
 
@@ -156,15 +158,29 @@ def _number(value: Any) -> Any:
     return int(value) if isinstance(value, float) and value.is_integer() else value
 
 
-def _allowed_keys(loc: tuple[Any, ...]) -> list[str]:
-    """The keys a mapping at `loc` may have, for 'unknown key' messages."""
-    from batchgen.manifest.schema import RequestDefaults
-
-    models: dict[tuple[Any, ...], type[BaseModel]] = {(): ManifestSchema, ("defaults",): RequestDefaults,
-                                                      ("output",): OutputSettings, ("run",): RunSettings,
-                                                      ("quality",): QualitySettings}
-    model = models.get(loc)
+def _allowed_keys(schema: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:
+    """The keys a mapping at `loc` may have, for 'unknown key' messages: the fields of the model found by
+    following `loc` through `schema`'s annotations (a list's items by index); none where `loc` leads to no
+    model (a free mapping such as the matrix)."""
+    kind: Any = schema
+    for part in loc:
+        model = _model_in(kind)
+        if model is not None and isinstance(part, str) and part in model.model_fields:
+            kind = model.model_fields[part].annotation
+        elif isinstance(part, int) and (items := [a for a in get_args(kind) if a is not type(None)]):
+            kind = items[0]
+        else:
+            return []
+    model = _model_in(kind)
     return list(model.model_fields) if model else []
+
+
+def _model_in(kind: Any) -> type[BaseModel] | None:
+    """The pydantic model a field's annotation is (or holds, as `Model | None`), else None."""
+    for candidate in (kind, *get_args(kind)):
+        if isinstance(candidate, type) and issubclass(candidate, BaseModel):
+            return candidate
+    return None
 
 
 def explain(err: Any, n_images: int) -> tuple[str | None, str]:
@@ -174,7 +190,7 @@ def explain(err: Any, n_images: int) -> tuple[str | None, str]:
         return name, f"{n_images} reference images; at most {catalog.MAX_IMAGE_URLS} are allowed"
     if name == "n":
         return name, f"{err['input']} is out of range; use {catalog.MIN_N} to {catalog.MAX_N}"
-    return name, _words([err], tuple(err["loc"]))
+    return name, _words([err], tuple(err["loc"]), GenerationRequest)
 
 
 def in_manifest_words(name: str, message: str) -> tuple[str, str]:
