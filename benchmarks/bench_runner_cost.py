@@ -14,8 +14,9 @@ manifest expansion into the store and the export at the end, so it is what a use
 Two more figures say how much of it is the machine's rather than batchgen's:
 * the same run with the images written to a tmpfs (`/dev/shm`, when there is one): the runner's cost
   without the kernel's cost of creating files on the output disk;
-* that kernel cost on its own: the system CPU time of creating, writing, fsyncing and renaming N small
-  files in the work folder, as `storage/local.py` does for each image, with nothing else around it.
+* that kernel cost on its own: the system CPU time of creating, writing and renaming N small files in the
+  work folder, as `storage/local.py` does for each image of an SQLite job (no fsync per image:
+  docs/run-engine.md, *Durability*), with nothing else around it.
 
 For reference, a second run of the same command on the finished job (nothing left to do) gives the fixed
 cost of a run: start-up, the fingerprint check and the end-of-run export of the whole job (most of it);
@@ -72,13 +73,13 @@ def one_run(workdir: Path, n: int, out: Path | None = None) -> dict[str, float]:
 
 
 def file_creation_sys_ms(folder: Path, n: int) -> float:
-    """System CPU per file of the local storage's own write (`write_atomic`: a hidden .part, a small image's
-    worth of bytes, fsync, rename into place), alone, in `folder`."""
+    """System CPU per file of the local storage's own write for an SQLite job (`write_atomic` without the
+    fsync: a hidden .part, a small image's worth of bytes, rename into place), alone, in `folder`."""
     fresh_dir(folder)
     data = os.urandom(600)  # about the size of an emulator image
     before = resource.getrusage(resource.RUSAGE_SELF).ru_stime
     for i in range(n):
-        write_atomic(folder / f"img{i}.png", data, make_parent=False)
+        write_atomic(folder / f"img{i}.png", data, make_parent=False, durable=False)
     spent = resource.getrusage(resource.RUSAGE_SELF).ru_stime - before
     shutil.rmtree(folder, ignore_errors=True)
     return 1000 * spent / n
@@ -172,7 +173,7 @@ def run(workdir: Path, *, quick: bool, runs: int) -> list[Row]:
                             "disk's file-creation cost"))
     out += [
         Row("3 runner cost", "sys CPU per file, creating files on the work folder's disk", median(floor), "ms",
-            "", None, runs=floor, note="create + write + fsync + rename alone: the kernel's share of each image"),
+            "", None, runs=floor, note="create + write + rename alone: the kernel's share of each image"),
         Row("3 runner cost", "CPU per image of the HTTP alone (submit, batched polls, download)", median(http),
             "ms", "", None, runs=list(http), note="batchgen's API client with no engine around it: aiohttp's floor"),
         Row("3 runner cost", "CPU per image of the checks alone (identify, decode, check, hash)", median(checks),

@@ -128,3 +128,24 @@ def test_a_job_without_a_recorded_folder_is_found_beside_its_database_or_asked_f
                              location="postgresql://db.example/batchgen (job nightly)")
     with pytest.raises(ConfigError, match=r"job nightly\).*no output folder on record.*--out"):
         storage_for_job(shared)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("durable", [True, False])
+def test_an_image_is_fsynced_only_where_the_store_is_durable(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                             durable: bool) -> None:
+    synced: list[int] = []
+    real = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: (synced.append(fd), real(fd))[1])
+    storage = LocalStorage(tmp_path, durable=durable)
+    rel, _ = storage.save_image("a/b", GOOD)
+    assert (tmp_path / rel).read_bytes() == GOOD and storage.size_of(rel) == len(GOOD)
+    assert bool(synced) is durable
+    assert storage.size_of("a/missing.png") is None
+
+
+def test_a_run_on_sqlite_does_not_fsync_each_image(tmp_path: Path) -> None:
+    from batchgen.engine.recovery import images_durable
+    from batchgen.store.open import open_store
+
+    with open_store(tmp_path / "s.db") as store:
+        assert images_durable(store) is False  # SQLite's NORMAL commits: recovery.py checks after a crash

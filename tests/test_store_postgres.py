@@ -252,3 +252,11 @@ def test_a_runner_waits_only_for_work_others_hold(tmp_path: Path, pg_url: str) -
         a.finish_request(ka)
         b.finish_request(kb)
         assert a.runners.unfinished_elsewhere() == b.runners.unfinished_elsewhere() == 0
+
+
+def test_a_shared_job_fsyncs_its_images(pg_url: str) -> None:
+    """PostgreSQL's commits are durable, so a local folder's images are fsynced one by one (recovery.py)."""
+    from batchgen.engine.recovery import images_durable
+
+    with pg(pg_url) as store:
+        assert images_durable(store) is True

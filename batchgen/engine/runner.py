@@ -34,6 +34,7 @@ from batchgen.engine import collector, shares
 from batchgen.engine.keyfile import KeySource, load_keys
 from batchgen.engine.keypool import KeyPool, KeyState, PooledKey, refusal_state
 from batchgen.engine.progress import Progress
+from batchgen.engine.recovery import images_durable, reopen_lost_images
 from batchgen.engine.rejects import requeue_rejected
 from batchgen.engine.runstate import StopReason
 from batchgen.engine.scheduler import HALT_GRACE_S, Scheduler, SchedulerConfig
@@ -131,7 +132,7 @@ async def _open_and_run(manifest_path: Path, manifest: Any, job: JobSpec, option
             patience_s = None  # reported as bad input by _run, before anything is sent
         storage = await asyncio.to_thread(open_storage, out, endpoint_url=job.output.endpoint_url,
                                           region=job.output.region, time_scale=options.time_scale,
-                                          patience_s=patience_s)
+                                          patience_s=patience_s, durable=images_durable(store))
         try:
             if out.startswith("s3://"):
                 record_storage(store, job.output.endpoint_url, job.output.region)
@@ -236,6 +237,11 @@ async def _drive(store: Store, job: JobSpec, settings: RunSettings, options: Run
         patience_s=parse_duration_s(settings.patience), check_invariants=bool(os.environ.get(CHECK_INVARIANTS_ENV)),
         quality=job.quality)
     progress: Progress | None = None
+    # Images the last run recorded but the machine going down took back: downloaded again (recovery.py).
+    lost = reopen_lost_images(store, storage)
+    if lost:
+        warnings = [*(warnings or []), f"the last run did not finish and {len(lost)} image(s) it recorded are not "
+                    f"on disk whole (e.g. {lost[0]}): their requests are downloaded again"]
     # Local reference files → Files API URLs, once per content (issue 6, uploads.py).
     if options.emulator:
         # The in-process emulator's tasks die with the process that ran it: a resumed --emulator run faces a

@@ -65,6 +65,11 @@ class Storage(abc.ABC):
     def exists(self, rel: str) -> bool:
         """Whether `rel` is there."""
 
+    def size_of(self, rel: str) -> int | None:
+        """The size of `rel` as stored, cheaply (a stat), or None: not there, or not known cheaply. Only a
+        local folder answers; a bucket's objects are durable once their PUT is answered."""
+        return None
+
     @abc.abstractmethod
     def names_under(self, rel_dir: str) -> set[str]:
         """The names (without the folder) of the files directly under `rel_dir` (a cache's listing)."""

@@ -32,8 +32,13 @@ def safe_target(out_dir: Path, relpath: str) -> Path:
     return target
 
 
-def write_atomic(target: Path, data: bytes, *, make_parent: bool = True) -> None:
+def write_atomic(target: Path, data: bytes, *, make_parent: bool = True, durable: bool = True) -> None:
     """Write `data` to `target` so that the file is either complete or absent, even if we are killed.
+
+    `durable`: fsync the file before its rename, so that it is on the disk, not only in the page cache, once
+    this returns (a power cut or a kernel crash cannot take it back). Without it the file survives the
+    process being killed but not the machine going down, which is what an SQLite store's commits promise
+    too; the run after such a stop checks the images of the run that did not finish (engine/recovery.py).
 
     A write that fails (no space left, a read-only or vanished folder) removes its partial file and raises
     LocalFaultError naming the file and the cause: a fault of this machine, which stops the run resumably.
@@ -53,13 +58,8 @@ def write_atomic(target: Path, data: bytes, *, make_parent: bool = True) -> None
             while view:
                 written = os.write(fd, view)
                 view = view[written:]
-            # fsync per file: "done" in the store means the bytes are on disk, even after a power cut. The
-            # store's own commits are WAL with synchronous=NORMAL, which may lose the last commits on a power
-            # cut but never orders a commit before the data it names: without this fsync, a commit that did
-            # reach the disk could name an image whose bytes did not (ext4 makes no promise for a new name),
-            # and a done image would be missing for good. Measured: 0.18-0.25 ms of system CPU per image on
-            # the benchmark VM's disk, kept for that promise (docs/benchmarks.md, runner CPU).
-            os.fsync(fd)
+            if durable:
+                os.fsync(fd)
         finally:
             os.close(fd)
         os.replace(tmp, target)
@@ -87,8 +87,11 @@ class LocalStorage(Storage):
     parallel_writes = os.cpu_count() or 2
     writes_are_local = True
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, *, durable: bool = True) -> None:
         self.root = Path(root).resolve()
+        # Whether each image is fsynced before its rename (write_atomic); the run decides by its store's own
+        # durability (docs/run-engine.md, Durability).
+        self.durable = durable
         self.location = str(self.root)
         # Folders already checked to be inside the root (symlinks resolved) and made: a job writes
         # thousands of files into a few folders, and resolving every path again cost more CPU than the
@@ -117,7 +120,7 @@ class LocalStorage(Storage):
     def save_image(self, relpath_no_ext: str, data: bytes, info: ImageInfo | None = None) -> tuple[str, ImageInfo]:
         info = info or inspect_image(data)
         rel = relpath_no_ext + info.extension
-        write_atomic(self.write_path(rel), data, make_parent=False)
+        write_atomic(self.write_path(rel), data, make_parent=False, durable=self.durable)
         return rel, info
 
     def has_image(self, rel: str, sha256: str, size: int | None = None) -> bool:
@@ -138,6 +141,12 @@ class LocalStorage(Storage):
             return self.path(rel).is_file()
         except ValueError:
             return False
+
+    def size_of(self, rel: str) -> int | None:
+        try:
+            return self.path(rel).stat().st_size
+        except (OSError, ValueError):
+            return None
 
     def names_under(self, rel_dir: str) -> set[str]:
         folder = self.root / rel_dir

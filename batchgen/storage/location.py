@@ -39,10 +39,12 @@ def resolve_location(value: str | Path, base_dir: Path | None = None) -> str:
 
 
 def open_storage(location: str, *, endpoint_url: str | None = None, region: str | None = None,
-                 create_bucket: bool = True, time_scale: float = 1.0, patience_s: float | None = None) -> Storage:
+                 create_bucket: bool = True, time_scale: float = 1.0, patience_s: float | None = None,
+                 durable: bool = True) -> Storage:
     """The storage for `location` (from `resolve_location`). A bucket is checked (created if missing);
     `time_scale` shrinks its retry waits like the run's other client-side waits, and `patience_s` (the
-    run's patience) bounds how long one call waits out throttling before the run stops resumably."""
+    run's patience) bounds how long one call waits out throttling before the run stops resumably.
+    `durable=False`: a local folder does not fsync each image (write_atomic)."""
     if is_bucket_url(location):
         from batchgen.storage.s3 import RetryPolicy, S3Storage
 
@@ -50,7 +52,7 @@ def open_storage(location: str, *, endpoint_url: str | None = None, region: str 
                          retry=RetryPolicy().scaled(time_scale, patience_s))
     from batchgen.storage.local import LocalStorage
 
-    return LocalStorage(Path(location))
+    return LocalStorage(Path(location), durable=durable)
 
 
 def storage_for_job(store: Store, location: str | None = None) -> Storage:

@@ -149,6 +149,15 @@ class BaseStore(abc.ABC):
     def images_for(self, key: str) -> list[ImageRecord]: ...
 
     @abc.abstractmethod
+    def images_since(self, since: float) -> list[ImageRecord]:
+        """The saved images recorded at or after `since` (wall-clock seconds) whose requests are done."""
+
+    @abc.abstractmethod
+    def reopen_downloads(self, keys: Sequence[str]) -> int:
+        """Done requests among `keys` back to `completed`: the next run checks each image with `has_image`
+        and downloads again what is not stored (its attempt's result URLs); how many were reopened."""
+
+    @abc.abstractmethod
     def sample_images(self, limit: int) -> list[ImageRecord]:
         """Up to `limit` saved images of the job, the oldest and the newest: a cheap look at where they are."""
 

@@ -509,6 +509,16 @@ class PostgresStore(BaseStore):
     def images_for(self, key: str) -> list[ImageRecord]:
         return self._image_rows("request_key = %(key)s ORDER BY idx", key=key)
 
+    def images_since(self, since: float) -> list[ImageRecord]:
+        return self._image_rows("created_at >= %(since)s AND request_key IN (SELECT key FROM requests WHERE "
+                                "job_id = %(job)s AND state = 'done') ORDER BY created_at", since=since)
+
+    def reopen_downloads(self, keys: Sequence[str]) -> int:
+        with self._tx() as cur:
+            cur.execute("UPDATE requests SET state='completed', updated_at=%s WHERE job_id=%s AND key = ANY(%s) "
+                        "AND state='done'", (time.time(), self.job_id, list(keys)))
+            return cur.rowcount
+
     def sample_images(self, limit: int) -> list[ImageRecord]:
         ends = ("SELECT request_key, idx FROM images WHERE job_id = %(job)s ORDER BY created_at {}, request_key, "
                 "idx LIMIT %(half)s")

@@ -437,6 +437,16 @@ class Store(BaseStore):
     def images_for(self, key: str) -> list[ImageRecord]:
         return self._image_rows("request_key = ? ORDER BY idx", [key])
 
+    def images_since(self, since: float) -> list[ImageRecord]:
+        return self._image_rows("created_at >= ? AND request_key IN (SELECT key FROM requests WHERE state='done') "
+                                "ORDER BY created_at", [since])
+
+    def reopen_downloads(self, keys: Sequence[str]) -> int:
+        now = time.time()
+        with self._tx() as c:
+            return sum(c.execute("UPDATE requests SET state='completed', updated_at=? WHERE key=? AND state='done'",
+                                 (now, key)).rowcount for key in keys)
+
     def sample_images(self, limit: int) -> list[ImageRecord]:
         half = max(1, limit // 2)
         return self._image_rows("rowid IN (SELECT rowid FROM images ORDER BY rowid LIMIT ?) OR rowid IN "
