@@ -96,6 +96,23 @@ def _check_db(db: str | None) -> None:
         raise ConfigError(f"--db {scrub_url(db)}: not a path and not a postgresql://user@host:5432/dbname URL")
 
 
+def _check_base_url(param: str, value: str | None, env: str) -> None:
+    """A base-URL option must be an http(s) URL: exit 2 naming the flag or the environment variable that
+    gave it (a typo would otherwise be sent, fail like a dead server and be retried for the whole patience)."""
+    from click.core import ParameterSource
+
+    from batchgen.units import parse_http_url
+
+    if value is None:
+        return
+    source = click.get_current_context().get_parameter_source(param)
+    given = env if source is ParameterSource.ENVIRONMENT else "--" + param.replace("_", "-")
+    try:
+        parse_http_url(value)
+    except ValueError as error:
+        raise ConfigError(f"{given}: {error}") from None
+
+
 def _echo_json(value: Any) -> None:
     click.echo(json.dumps(value, indent=2, sort_keys=False, default=str))
 
@@ -221,6 +238,9 @@ def run(manifest: str, db: str | None, job: str | None, out: str | None, emulato
             parse_duration_s(patience)
     except ValueError as error:
         raise ConfigError(str(error)) from None
+    if not emulator:  # --emulator serves the run from its own emulator and ignores both
+        _check_base_url("api_base", api_base, API_BASE_ENV)
+        _check_base_url("files_base", files_base, FILES_BASE_ENV)
     api_key = os.environ.get(API_KEY_ENV) or None
     api_keys = os.environ.get(API_KEYS_ENV) or None
     if not emulator and not api_key and not api_keys and not keys_file:
