@@ -3,6 +3,9 @@ allowed, exit 2, no traceback, and nothing recorded or sent."""
 
 from __future__ import annotations
 
+import errno
+import os
+import socket
 from pathlib import Path
 
 import pytest
@@ -32,3 +35,14 @@ def test_a_malformed_base_url_is_bad_input_before_anything_is_recorded(
     assert "https://" in result.output  # what is allowed
     assert "Traceback" not in result.output
     assert not list(tmp_path.glob("*.batchgen.db*"))  # nothing recorded, so nothing shows as in flight
+
+
+def test_the_emulator_on_a_busy_port_is_a_message_like_review() -> None:
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        result = CliRunner().invoke(main, ["emulator", "--port", str(port)])
+    assert result.exit_code == 2, result.output
+    assert result.output == (f"error: cannot listen on 127.0.0.1:{port}: {os.strerror(errno.EADDRINUSE)}; choose "
+                             "another --port (0 picks a free one)\n")
