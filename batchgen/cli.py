@@ -441,7 +441,12 @@ def emulator(host: str, port: int, api_keys: tuple[str, ...], time_scale: float,
         EVOLINK_FILES_BASE=http://127.0.0.1:8765 batchgen run examples/quickstart.yaml
     """
     from batchgen.emulator import EmulatorConfig, serve_forever
+    from batchgen.engine.keyfile import key_problem
 
+    for pos, key in enumerate(api_keys, start=1):  # a key no client can send would refuse every call
+        problem = key_problem(key)
+        if problem is not None:
+            raise ConfigError(f"--api-key: key {pos} {problem}")
     config = EmulatorConfig.from_options(
         api_keys=list(api_keys), time_scale=time_scale, seed=seed, rate_limit=rate_limit,
         scenario_path=Path(scenario) if scenario else None, rate_limit_burst=rate_limit_burst,

@@ -6,12 +6,14 @@ from __future__ import annotations
 import errno
 import os
 import socket
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
 
 from batchgen.cli import main
+from tests.emulator_fixtures import EmulatorProcess
 from tests.run_support import prompts, write_job
 
 
@@ -46,3 +48,37 @@ def test_the_emulator_on_a_busy_port_is_a_message_like_review() -> None:
     assert result.exit_code == 2, result.output
     assert result.output == (f"error: cannot listen on 127.0.0.1:{port}: {os.strerror(errno.EADDRINUSE)}; choose "
                              "another --port (0 picks a free one)\n")
+
+
+SECRET = "sk-evo-secret-aaaa1111"
+
+
+@pytest.mark.parametrize(("env", "named"), [
+    ({"EVOLINK_API_KEY": f"{SECRET}\n{SECRET}"}, "EVOLINK_API_KEY contains whitespace or a control character"),
+    ({"EVOLINK_API_KEY": f"{SECRET} {SECRET}"}, "EVOLINK_API_KEY contains whitespace or a control character"),
+    ({"EVOLINK_API_KEY": f"{SECRET}\x1b"}, "EVOLINK_API_KEY contains whitespace or a control character"),
+    ({"EVOLINK_API_KEY": "  "}, "EVOLINK_API_KEY is empty"),
+    ({"EVOLINK_API_KEYS": f"{SECRET},x\ny"}, "EVOLINK_API_KEYS: key 2 contains whitespace or a control"),
+])
+def test_an_unusable_api_key_is_bad_input_that_never_shows_the_key(
+        tmp_path: Path, env: dict[str, str], named: str, emulator_process: Callable[..., EmulatorProcess]) -> None:
+    manifest = write_job(tmp_path, prompts(2))
+    # A live server: without the check, a line break in the key fails in aiohttp as the first call is built.
+    base = emulator_process().base_url
+    result = CliRunner().invoke(main, ["run", str(manifest), "--api-base", base, "--files-base", base,
+                                       "--patience", "1s"], env=env)
+    assert result.exit_code == 2, result.output
+    assert f"error: {named}" in result.output and "Traceback" not in result.output
+    assert SECRET not in result.output and "x\ny" not in result.output
+    assert not list(tmp_path.glob("*.batchgen.db*"))
+
+
+def test_the_emulator_refuses_an_api_key_no_client_could_send() -> None:
+    with socket.socket() as busy:  # checked before it listens; were it not, this ends the test, not Ctrl-C
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = str(busy.getsockname()[1])
+        result = CliRunner().invoke(main, ["emulator", "--port", port, "--api-key", "ok", "--api-key", f"{SECRET}\n"])
+    assert result.exit_code == 2, result.output
+    assert result.output == ("error: --api-key: key 2 contains whitespace or a control character (a line break "
+                             "pasted with it?)\n")

@@ -62,6 +62,7 @@ def test_a_keys_file_others_can_read_is_used_with_a_warning(tmp_path: Path) -> N
     ("label=team-a\n", "line 1: the line must start with the key"),
     ("# nothing\n\n", "has no keys"),
     (f"{KEY_A} rate=1/s rate=2/s\n", "line 1: rate is given twice"),
+    (f"{KEY_A}\n{KEY_B}\x1b[0m\n", "line 2: the key contains whitespace or a control character"),
 ])
 def test_bad_keys_files_name_file_line_and_field_never_the_key(tmp_path: Path, text: str, expected: str) -> None:
     path = keys_file(tmp_path, text)
@@ -84,6 +85,11 @@ def test_environment_sources_and_their_order(tmp_path: Path) -> None:
     assert load_keys(None, None, None) is None
     with pytest.raises(ConfigError, match="key 2 is empty"):
         load_keys(None, f"{KEY_A},,{KEY_B}")
+    with pytest.raises(ConfigError, match="key 2 contains whitespace or a control character"):
+        load_keys(None, f"{KEY_A},{KEY_B}\a")
+    with pytest.raises(ConfigError, match=r"^EVOLINK_API_KEY contains whitespace or a control character") as caught:
+        load_keys(None, None, f"{KEY_A}\n{KEY_B}\n")  # the same rule for the single key
+    assert KEY_A not in str(caught.value) and KEY_B not in str(caught.value)
     with pytest.raises(ConfigError, match="key 2: the same key as EVOLINK_API_KEYS: key 1"):
         load_keys(None, f"{KEY_A},{KEY_A}")
 

@@ -37,6 +37,17 @@ _LABEL_RE = re.compile(r"^[A-Za-z0-9._-]{1,40}$")
 _OPTIONS = ("label", "rate")
 
 
+def key_problem(key: str) -> str | None:
+    """What makes `key` unusable, or None: one rule for every source of keys. A key travels in an HTTP header,
+    where a line break (a key pasted with its newline) or another control character is refused only when the
+    first call is built; spaces cannot be part of a key either. The answer never contains the key."""
+    if not key:
+        return "is empty"
+    if any(ch.isspace() or not ch.isprintable() for ch in key):
+        return "contains whitespace or a control character (a line break pasted with it?)"
+    return None
+
+
 def fingerprint(key: str) -> str:
     """The first 12 hex digits of the key's sha256: names a key without revealing it."""
     return hashlib.sha256(key.encode()).hexdigest()[:12]
@@ -76,13 +87,16 @@ def load_keys(keys_file: Path | None = None, keys_env: str | None = None,
     if keys_env is not None and keys_env.strip():
         keys = [part.strip() for part in keys_env.split(",")]
         for pos, key in enumerate(keys, start=1):
-            if not key:
-                raise ConfigError(f"{KEYS_ENV}: key {pos} is empty; separate keys with single commas")
-            if any(ch.isspace() for ch in key):
-                raise ConfigError(f"{KEYS_ENV}: key {pos} contains whitespace; keys are comma-separated")
+            problem = key_problem(key)
+            if problem is not None:
+                hint = "keys are comma-separated" if key else "separate keys with single commas"
+                raise ConfigError(f"{KEYS_ENV}: key {pos} {problem}; {hint}")
         _no_duplicates([(f"{KEYS_ENV}: key {pos}", KeySpec(k)) for pos, k in enumerate(keys, start=1)])
         return KeySource([KeySpec(k) for k in keys], [], KEYS_ENV)
     if key_env:
+        problem = key_problem(key_env.strip())
+        if problem is not None:
+            raise ConfigError(f"{KEY_ENV} {problem}; set it to the key alone (several keys: {KEYS_ENV})")
         return KeySource([KeySpec(key_env.strip())], [], KEY_ENV)
     return None
 
@@ -109,6 +123,9 @@ def _from_file(path: Path) -> KeySource:
         if "=" in key:
             raise ConfigError(f"{where}: the line must start with the key; found an option ({key.split('=')[0]}=) "
                               "first")
+        problem = key_problem(key)
+        if problem is not None:
+            raise ConfigError(f"{where}: the key {problem}")
         values: dict[str, str] = {}
         for option in options:
             name, eq, value = option.partition("=")
