@@ -113,6 +113,12 @@ def _check_base_url(param: str, value: str | None, env: str) -> None:
         raise ConfigError(f"{given}: {error}") from None
 
 
+def _store_options(fn: F) -> F:
+    """--db and --job, the same on every command that works on a job's state (resolved by _resolve_db)."""
+    fn = click.option("--job", metavar="NAME", help=JOB_HELP)(fn)
+    return click.option("--db", envvar=DB_URL_ENV, metavar="PATH|URL", help=DB_HELP)(fn)
+
+
 def _echo_json(value: Any) -> None:
     click.echo(json.dumps(value, indent=2, sort_keys=False, default=str))
 
@@ -187,8 +193,7 @@ def validate(manifest: str, as_json: bool) -> None:
 
 @main.command()
 @click.argument("manifest", type=click.Path(dir_okay=False))
-@click.option("--db", envvar=DB_URL_ENV, help=DB_HELP)
-@click.option("--job", help=JOB_HELP)
+@_store_options
 @click.option("--out", help="Output folder, or a bucket: s3://bucket/prefix (default: the manifest's).")
 @click.option("--emulator", is_flag=True, help="Run against the built-in emulator (no key, no credits).")
 @click.option("--api-base", envvar=API_BASE_ENV, help=f"API base URL [env {API_BASE_ENV}].")
@@ -277,8 +282,7 @@ def run(manifest: str, db: str | None, job: str | None, out: str | None, emulato
 
 @main.command()
 @click.argument("manifest", required=False, type=click.Path(dir_okay=False))
-@click.option("--db", envvar=DB_URL_ENV, help=DB_HELP)
-@click.option("--job", help=JOB_HELP)
+@_store_options
 @click.option("--json", "as_json", is_flag=True, help="Print JSON (keys: total, pending, in_flight, done, "
               "failed, credits, images, ...).")
 @_guarded
@@ -301,8 +305,7 @@ def status(manifest: str | None, db: str | None, job: str | None, as_json: bool)
 
 @main.command()
 @click.argument("manifest", required=False, type=click.Path(dir_okay=False))
-@click.option("--db", envvar=DB_URL_ENV, help=DB_HELP)
-@click.option("--job", help=JOB_HELP)
+@_store_options
 @click.option("--code", "codes", multiple=True, help="Only requests that failed with this error code "
               "(repeatable).")
 @_guarded
@@ -323,8 +326,7 @@ def retry(manifest: str | None, db: str | None, job: str | None, codes: tuple[st
 
 @main.command()
 @click.argument("manifest", required=False, type=click.Path(dir_okay=False))
-@click.option("--db", envvar=DB_URL_ENV, help=DB_HELP)
-@click.option("--job", help=JOB_HELP)
+@_store_options
 @click.option("--format", "fmt", type=click.Choice(["csv", "jsonl"]), default="csv", show_default=True)
 @click.option("-o", "--output", type=click.Path(dir_okay=False), help="File to write (default: stdout).")
 @click.option("--per-request", is_flag=True, help="One row per request instead of one per image.")
@@ -349,8 +351,7 @@ def export(manifest: str | None, db: str | None, job: str | None, fmt: str, outp
 
 @main.command()
 @click.argument("manifest", required=False, type=click.Path(dir_okay=False))
-@click.option("--db", envvar=DB_URL_ENV, help=DB_HELP)
-@click.option("--job", help=JOB_HELP)
+@_store_options
 @click.option("-o", "--output", default=None,
               help="HTML file to write, or s3://bucket/prefix/name.html (default: report.html in the output "
                    "folder or bucket).")
@@ -379,21 +380,24 @@ def report(manifest: str | None, db: str | None, job: str | None, output: str | 
 
 @main.command()
 @click.argument("manifest", required=False, type=click.Path(dir_okay=False))
-@click.option("--db", type=click.Path(dir_okay=False), help="State database instead of a manifest.")
+@_store_options
 @click.option("--host", default="127.0.0.1", show_default=True,
               help="Address to listen on; anything but 127.0.0.1 lets other machines try the token.")
 @click.option("--port", type=click.IntRange(0, 65535), default=0, show_default=True, help="0 picks a free port.")
 @click.option("--no-browser", is_flag=True, help="Only print the URL; do not open a browser.")
 @_guarded
-def review(manifest: str | None, db: str | None, host: str, port: int, no_browser: bool) -> None:
+def review(manifest: str | None, db: str | None, job: str | None, host: str, port: int, no_browser: bool) -> None:
     """Serve the contact sheet on 127.0.0.1 to approve or reject images (click, or the keys a and r).
 
     Prints a URL with a random token; requests without it are refused. Decisions are saved at once;
     the next `batchgen run` regenerates the rejected images within max_attempts and --max-credits.
+    The images are read from the job's local output folder (a job whose images are in a bucket: use
+    `batchgen report`).
 
     \b
-    Example:
+    Examples:
       batchgen review examples/catalogue.yaml
+      batchgen review --db postgresql://batch@db.internal:5432/batchgen --job nightly --port 8800 --no-browser
     """
     from batchgen.results.review import serve
 
@@ -408,7 +412,7 @@ def review(manifest: str | None, db: str | None, host: str, port: int, no_browse
 
             webbrowser.open(url)
 
-    target, job_name = _resolve_db(manifest, db)
+    target, job_name = _resolve_db(manifest, db, job)
     serve(target, job_name=job_name, host=host, port=port, on_ready=ready)
 
 
