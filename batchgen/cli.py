@@ -417,7 +417,8 @@ def review(manifest: str | None, db: str | None, job: str | None, host: str, por
 
 
 @main.command()
-@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="Address to listen on; anything but 127.0.0.1 lets other machines use it.")
 @click.option("--port", type=click.IntRange(0, 65535), default=8765, show_default=True,
               help="0 picks a free port.")
 @click.option("--api-key", "api_keys", multiple=True,
