@@ -20,6 +20,7 @@ import click
 
 from batchgen import __version__
 from batchgen.errors import BatchgenError, ConfigError, ManifestError
+from batchgen.units import credits_text, plural
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -38,7 +39,7 @@ def _fail(error: BatchgenError) -> None:
     """Report an expected error without a traceback and exit with its code."""
     if isinstance(error, ManifestError):
         count = len(error.problems) + error.truncated
-        click.echo(f"error: the manifest has {count} problem(s); nothing was sent:", err=True)
+        click.echo(f"error: the manifest has {plural(count, 'problem')}; nothing was sent:", err=True)
         for line in str(error).splitlines():
             click.echo(f"  {line}", err=True)
     else:
@@ -156,7 +157,7 @@ def models(as_json: bool) -> None:
     click.echo(f"{'model':34} {'kind':6} {'credits/img':>11}  {'needs images':12} {'mask':4}  capabilities")
     for m in catalog.MODELS.values():
         click.echo(
-            f"{m.name:34} {'beta' if m.beta else 'stable':6} {m.credits_per_image:>11g}  "
+            f"{m.name:34} {'beta' if m.beta else 'stable':6} {credits_text(m.credits_per_image):>11}  "
             f"{'yes' if m.requires_images else 'no':12} {'yes' if m.supports_mask else 'no':4}  "
             f"{', '.join(m.capabilities)}"
         )
@@ -185,10 +186,11 @@ def validate(manifest: str, as_json: bool) -> None:
     if as_json:
         _echo_json(summary.to_dict())
         return
-    click.echo(f"{manifest}: OK — {summary.requests} request(s), {summary.images} image(s), "
-               f"about {summary.credits:g} credits (estimate)")
+    click.echo(f"{manifest}: OK — {plural(summary.requests, 'request')}, {plural(summary.images, 'image')}, "
+               f"about {credits_text(summary.credits)} credits (estimate)")
     for model, row in sorted(summary.by_model.items()):
-        click.echo(f"  {model:34} {row.requests:>8} requests {row.images:>8} images {row.credits:>10g} credits")
+        requests, images = plural(row.requests, "request", width=8), plural(row.images, "image", width=8)
+        click.echo(f"  {model:34} {requests:17} {images:15} {credits_text(row.credits):>10} credits")
 
 
 @main.command()
@@ -321,7 +323,7 @@ def retry(manifest: str | None, db: str | None, job: str | None, codes: tuple[st
 
     with open_store(*_resolve_db(manifest, db, job)) as store:
         count = store.requeue_failed(list(codes) or None)
-    click.echo(f"requeued {count} failed request(s); run the job again to retry them")
+    click.echo(f"requeued {plural(count, 'failed request')}; run the job again to retry them")
 
 
 @main.command()
@@ -346,7 +348,7 @@ def export(manifest: str | None, db: str | None, job: str | None, fmt: str, outp
     count = export_results(target, job=job, fmt=fmt, output=Path(output) if output else None,
                            per_request=per_request)
     if output:
-        click.echo(f"wrote {count} row(s) to {output}", err=True)
+        click.echo(f"wrote {plural(count, 'row')} to {output}", err=True)
 
 
 @main.command()
@@ -372,7 +374,7 @@ def report(manifest: str | None, db: str | None, job: str | None, output: str | 
     target, job = _resolve_db(manifest, db, job)
     report_to = (output if output.startswith("s3://") else Path(output)) if output else None
     path, tiles = write_report(target, report_to, job_name=job)
-    click.echo(f"wrote {path} ({tiles} tile(s))")
+    click.echo(f"wrote {path} ({plural(tiles, 'tile')})")
     if links_are_presigned(target, report_to, job):
         click.echo(f"its links to the images in the bucket are presigned URLs valid for {LINK_LIFETIME_S // 86400} "
                    "days; the thumbnails are local files beside it")

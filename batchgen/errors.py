@@ -30,6 +30,8 @@ import os
 import random
 from dataclasses import dataclass, field
 
+from batchgen.units import plural
+
 # --- the tree -------------------------------------------------------------------------------------
 
 
@@ -66,7 +68,7 @@ class ManifestError(UserInputError):
         self.truncated = truncated  # problems found beyond the reporting limit
         lines = [str(p) for p in problems]
         if truncated:
-            lines.append(f"... and {truncated} more problem(s)")
+            lines.append(f"... and {plural(truncated, 'more problem')}")
         super().__init__("\n".join(lines))
 
 

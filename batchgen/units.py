@@ -1,6 +1,6 @@
 """Parsing of the human units batchgen's flags and manifests use: durations ("50m"), rates ("5/s") and
-the API's base URLs, and the one-line wording of a rate controller's state that the progress line and
-`status` share.
+the API's base URLs; and the wording every text output shares: a rate controller's state in one line,
+counts with their noun ("1 request", "2 requests") and credits ("2,000,020", "12.8").
 
 The parsers raise ValueError with a message that says what is allowed, so callers can turn it into a
 ConfigError or a manifest Problem without rewording it.
@@ -102,3 +102,17 @@ def parse_http_url(text: str) -> str:
         raise ValueError(f"{text!r} has a query or fragment ('?' or '#'): the API's paths are appended to "
                          f"the base; {allowed}")
     return text
+
+
+def plural(count: int, singular: str, plural_form: str | None = None, *, width: int = 0) -> str:
+    """'1 request', '0 requests', '2 images'; `plural_form` for nouns that do not just add an s, `width` right-
+    aligns the number in tables. JSON keeps bare numbers: this is for text."""
+    noun = singular if count == 1 else plural_form or singular + "s"
+    return f"{count:>{width}} {noun}"
+
+
+def credits_text(value: float) -> str:
+    """Credits for people: grouped thousands and at most 2 decimals, never an exponent ('1,000,000',
+    '2,000,020', '12.8', '0.5'); `:g` printed a balance of a million as '1e+06'."""
+    text = f"{value:,.2f}".rstrip("0").rstrip(".")
+    return "0" if text == "-0" else text

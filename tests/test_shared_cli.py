@@ -64,7 +64,7 @@ def test_status_shows_the_live_runners(tmp_path: Path, pg_url: str) -> None:
         result = CliRunner().invoke(main, ["status", "--db", pg_url])
         data = json.loads(CliRunner().invoke(main, ["status", "--db", pg_url, "--json"]).output)
     assert result.exit_code == 0, result.output
-    assert f"runner {socket.gethostname()} pid " in result.output and "0 request(s) in flight" in result.output
+    assert f"runner {socket.gethostname()} pid " in result.output and "0 requests in flight" in result.output
     assert [(r["host"], r["claimed"]) for r in data["runners"]] == [(socket.gethostname(), 0)]
 
 
