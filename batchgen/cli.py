@@ -20,6 +20,7 @@ import click
 
 from batchgen import __version__
 from batchgen.errors import BatchgenError, ConfigError, ManifestError
+from batchgen.units import credits_text, plural
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -38,7 +39,7 @@ def _fail(error: BatchgenError) -> None:
     """Report an expected error without a traceback and exit with its code."""
     if isinstance(error, ManifestError):
         count = len(error.problems) + error.truncated
-        click.echo(f"error: the manifest has {count} problem(s); nothing was sent:", err=True)
+        click.echo(f"error: the manifest has {plural(count, 'problem')}; nothing was sent:", err=True)
         for line in str(error).splitlines():
             click.echo(f"  {line}", err=True)
     else:
@@ -96,6 +97,29 @@ def _check_db(db: str | None) -> None:
         raise ConfigError(f"--db {scrub_url(db)}: not a path and not a postgresql://user@host:5432/dbname URL")
 
 
+def _check_base_url(param: str, value: str | None, env: str) -> None:
+    """A base-URL option must be an http(s) URL: exit 2 naming the flag or the environment variable that
+    gave it (a typo would otherwise be sent, fail like a dead server and be retried for the whole patience)."""
+    from click.core import ParameterSource
+
+    from batchgen.units import parse_http_url
+
+    if value is None:
+        return
+    source = click.get_current_context().get_parameter_source(param)
+    given = env if source is ParameterSource.ENVIRONMENT else "--" + param.replace("_", "-")
+    try:
+        parse_http_url(value)
+    except ValueError as error:
+        raise ConfigError(f"{given}: {error}") from None
+
+
+def _store_options(fn: F) -> F:
+    """--db and --job, the same on every command that works on a job's state (resolved by _resolve_db)."""
+    fn = click.option("--job", metavar="NAME", help=JOB_HELP)(fn)
+    return click.option("--db", envvar=DB_URL_ENV, metavar="PATH|URL", help=DB_HELP)(fn)
+
+
 def _echo_json(value: Any) -> None:
     click.echo(json.dumps(value, indent=2, sort_keys=False, default=str))
 
@@ -133,7 +157,7 @@ def models(as_json: bool) -> None:
     click.echo(f"{'model':34} {'kind':6} {'credits/img':>11}  {'needs images':12} {'mask':4}  capabilities")
     for m in catalog.MODELS.values():
         click.echo(
-            f"{m.name:34} {'beta' if m.beta else 'stable':6} {m.credits_per_image:>11g}  "
+            f"{m.name:34} {'beta' if m.beta else 'stable':6} {credits_text(m.credits_per_image):>11}  "
             f"{'yes' if m.requires_images else 'no':12} {'yes' if m.supports_mask else 'no':4}  "
             f"{', '.join(m.capabilities)}"
         )
@@ -162,16 +186,16 @@ def validate(manifest: str, as_json: bool) -> None:
     if as_json:
         _echo_json(summary.to_dict())
         return
-    click.echo(f"{manifest}: OK — {summary.requests} request(s), {summary.images} image(s), "
-               f"about {summary.credits:g} credits (estimate)")
+    click.echo(f"{manifest}: OK — {plural(summary.requests, 'request')}, {plural(summary.images, 'image')}, "
+               f"about {credits_text(summary.credits)} credits (estimate)")
     for model, row in sorted(summary.by_model.items()):
-        click.echo(f"  {model:34} {row.requests:>8} requests {row.images:>8} images {row.credits:>10g} credits")
+        requests, images = plural(row.requests, "request", width=8), plural(row.images, "image", width=8)
+        click.echo(f"  {model:34} {requests:17} {images:15} {credits_text(row.credits):>10} credits")
 
 
 @main.command()
 @click.argument("manifest", type=click.Path(dir_okay=False))
-@click.option("--db", envvar=DB_URL_ENV, help=DB_HELP)
-@click.option("--job", help=JOB_HELP)
+@_store_options
 @click.option("--out", help="Output folder, or a bucket: s3://bucket/prefix (default: the manifest's).")
 @click.option("--emulator", is_flag=True, help="Run against the built-in emulator (no key, no credits).")
 @click.option("--api-base", envvar=API_BASE_ENV, help=f"API base URL [env {API_BASE_ENV}].")
@@ -221,6 +245,9 @@ def run(manifest: str, db: str | None, job: str | None, out: str | None, emulato
             parse_duration_s(patience)
     except ValueError as error:
         raise ConfigError(str(error)) from None
+    if not emulator:  # --emulator serves the run from its own emulator and ignores both
+        _check_base_url("api_base", api_base, API_BASE_ENV)
+        _check_base_url("files_base", files_base, FILES_BASE_ENV)
     api_key = os.environ.get(API_KEY_ENV) or None
     api_keys = os.environ.get(API_KEYS_ENV) or None
     if not emulator and not api_key and not api_keys and not keys_file:
@@ -257,8 +284,7 @@ def run(manifest: str, db: str | None, job: str | None, out: str | None, emulato
 
 @main.command()
 @click.argument("manifest", required=False, type=click.Path(dir_okay=False))
-@click.option("--db", envvar=DB_URL_ENV, help=DB_HELP)
-@click.option("--job", help=JOB_HELP)
+@_store_options
 @click.option("--json", "as_json", is_flag=True, help="Print JSON (keys: total, pending, in_flight, done, "
               "failed, credits, images, ...).")
 @_guarded
@@ -281,8 +307,7 @@ def status(manifest: str | None, db: str | None, job: str | None, as_json: bool)
 
 @main.command()
 @click.argument("manifest", required=False, type=click.Path(dir_okay=False))
-@click.option("--db", envvar=DB_URL_ENV, help=DB_HELP)
-@click.option("--job", help=JOB_HELP)
+@_store_options
 @click.option("--code", "codes", multiple=True, help="Only requests that failed with this error code "
               "(repeatable).")
 @_guarded
@@ -298,13 +323,12 @@ def retry(manifest: str | None, db: str | None, job: str | None, codes: tuple[st
 
     with open_store(*_resolve_db(manifest, db, job)) as store:
         count = store.requeue_failed(list(codes) or None)
-    click.echo(f"requeued {count} failed request(s); run the job again to retry them")
+    click.echo(f"requeued {plural(count, 'failed request')}; run the job again to retry them")
 
 
 @main.command()
 @click.argument("manifest", required=False, type=click.Path(dir_okay=False))
-@click.option("--db", envvar=DB_URL_ENV, help=DB_HELP)
-@click.option("--job", help=JOB_HELP)
+@_store_options
 @click.option("--format", "fmt", type=click.Choice(["csv", "jsonl"]), default="csv", show_default=True)
 @click.option("-o", "--output", type=click.Path(dir_okay=False), help="File to write (default: stdout).")
 @click.option("--per-request", is_flag=True, help="One row per request instead of one per image.")
@@ -324,13 +348,12 @@ def export(manifest: str | None, db: str | None, job: str | None, fmt: str, outp
     count = export_results(target, job=job, fmt=fmt, output=Path(output) if output else None,
                            per_request=per_request)
     if output:
-        click.echo(f"wrote {count} row(s) to {output}", err=True)
+        click.echo(f"wrote {plural(count, 'row')} to {output}", err=True)
 
 
 @main.command()
 @click.argument("manifest", required=False, type=click.Path(dir_okay=False))
-@click.option("--db", envvar=DB_URL_ENV, help=DB_HELP)
-@click.option("--job", help=JOB_HELP)
+@_store_options
 @click.option("-o", "--output", default=None,
               help="HTML file to write, or s3://bucket/prefix/name.html (default: report.html in the output "
                    "folder or bucket).")
@@ -351,7 +374,7 @@ def report(manifest: str | None, db: str | None, job: str | None, output: str | 
     target, job = _resolve_db(manifest, db, job)
     report_to = (output if output.startswith("s3://") else Path(output)) if output else None
     path, tiles = write_report(target, report_to, job_name=job)
-    click.echo(f"wrote {path} ({tiles} tile(s))")
+    click.echo(f"wrote {path} ({plural(tiles, 'tile')})")
     if links_are_presigned(target, report_to, job):
         click.echo(f"its links to the images in the bucket are presigned URLs valid for {LINK_LIFETIME_S // 86400} "
                    "days; the thumbnails are local files beside it")
@@ -359,21 +382,24 @@ def report(manifest: str | None, db: str | None, job: str | None, output: str | 
 
 @main.command()
 @click.argument("manifest", required=False, type=click.Path(dir_okay=False))
-@click.option("--db", type=click.Path(dir_okay=False), help="State database instead of a manifest.")
+@_store_options
 @click.option("--host", default="127.0.0.1", show_default=True,
               help="Address to listen on; anything but 127.0.0.1 lets other machines try the token.")
 @click.option("--port", type=click.IntRange(0, 65535), default=0, show_default=True, help="0 picks a free port.")
 @click.option("--no-browser", is_flag=True, help="Only print the URL; do not open a browser.")
 @_guarded
-def review(manifest: str | None, db: str | None, host: str, port: int, no_browser: bool) -> None:
+def review(manifest: str | None, db: str | None, job: str | None, host: str, port: int, no_browser: bool) -> None:
     """Serve the contact sheet on 127.0.0.1 to approve or reject images (click, or the keys a and r).
 
     Prints a URL with a random token; requests without it are refused. Decisions are saved at once;
     the next `batchgen run` regenerates the rejected images within max_attempts and --max-credits.
+    The images are read from the job's local output folder (a job whose images are in a bucket: use
+    `batchgen report`).
 
     \b
-    Example:
+    Examples:
       batchgen review examples/catalogue.yaml
+      batchgen review --db postgresql://batch@db.internal:5432/batchgen --job nightly --port 8800 --no-browser
     """
     from batchgen.results.review import serve
 
@@ -388,12 +414,13 @@ def review(manifest: str | None, db: str | None, host: str, port: int, no_browse
 
             webbrowser.open(url)
 
-    target, job_name = _resolve_db(manifest, db)
+    target, job_name = _resolve_db(manifest, db, job)
     serve(target, job_name=job_name, host=host, port=port, on_ready=ready)
 
 
 @main.command()
-@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="Address to listen on; anything but 127.0.0.1 lets other machines use it.")
 @click.option("--port", type=click.IntRange(0, 65535), default=8765, show_default=True,
               help="0 picks a free port.")
 @click.option("--api-key", "api_keys", multiple=True,
@@ -421,7 +448,12 @@ def emulator(host: str, port: int, api_keys: tuple[str, ...], time_scale: float,
         EVOLINK_FILES_BASE=http://127.0.0.1:8765 batchgen run examples/quickstart.yaml
     """
     from batchgen.emulator import EmulatorConfig, serve_forever
+    from batchgen.engine.keyfile import key_problem
 
+    for pos, key in enumerate(api_keys, start=1):  # a key no client can send would refuse every call
+        problem = key_problem(key)
+        if problem is not None:
+            raise ConfigError(f"--api-key: key {pos} {problem}")
     config = EmulatorConfig.from_options(
         api_keys=list(api_keys), time_scale=time_scale, seed=seed, rate_limit=rate_limit,
         scenario_path=Path(scenario) if scenario else None, rate_limit_burst=rate_limit_burst,

@@ -26,8 +26,11 @@ table, applied and counted by the scheduler. Nothing else in batchgen decides wh
 from __future__ import annotations
 
 import enum
+import os
 import random
 from dataclasses import dataclass, field
+
+from batchgen.units import plural
 
 # --- the tree -------------------------------------------------------------------------------------
 
@@ -65,7 +68,7 @@ class ManifestError(UserInputError):
         self.truncated = truncated  # problems found beyond the reporting limit
         lines = [str(p) for p in problems]
         if truncated:
-            lines.append(f"... and {truncated} more problem(s)")
+            lines.append(f"... and {plural(truncated, 'more problem')}")
         super().__init__("\n".join(lines))
 
 
@@ -116,6 +119,24 @@ def describe_os_error(error: BaseException) -> str:
                  errno.EDQUOT: "the disk quota is exceeded", errno.EIO: "an input/output error"}
         return names.get(error.errno, error.strerror or str(error))
     return str(error) or type(error).__name__
+
+
+def listen_error(host: str, port: int, error: OSError) -> ConfigError:
+    """A server of ours (`batchgen review`, `batchgen emulator`) that cannot listen: which flag to change,
+    without a traceback (exit 2)."""
+    import errno
+    import socket
+
+    if isinstance(error, socket.gaierror):  # an unknown --host; its errno is not an errno
+        reason = error.strerror or str(error)
+    else:  # asyncio wraps the bind error in a long sentence that repeats the address
+        reason = os.strerror(error.errno) if error.errno else str(error)
+    if isinstance(error, socket.gaierror) or error.errno == errno.EADDRNOTAVAIL:
+        advice = "check --host (127.0.0.1 is this machine only)"
+    else:
+        advice = "choose another --port (0 picks a free one)"
+    shown = f"[{host}]" if ":" in host else host
+    return ConfigError(f"cannot listen on {shown}:{port}: {reason}; {advice}")
 
 
 class ApiError(BatchgenError):

@@ -7,6 +7,7 @@ import re
 import shutil
 from pathlib import Path
 
+import click
 import pytest
 from click.testing import CliRunner
 
@@ -39,6 +40,14 @@ def test_every_flag_the_readme_lists_exists(command: str, usage: str) -> None:
     help_text = CliRunner().invoke(main, [command, "--help"]).output
     for flag in re.findall(r"(--[a-z-]+|-o\b)", usage):
         assert flag in help_text, f"batchgen {command} has no {flag}"
+
+
+@pytest.mark.parametrize(("command", "usage"), COMMAND_ROWS)
+def test_the_readme_lists_every_flag_of_each_command(command: str, usage: str) -> None:
+    listed = set(re.findall(r"(--[a-z-]+|-o\b)", usage))
+    for param in main.commands[command].params:
+        if isinstance(param, click.Option) and not any(opt in listed for opt in param.opts):
+            pytest.fail(f"the README's row of batchgen {command} does not list {param.opts[0]}")
 
 
 def test_ci_runs_the_readmes_set_up_and_test_command() -> None:

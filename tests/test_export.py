@@ -221,7 +221,7 @@ async def test_readme_example_job_export_and_report_match_the_requests(
     result = cli.invoke(main, ["export", manifest, "--format", "jsonl", "--per-request"])
     assert result.exit_code == 0 and len(result.output.splitlines()) == requests
     result = cli.invoke(main, ["report", manifest, "-o", str(tmp_path / "quickstart-report.html")])
-    assert result.exit_code == 0 and "(12 tile(s))" in result.output, result.output
+    assert result.exit_code == 0 and "(12 tiles)" in result.output, result.output
     html_text = (tmp_path / "quickstart-report.html").read_text(encoding="utf-8")
     assert html_text.count('<figure class="tile image"') == images
     assert len(list((tmp_path / "thumbs").glob("*.jpg"))) == images

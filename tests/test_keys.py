@@ -62,6 +62,7 @@ def test_a_keys_file_others_can_read_is_used_with_a_warning(tmp_path: Path) -> N
     ("label=team-a\n", "line 1: the line must start with the key"),
     ("# nothing\n\n", "has no keys"),
     (f"{KEY_A} rate=1/s rate=2/s\n", "line 1: rate is given twice"),
+    (f"{KEY_A}\n{KEY_B}\x1b[0m\n", "line 2: the key contains whitespace or a control character"),
 ])
 def test_bad_keys_files_name_file_line_and_field_never_the_key(tmp_path: Path, text: str, expected: str) -> None:
     path = keys_file(tmp_path, text)
@@ -74,6 +75,21 @@ def test_bad_keys_files_name_file_line_and_field_never_the_key(tmp_path: Path, t
         assert key not in message
 
 
+def test_every_bad_line_of_a_keys_file_is_listed_at_once(tmp_path: Path) -> None:
+    path = keys_file(tmp_path, f"# team keys\n{KEY_A} label=team-a\n{KEY_B} colour=red\n\n"
+                               f"{KEY_C} rate=fast label=a/b\nlabel=team-d\n{KEY_A} label=team-a\n")
+    with pytest.raises(ConfigError) as caught:
+        load_keys(path)
+    lines = str(caught.value).splitlines()
+    assert lines[0] == f"{path}: the keys file has 6 problems; nothing was sent:"
+    assert [line.split(":")[0].strip() for line in lines[1:]] == [
+        f"{path} line {n}" for n in (3, 5, 5, 6, 7, 7)]
+    assert "unknown field colour" in lines[1] and "label: use 1-40" in lines[2] and "rate: rate" in lines[3]
+    assert "must start with the key" in lines[4] and f"the same key as {path} line 2" in lines[5]
+    assert f"label: team-a is already used by {path} line 2" in lines[6]
+    assert not any(key in str(caught.value) for key in (KEY_A, KEY_B, KEY_C))
+
+
 def test_environment_sources_and_their_order(tmp_path: Path) -> None:
     source = load_keys(None, f" {KEY_A}, {KEY_B} ", KEY_C)
     assert source is not None and [k.key for k in source.keys] == [KEY_A, KEY_B]  # EVOLINK_API_KEYS first
@@ -84,6 +100,13 @@ def test_environment_sources_and_their_order(tmp_path: Path) -> None:
     assert load_keys(None, None, None) is None
     with pytest.raises(ConfigError, match="key 2 is empty"):
         load_keys(None, f"{KEY_A},,{KEY_B}")
+    with pytest.raises(ConfigError, match="key 2 contains whitespace or a control character"):
+        load_keys(None, f"{KEY_A},{KEY_B}\a")
+    with pytest.raises(ConfigError, match=r"(?s)has 2 problems.*key 2 is empty.*key 4 contains whitespace"):
+        load_keys(None, f"{KEY_A},,{KEY_B},{KEY_C} x")  # every bad key at once
+    with pytest.raises(ConfigError, match=r"^EVOLINK_API_KEY contains whitespace or a control character") as caught:
+        load_keys(None, None, f"{KEY_A}\n{KEY_B}\n")  # the same rule for the single key
+    assert KEY_A not in str(caught.value) and KEY_B not in str(caught.value)
     with pytest.raises(ConfigError, match="key 2: the same key as EVOLINK_API_KEYS: key 1"):
         load_keys(None, f"{KEY_A},{KEY_A}")
 
@@ -95,6 +118,19 @@ def test_cli_bad_keys_file_is_exit_2_without_traceback_or_key(tmp_path: Path) ->
     result = CliRunner().invoke(main, ["run", str(manifest), "--keys-file", str(path)])
     assert result.exit_code == 2, result.output
     assert "line 2: rate" in result.output and "Traceback" not in result.output
+    assert KEY_A not in result.output and KEY_B not in result.output
+    assert not (tmp_path / "job.batchgen.db").exists()  # nothing was opened or changed
+
+
+def test_cli_lists_every_bad_line_of_a_keys_file(tmp_path: Path) -> None:
+    manifest = tmp_path / "job.csv"
+    manifest.write_text("prompt\na cat\n")
+    path = keys_file(tmp_path, f"{KEY_A} rate=zero\n{KEY_B}\n{KEY_C} label=x y\n")
+    result = CliRunner().invoke(main, ["run", str(manifest), "--keys-file", str(path)])
+    assert result.exit_code == 2, result.output
+    assert result.output.startswith(f"error: {path}: the keys file has 2 problems; nothing was sent:\n")
+    assert f"  {path} line 1: rate" in result.output and f"  {path} line 3: unknown field" in result.output
+    assert "line 2" not in result.output and "Traceback" not in result.output
     assert KEY_A not in result.output and KEY_B not in result.output
     assert not (tmp_path / "job.batchgen.db").exists()  # nothing was opened or changed
 

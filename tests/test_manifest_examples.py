@@ -44,7 +44,7 @@ def test_cli_validate_ok_text_and_json() -> None:
     runner = CliRunner()
     result = runner.invoke(main, ["validate", str(ROOT / "examples" / "catalogue.yaml")])
     assert result.exit_code == 0, result.output
-    assert "72 request(s)" in result.output and "gemini-3.1-flash-image-preview" in result.output
+    assert "72 requests" in result.output and "gemini-3.1-flash-image-preview" in result.output
     result = runner.invoke(main, ["validate", "--json", str(ROOT / "examples" / "quickstart.yaml")])
     assert result.exit_code == 0
     assert json.loads(result.output)["requests"] == 12

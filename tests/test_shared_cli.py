@@ -1,5 +1,5 @@
 """The commands on a shared (PostgreSQL) store: `--db URL` / BATCHGEN_DB_URL and `--job` on run, status,
-retry, export and report; status lists the live runners; no password in any output; the runner's share
+retry, export, report and review; status lists the live runners; no password in any output; the runner's share
 of the budget and the output-folder rule (engine/shares.py)."""
 
 from __future__ import annotations
@@ -64,7 +64,7 @@ def test_status_shows_the_live_runners(tmp_path: Path, pg_url: str) -> None:
         result = CliRunner().invoke(main, ["status", "--db", pg_url])
         data = json.loads(CliRunner().invoke(main, ["status", "--db", pg_url, "--json"]).output)
     assert result.exit_code == 0, result.output
-    assert f"runner {socket.gethostname()} pid " in result.output and "0 request(s) in flight" in result.output
+    assert f"runner {socket.gethostname()} pid " in result.output and "0 requests in flight" in result.output
     assert [(r["host"], r["claimed"]) for r in data["runners"]] == [(socket.gethostname(), 0)]
 
 
@@ -138,3 +138,33 @@ async def test_max_runtime_counts_from_the_jobs_first_live_runner(tmp_path: Path
             conn.execute("UPDATE jobs SET group_started_at = group_started_at - 3600")
         assert await run(manifest, emu.base_url, db_url=pg_url, max_runtime_s=600.0) == 3
     assert emu.stats()["tasks_created"] == 0  # the job's 10 minutes were used up before this runner came
+
+
+def test_review_serves_a_job_of_a_shared_database_named_by_job(tmp_path: Path, pg_url: str) -> None:
+    import re
+    import signal
+    import subprocess
+    import sys
+    import urllib.request
+
+    for name, subject in (("alpha", "a grey alpha cat"), ("beta", "a brown beta dog")):
+        manifest = write_job(tmp_path, prompts(2, subject), name=name)
+        assert CliRunner().invoke(main, ["run", str(manifest), "--emulator", "--db", pg_url]).exit_code == 0
+    ambiguous = CliRunner().invoke(main, ["review", "--db", pg_url, "--no-browser"])
+    assert ambiguous.exit_code == 2 and "--job" in ambiguous.output, ambiguous.output
+    proc = subprocess.Popen([sys.executable, "-m", "batchgen", "review", "--db", pg_url, "--job", "beta",
+                             "--no-browser"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        line = proc.stdout.readline() if proc.stdout else ""
+        match = re.search(r"http://127\.0\.0\.1:\d+/\?token=[\w-]+", line)
+        assert match, (line, proc.stderr.read() if proc.poll() is not None and proc.stderr else "")
+        page = urllib.request.urlopen(match.group(0), timeout=10).read().decode()
+        assert "a brown beta dog 1" in page and "alpha" not in page
+        image = re.search(r'/image/[^"?]+\?token=[\w-]+', page)
+        assert image, "no image link on the page"
+        with urllib.request.urlopen(match.group(0).split("/?")[0] + image.group(0), timeout=10) as r:
+            assert r.status == 200 and r.read(4) == b"\x89PNG"  # from the job's local output folder
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        out: Any = proc.communicate(timeout=10)
+    assert proc.returncode == 0, out

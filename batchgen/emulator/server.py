@@ -3,7 +3,7 @@
 `Emulator` starts inside the running event loop (tests, benchmarks, `batchgen run --emulator`) on
 127.0.0.1 and an ephemeral port unless told otherwise. `serve_forever` is the `batchgen emulator` command:
 it prints one line with the base URL (so a parent process can read the port it got) and serves until
-Ctrl-C or SIGTERM.
+Ctrl-C or SIGTERM; an address it cannot listen on is a ConfigError (exit 2), as for `batchgen review`.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from batchgen.emulator.api_routes import STATE
 from batchgen.emulator.app import make_app
 from batchgen.emulator.config import EmulatorConfig
 from batchgen.emulator.state import EmulatorState
+from batchgen.errors import listen_error
 
 
 class Emulator:
@@ -103,7 +104,14 @@ async def _serve(config: EmulatorConfig, host: str, port: int) -> None:
         # The handler only sets a flag; shutdown happens below, in order.
         with contextlib.suppress(NotImplementedError, RuntimeError):
             loop.add_signal_handler(sig, stop.set)
-    async with Emulator(config, host=host, port=port) as emulator:
+    emulator = Emulator(config, host=host, port=port)
+    try:
+        await emulator.start()
+    except OSError as error:  # a port in use, an address not of this machine: the flag to change, exit 2
+        raise listen_error(host, port, error) from None
+    try:
         sys.stdout.write(f"batchgen emulator listening on {emulator.base_url}\n")
         sys.stdout.flush()
         await stop.wait()
+    finally:
+        await emulator.close()

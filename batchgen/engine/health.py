@@ -20,6 +20,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from batchgen.errors import PERSISTENT_AFTER_S, ApiError, ConnectError
+from batchgen.units import plural
 
 DEFAULT_PATIENCE_S = 300.0
 REFUSED_PATIENCE_S = 60.0
@@ -85,5 +86,5 @@ class CallHealth:
         if self.only_refused:
             return (f"cannot reach {self.name}: every call for {failing:.3g}s was refused{last}; nothing was lost: "
                     "check the network or --api-base/--files-base and run again")
-        return (f"{self.name} has failed every call for {failing:.3g}s ({self.streak} calls){last}; nothing was "
-                "failed or lost: run again when the service is back")
+        return (f"{self.name} has failed every call for {failing:.3g}s ({plural(self.streak, 'call')}){last}; "
+                "nothing was failed or lost: run again when the service is back")

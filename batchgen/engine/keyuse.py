@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 
 from batchgen.engine.keypool import KeyPool, KeyState, PooledKey, refusal_state
 from batchgen.engine.runstate import StopReason
+from batchgen.units import credits_text, plural
 
 if TYPE_CHECKING:
     from batchgen.engine.scheduler import Scheduler
@@ -50,9 +51,10 @@ class KeyUse:
             return pool.keys[0]
         key = pool.pick(est, now)
         if key is None and pool.active:
-            left = ", ".join(f"{k.name} {k.balance - k.committed:g}" for k in pool.active if k.balance is not None)
-            self.host.drain(StopReason.BUDGET, f"no key has credits left for the next request (about {est:g}; "
-                            f"balances left: {left}); top up a key and run again")
+            left = ", ".join(f"{k.name} {credits_text(k.balance - k.committed)}"
+                             for k in pool.active if k.balance is not None)
+            self.host.drain(StopReason.BUDGET, "no key has credits left for the next request (about "
+                            f"{credits_text(est)}; balances left: {left}); top up a key and run again")
         elif key is None:
             self.no_keys_left()
         return key
@@ -75,7 +77,7 @@ class KeyUse:
             what = "was refused (401: revoked or invalid)" if state is KeyState.REVOKED else "is out of credits (402)"
             host.store.key_states.record(key.fingerprint, key.label, state.value, error.message)
             host.emit("key_failed", {"key": key.name, "state": state.value, "keys_left": others, "message": (
-                f"key {key.name} {what}; it leaves the pool and the run goes on with {others} other key(s)"
+                f"key {key.name} {what}; it leaves the pool and the run goes on with {plural(others, 'other key')}"
                 if others else f"key {key.name} {what}; no key is left")})
             if state is KeyState.REVOKED:
                 # Its tasks cannot be polled any more: left open for a run where it works.

@@ -24,7 +24,7 @@ import time
 from typing import TYPE_CHECKING, Any, TextIO
 
 from batchgen.engine.runstate import Counters
-from batchgen.units import rate_text
+from batchgen.units import credits_text, plural, rate_text
 
 if TYPE_CHECKING:
     from batchgen.engine.ratelimit import AdaptiveLimiter
@@ -124,7 +124,7 @@ class Progress:
         remaining = max(0, c.total - c.done - c.failed)
         eta = _duration(remaining / rate) if rate > 0 and remaining else "-"
         line = (f"{c.done}/{c.total} done, {c.failed} failed, {c.in_flight} in flight, {rate:.1f} req/s, "
-                f"credits {c.credits_used:g} used + {c.credits_reserved:g} reserved, ETA {eta}")
+                f"credits {credits_text(c.credits_used)} used + {credits_text(c.credits_reserved)} reserved, ETA {eta}")
         if self.limiter is not None:
             line += ", " + rate_text(self.limiter.snapshot())
         return line
@@ -145,8 +145,9 @@ class Progress:
         lines = [
             f"batchgen: {c['outcome']} — {c['done']}/{c['total']} done, {c['failed']} failed, "
             f"{c['pending']} pending, {c['in_flight']} in flight",
-            f"  this run: {c['submitted']} submitted, {c['images_saved']} images saved, {c['polls']} poll calls, "
-            f"{c['elapsed_s']:.1f}s; credits used {c['credits_used']:g}, reserved {c['credits_reserved']:g}",
+            f"  this run: {c['submitted']} submitted, {plural(c['images_saved'], 'image')} saved, "
+            f"{plural(c['polls'], 'poll call')}, {c['elapsed_s']:.1f}s; "
+            f"credits used {credits_text(c['credits_used'])}, reserved {credits_text(c['credits_reserved'])}",
         ]
         if c.get("effective_rate") is not None:
             lines.append(f"  {rate_text(c)}")

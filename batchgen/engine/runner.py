@@ -45,7 +45,7 @@ from batchgen.storage.base import Storage
 from batchgen.storage.location import check_output_move, open_storage, output_move, record_storage, resolve_location
 from batchgen.store.base import BaseStore as Store
 from batchgen.store.open import open_store
-from batchgen.units import parse_duration_s, parse_rate
+from batchgen.units import credits_text, parse_duration_s, parse_rate, plural
 
 DEFAULT_API_BASE = "https://api.evolink.ai"
 DEFAULT_FILES_BASE = "https://files-api.evolink.ai"
@@ -405,11 +405,12 @@ async def _preflight(store: Store, key: PooledKey, scheduler: Scheduler, progres
     fields = {"remaining": credits.remaining, "estimate": round(estimate, 4)}
     if credits.remaining < estimate:
         progress.event("warning", {**fields, "message": (
-            f"the balance ({credits.remaining:g} credits) cannot cover this run's estimate ({estimate:g} credits); "
+            f"the balance ({credits_text(credits.remaining)} credits) cannot cover this run's estimate "
+            f"({credits_text(estimate)} credits); "
             "it will stop with 402 when the credits run out (resumable after a top-up)")})
     else:
-        progress.event("preflight", {**fields, "message": f"balance {credits.remaining:g} credits, "
-                                     f"this run needs about {estimate:g}"})
+        progress.event("preflight", {**fields, "message": f"balance {credits_text(credits.remaining)} credits, "
+                                     f"this run needs about {credits_text(estimate)}"})
 
 
 async def _preflight_pool(store: Store, pool: KeyPool, scheduler: Scheduler, progress: Progress) -> None:
@@ -445,11 +446,13 @@ async def _preflight_pool(store: Store, pool: KeyPool, scheduler: Scheduler, pro
     fields = {"remaining": round(total, 4), "estimate": round(estimate, 4), "keys": len(pool.active)}
     if len(known) == len(pool.active) and total < estimate:
         progress.event("warning", {**fields, "message": (
-            f"the keys' balances ({total:g} credits together) cannot cover this run's estimate ({estimate:g} "
+            f"the keys' balances ({credits_text(total)} credits together) cannot cover this run's estimate "
+            f"({credits_text(estimate)} "
             "credits); it will stop when they run out (resumable after a top-up)")})
     else:
-        progress.event("preflight", {**fields, "message": f"{len(pool.active)} keys, balance {total:g} credits "
-                                     f"(where known), this run needs about {estimate:g}"})
+        progress.event("preflight", {**fields, "message": f"{plural(len(pool.active), 'key')}, balance "
+                                     f"{credits_text(total)} credits (where known), this run needs about "
+                                     f"{credits_text(estimate)}"})
 
 
 def _write_export(store: Store, storage: Storage, progress: Progress) -> None:

@@ -36,6 +36,7 @@ from batchgen.errors import (
 )
 from batchgen.models import GenerationRequest
 from batchgen.store.records import NewAttempt, Outcome, RequestRecord
+from batchgen.units import credits_text
 
 if TYPE_CHECKING:
     from batchgen.api.answers import TaskSnapshot
@@ -140,9 +141,10 @@ class Submissions:
         for req in rows:
             est = _estimate(req.model, req.n)
             if cap is not None and c.credits_reserved + c.credits_used + pending_reserve + est > cap + 1e-9:
-                self.host.drain(StopReason.BUDGET, f"the credit cap of {cap:g} would be passed (spent "
-                                f"{c.credits_used:g}, reserved {c.credits_reserved + pending_reserve:g}, next request "
-                                f"about {est:g}); raise --max-credits to continue")
+                self.host.drain(StopReason.BUDGET, f"the credit cap of {credits_text(cap)} would be passed (spent "
+                                f"{credits_text(c.credits_used)}, reserved "
+                                f"{credits_text(c.credits_reserved + pending_reserve)}, next request "
+                                f"about {credits_text(est)}); raise --max-credits to continue")
                 break
             key = self.keys.assign(est, self._loop.time() if self._loop else 0.0)
             if self.pool is not None and key is None:

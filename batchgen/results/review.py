@@ -32,7 +32,7 @@ from typing import Any
 
 from aiohttp import web
 
-from batchgen.errors import ConfigError
+from batchgen.errors import ConfigError, listen_error
 from batchgen.results.render import render_sheet
 from batchgen.results.report import make_thumbnail, thumb_name
 from batchgen.results.sheet import REVIEW_LABELS, Tile, gather
@@ -206,8 +206,7 @@ class ReviewServer:
             await site.start()
         except OSError as error:
             await self.__aexit__(None, None, None)
-            raise ConfigError(f"cannot listen on {self.host}:{self.port}: {error.strerror or error}; "
-                              "choose another --port (0 picks a free one)") from None
+            raise listen_error(self.host, self.port, error) from None
         self.port = int(self._runner.addresses[0][1])
         hosts |= host_names(self.host, self.port)
         app[CONFIG]["origins"] |= {f"http://{h}" for h in hosts}

@@ -20,6 +20,7 @@ from batchgen.storage.base import Storage
 from batchgen.storage.local import LocalStorage
 from batchgen.store.base import BaseStore as Store
 from batchgen.store.records import ImageRecord, RequestRecord
+from batchgen.units import credits_text, plural
 
 REVIEW_LABELS = {"approve": "approved", "reject": "rejected"}
 
@@ -112,11 +113,12 @@ def format_duration(seconds: float) -> str:
 
 def facts(t: Totals) -> list[tuple[str, str, str]]:
     """The header's figures: (label, value, css class)."""
-    credits = f"{t.credits_used:g}" + (f" (+{t.credits_reserved:g} reserved)" if t.credits_reserved else "")
+    credits = credits_text(t.credits_used) + (
+        f" (+{credits_text(t.credits_reserved)} reserved)" if t.credits_reserved else "")
     out = [("requests", str(t.requests), "requests"), ("done", str(t.done), "done"),
            ("failed", str(t.failed), "failed"), ("unfinished", str(t.unfinished), "unfinished"),
            ("images", str(t.images), "images"), ("credits used", credits, "credits"),
-           ("time taken", f"{format_duration(t.run_time_s)} in {t.runs} run(s)", "time")]
+           ("time taken", f"{format_duration(t.run_time_s)} in {plural(t.runs, 'run')}", "time")]
     if t.check_failed or t.set_aside:
         out.append(("check failures", f"{t.check_failed} flagged, {t.set_aside} set aside", "checks"))
     if t.approved or t.rejected:

@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from batchgen.store.open import open_store
-from batchgen.units import rate_text
+from batchgen.units import credits_text, plural, rate_text
 
 
 def collect(db_path: Path | str, job_name: str | None = None) -> dict[str, Any]:
@@ -92,8 +92,9 @@ def render_text(s: dict[str, Any]) -> str:
         f"job {s['job'] or '?'}: {s['done']}/{total} done{pct}, {s['failed']} failed, {s['pending']} pending"
         + (f" ({s['waiting_retry']} waiting to retry)" if s["waiting_retry"] else "")
         + f", {s['in_flight']} in flight",
-        f"credits: {s['credits']['used']:g} used, {s['credits']['reserved']:g} reserved by tasks in flight"
-        + (f", about {s['credits']['estimated_remaining']:g} still to spend (estimate)"
+        f"credits: {credits_text(s['credits']['used'])} used, {credits_text(s['credits']['reserved'])} reserved by "
+        "tasks in flight"
+        + (f", about {credits_text(s['credits']['estimated_remaining'])} still to spend (estimate)"
            if s["credits"]["estimated_remaining"] else ""),
         f"images: {s['images']} saved ({_size(s['image_bytes'])})"
         + (f" in {s['output_dir']}" if s.get("output_dir") else ""),
@@ -103,9 +104,9 @@ def render_text(s: dict[str, Any]) -> str:
         lines.append(f"review: {rv['approved']} approved, {rv['rejected']} rejected, {rv['unreviewed']} unreviewed"
                      + (f", {rv['regenerating']} being regenerated" if rv["regenerating"] else "")
                      + (f"; {rv['check_failed']} flagged by the checks" if rv["check_failed"] else "")
-                     + (f"; {rv['set_aside']} image(s) set aside in _rejected/" if rv["set_aside"] else ""))
+                     + (f"; {plural(rv['set_aside'], 'image')} set aside in _rejected/" if rv["set_aside"] else ""))
     if s["removed"]:
-        lines.append(f"removed: {s['removed']} request(s) no longer in the manifest")
+        lines.append(f"removed: {plural(s['removed'], 'request')} no longer in the manifest")
     if s["failures"]:
         lines.append("failures by error code:")
         for f in s["failures"]:
@@ -115,13 +116,14 @@ def render_text(s: dict[str, Any]) -> str:
         lines.append("  (`batchgen retry` requeues them; `--code CODE` picks some)")
     for r in s.get("runners") or []:
         since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(r["since"]))
-        lines.append(f"runner {r['host']} pid {r['pid']}: since {since}, {r['claimed']} request(s) in flight")
+        lines.append(f"runner {r['host']} pid {r['pid']}: since {since}, {plural(r['claimed'], 'request')} in flight")
     keys = s.get("keys") or []
     if len(keys) > 1 or any(k["state"] != "active" for k in keys):
         lines.append("keys:")
         for k in keys:
             state = k["state"].replace("_", " ") + (f" ({k['reason']})" if k["reason"] else "")
-            lines.append(f"  {k['key']}: {k['requests']} request(s), {k['credits_used']:g} credits used"
+            lines.append(f"  {k['key']}: {plural(k['requests'], 'request')}, "
+                         f"{credits_text(k['credits_used'])} credits used"
                          + (f", {k['in_flight']} in flight" if k["in_flight"] else "") + f", {state}")
     last = s.get("last_run")
     if last:
