@@ -41,7 +41,7 @@ def test_burst_and_latency_range_settings_are_checked(tmp_path: Path) -> None:
     bad = (("latency_range_s: [6, 2]\n", "latency_range_s"), ("rate_limit_burst: 0\n", "rate_limit_burst"))
     for text, field in bad:
         scenario.write_text(text)
-        with pytest.raises(ConfigError, match=f"scenario.yaml: {field}"):
+        with pytest.raises(ConfigError, match=f"scenario.yaml line 1: {field}"):
             EmulatorConfig.from_options(scenario_path=scenario)
 
 
