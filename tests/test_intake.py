@@ -68,11 +68,11 @@ def _record_write_threads(monkeypatch: pytest.MonkeyPatch, delay_s: float = 0.0)
     names: list[str] = []
     real = local.write_atomic
 
-    def write_atomic(target: Path, data: bytes, *, make_parent: bool = True) -> None:
+    def write_atomic(target: Path, data: bytes, *, make_parent: bool = True, durable: bool = True) -> None:
         names.append(threading.current_thread().name)
         if delay_s:
             time.sleep(delay_s)
-        real(target, data, make_parent=make_parent)
+        real(target, data, make_parent=make_parent, durable=durable)
 
     monkeypatch.setattr(local, "write_atomic", write_atomic)
     return names
