@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import sqlite_utils
-from click.testing import CliRunner
+from click.testing import CliRunner, Result
 
 from batchgen.cli import main
 from batchgen.engine.keyfile import KeySpec, fingerprint, load_keys
@@ -111,11 +111,16 @@ def test_environment_sources_and_their_order(tmp_path: Path) -> None:
         load_keys(None, f"{KEY_A},{KEY_A}")
 
 
-def test_cli_bad_keys_file_is_exit_2_without_traceback_or_key(tmp_path: Path) -> None:
+def run_with_keys_file(tmp_path: Path, text: str) -> tuple[Path, Result]:
+    """`batchgen run` of a one-row job with this keys file: (the file, the CLI's result)."""
     manifest = tmp_path / "job.csv"
     manifest.write_text("prompt\na cat\n")
-    path = keys_file(tmp_path, f"{KEY_A} label=ok\n{KEY_B} rate=zero\n")
-    result = CliRunner().invoke(main, ["run", str(manifest), "--keys-file", str(path)])
+    path = keys_file(tmp_path, text)
+    return path, CliRunner().invoke(main, ["run", str(manifest), "--keys-file", str(path)])
+
+
+def test_cli_bad_keys_file_is_exit_2_without_traceback_or_key(tmp_path: Path) -> None:
+    _, result = run_with_keys_file(tmp_path, f"{KEY_A} label=ok\n{KEY_B} rate=zero\n")
     assert result.exit_code == 2, result.output
     assert "line 2: rate" in result.output and "Traceback" not in result.output
     assert KEY_A not in result.output and KEY_B not in result.output
@@ -123,10 +128,7 @@ def test_cli_bad_keys_file_is_exit_2_without_traceback_or_key(tmp_path: Path) ->
 
 
 def test_cli_lists_every_bad_line_of_a_keys_file(tmp_path: Path) -> None:
-    manifest = tmp_path / "job.csv"
-    manifest.write_text("prompt\na cat\n")
-    path = keys_file(tmp_path, f"{KEY_A} rate=zero\n{KEY_B}\n{KEY_C} label=x y\n")
-    result = CliRunner().invoke(main, ["run", str(manifest), "--keys-file", str(path)])
+    path, result = run_with_keys_file(tmp_path, f"{KEY_A} rate=zero\n{KEY_B}\n{KEY_C} label=x y\n")
     assert result.exit_code == 2, result.output
     assert result.output.startswith(f"error: {path}: the keys file has 2 problems; nothing was sent:\n")
     assert f"  {path} line 1: rate" in result.output and f"  {path} line 3: unknown field" in result.output

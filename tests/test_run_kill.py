@@ -34,6 +34,15 @@ def finish(proc: subprocess.Popen[bytes], timeout_s: float = 60) -> int:
     return proc.returncode
 
 
+def wait_for_images(manifest: Path, proc: subprocess.Popen[bytes], count: int) -> None:
+    """Until the run has saved `count` images or ended (a busy machine can take over a second just to start
+    Python)."""
+    for _ in range(600):
+        if len(image_files(out_of(manifest))) >= count or proc.poll() is not None:
+            return
+        time.sleep(0.05)
+
+
 def test_sigkill_at_random_moments_then_resume(tmp_path: Path,
                                                emulator_process: Callable[..., EmulatorProcess]) -> None:
     emu = emulator_process(time_scale=TIME_SCALE)
@@ -71,12 +80,7 @@ def test_sigterm_stops_resumably_then_finishes(tmp_path: Path,
     emu = emulator_process(time_scale=TIME_SCALE)
     manifest = write_job(tmp_path, prompts(150), run={"rate": "40/s", "concurrency": 20})
     proc = start_run(manifest, emu)
-    # Until the run is under way (a busy machine can take over a second just to start Python): a few images
-    # on disk, many requests still to go.
-    for _ in range(600):
-        if len(image_files(out_of(manifest))) >= 3 or proc.poll() is not None:
-            break
-        time.sleep(0.05)
+    wait_for_images(manifest, proc, 3)  # under way: a few images on disk, many requests still to go
     assert proc.poll() is None
     sent = time.monotonic()
     proc.send_signal(signal.SIGTERM)
@@ -99,10 +103,7 @@ def test_images_the_machine_took_back_are_downloaded_again_after_a_kill(
     emu = emulator_process(time_scale=TIME_SCALE)
     manifest = write_job(tmp_path, prompts(150), run={"rate": "40/s", "concurrency": 20})
     proc = start_run(manifest, emu)
-    for _ in range(600):
-        if len(image_files(out_of(manifest))) >= 30 or proc.poll() is not None:
-            break
-        time.sleep(0.05)
+    wait_for_images(manifest, proc, 30)
     proc.send_signal(signal.SIGKILL)
     proc.wait(timeout=10)
     assert proc.stderr is not None
