@@ -112,7 +112,7 @@ async def test_max_runtime_is_kept_with_submits_still_waiting_at_the_limit(
     assert await run(manifest, emu.base_url, max_runtime_s=2.0) == 3
     summary = json_events(capsys.readouterr().out)[-1]
     assert summary["reason"] == "runtime", summary
-    assert summary["elapsed_s"] < 2.0 + 0.75, summary  # before: about 4 s (the limit plus the whole grace)
+    assert summary["elapsed_s"] < 2.0 + 1.25, summary  # before: about 4 s (the limit plus the whole grace)
     made = len(emu.tasks())
     assert 0 < made < 24
     # The next run collects the rest; a submit cut off at the limit is sent again with its idempotency key.
