@@ -897,3 +897,15 @@ def test_a_library_user_gets_every_catalogue_problem_of_a_request() -> None:
     with pytest.raises(ValueError) as raised:
         GenerationRequest(prompt="x", model="z-image-turbo", size="7:3", mask_url="https://x/m.png")
     assert 'size "7:3" is not accepted' in str(raised.value) and "mask_url is not supported" in str(raised.value)
+
+
+def test_a_template_field_that_is_a_parameter_column_says_why_it_is_not_a_field(tmp_path: Path) -> None:
+    """A CSV's prompt column sets the prompt itself: the message says so, instead of listing only the other
+    columns as if the prompt column were missing."""
+    write(tmp_path / "big.csv", "id,prompt,colour\na,a chair,red\n")
+    path = write(tmp_path / "job.yaml", 'name: big\nitems_csv: big.csv\nprompt: "{prompt} in {colour}"\n')
+    with pytest.raises(ManifestError) as caught:
+        open_manifest(path)
+    [problem] = caught.value.problems
+    assert (problem.location, problem.field) == ("line 3", "prompt")
+    assert "big.csv's prompt column sets the request's prompt itself" in problem.message

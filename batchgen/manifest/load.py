@@ -309,8 +309,15 @@ def _build_yaml_manifest(path: Path, parsed: _Parsed) -> Manifest:
                                  f"{display} a prompt column (columns found: {', '.join(src.header)})")
                 if template is not None:
                     known = columns | matrix_names | set(naming.PROMPT_BUILTIN_FIELDS)
+                    params = {name for name, _ in src.param_cols}
                     for f in dict.fromkeys(template.fields):
-                        if f not in known:
+                        if f in params:
+                            # A column named like a request parameter sets that parameter; it is no template field.
+                            problems.add(file, template_line, "prompt",
+                                         f"the template uses {{{f}}}, but {display}'s {f} column sets the "
+                                         f"request's {f} itself, so it is no template field; rename the column "
+                                         f"(e.g. to subject) or drop the manifest's prompt to use it as it is")
+                        elif f not in known:
                             problems.add(file, template_line, "prompt",
                                          f"the template uses {{{f}}}, which is neither a column of {display} "
                                          f"nor a matrix variable; columns: {', '.join(sorted(columns))}")
