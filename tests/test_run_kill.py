@@ -118,7 +118,7 @@ def test_images_the_machine_took_back_are_downloaded_again_after_a_kill(
            emu.base_url, "--time-scale", str(TIME_SCALE), "--json"]
     result = subprocess.run(cmd, env=env, cwd=manifest.parent, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-2000:]
-    assert "2 image(s) it recorded are not on disk whole" in result.stdout
+    assert "2 images it recorded are not on disk whole" in result.stdout
     assert check_outputs(manifest)["states"] == {"done": 150}  # every image whole, with its recorded hash
     assert saved[0].stat().st_size > 0 and saved[1].exists()
     per_request = Counter(t["idempotency_key"].rsplit("-a", 1)[0] for t in emu.tasks())

@@ -240,8 +240,8 @@ async def _drive(store: Store, job: JobSpec, settings: RunSettings, options: Run
     # Images the last run recorded but the machine going down took back: downloaded again (recovery.py).
     lost = reopen_lost_images(store, storage)
     if lost:
-        warnings = [*(warnings or []), f"the last run did not finish and {len(lost)} image(s) it recorded are not "
-                    f"on disk whole (e.g. {lost[0]}): their requests are downloaded again"]
+        warnings = [*(warnings or []), f"the last run did not finish and {plural(len(lost), 'image')} it recorded "
+                    f"{'is' if len(lost) == 1 else 'are'} not on disk whole (e.g. {lost[0]}): downloaded again"]
     # Local reference files → Files API URLs, once per content (issue 6, uploads.py).
     if options.emulator:
         # The in-process emulator's tasks die with the process that ran it: a resumed --emulator run faces a
