@@ -4,6 +4,7 @@ own process, keeps every task with its idempotency key). SIGTERM stops a run res
 
 from __future__ import annotations
 
+import hashlib
 import os
 import random
 import signal
@@ -14,8 +15,9 @@ from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 
+from batchgen.store.open import open_store
 from tests.emulator_fixtures import API_KEY, EmulatorProcess
-from tests.run_support import check_outputs, image_files, out_of, prompts, write_job
+from tests.run_support import check_outputs, db_of, image_files, out_of, prompts, write_job
 
 TIME_SCALE = 0.02
 REPO = Path(__file__).resolve().parent.parent
@@ -119,7 +121,11 @@ def test_images_the_machine_took_back_are_downloaded_again_after_a_kill(
     result = subprocess.run(cmd, env=env, cwd=manifest.parent, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "2 images it recorded are not on disk whole" in result.stdout
-    assert check_outputs(manifest)["states"] == {"done": 150}  # every image whole, with its recorded hash
+    assert check_outputs(manifest)["states"] == {"done": 150}
+    with open_store(db_of(manifest)) as store:  # every image whole: its bytes hash to what was recorded
+        images = [img for rec in store.iter_requests() for img in rec.images]
+    assert len(images) == 150 and all(
+        hashlib.sha256((out_of(manifest) / img.path).read_bytes()).hexdigest() == img.sha256 for img in images)
     assert saved[0].stat().st_size > 0 and saved[1].exists()
     per_request = Counter(t["idempotency_key"].rsplit("-a", 1)[0] for t in emu.tasks())
     assert max(per_request.values()) == 1 and len(emu.tasks()) <= 150  # nothing generated twice
