@@ -909,3 +909,23 @@ def test_a_template_field_that_is_a_parameter_column_says_why_it_is_not_a_field(
     [problem] = caught.value.problems
     assert (problem.location, problem.field) == ("line 3", "prompt")
     assert "big.csv's prompt column sets the request's prompt itself" in problem.message
+
+
+def test_a_yaml_manifest_that_is_not_utf8_names_the_line_and_the_byte(tmp_path: Path) -> None:
+    path = tmp_path / "job.yaml"
+    path.write_bytes(b'name: x\nitems:\n  - {id: a, prompt: "caf\xe9 photo"}\n')
+    with pytest.raises(ManifestError) as caught:
+        open_manifest(path)
+    [problem] = caught.value.problems
+    assert problem.location == "line 3" and "byte 0xE9" in problem.message and "save the file as UTF-8" in (
+        problem.message)
+
+
+def test_true_or_false_is_no_number_in_the_defaults_either(tmp_path: Path) -> None:
+    """YAML's true would pass as n = 1 through pydantic's lax ints; an item's n: true was already refused."""
+    path = write(tmp_path / "job.yaml", "name: x\nprompt: hi\ndefaults:\n  n: true\n  seed: false\n")
+    with pytest.raises(ManifestError) as caught:
+        open_manifest(path)
+    assert [(p.location, p.field) for p in caught.value.problems] == [("line 4", "defaults.n"),
+                                                                      ("line 5", "defaults.seed")]
+    assert all("a whole number is needed, not true or false" in p.message for p in caught.value.problems)

@@ -95,7 +95,12 @@ def _read_text(path: Path) -> str:
     except IsADirectoryError:
         raise ManifestError([Problem(str(path), None, None, "is a folder, not a manifest file")]) from None
     except UnicodeDecodeError as error:
-        raise ManifestError([Problem(str(path), None, None, f"is not UTF-8 text ({error.reason})")]) from None
+        # The line and the byte, so the user can find the one character their editor saved in another encoding.
+        raw = error.object if isinstance(error.object, bytes) else b""
+        line = raw.count(b"\n", 0, error.start) + 1
+        bad = raw[error.start:error.start + 1]
+        raise ManifestError([Problem(str(path), f"line {line}", None, f"is not UTF-8 text (byte 0x{bad.hex().upper()}: "
+                                     f"{error.reason}); save the file as UTF-8")]) from None
     except OSError as error:
         raise ManifestError([Problem(str(path), None, None, f"cannot be read: {error.strerror}")]) from None
 

@@ -52,6 +52,15 @@ class RequestDefaults(BaseModel):
     def _one_url_is_a_list(cls, value: Any) -> Any:
         return [value] if isinstance(value, str) else value
 
+    @field_validator("n", "seed", mode="before")
+    @classmethod
+    def _a_whole_number_not_a_boolean(cls, value: Any) -> Any:
+        # YAML's true/false would pass as 1/0 (pydantic's lax ints); an item's value is refused the same way
+        # (values.coerce_param).
+        if isinstance(value, bool):
+            raise ValueError("a whole number is needed, not true or false")
+        return value
+
 
 class ManifestSchema(BaseModel):
     """A YAML job: what to generate (defaults, prompt template, items, matrix) and how (output, run)."""
