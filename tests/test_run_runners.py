@@ -77,7 +77,7 @@ def test_three_runners_one_killed_repeatedly(tmp_path: Path, pg_url: str,
     assert codes[-1] == 0, (codes, logs[0].read_text()[-2000:])
     text = "".join(log.read_text() for log in logs)
     assert "Traceback" not in text, text[-3000:]
-    assert '"event":"runners"' in text and "sharing job job with 2 other runner(s)" in text
+    assert '"event":"runners"' in text and "sharing job job with 2 other runners" in text
     # Taken over by a survivor's takeover hook (counted here) or by a restarted runner at its start.
     takeovers = text.count('"event":"takeover"')
 

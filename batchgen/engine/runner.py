@@ -154,7 +154,7 @@ def _sharing_notes(store: Store, out: str) -> list[str]:
         return [f"running job {store.job_name} in {store.location}; no other runner shares it right now"]
     names = ", ".join(f"{r.host} pid {r.pid} (since {time.strftime('%H:%M:%S', time.localtime(r.started_at))})"
                       for r in others)
-    return [f"sharing job {store.job_name} with {len(others)} other runner(s): {names}"]
+    return [f"sharing job {store.job_name} with {plural(len(others), 'other runner')}: {names}"]
 
 
 def effective_settings(job: JobSpec, options: RunOptions) -> RunSettings:
@@ -265,19 +265,19 @@ async def _drive(store: Store, job: JobSpec, settings: RunSettings, options: Run
     run_id = store.run_log.start()
     if added or removed:
         progress.event("synced", {"added": added, "removed": removed,
-                                  "message": f"manifest: {added} new request(s), {removed} removed"})
+                                  "message": f"manifest: {plural(added, 'new request')}, {removed} removed"})
     # Images rejected in `batchgen review` since the last run are generated again (issue 16, rejects.py).
     rejected = requeue_rejected(store, storage, settings.max_attempts)  # blocks briefly: the store is ours
     if rejected.requeued or rejected.exhausted:
         progress.event("review_requeued", {
             "requeued": rejected.requeued, "exhausted": rejected.exhausted,
-            "message": f"review: {rejected.requeued} rejected request(s) requeued for a new attempt"
+            "message": f"review: {plural(rejected.requeued, 'rejected request')} requeued for a new attempt"
             + (f", {rejected.exhausted} left as they are (no attempts left; raise run.max_attempts)"
                if rejected.exhausted else "")})
     for note in notes:
         progress.event("runners" if not note.startswith("this manifest") else "warning", {"message": note})
     if released:
-        progress.event("warning", {"message": f"{released} request(s) in flight belonged to the previous run's "
+        progress.event("warning", {"message": f"{plural(released, 'request')} in flight belonged to the previous run's "
                                    "emulator, which is gone; resubmitting them"})
 
     signals = 0
@@ -343,7 +343,7 @@ def _finish(store: Store, scheduler: Scheduler, reason: StopReason, message: str
     if reason is not StopReason.FINISHED or unfinished:
         code, outcome = EXIT_STOPPED, "stopped early (resumable)"
         if reason is StopReason.FINISHED:
-            message = f"{unfinished} request(s) not finished yet; the next run continues them"
+            message = f"{plural(unfinished, 'request')} not finished yet; the next run continues them"
     elif counts["failed"]:
         code, outcome = EXIT_FAILED, "finished with failures"
     else:

@@ -80,6 +80,7 @@ from batchgen.store.records import (
     Outcome,
     RequestRecord,
 )
+from batchgen.units import plural
 
 if TYPE_CHECKING:
     from batchgen.api.answers import TaskSnapshot
@@ -238,11 +239,11 @@ class Scheduler:
         if stop is not None:
             return RunResult(stop[0], stop[1], c)
         if self.keys.left_open:
-            return RunResult(StopReason.KEY_MISSING, f"{len(self.keys.left_open)} task(s) belong to keys this run "
-                             f"does not have or that were revoked ({self.keys.names()}); they stay open for a run "
-                             "with those keys", c)
+            open_tasks = plural(len(self.keys.left_open), "task")
+            return RunResult(StopReason.KEY_MISSING, f"{open_tasks} of keys this run does not have or that were "
+                             f"revoked ({self.keys.names()}) stay open for a run with those keys", c)
         if c.left:
-            return RunResult(StopReason.RUNTIME, f"{c.left} task(s) still running after the maximum wait; "
+            return RunResult(StopReason.RUNTIME, f"{plural(c.left, 'task')} still running after the maximum wait; "
                              "their task ids are kept and the next run polls them", c)
         return RunResult(StopReason.FINISHED, "finished", c)
 
@@ -313,7 +314,7 @@ class Scheduler:
             taken = self.store.runners.take_over()
             if taken:
                 self._track_taken_over(taken)
-                self.emit("takeover", {"requests": len(taken), "message": f"took over {len(taken)} request(s) "
+                self.emit("takeover", {"requests": len(taken), "message": f"took over {plural(len(taken), 'request')} "
                                        "of a runner that stopped answering"})
                 self.wake()
 
@@ -357,7 +358,7 @@ class Scheduler:
         left = self.keys.left_open
         if left:
             self.emit("warning", {"tasks": len(left), "message": (
-                f"{len(left)} task(s) were sent with keys this run does not have "
+                f"{plural(len(left), 'task')} sent with keys this run does not have "
                 f"({self.keys.names()}): they cannot be looked at with another key and are left for a run "
                 f"that has them (e.g. {', '.join(k for k, _ in left[:3])})")})
 
