@@ -299,18 +299,18 @@ def test_the_uploads_ledger_keeps_each_keys_files_apart_on_both_backends(open_db
 # -- the ledgers' contract: reviews, run log, key states, runners, job scope ----------------------------------
 
 
-def completed(store: BaseStore, keys: list[str], key_fp: str | None = None) -> list[int]:
+def completed(store: BaseStore, keys: list[str], key_fp: str | None = None, attempt_no: int = 1) -> list[int]:
     """Drive these requests through a finished task to `completed` (the images not yet saved): attempt ids."""
-    ids = store.start_attempts([NewAttempt(k, 1, "z-image-turbo", 0.5, key_fp=key_fp) for k in keys])
+    ids = store.start_attempts([NewAttempt(k, attempt_no, "z-image-turbo", 0.5, key_fp=key_fp) for k in keys])
     store.record_tasks([(aid, f"task-unified-1-{aid:08d}", 0.5, False) for aid in ids])
     store.record_outcomes([Outcome(aid, k, "completed", result_urls=(f"http://x/{aid}.png",), credits_used=0.5)
                            for aid, k in zip(ids, keys, strict=True)])
     return ids
 
 
-def done_with_image(store: BaseStore, key: str, sha256: str, key_fp: str | None = None) -> int:
+def done_with_image(store: BaseStore, key: str, sha256: str, key_fp: str | None = None, attempt_no: int = 1) -> int:
     """A request done with one saved image (idx 1) of this content, as a run leaves it: its attempt id."""
-    [aid] = completed(store, [key], key_fp)
+    [aid] = completed(store, [key], key_fp, attempt_no)
     store.record_images([(ImageRecord(key, 1, f"{key}_1.png", f"http://x/{aid}.png", 10, sha256, 1, 1, "PNG",
                                       aid, 1.0), True)])
     return aid
@@ -395,11 +395,7 @@ def test_a_regenerated_image_with_the_rejected_bytes_is_a_new_image_to_review(
         reviews = store.reviews
         first = reviews.decide(ka, 1, "sha-same", "reject", "blurry")
         reviews.requeue_rejected(ka, [aside(ka, aid, "sha-same", "review", "blurry")], "rejected in review: blurry")
-        [aid2] = store.start_attempts([NewAttempt(ka, 2, "z-image-turbo", 0.5)])
-        store.record_tasks([(aid2, "task-unified-2-00000002", 0.5, False)])
-        store.record_outcomes([Outcome(aid2, ka, "completed", result_urls=("http://x/2.png",), credits_used=0.5)])
-        store.record_images([(ImageRecord(ka, 1, f"{ka}_1.png", "http://x/2.png", 10, "sha-same", 1, 1, "PNG",
-                                          aid2, 3.0), True)])
+        aid2 = done_with_image(store, ka, "sha-same", attempt_no=2)  # the model drew the same bytes again
         assert reviews.latest() == {} and reviews.open_rejects() == []
         counts = reviews.counts()
         assert (counts["unreviewed"], counts["rejected"]) == (1, 0)
