@@ -315,34 +315,18 @@ class Submissions:
         self.host.api_health.ok()  # the API answered, and said no to this request
         d = decide(error, 1, self.cfg.max_attempts, self.host.rng, self.cfg.time_scale)
         if d.action is Action.STOP and t.key is not None and self.keys.several:
-            # Refused by this key's account: no task was created unless an earlier send of this attempt may
-            # have got through unanswered; then only this key may send it again (its idempotency scope).
+            # Refused by this key's account: only this key may send it again if it may exist (its
+            # idempotency scope), so it is left open for a run where the key works.
             self.keys.refused(t.key, error)
-            self.host.finish_tracking(t)
-            if self.pool is not None:
-                self.pool.refund(t.key, t.est_credits)
-            if t.unanswered or t.resumed:
+            if not self._refused_unsent(t, code, message):
                 self.keys.leave_open(t.req.key, t.key.name)
-                return
-            self.store.record_outcomes([Outcome(t.attempt_id, t.req.key, "requeue", error_code=code,
-                                                error_message=message, not_before=time.time(),
-                                                consume_attempt=False)])
-            self.host.on_requeued(t.req.key, code, 0.0, None)
             return
         if d.action is Action.STOP and d.finish_paid:
-            # The account takes no new work (402) but its tasks still run: this submit created no task, so its
-            # request goes back to pending with its attempt unused (unless an earlier send of this attempt
-            # went unanswered: then it stays `sending`, for the next run to send again with the same key).
-            # The tasks in flight, already paid for, are still polled and downloaded before the run stops.
+            # The account takes no new work (402) but its tasks still run: they are polled and downloaded,
+            # already paid for, before the run stops. One that may exist stays `sending`, for the next run to
+            # send again with the same key.
             self.keys.refused_alone(t.key, error)
-            self.host.finish_tracking(t)
-            if self.pool is not None:
-                self.pool.refund(t.key, t.est_credits)
-            if not (t.unanswered or t.resumed):
-                self.store.record_outcomes([Outcome(t.attempt_id, t.req.key, "requeue", error_code=code,
-                                                    error_message=message, not_before=time.time(),
-                                                    consume_attempt=False)])
-                self.host.on_requeued(t.req.key, code, 0.0, None)
+            self._refused_unsent(t, code, message)
             self.host.drain(StopReason.AUTH, f"{error}: {d.why}")
             return
         if d.action is Action.STOP:
@@ -354,6 +338,21 @@ class Submissions:
         self.store.record_outcomes([Outcome(t.attempt_id, t.req.key, "failed", error_code=code,
                                             error_message=message)])
         self.host.on_failed(t.req.key, code, message)
+
+
+    def _refused_unsent(self, t: Tracked, code: str, message: str) -> bool:
+        """A submit the account refused (401/402) leaves the table of tasks in flight and its credits go back.
+        No task was made unless an earlier send of this attempt went unanswered: then False and the attempt
+        stays as it is; else its request is pending again with the attempt unused, and True."""
+        self.host.finish_tracking(t)
+        if self.pool is not None:
+            self.pool.refund(t.key, t.est_credits)
+        if t.unanswered or t.resumed:
+            return False
+        self.store.record_outcomes([Outcome(t.attempt_id, t.req.key, "requeue", error_code=code,
+                                            error_message=message, not_before=time.time(), consume_attempt=False)])
+        self.host.on_requeued(t.req.key, code, 0.0, None)
+        return True
 
 
 def _estimate(model: str, n: int) -> float:
