@@ -406,6 +406,24 @@ def test_a_regenerated_image_with_the_rejected_bytes_is_a_new_image_to_review(
         assert (req.key, decisions) == (ka, [second])
 
 
+def test_images_since_a_time_and_reopened_downloads(tmp_path: Path, open_db: OpenDb) -> None:
+    """What the recovery after an unfinished run reads and writes (engine/recovery.py): the images recorded
+    since a time, and done requests back to `completed`, so the engine checks and downloads them again."""
+    m = FakeManifest(tmp_path, ["a", "b"])
+    with open_db() as store:
+        store.sync(m)
+        ka, kb = keys_of(m)
+        for key in (ka, kb):
+            done_with_image(store, key, f"sha-{key}")  # recorded at created_at 1.0
+        assert sorted(img.request_key for img in store.images_since(0.5)) == sorted([ka, kb])
+        assert store.images_since(2.0) == []
+        assert store.reopen_downloads([ka, "v1-not-a-request"]) == 1
+        assert store.reopen_downloads([ka]) == 0  # only done requests are reopened
+        assert [(r.key, a.state) for r, a in store.open_attempts()] == [(ka, "completed")]
+        assert [i.sha256 for i in store.images_for(ka)] == [f"sha-{ka}"]  # kept: the engine checks it by hash
+        assert store.counts()["done"] == 1
+
+
 def test_an_image_failing_its_checks_is_set_aside_and_requeues_or_fails_its_request(
         tmp_path: Path, open_db: OpenDb) -> None:
     """reviews.reject_image is one transaction: the aside row, and a new attempt or the request failed."""

@@ -510,8 +510,7 @@ class PostgresStore(BaseStore):
         return self._image_rows("request_key = %(key)s ORDER BY idx", key=key)
 
     def images_since(self, since: float) -> list[ImageRecord]:
-        return self._image_rows("created_at >= %(since)s AND request_key IN (SELECT key FROM requests WHERE "
-                                "job_id = %(job)s AND state = 'done') ORDER BY created_at", since=since)
+        return self._image_rows("created_at >= %(since)s ORDER BY created_at", since=since)
 
     def reopen_downloads(self, keys: Sequence[str]) -> int:
         with self._tx() as cur:

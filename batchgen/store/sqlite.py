@@ -438,8 +438,7 @@ class Store(BaseStore):
         return self._image_rows("request_key = ? ORDER BY idx", [key])
 
     def images_since(self, since: float) -> list[ImageRecord]:
-        return self._image_rows("created_at >= ? AND request_key IN (SELECT key FROM requests WHERE state='done') "
-                                "ORDER BY created_at", [since])
+        return self._image_rows("created_at >= ? ORDER BY created_at", [since])
 
     def reopen_downloads(self, keys: Sequence[str]) -> int:
         now = time.time()
