@@ -49,8 +49,10 @@ def build_store(workdir: Path, rows: int) -> tuple[Path, Path]:
     fresh_dir(workdir)
     csv_path = write_csv(workdir / "resume.csv", rows, tag="resume")
     db = workdir / "resume-base.db"
-    result = check(run_child([sys.executable, "-c", EXPAND, str(csv_path), str(db)], timeout_s=1800,
-                             workdir=workdir), "expansion")
+    # The output folder the measured runs use is recorded, as a real run would have: a job's images stay
+    # where its store says they are (a run pointed elsewhere is refused).
+    result = check(run_child([sys.executable, "-c", EXPAND, str(csv_path), str(db), str(workdir / "out")],
+                             timeout_s=1800, workdir=workdir), "expansion")
     if json.loads(result.stdout.strip().splitlines()[-1])["added"] != rows:
         raise RuntimeError("the store does not hold every row")
     now, done = time.time(), rows - LEFT

@@ -36,8 +36,8 @@ from pathlib import Path
 from batchgen.manifest.load import open_manifest
 from batchgen.store.sqlite import Store
 started = time.perf_counter()
-with Store(Path(sys.argv[2])) as store:
-    result = store.sync(open_manifest(Path(sys.argv[1])))
+with Store(Path(sys.argv[2])) as store:  # argv[3]: the output folder to record (the manifest's by default)
+    result = store.sync(open_manifest(Path(sys.argv[1])), *sys.argv[3:4])
 print(json.dumps({"seconds": time.perf_counter() - started, "added": result.added}))
 """
 
