@@ -27,11 +27,13 @@ async def test_out_of_credits_stops_submitting_and_finishes_what_was_paid_for(
     assert summary["reason"] == "auth" and "402" in summary["message"] and "top up" in summary["message"]
     with Store(db_of(manifest)) as store:
         counts = store.counts()
-        rows = [a for r in store.iter_requests() for a in r.attempt_rows]
+        requests = list(store.iter_requests())
+        rows = [a for r in requests for a in r.attempt_rows]
         reserved = store.credit_totals().reserved
     assert counts["done"] == 3 and counts["pending"] == 9, counts  # the paid tasks finished in this run
     assert not [a for a in rows if a.state in ("sending", "running")] and reserved == 0  # nothing left open
-    assert all(r.attempt_no == 1 for r in rows)  # no attempt was used up by the refusals
+    assert all(r.attempt_no == 1 for r in rows)  # nothing was sent again in this run
+    assert all(r.attempts == 0 for r in requests if r.state == "pending")  # the refusals used up no attempt
     emu.set_credits(API_KEY, 1000.0)  # the top-up
     assert await run(manifest, emu.base_url) == 0
     assert check_outputs(manifest)["states"] == {"done": 12}
