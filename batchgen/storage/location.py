@@ -102,7 +102,7 @@ def check_output_move(where: str, recorded: str, sample: list[str], location: st
         return f"the job's output moved from {recorded} to {location} (its images are there); recorded the new place"
     raise ConfigError(
         f"{where}: this job's images are in {recorded}, but this run would write to {location}, "
-        f"where {found} of {len(sample)} of them looked for are. Run with --out {recorded} (or set "
+        f"where {found} of the {len(sample)} looked for are. Run with --out {recorded} (or set "
         "output.folder back), or move the folder there first; a new job in a new folder needs its own "
         "database (--db)")
 
