@@ -17,7 +17,15 @@ def relpath(template: str, *, metadata: dict[str, str] | None = None, variant: d
 
 def test_default_template_joins_variant_values_and_is_one_based() -> None:
     path = relpath("{id}{variant}_{index}", variant={"style": "studio", "size": "16:9"}, index=1)
-    assert path == "SKU1_studio_16_9_1"
+    assert path == "SKU1_16_9_studio_1"
+
+
+def test_variant_joins_values_by_variable_name_whatever_the_matrix_order() -> None:
+    # The store gives a request's variant back with sorted keys; the manifest's matrix may list them in any
+    # order. The name planned at expansion and the name written at download must be the same.
+    in_matrix_order = relpath("{id}{variant}_{index}", variant={"style": "studio", "size": "4:5"})
+    as_stored = relpath("{id}{variant}_{index}", variant={"size": "4:5", "style": "studio"})
+    assert in_matrix_order == as_stored == "SKU1_4_5_studio_1"
 
 
 def test_template_slash_makes_subfolders_but_a_value_slash_does_not() -> None:

@@ -122,6 +122,13 @@ def _check_relpath_slow(path: str) -> str:
     return path
 
 
+def variant_text(variant: Mapping[str, str]) -> str:
+    """`{variant}`: each matrix value preceded by `_`, in the order of the variable names, not of the
+    manifest's matrix: a request's variant comes back from the store with its keys sorted, and the names
+    planned at expansion must be the ones written at download."""
+    return "".join("_" + variant[k] for k in sorted(variant))
+
+
 def template_values(
     *, item_id: str, variant: Mapping[str, str], metadata: Mapping[str, str], model: str, key: str, index: int
 ) -> dict[str, str]:
@@ -130,7 +137,7 @@ def template_values(
     for k, v in variant.items():
         values[k] = sanitize_value(v)
     values["id"] = sanitize_value(item_id)
-    values["variant"] = sanitize_value("".join("_" + v for v in variant.values()))
+    values["variant"] = sanitize_value(variant_text(variant))
     values["model"] = sanitize_value(model)
     values["key"] = key
     values["index"] = str(index)
@@ -196,7 +203,7 @@ class NameRenderer:
             if name == "id":
                 raw: str = item_id
             elif name == "variant":
-                raw = "".join("_" + v for v in variant.values())
+                raw = variant_text(variant)
             elif name == "model":
                 raw = model
             elif name == "key":
