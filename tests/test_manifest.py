@@ -321,6 +321,14 @@ def test_missing_prompt_inline_item(tmp_path: Path) -> None:
 def test_missing_prompt_empty_cell(tmp_path: Path) -> None:
     problem = only_problem(write(tmp_path / "j.csv", "id,prompt\na,cat\nb,  \n"))
     assert (problem.location, problem.field) == ("row 3", "prompt")
+    # A CSV job has no manifest to hold a template: the hint says where its prompt goes.
+    assert "prompt column" in problem.message and "template" not in problem.message
+
+
+def test_missing_prompt_in_yaml_items_csv_suggests_a_template(tmp_path: Path) -> None:
+    write(tmp_path / "items.csv", "id,prompt\na,cat\nb,\n")
+    problem = only_problem(write(tmp_path / "j.yaml", "items_csv: items.csv\n"))
+    assert problem.field == "prompt" and "prompt: (a template)" in problem.message
 
 
 def test_csv_without_prompt_column(tmp_path: Path) -> None:

@@ -71,7 +71,8 @@ class Manifest:
 
     def __init__(self, job: JobSpec, *, display: str, defaults: dict[str, Any], template: naming.Template | None,
                  variants: list[Variant], id_field: str | None, source: CsvSource | Inline | None,
-                 fingerprint_parts: list[str], settings_problems: list[Problem] | None = None) -> None:
+                 fingerprint_parts: list[str], settings_problems: list[Problem] | None = None,
+                 csv_job: bool = False) -> None:
         self.job = job
         # Problems in the manifest's settings, reported together with the items' problems.
         self._settings_problems = list(settings_problems or [])
@@ -80,6 +81,8 @@ class Manifest:
         self.truncated = 0
         self._defaults = defaults
         self._template = template
+        # A CSV job has no manifest around the CSV: its rows' prompts can only come from their own cells.
+        self._csv_job = csv_job
         self._variants = variants
         self._id_field = id_field
         self._source = source
@@ -315,8 +318,8 @@ class Manifest:
             prompt = item_params.get("prompt")
             if prompt is None and "prompt" not in bad_fields:
                 if template is None:
-                    report("prompt", "missing: give the item a prompt, or set "
-                                 "prompt: (a template) in the manifest")
+                    report("prompt", "missing: give the row a prompt in its prompt column" if self._csv_job
+                           else "missing: give the item a prompt, or set prompt: (a template) in the manifest")
                     ok = False
                 else:
                     if values is None:

@@ -239,7 +239,7 @@ def open_manifest(path: Path) -> Manifest:
                          f"(columns found: {', '.join(src.header)})")
         problems.raise_if_any()
         return Manifest(job, display=str(path), defaults={}, template=None, variants=[Variant({}, {})],
-                        id_field=csv_id_name(src), source=src, fingerprint_parts=[])
+                        id_field=csv_id_name(src), source=src, fingerprint_parts=[], csv_job=True)
     parsed = _parse_yaml_manifest(path, keep_going=True)
     return _build_yaml_manifest(path, parsed)
 
