@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
@@ -35,15 +36,26 @@ DB_HELP = (f"State database: a SQLite file (default: beside the manifest) or a p
 JOB_HELP = "The job's name in a shared (PostgreSQL) database (default: the manifest's name)."
 
 
-def _fail(error: BatchgenError) -> None:
-    """Report an expected error without a traceback and exit with its code."""
+def _fail(error: BatchgenError, *, as_json: bool = False) -> None:
+    """Report an expected error without a traceback and exit with its code. With --json, also one `error`
+    object on stdout, so a script reading the JSON learns why there is nothing else."""
     if isinstance(error, ManifestError):
         count = len(error.problems) + error.truncated
-        click.echo(f"error: the manifest has {plural(count, 'problem')}; nothing was sent:", err=True)
+        headline = f"the manifest has {plural(count, 'problem')}; nothing was sent"
+        click.echo(f"error: {headline}:", err=True)
         for line in str(error).splitlines():
             click.echo(f"  {line}", err=True)
     else:
+        headline = str(error)
         click.echo(f"error: {error}", err=True)
+    if as_json:
+        body: dict[str, Any] = {"event": "error", "t": round(time.time(), 3), "exit_code": error.exit_code,
+                                "message": headline}
+        if isinstance(error, ManifestError):
+            body["problems"] = [{"file": p.file, "location": p.location, "field": p.field, "message": p.message}
+                                for p in error.problems]
+            body["more_problems"] = error.truncated
+        click.echo(json.dumps(body, ensure_ascii=False))
     sys.exit(error.exit_code)
 
 
@@ -58,7 +70,7 @@ def _guarded(fn: F) -> F:
         except BatchgenError as error:
             if os.environ.get(TRACEBACK_ENV):
                 raise
-            _fail(error)
+            _fail(error, as_json=bool(kwargs.get("as_json") or kwargs.get("json_events")))
 
     return wrapper  # type: ignore[return-value]
 

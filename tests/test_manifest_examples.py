@@ -60,6 +60,29 @@ def test_cli_validate_bad_input_exits_2_with_file_row_and_field(tmp_path: Path) 
     assert f'{path} row 3: model: "nope" is not in the catalogue' in result.output
 
 
+@pytest.mark.parametrize("command", [["validate", "--json"], ["run", "--emulator", "--json"]])
+def test_json_mode_reports_a_bad_manifest_as_one_error_object_on_stdout(tmp_path: Path, command: list[str]) -> None:
+    """A script reading --json must learn why nothing else came: the problems, as data, on stdout."""
+    path = tmp_path / "products.csv"
+    path.write_text("sku,prompt,model\nA,cat,nope\nB,,z-image-turbo\n")
+    result = CliRunner().invoke(main, [command[0], str(path), *command[1:]])
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    error = json.loads(result.stdout)
+    assert error["event"] == "error" and error["exit_code"] == 2 and error["more_problems"] == 0
+    assert "2 problems" in error["message"]
+    assert [(p["file"], p["location"], p["field"]) for p in error["problems"]] == [
+        (str(path), "row 2", "model"), (str(path), "row 3", "prompt")]
+    assert not (tmp_path / "products.batchgen.db").exists()
+
+
+def test_json_mode_reports_other_errors_too(tmp_path: Path) -> None:
+    result = CliRunner().invoke(main, ["status", str(tmp_path / "none.csv"), "--json"])
+    assert result.exit_code == 2
+    error = json.loads(result.stdout)
+    assert error["event"] == "error" and error["exit_code"] == 2 and "no run state" in error["message"]
+    assert "problems" not in error
+
+
 def test_cli_validate_yaml_syntax_error_exits_2(tmp_path: Path) -> None:
     path = tmp_path / "job.yaml"
     path.write_text("prompt: [oops\n")
