@@ -52,11 +52,24 @@ def test_several_keys_balance_reads_plainly_and_json_keeps_numbers(tmp_path: Pat
     manifest = write_job(tmp_path, prompts(2))
     ran = CliRunner().invoke(main, ["run", str(manifest), "--emulator"], env={"EVOLINK_API_KEYS": "sk-a,sk-b"})
     assert ran.exit_code == 0, ran.output
-    assert "2 keys, balance 2,000,000 credits (where known), this run needs about 1" in ran.output
+    assert "2 keys, balance 2,000,000 credits together, this run needs about 1" in ran.output
     again = CliRunner().invoke(main, ["run", str(manifest), "--emulator", "--json"])
     events = [json.loads(line) for line in again.output.splitlines() if line.startswith("{")]
     summary = next(e for e in events if e["event"] == "summary")
     assert summary["images_saved"] == 0 and isinstance(summary["credits_used"], float | int)
+
+
+def test_a_balance_the_api_does_not_report_is_unknown_not_zero(tmp_path: Path) -> None:
+    manifest = write_job(tmp_path, prompts(2))
+    scenario = tmp_path / "scenario.yaml"
+    scenario.write_text("credits_endpoint: false\n")
+    ran = CliRunner().invoke(main, ["run", str(manifest), "--emulator", "--emulator-scenario", str(scenario),
+                                    "--json"], env={"EVOLINK_API_KEYS": "sk-a,sk-b"})
+    assert ran.exit_code == 0, ran.output
+    events = [json.loads(line) for line in ran.stdout.splitlines() if line.startswith("{")]
+    preflight = next(e for e in events if e["event"] == "preflight")
+    assert preflight["remaining"] is None and preflight["keys_with_balance"] == 0 and preflight["keys"] == 2
+    assert "2 keys, balance unknown (the API did not report one), this run needs about 1" in preflight["message"]
 
 
 def test_the_run_summary_and_status_text_pluralise_and_print_credits_plainly() -> None:

@@ -443,16 +443,23 @@ async def _preflight_pool(store: Store, pool: KeyPool, scheduler: Scheduler, pro
         return
     known = [k.balance for k in pool.active if k.balance is not None]
     total = sum(known)
-    fields = {"remaining": round(total, 4), "estimate": round(estimate, 4), "keys": len(pool.active)}
+    # A balance the API did not report is unknown, not zero: `remaining` is null when no key reported one.
+    fields = {"remaining": round(total, 4) if known else None, "estimate": round(estimate, 4),
+              "keys": len(pool.active), "keys_with_balance": len(known)}
     if len(known) == len(pool.active) and total < estimate:
         progress.event("warning", {**fields, "message": (
             f"the keys' balances ({credits_text(total)} credits together) cannot cover this run's estimate "
             f"({credits_text(estimate)} "
             "credits); it will stop when they run out (resumable after a top-up)")})
     else:
-        progress.event("preflight", {**fields, "message": f"{plural(len(pool.active), 'key')}, balance "
-                                     f"{credits_text(total)} credits (where known), this run needs about "
-                                     f"{credits_text(estimate)}"})
+        if not known:
+            balance = "balance unknown (the API did not report one)"
+        elif len(known) < len(pool.active):
+            balance = f"balance {credits_text(total)} credits on the {len(known)} that reported one"
+        else:
+            balance = f"balance {credits_text(total)} credits together"
+        progress.event("preflight", {**fields, "message": f"{plural(len(pool.active), 'key')}, {balance}, "
+                                     f"this run needs about {credits_text(estimate)}"})
 
 
 def _write_export(store: Store, storage: Storage, progress: Progress) -> None:
