@@ -37,9 +37,25 @@ def test_collect_counts_credits_images_and_failures(tmp_path: Path) -> None:
         "total": 4, "pending": 1, "in_flight": 1, "done": 1, "failed": 1, "images": 1}
     assert s["credits"] == {"reserved": 0.5, "used": 0.5, "spent": 1.0, "estimated_remaining": 0.5}
     assert s["failures"] == [{"code": "content_policy_violation", "count": 1,
-                              "messages": [{"message": "refused", "count": 1}]}]
+                              "messages": [{"message": "refused", "count": 1}], "other_messages": 0}]
     text = render_text(s)
     assert "1/4 done" in text and "content_policy_violation: 1" in text and "refused" in text
+
+
+def test_failures_past_the_messages_shown_are_counted_not_dropped(tmp_path: Path) -> None:
+    path = tmp_path / "s.db"
+    m = FakeManifest(tmp_path, [f"r{i}" for i in range(6)])
+    with Store(path) as store:
+        store.sync(m)
+        keys = keys_of(m)
+        ids = store.start_attempts([NewAttempt(k, 1, "z-image-turbo", 0.5) for k in keys])
+        store.record_outcomes([Outcome(i, k, "failed", error_code="quality_check_failed",
+                                       error_message=f"blank image, set aside as _rejected/{k}.png")
+                               for i, k in zip(ids, keys, strict=True)])
+    s = collect(path)
+    (group,) = s["failures"]
+    assert group["count"] == 6 and len(group["messages"]) == 3 and group["other_messages"] == 3
+    assert "3 more with other messages" in render_text(s)
 
 
 def test_status_command_json(tmp_path: Path) -> None:

@@ -8,7 +8,8 @@ JSON keys: `job`, `total` (every request but removed ones), `pending`, `in_fligh
 i.e. a task exists and its images are not all on disk), `submitted`, `completed`, `done`, `failed`,
 `removed`, `waiting_retry` (pending with a future not-before), `credits` {`reserved` (tasks in flight),
 `used` (finished tasks), `spent` (both), `estimated_remaining` (catalogue estimate of what is pending)},
-`images` (files saved), `image_bytes`, `failures` [{`code`, `count`, `messages` [{`message`, `count`}]}],
+`images` (files saved), `image_bytes`, `failures` [{`code`, `count`, `messages` [{`message`, `count`}] (the 3
+commonest), `other_messages` (the failures of that code not among them)}],
 `last_run` ({`started_at`, `finished_at`, `exit_code`, `reason`, `rate`} or null), `runs` (the same for every
 run, oldest first). `rate` is what the run's rate controller ended at: {`configured_rate`, `ceiling`,
 `effective_rate`, `learned_limit` (null when the server never answered 429), `throttles` (429s received),
@@ -59,7 +60,7 @@ def collect(db_path: Path | str, job_name: str | None = None) -> dict[str, Any]:
                         "estimated_remaining": round(store.pending_estimate(), 4)},
             "images": images,
             "image_bytes": image_bytes,
-            "failures": store.failures_by_code(),
+            "failures": _with_other_messages(store.failures_by_code()),
             "last_run": None,
             "keys": [{"key": k["label"] or k["fingerprint"], "fingerprint": k["fingerprint"], "label": k["label"],
                       "state": k["state"], "reason": k["reason"], "requests": k["requests"],
@@ -113,6 +114,8 @@ def render_text(s: dict[str, Any]) -> str:
             lines.append(f"  {f['code']}: {f['count']}")
             for m in f["messages"]:
                 lines.append(f"      {m['count']} × {m['message']}")
+            if f["other_messages"]:
+                lines.append(f"      {f['other_messages']} more with other messages (`batchgen export` lists each)")
         lines.append("  (`batchgen retry` requeues them; `--code CODE` picks some)")
     for r in s.get("runners") or []:
         since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(r["since"]))
@@ -141,3 +144,8 @@ def _size(n: int) -> str:
             return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
         size /= 1024
     return f"{n} B"
+
+
+def _with_other_messages(failures: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Each code's count of failures whose message is not among the few shown, so none silently drops out."""
+    return [{**f, "other_messages": f["count"] - sum(m["count"] for m in f["messages"])} for f in failures]
