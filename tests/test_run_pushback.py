@@ -21,6 +21,7 @@ from batchgen.api.client import EvolinkClient
 from batchgen.engine.runner import CHECK_INVARIANTS_ENV
 from batchgen.engine.uploads import Uploader
 from batchgen.results.status import collect
+from batchgen.store.open import open_store
 from batchgen.store.sqlite import RequestRecord, Store
 from tests.emulator_fixtures import API_KEY, FAST_TIME_SCALE, EmulatorFactory
 from tests.run_support import check_outputs, db_of, json_events, prompts, run, write_job
@@ -148,6 +149,27 @@ async def test_every_call_failing_past_the_patience_stops_resumably(
     assert status["failed"] == 0 and status["pending"] + status["in_flight"] == 12
     assert down.stats()["tasks_created"] == 0
     # The service is back: the next run completes the job.
+    up = await emulator_factory()
+    assert await run(manifest, up.base_url) == 0
+    assert check_outputs(manifest)["states"] == {"done": 12}
+
+
+async def test_submits_that_never_reached_the_api_are_not_left_in_flight(
+        tmp_path: Path, emulator_factory: EmulatorFactory) -> None:
+    """Every submit answered 429 until the patience runs out: no task exists, so when the run stops the
+    attempts waiting at the limiter or answered 429 go back to pending, unused, and reserve nothing."""
+    storm = await emulator_factory(faults={"submit": {"http_429": 1.0}, "retry_after_s": 1})
+    manifest = write_job(tmp_path, prompts(12), run={"max_attempts": 2, "patience": "2m"})
+    assert await run(manifest, storm.base_url) == 3
+    assert storm.stats()["tasks_created"] == 0
+    with open_store(db_of(manifest)) as store:
+        attempts_used = max(r.attempts for r in store.iter_requests(with_history=False))
+    # A send that had just left the limiter when the run stopped may have reached the server: that one (at
+    # most one, at this rate) rightly stays `sending` for the next run to send again with its key.
+    status = collect(db_of(manifest))
+    assert status["in_flight"] <= 1 and status["pending"] == 12 - status["in_flight"]
+    assert status["credits"]["reserved"] <= 0.5 * status["in_flight"]
+    assert attempts_used <= 1  # nothing was charged to max_attempts for calls the API never took
     up = await emulator_factory()
     assert await run(manifest, up.base_url) == 0
     assert check_outputs(manifest)["states"] == {"done": 12}

@@ -32,7 +32,7 @@ import json
 import logging
 import mimetypes
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Literal
@@ -140,15 +140,18 @@ class EvolinkClient:
 
     # --- generation API ---------------------------------------------------------------------------
 
-    async def submit(self, body: dict[str, Any], idempotency_key: str | None = None) -> TaskSnapshot:
+    async def submit(self, body: dict[str, Any], idempotency_key: str | None = None, *,
+                     on_wire: Callable[[], None] | None = None) -> TaskSnapshot:
         """POST /v1/images/generations. With an `idempotency_key`, a resubmit of the same body returns the
-        original task (`replayed=True`) instead of paying twice."""
+        original task (`replayed=True`) instead of paying twice. `on_wire` is called when the call leaves
+        the limiter for the network: from then on the server may create the task, even if no answer comes."""
         headers: dict[str, str] = {}
         if idempotency_key is not None:
             if not _IDEMPOTENCY_KEY_RE.match(idempotency_key):
                 raise ValueError("idempotency key must be 16-96 characters of [A-Za-z0-9._-]")
             headers["Idempotency-Key"] = idempotency_key
-        resp = await self._call("api", "POST", "/v1/images/generations", json_body=body, headers=headers)
+        resp = await self._call("api", "POST", "/v1/images/generations", json_body=body, headers=headers,
+                                on_wire=on_wire)
         replayed = (resp.headers.get("Idempotency-Replayed") or "").strip().lower() == "true"
         return TaskSnapshot.from_json(resp.json_object(), replayed=replayed, request_id=resp.request_id)
 
@@ -326,6 +329,7 @@ class EvolinkClient:
         form: aiohttp.FormData | None = None,
         headers: Mapping[str, str] | None = None,
         lane: Lane | None = "submit",
+        on_wire: Callable[[], None] | None = None,
     ) -> _Response:
         """Send one API call and return its 2xx answer, or raise the mapped error.
 
@@ -347,6 +351,8 @@ class EvolinkClient:
             data = form
         if self.limiter is not None and lane is not None:  # None: the caller took the turn already
             await self.limiter.acquire(lane)
+        if on_wire is not None:
+            on_wire()
         try:
             async with session.request(method, base + path, data=data, headers=send_headers) as resp:
                 body = await resp.read()

@@ -75,3 +75,4 @@ class Tracked:
     resumed: bool = False  # loaded from the store at start (not submitted by this run)
     key: PooledKey | None = None  # with a key pool: the key it was sent with (polls and fetches use it)
     unanswered: bool = False  # a send of it went unanswered (timeout, drop, 5xx): the task may exist
+    on_wire: bool = False  # a send of it left the limiter and has not been answered yet (it may exist)

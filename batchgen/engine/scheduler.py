@@ -45,6 +45,7 @@ between awaits, so a cancellation can never interrupt one.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import random
 import time
@@ -227,11 +228,17 @@ class Scheduler:
                 t.cancel()
             await asyncio.gather(*self._tasks, return_exceptions=True)
             self.submits.close()  # answers of the last turn: their task ids go to disk too
+            self._release_unsent()
             self.downloads.close()  # and images already in place
             del workers
         if self._crash is not None:
             raise self._crash
         return self._result()
+
+    def _release_unsent(self) -> None:
+        # Not written (a full disk): they stay `sending`, and the next run sends them with the same key.
+        with contextlib.suppress(LocalFaultError):
+            self.submits.release_unsent()
 
     def _result(self) -> RunResult:
         c = self.counters

@@ -77,6 +77,24 @@ class Submissions:
             self._flush_handle.cancel()
             self.flush_answered()
 
+    def release_unsent(self) -> int:
+        """At the end of the run: the attempts that never reached the API go back to pending, unused.
+
+        They were still waiting at the limiter when the run stopped, or every send was answered with a
+        429 or never connected, so no task exists: left `sending`, status would count them in flight with
+        their credits reserved until the next run. An attempt that may have reached the API (a send
+        unanswered or cut off by the stop, or loaded from an earlier run) stays `sending`, for the next run
+        to send again with the same idempotency key."""
+        unsent = [t for t in self.tracked.values()
+                  if t.task_id is None and not (t.on_wire or t.unanswered or t.resumed)]
+        if not unsent:
+            return 0
+        self.store.record_outcomes([Outcome(t.attempt_id, t.req.key, "requeue", not_before=time.time(),
+                                            consume_attempt=False) for t in unsent])
+        for t in unsent:
+            self.host.finish_tracking(t)
+        return len(unsent)
+
     async def claimer(self) -> None:
         assert self._loop is not None
         loop = self._loop
@@ -248,9 +266,13 @@ class Submissions:
                 self.host.spawn(self._send(t), name="call")
 
     async def _send(self, t: Tracked) -> None:
+        def on_wire() -> None:
+            t.on_wire = True
+
         try:
-            snap = await self.host.client_for(t).submit(t.body, idempotency_key=t.idempotency_key)
+            snap = await self.host.client_for(t).submit(t.body, idempotency_key=t.idempotency_key, on_wire=on_wire)
         except ApiError as error:
+            t.on_wire = False  # answered (a timeout or a 5xx sets `unanswered`, kept for good)
             self._submit_failed(t, error)
             return
         self.host.api_health.ok()
