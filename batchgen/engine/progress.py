@@ -142,12 +142,16 @@ class Progress:
             return
         self._clear()
         c = summary
+        # The first line is the job, the second this run only: the job's credits go with the job's counts.
+        reserved = (f", {credits_text(c['credits_reserved'])} reserved by tasks in flight"
+                    if c["credits_reserved"] else "")
         lines = [
             f"batchgen: {c['outcome']} — {c['done']}/{c['total']} done, {c['failed']} failed, "
-            f"{c['pending']} pending, {c['in_flight']} in flight",
+            f"{c['pending']} pending, {c['in_flight']} in flight; "
+            f"job total {credits_text(c['credits_used'])} credits used{reserved}",
             f"  this run: {c['submitted']} submitted, {plural(c['images_saved'], 'image')} saved, "
             f"{plural(c['polls'], 'poll call')}, {c['elapsed_s']:.1f}s; "
-            f"credits used {credits_text(c['credits_used'])}, reserved {credits_text(c['credits_reserved'])}",
+            f"credits used {credits_text(c['run_credits_used'])}",
         ]
         if c.get("effective_rate") is not None:
             lines.append(f"  {rate_text(c)}")
