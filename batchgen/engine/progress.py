@@ -10,7 +10,8 @@ request and keeps `Counters` up to date; this module decides what to print.
   `downloaded`, `done`, `requeued`, `failed`, `left`, `stopping`, `warning`, ...), each with `event`, `t`
   (epoch seconds) and the request `key` where there is one; a `rate` event (the limiter's `snapshot()`:
   `configured_rate`, `ceiling`, `effective_rate`, `learned_limit`, `throttles`, `burst`) at most once a
-  second when any of it changed; then a final `summary` event (which carries the same keys);
+  second when any of it changed; then a final `summary` event (which carries the same keys;
+  `credits_used`/`credits_reserved` are the job's, `run_credits_used` this run's: docs/run-engine.md);
 * anything else (cron, a pipe): a plain progress line every `PLAIN_EVERY_S` seconds, warnings as they come.
 
 A summary ends every run in every mode. Nothing here ever sees the API key.
