@@ -48,6 +48,19 @@ def test_a_one_request_run_reads_in_the_singular_with_a_plain_balance(tmp_path: 
     assert "wrote 1 row to" in exported.output
 
 
+def test_the_run_summary_says_what_this_run_spent_and_the_job_total_apart(tmp_path: Path) -> None:
+    """A second run with nothing to do spent nothing: "this run" used to show the job's total (1.5 here)."""
+    manifest = write_job(tmp_path, prompts(3))  # z-image-turbo: 0.5 credits each
+    first = CliRunner().invoke(main, ["run", str(manifest), "--emulator"])
+    assert first.exit_code == 0, first.output
+    assert "0 in flight; job total 1.5 credits used\n" in first.output
+    assert "this run: 3 submitted, 3 images saved, " in first.output and "s; credits used 1.5\n" in first.output
+    again = CliRunner().invoke(main, ["run", str(manifest), "--emulator"])
+    assert again.exit_code == 0, again.output
+    assert "0 in flight; job total 1.5 credits used\n" in again.output
+    assert "this run: 0 submitted, 0 images saved, " in again.output and "s; credits used 0\n" in again.output
+
+
 def test_several_keys_balance_reads_plainly_and_json_keeps_numbers(tmp_path: Path) -> None:
     manifest = write_job(tmp_path, prompts(2))
     ran = CliRunner().invoke(main, ["run", str(manifest), "--emulator"], env={"EVOLINK_API_KEYS": "sk-a,sk-b"})
@@ -77,8 +90,9 @@ def test_the_run_summary_and_status_text_pluralise_and_print_credits_plainly() -
     Progress("plain", Counters(), out=out, err=io.StringIO()).summary({
         "outcome": "finished", "done": 1, "total": 1, "failed": 0, "pending": 0, "in_flight": 0, "submitted": 1,
         "images_saved": 1, "polls": 1, "elapsed_s": 1.0, "credits_used": 2000020.0, "credits_reserved": 1e6,
-        "message": "finished"})
-    assert "1 submitted, 1 image saved, 1 poll call, 1.0s; credits used 2,000,020, reserved 1,000,000" in out.getvalue()
+        "run_credits_used": 1500000.0, "message": "finished"})
+    assert "0 in flight; job total 2,000,020 credits used, 1,000,000 reserved by tasks in flight\n" in out.getvalue()
+    assert "1 submitted, 1 image saved, 1 poll call, 1.0s; credits used 1,500,000\n" in out.getvalue()
     text = render_text({
         "job": "j", "total": 3, "done": 1, "failed": 0, "pending": 1, "in_flight": 1, "waiting_retry": 0,
         "credits": {"used": 2000020.0, "reserved": 1e6, "estimated_remaining": 1.5e6}, "images": 1,

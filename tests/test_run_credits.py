@@ -1,6 +1,6 @@
 """One key's account: running out of credits (a 402 on a submit stops new submissions, the tasks already paid
 for finish and download, nothing is left open or used up, and after a top-up the job resumes with nothing
-paid twice), and the key's state and balance as status shows them."""
+paid twice), the key's state and balance as status shows them, and what each run's summary says it spent."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import pytest
 
 from batchgen import catalog
 from batchgen.results.status import collect
+from batchgen.store.open import open_store
 from batchgen.store.sqlite import Store
 from tests.emulator_fixtures import API_KEY, EmulatorFactory
 from tests.run_support import MODEL, check_outputs, db_of, json_events, prompts, run, write_job
@@ -54,3 +55,42 @@ async def test_the_only_keys_state_and_balance_are_recorded_for_status(
     assert await run(manifest, emu.base_url) == 3
     [key] = collect(db_of(manifest))["keys"]
     assert key["state"] == "revoked" and key["reason"]
+
+
+@pytest.mark.usefixtures("store_backend")
+async def test_a_second_run_with_nothing_to_do_reports_no_credits_spent(
+        tmp_path: Path, emulator_factory: EmulatorFactory, capsys: pytest.CaptureFixture[str]) -> None:
+    """The summary's `run_credits_used` is what this run was charged; `credits_used` stays the job's total
+    (before, nothing said what the run itself spent, and the text put the job's total under "this run")."""
+    price = catalog.get(MODEL).credits_for(1)  # type: ignore[union-attr]
+    emu = await emulator_factory()
+    manifest = write_job(tmp_path, prompts(4))
+    assert await run(manifest, emu.base_url) == 0
+    first = json_events(capsys.readouterr().out)[-1]
+    assert (first["run_credits_used"], first["credits_used"]) == (price * 4, price * 4)
+    assert await run(manifest, emu.base_url) == 0
+    second = json_events(capsys.readouterr().out)[-1]
+    assert second["submitted"] == 0 and second["run_credits_used"] == 0, second
+    assert second["credits_used"] == price * 4  # the job's total, as before
+
+
+@pytest.mark.usefixtures("store_backend")
+async def test_a_run_after_a_partial_one_reports_only_its_own_spend(
+        tmp_path: Path, emulator_factory: EmulatorFactory, capsys: pytest.CaptureFixture[str]) -> None:
+    """A run stopped by the credit cap, then one that finishes the job: each reports what it was charged,
+    and the two add up to the job's total as the store records it."""
+    price = catalog.get(MODEL).credits_for(1)  # type: ignore[union-attr]
+    emu = await emulator_factory()
+    manifest = write_job(tmp_path, prompts(10), run={"concurrency": 2})
+    assert await run(manifest, emu.base_url, max_credits=price * 3.5) == 3
+    first = json_events(capsys.readouterr().out)[-1]
+    with open_store(db_of(manifest)) as store:
+        done_first = store.counts()["done"]
+    assert 1 <= done_first < 10 and first["run_credits_used"] == pytest.approx(price * done_first), first
+    assert await run(manifest, emu.base_url) == 0
+    second = json_events(capsys.readouterr().out)[-1]
+    with open_store(db_of(manifest)) as store:
+        job_used = store.credit_totals().used
+    assert job_used == pytest.approx(price * 10) and second["credits_used"] == pytest.approx(job_used)
+    assert second["run_credits_used"] == pytest.approx(price * (10 - done_first)), second
+    assert first["run_credits_used"] + second["run_credits_used"] == pytest.approx(job_used)

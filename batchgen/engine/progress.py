@@ -10,7 +10,8 @@ request and keeps `Counters` up to date; this module decides what to print.
   `downloaded`, `done`, `requeued`, `failed`, `left`, `stopping`, `warning`, ...), each with `event`, `t`
   (epoch seconds) and the request `key` where there is one; a `rate` event (the limiter's `snapshot()`:
   `configured_rate`, `ceiling`, `effective_rate`, `learned_limit`, `throttles`, `burst`) at most once a
-  second when any of it changed; then a final `summary` event (which carries the same keys);
+  second when any of it changed; then a final `summary` event (which carries the same keys;
+  `credits_used`/`credits_reserved` are the job's, `run_credits_used` this run's: docs/run-engine.md);
 * anything else (cron, a pipe): a plain progress line every `PLAIN_EVERY_S` seconds, warnings as they come.
 
 A summary ends every run in every mode. Nothing here ever sees the API key.
@@ -142,12 +143,16 @@ class Progress:
             return
         self._clear()
         c = summary
+        # The first line is the job, the second this run only: the job's credits go with the job's counts.
+        reserved = (f", {credits_text(c['credits_reserved'])} reserved by tasks in flight"
+                    if c["credits_reserved"] else "")
         lines = [
             f"batchgen: {c['outcome']} — {c['done']}/{c['total']} done, {c['failed']} failed, "
-            f"{c['pending']} pending, {c['in_flight']} in flight",
+            f"{c['pending']} pending, {c['in_flight']} in flight; "
+            f"job total {credits_text(c['credits_used'])} credits used{reserved}",
             f"  this run: {c['submitted']} submitted, {plural(c['images_saved'], 'image')} saved, "
             f"{plural(c['polls'], 'poll call')}, {c['elapsed_s']:.1f}s; "
-            f"credits used {credits_text(c['credits_used'])}, reserved {credits_text(c['credits_reserved'])}",
+            f"credits used {credits_text(c['run_credits_used'])}",
         ]
         if c.get("effective_rate") is not None:
             lines.append(f"  {rate_text(c)}")

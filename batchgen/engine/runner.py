@@ -354,7 +354,9 @@ def _finish(store: Store, scheduler: Scheduler, reason: StopReason, message: str
         "pending": counts["pending"], "in_flight": counts["submitted"] + counts["completed"],
         "submitted": c.submitted, "replayed": c.replayed, "polls": c.polls, "tasks_polled": c.tasks_polled,
         "requeued": c.requeued, "left": c.left, "images_saved": c.images, "images": images,
+        # `credits_used`/`credits_reserved` are the job's (scripts read them so); `run_credits_used` is this run's.
         "credits_used": round(totals.used, 4), "credits_reserved": round(totals.reserved, 4),
+        "run_credits_used": round(c.run_credits_used, 4),
         "elapsed_s": round(elapsed_s, 3),
     }
     return code, summary

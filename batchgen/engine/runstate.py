@@ -45,8 +45,11 @@ class Counters:
     requeued: int = 0
     left: int = 0  # tasks left past max_wait for the next run
     call_failures: int = 0  # failed calls retried in place (429, 5xx, timeouts, drops), all services
-    credits_reserved: float = 0.0
-    credits_used: float = 0.0
+    credits_reserved: float = 0.0  # the job's: tasks in flight (the credit cap counts every run's)
+    credits_used: float = 0.0  # the job's: finished tasks of every run
+    # Charged for the tasks this run saw finish, whichever run sent them: a killed run never reports its
+    # tasks, so counting where the charge is final makes the runs' figures add up to the job's total.
+    run_credits_used: float = 0.0
     done_this_run: int = 0
     started: float = 0.0  # loop time
 

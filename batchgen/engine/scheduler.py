@@ -563,6 +563,7 @@ class Scheduler:
         """Final task snapshots: decide, commit them in one transaction, then act."""
         outcomes: list[Outcome] = []
         after: list[Callable[[], None]] = []
+        charged = 0.0
         for t, snap in finals:
             self.finish_tracking(t)
             if snap.status == "completed" and snap.results:
@@ -570,6 +571,7 @@ class Scheduler:
                 outcomes.append(Outcome(t.attempt_id, t.req.key, "completed", result_urls=snap.results,
                                         credits_reserved=snap.credits_reserved, credits_used=used))
                 self.counters.credits_used += used
+                charged += used
                 t.result_urls = snap.results
                 self.failures.succeeded()
                 after.append(functools.partial(self._completed, t, snap))
@@ -581,6 +583,8 @@ class Scheduler:
             outcomes.append(outcome)
             after.append(then)
         self.store.record_outcomes(outcomes)
+        # Counted once committed: a write that fails leaves the tasks open, and the next run records them.
+        self.counters.run_credits_used += charged
         for fn in after:
             fn()
 
