@@ -382,14 +382,17 @@ def report(manifest: str | None, db: str | None, job: str | None, output: str | 
       batchgen report examples/catalogue.yaml -o report.html
     """
     from batchgen.results.report import LINK_LIFETIME_S, links_are_presigned, write_report
+    from batchgen.storage.atomicfile import is_special
 
     target, job = _resolve_db(manifest, db, job)
     report_to = (output if output.startswith("s3://") else Path(output)) if output else None
+    # A report into /dev/stdout or a pipe: our lines must not end up after its </html>.
+    to_stderr = report_to is not None and is_special(report_to)
     path, tiles = write_report(target, report_to, job_name=job)
-    click.echo(f"wrote {path} ({plural(tiles, 'tile')})")
+    click.echo(f"wrote {path} ({plural(tiles, 'tile')})", err=to_stderr)
     if links_are_presigned(target, report_to, job):
         click.echo(f"its links to the images in the bucket are presigned URLs valid for {LINK_LIFETIME_S // 86400} "
-                   "days; the thumbnails are local files beside it")
+                   "days; the thumbnails are local files beside it", err=to_stderr)
 
 
 @main.command()

@@ -1,6 +1,7 @@
 """The export and the provenance index: rows joined to the item's own columns, one per image (or request),
-failed requests included, formula cells neutralised in CSV but not in JSONL, atomic files, the files every
-run leaves in its output folder, and a provenance record that is enough to regenerate its image."""
+failed requests included, formula cells neutralised in CSV but not in JSONL, atomic files (written through
+a symlink, straight into a pipe or device, a clear error for a path that cannot be created), the files
+every run leaves in its output folder, and a provenance record that is enough to regenerate its image."""
 
 from __future__ import annotations
 
@@ -8,7 +9,10 @@ import csv
 import hashlib
 import io
 import json
+import os
 import shutil
+import stat
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -267,3 +271,63 @@ def test_field_names_come_in_first_seen_order(job: Job) -> None:
     # Each request's metadata is stored with sorted keys; fields first seen in later requests would follow.
     assert items == ["colour", "name", "sku"]
     assert variants == ["style"]
+
+
+# --- where -o points: a link, a pipe, a device, a path that cannot be created ---------------------------------
+
+
+def test_a_symlinked_target_is_written_through_and_the_link_stays(job: Job, tmp_path: Path) -> None:
+    real = tmp_path / "real.csv"
+    real.write_text("previous\n")
+    link = tmp_path / "link.csv"
+    link.symlink_to("real.csv")  # relative, as `ln -s real.csv link.csv` makes it
+    assert export_results(job.db, output=link) == TILES
+    assert link.is_symlink() and os.readlink(link) == "real.csv"
+    assert len(read_csv(real)) == TILES
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["link.csv", "real.csv"]  # no temporary file left
+
+
+def test_a_fifo_target_is_written_into_for_its_reader(job: Job, tmp_path: Path) -> None:
+    fifo = tmp_path / "pipe.csv"
+    os.mkfifo(fifo)
+    got: list[str] = []
+    # A daemon: renamed over, the FIFO would never get a writer and its reader would wait forever.
+    reader = threading.Thread(target=lambda: got.append(fifo.read_text(encoding="utf-8")), daemon=True)
+    reader.start()
+    assert export_results(job.db, output=fifo) == TILES
+    reader.join(timeout=10)
+    assert stat.S_ISFIFO(os.stat(fifo).st_mode)
+    assert got and len(list(csv.DictReader(io.StringIO(got[0], newline="")))) == TILES
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["pipe.csv"]
+
+
+def test_dev_null_is_written_into_and_stays_a_device(job: Job) -> None:
+    assert export_results(job.db, output=Path(os.devnull)) == TILES
+    assert stat.S_ISCHR(os.stat(os.devnull).st_mode)
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="/dev/full is Linux's")
+def test_a_full_device_is_a_clear_fault_and_stays_a_device(job: Job) -> None:
+    result = CliRunner().invoke(main, ["export", "--db", str(job.db), "-o", "/dev/full"])
+    assert result.exit_code == 3, result.output
+    assert result.output == "error: cannot write the export /dev/full: no space left on the device\n"
+    assert stat.S_ISCHR(os.stat("/dev/full").st_mode)
+
+
+@pytest.mark.parametrize("command", ["export", "report"])  # the report is written by the same function
+def test_an_output_under_a_file_is_bad_input_and_leaves_nothing(
+        job: Job, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, command: str) -> None:
+    monkeypatch.chdir(tmp_path)
+    Path("ok.csv").write_text("x\n")
+    result = CliRunner().invoke(main, [command, "--db", str(job.db), "-o", "ok.csv/x.out"])
+    assert result.exit_code == 2, result.output
+    assert result.output == f"error: cannot write the {command} ok.csv/x.out: ok.csv is a file, not a folder\n"
+    assert [p.name for p in tmp_path.rglob("*")] == ["ok.csv"]  # no .part file, no thumbs/
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="needs Linux's /proc")
+@pytest.mark.parametrize("command", ["export", "report"])
+def test_an_output_in_a_folder_that_takes_no_files_is_bad_input(job: Job, command: str) -> None:
+    result = CliRunner().invoke(main, [command, "--db", str(job.db), "-o", "/proc/x.out"])
+    assert result.exit_code == 2, result.output
+    assert result.output == f"error: cannot write the {command} /proc/x.out: /proc does not accept new files\n"

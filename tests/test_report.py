@@ -1,19 +1,24 @@
 """The HTML report without a browser: tiles match the export, every untrusted value is escaped (checked by
 parsing the page, not by searching strings), thumbnails exist and link to the full images, failures show
 their code and message, checks and review states are shown, missing or broken images do not stop the
-report, and the page stays small."""
+report, the page stays small, and a report into a pipe or device is the default report's page."""
 
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
+import stat
+import threading
 from html.parser import HTMLParser
 from pathlib import Path
 
 import pytest
+from click.testing import CliRunner
 from PIL import Image
 
+from batchgen.cli import main
 from batchgen.results.export import export_results
 from batchgen.results.render import THUMB_PX, asset, environment, fit, script_json
 from batchgen.results.report import REPORT_NAME, write_report
@@ -186,3 +191,35 @@ def test_page_size_per_tile_stays_small(report: tuple[Path, int]) -> None:
     page_bytes = path.stat().st_size
     fixed = len(asset("sheet.css")) + len(asset("sheet.js")) + 4000  # CSS, script, header, lightbox
     assert (page_bytes - fixed) / tiles < 1000, page_bytes
+
+
+# --- a report into a pipe or a device ---------------------------------------------------------------------
+
+
+def test_a_report_into_a_fifo_is_the_default_reports_page(job: Job, tmp_path: Path) -> None:
+    fifo = tmp_path / "pipe.html"
+    os.mkfifo(fifo)
+    got: list[str] = []
+    # A daemon: renamed over, the FIFO would never get a writer and its reader would wait forever.
+    reader = threading.Thread(target=lambda: got.append(fifo.read_text(encoding="utf-8")), daemon=True)
+    reader.start()
+    result = CliRunner().invoke(main, ["report", "--db", str(job.db), "-o", str(fifo)])
+    reader.join(timeout=10)
+    assert result.exit_code == 0, result.output
+    assert result.stdout == "" and f"wrote {fifo} ({TILES} tiles)" in result.stderr  # stdout may be the page
+    assert stat.S_ISFIFO(os.stat(fifo).st_mode)
+    assert got and got[0].rstrip().endswith("</html>")
+    # A pipe has no folder of its own: the page links to thumbnails and images in the output folder.
+    page = Page()
+    page.feed(got[0])
+    srcs = [a["src"] or "" for t, a in page.tags if t == "img" and a.get("id") != "lb-img"]
+    assert len(srcs) == IMAGES and all((job.out_dir / src).is_file() for src in srcs)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["pipe.html"]
+
+
+def test_a_report_into_dev_null_leaves_the_device_and_its_folder_alone(job: Job) -> None:
+    thumbs_before = os.path.exists("/dev/thumbs")
+    result = CliRunner().invoke(main, ["report", "--db", str(job.db), "-o", os.devnull])
+    assert result.exit_code == 0, result.output
+    assert stat.S_ISCHR(os.stat(os.devnull).st_mode)
+    assert os.path.exists("/dev/thumbs") == thumbs_before  # no thumbnails beside a device

@@ -14,7 +14,8 @@ CSV cells a spreadsheet would run as a formula (leading `=`, `+`, `-`, `@`, tab,
 `'` (`neutralise_cell`): a prompt or an item name is untrusted text, and `=HYPERLINK(...)` in a shop
 export is a known attack. JSONL carries the values unmodified (JSON readers do not evaluate them).
 
-Rows stream from the store in chunks; a file target is written atomically (`atomicfile.atomic_text`).
+Rows stream from the store in chunks; a file target is written atomically, a pipe or device straight into
+(`atomicfile.open_output`).
 `write_run_files` is what the runner calls at the end of every run: `results.csv` and the provenance
 index (`provenance.py`) in the output folder, or under the bucket's prefix (through the job's `Storage`).
 """
@@ -30,7 +31,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from batchgen.errors import BatchgenError, ConfigError
-from batchgen.storage.atomicfile import atomic_text
+from batchgen.storage.atomicfile import open_output
 from batchgen.storage.base import Storage
 from batchgen.store.base import BaseStore
 from batchgen.store.open import open_store
@@ -258,8 +259,8 @@ def write_rows(fh: IO[str], fmt: str, columns: Columns, rows: Iterable[dict[str,
 
 def export_results(db_path: Path | str, *, fmt: str = "csv", output: Path | None = None, per_request: bool = False,
                    job: str | None = None) -> int:
-    """Export the job in `db_path` (a path or a postgresql:// URL with `job`) to `output` (atomically) or
-    stdout; returns the number of rows."""
+    """Export the job in `db_path` (a path or a postgresql:// URL with `job`) to `output` (atomically, unless
+    it is a pipe or device) or stdout; returns the number of rows."""
     if fmt not in FORMATS:
         raise ConfigError(f'unknown export format "{fmt}"; use one of {", ".join(FORMATS)}')
     with open_store(db_path, job) as store:
@@ -267,7 +268,7 @@ def export_results(db_path: Path | str, *, fmt: str = "csv", output: Path | None
         rows = iter_rows(store, columns, per_request=per_request)
         if output is None:
             return write_rows(sys.stdout, fmt, columns, rows)
-        with atomic_text(Path(output), newline="" if fmt == "csv" else None) as fh:
+        with open_output(Path(output), newline="" if fmt == "csv" else None, what="cannot write the export") as fh:
             return write_rows(fh, fmt, columns, rows)
 
 

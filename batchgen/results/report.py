@@ -46,6 +46,7 @@ from PIL import Image, ImageOps
 from batchgen.errors import ConfigError
 from batchgen.results.render import THUMB_PX, render_sheet
 from batchgen.results.sheet import Tile, gather
+from batchgen.storage.atomicfile import is_special, open_output
 from batchgen.storage.base import Storage
 from batchgen.storage.local import LocalStorage
 from batchgen.storage.location import STORAGE_META, is_bucket_url, open_storage, storage_for_job
@@ -171,8 +172,8 @@ def links_are_presigned(db_path: Path | str, output: Path | str | None, job_name
     LINK_LIFETIME_S): the images are in a bucket and the report is not in that bucket."""
     with open_store(db_path, job_name) as store:
         location = str((store.job_record() or {}).get("output_dir") or "")
-    if not is_bucket_url(location) or output is None:
-        return False
+    if not is_bucket_url(location) or output is None or is_special(str(output)):
+        return False  # a pipe or device gets the default report's page (write_report)
     return not (is_bucket_url(str(output)) and _bucket_key(str(output))[0] == _bucket_key(location)[0])
 
 
@@ -186,6 +187,7 @@ def write_report(db_path: Path | str, output: Path | str | None = None, *, out_d
     with open_store(db_path, job_name) as store, contextlib.ExitStack() as stack:
         db_name = Path(str(store.location)).name  # a shared store's URL carries no password here
         images = stack.enter_context(storage_for_job(store, str(Path(out_dir).resolve()) if out_dir else None))
+        page_to: Path | None = None  # a local file named by the user, written by open_output
         if output is None:
             report, name = images, REPORT_NAME
             shown: Path | str = images.path(REPORT_NAME) if isinstance(images, LocalStorage) else \
@@ -197,8 +199,11 @@ def write_report(db_path: Path | str, output: Path | str | None = None, *, out_d
                                                       region=settings.get("region")))
             shown = report.describe(name)
         else:
-            path = Path(output).resolve()
-            report, name, shown = LocalStorage(path.parent), path.name, Path(output)
+            page_to = shown = Path(output)
+            # A pipe or a device (/dev/stdout) has no folder to hold thumbnails: its page links as the default
+            # report's does, to thumbnails in the output folder or bucket. realpath: a link loop is reported
+            # by open_output, not raised here.
+            report = images if is_special(page_to) else LocalStorage(Path(os.path.realpath(page_to)).parent)
         sheet = gather(store, images)
         with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 2)) as pool:
             links = ImageLinks(images, report, pool)
@@ -211,7 +216,8 @@ def write_report(db_path: Path | str, output: Path | str | None = None, *, out_d
 
             page = render_sheet(sheet, mode="report", db_name=db_name, thumb_url=thumb_url,
                                 full_url=full_url)
-            with report.open_text(name) as fh:
+            with (open_output(page_to, what="cannot write the report") if page_to is not None
+                  else report.open_text(name)) as fh:
                 fh.write(page)
             links.wait()
     return shown, sheet.tiles

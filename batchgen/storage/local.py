@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import IO
 
 from batchgen.errors import LocalFaultError
-from batchgen.storage.atomicfile import atomic_text
+from batchgen.storage.atomicfile import open_output
 from batchgen.storage.base import Storage
 from batchgen.storage.outputs import ImageInfo, inspect_image
 
@@ -170,7 +170,7 @@ class LocalStorage(Storage):
         return True
 
     def open_text(self, rel: str, *, newline: str | None = None) -> contextlib.AbstractContextManager[IO[str]]:
-        return atomic_text(self.path(rel), newline=newline)
+        return open_output(self.path(rel), newline=newline)
 
     def link(self, rel: str, expires_s: int) -> str:
         return self.path(rel).as_uri()
