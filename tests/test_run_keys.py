@@ -235,3 +235,23 @@ async def test_a_resumed_run_without_the_key_leaves_its_tasks(
     assert check_outputs(manifest)["states"] == {"done": 30}
     assert max(tasks_per_request(emu.tasks()).values()) == 1 and len(emu.tasks()) == 30
     assert KEYS[1] not in out
+
+
+async def test_the_credit_cap_counts_a_revoked_keys_tasks_in_flight(
+        tmp_path: Path, emulator_factory: EmulatorFactory, capsys: pytest.CaptureFixture[str]) -> None:
+    # The third key is revoked after its 10th task, with those tasks still running: the account still
+    # finishes and charges them, so the cap must go on counting them after the key leaves the pool.
+    emu = await emulator_factory(latency_s=20.0, accounts=[
+        {"api_key": KEYS[0], "rate_limit": 20}, {"api_key": KEYS[1], "rate_limit": 20},
+        {"api_key": KEYS[2], "rate_limit": 20, "revoke_after_submits": 10}])
+    manifest = write_job(tmp_path, prompts(120), run={"rate": "20/s", "concurrency": 60})
+    cap = 50.0
+    code = await run(manifest, emu.base_url, api_keys=",".join(KEYS), max_credits=cap)
+    events = json_events(capsys.readouterr().out)
+    assert code == 3
+    assert {e["key"]: e["state"] for e in events if e["event"] == "key_failed"} == {
+        fingerprint(KEYS[2]): "revoked"}
+    emu.advance(3600)  # the revoked key's tasks finish on the account, and are charged there
+    charged = emu.stats()["credits_charged"]
+    assert charged <= cap + 1e-9, charged
+    assert collect(db_of(manifest))["credits"]["spent"] <= cap + 1e-9

@@ -80,9 +80,10 @@ class KeyUse:
                 f"key {key.name} {what}; it leaves the pool and the run goes on with {plural(others, 'other key')}"
                 if others else f"key {key.name} {what}; no key is left")})
             if state is KeyState.REVOKED:
-                # Its tasks cannot be polled any more: left open for a run where it works.
+                # Its tasks cannot be polled any more: left open for a run where it works. The account may
+                # still finish and charge them, so their credits stay reserved against the cap.
                 for t in host.tracked_of(key):
-                    host.finish_tracking(t)
+                    host.finish_tracking(t, still_open=True)
                     self.leave_open(t.req.key, key.name)
         if not self.pool.active:
             self.no_keys_left()
