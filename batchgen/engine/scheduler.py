@@ -241,7 +241,8 @@ class Scheduler:
         if self.keys.left_open:
             open_tasks = plural(len(self.keys.left_open), "task")
             return RunResult(StopReason.KEY_MISSING, f"{open_tasks} of keys this run does not have or that were "
-                             f"revoked ({self.keys.names()}) stay open for a run with those keys", c)
+                             f"revoked ({self.keys.names()}) stay open for a run with those keys"
+                             f"{self.keys.abandon_hint()}", c)
         if c.left:
             return RunResult(StopReason.RUNTIME, f"{plural(c.left, 'task')} still running after the maximum wait; "
                              "their task ids are kept and the next run polls them", c)
