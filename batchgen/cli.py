@@ -322,18 +322,33 @@ def status(manifest: str | None, db: str | None, job: str | None, as_json: bool)
 @_store_options
 @click.option("--code", "codes", multiple=True, help="Only requests that failed with this error code "
               "(repeatable).")
+@click.option("--abandon-tasks-of-key", "lost_keys", multiple=True, metavar="KEY",
+              help="Instead of failed requests: give up the tasks left open on this key (label or fingerprint, "
+              "as the run names it; repeatable), e.g. a revoked one, and requeue their requests for the next "
+              "run's keys. They may be paid for twice.")
 @_guarded
-def retry(manifest: str | None, db: str | None, job: str | None, codes: tuple[str, ...]) -> None:
+def retry(manifest: str | None, db: str | None, job: str | None, codes: tuple[str, ...],
+          lost_keys: tuple[str, ...]) -> None:
     """Requeue failed requests so the next `batchgen run` tries them again.
 
     \b
     Examples:
       batchgen retry examples/quickstart.yaml
       batchgen retry --db jobs/nightly.batchgen.db --code generation_timeout --code upstream_error
+      batchgen retry examples/quickstart.yaml --abandon-tasks-of-key team-c
     """
     from batchgen.store.open import open_store
 
+    if lost_keys and codes:
+        raise ConfigError("--abandon-tasks-of-key and --code do different things: run retry once for each")
     with open_store(*_resolve_db(manifest, db, job)) as store:
+        if lost_keys:
+            from batchgen.store.lost_tasks import abandon_tasks_of_keys
+
+            gave_up = abandon_tasks_of_keys(store, lost_keys)
+            click.echo(f"gave up {plural(gave_up.requeued, 'task')} of {', '.join(gave_up.keys)} (their task ids "
+                       "are kept) and requeued their requests; the next run submits them with its own keys")
+            return
         count = store.requeue_failed(list(codes) or None)
     click.echo(f"requeued {plural(count, 'failed request')}; run the job again to retry them")
 

@@ -21,8 +21,10 @@ from typing import Any
 
 import pytest
 import yaml
+from click.testing import CliRunner
 from PIL import Image
 
+from batchgen.cli import main
 from batchgen.emulator import Emulator
 from batchgen.engine.keyfile import fingerprint
 from batchgen.engine.ratelimit import AdaptiveLimiter
@@ -235,3 +237,69 @@ async def test_a_resumed_run_without_the_key_leaves_its_tasks(
     assert check_outputs(manifest)["states"] == {"done": 30}
     assert max(tasks_per_request(emu.tasks()).values()) == 1 and len(emu.tasks()) == 30
     assert KEYS[1] not in out
+
+
+async def test_the_credit_cap_counts_a_revoked_keys_tasks_in_flight(
+        tmp_path: Path, emulator_factory: EmulatorFactory, capsys: pytest.CaptureFixture[str]) -> None:
+    # The third key is revoked after its 10th task, with those tasks still running: the account still
+    # finishes and charges them, so the cap must go on counting them after the key leaves the pool.
+    emu = await emulator_factory(latency_s=20.0, accounts=[
+        {"api_key": KEYS[0], "rate_limit": 20}, {"api_key": KEYS[1], "rate_limit": 20},
+        {"api_key": KEYS[2], "rate_limit": 20, "revoke_after_submits": 10}])
+    manifest = write_job(tmp_path, prompts(120), run={"rate": "20/s", "concurrency": 60})
+    cap = 50.0
+    code = await run(manifest, emu.base_url, api_keys=",".join(KEYS), max_credits=cap)
+    events = json_events(capsys.readouterr().out)
+    assert code == 3
+    assert {e["key"]: e["state"] for e in events if e["event"] == "key_failed"} == {
+        fingerprint(KEYS[2]): "revoked"}
+    emu.advance(3600)  # the revoked key's tasks finish on the account, and are charged there
+    charged = emu.stats()["credits_charged"]
+    assert charged <= cap + 1e-9, charged
+    assert collect(db_of(manifest))["credits"]["spent"] <= cap + 1e-9
+
+
+async def test_a_revoked_keys_tasks_are_given_up_only_when_asked_and_then_finish_with_other_keys(
+        tmp_path: Path, emulator_factory: EmulatorFactory, capsys: pytest.CaptureFixture[str]) -> None:
+    emu = await emulator_factory(latency_s=20.0, accounts=[
+        {"api_key": KEYS[0], "rate_limit": 20}, {"api_key": KEYS[1], "rate_limit": 20},
+        {"api_key": KEYS[2], "rate_limit": 20, "revoke_after_submits": 8}])
+    path = keys_file(tmp_path, [f"{KEYS[0]} label=alpha", f"{KEYS[1]} label=bravo", f"{KEYS[2]} label=charlie"])
+    manifest = write_job(tmp_path, prompts(60), run={"rate": "20/s", "concurrency": 40})
+    assert await run(manifest, emu.base_url, keys_file=path) == 3
+    capsys.readouterr()
+    # Without the revoked key the run can only leave its tasks, every time, and says how to give them up.
+    code = await run(manifest, emu.base_url, api_keys=",".join(KEYS[:2]))
+    summary = json_events(capsys.readouterr().out)[-1]
+    assert code == 3 and summary["reason"] == "key_missing", summary
+    charlie = fingerprint(KEYS[2])
+    assert f"batchgen retry --abandon-tasks-of-key {charlie}" in summary["message"]
+    with Store(db_of(manifest)) as store:
+        stuck = {a.id: a.task_id for _, a in store.open_attempts() if a.key_fp == charlie}
+        spent_before = store.credit_totals().spent
+    assert len(stuck) == 8 and all(stuck.values())
+    # A plain retry does not touch them; a name that is no key of the job changes nothing.
+    cli = CliRunner()
+    assert "requeued 0 failed requests" in cli.invoke(main, ["retry", str(manifest)]).output
+    wrong = cli.invoke(main, ["retry", str(manifest), "--abandon-tasks-of-key", "delta"])
+    assert wrong.exit_code == 2 and "'delta' is no key of this job" in wrong.output and "charlie" in wrong.output
+    with Store(db_of(manifest)) as running:  # a run holds the job (it might be polling them): not now
+        running.runners.lock()
+        held = cli.invoke(main, ["retry", str(manifest), "--abandon-tasks-of-key", "charlie"])
+    assert held.exit_code == 3, held.output
+    # Asked by the label the first run gave it: abandoned with their task ids kept, and requeued.
+    gave_up = cli.invoke(main, ["retry", str(manifest), "--abandon-tasks-of-key", "charlie"])
+    assert gave_up.exit_code == 0 and "gave up 8 tasks of charlie" in gave_up.output, gave_up.output
+    with Store(db_of(manifest)) as store:
+        rows = {a.id: a for r in store.iter_requests() for a in r.attempt_rows if a.id in stuck}
+        assert store.counts()["submitted"] == 0
+        # What those tasks may have cost on charlie's account stays spent under --max-credits.
+        assert store.credit_totals().spent == pytest.approx(spent_before)
+    assert {i: a.task_id for i, a in rows.items()} == stuck
+    assert all(a.state == "abandoned" and a.error_code == "key_abandoned" for a in rows.values())
+    emu.advance(60)
+    assert await run(manifest, emu.base_url, api_keys=",".join(KEYS[:2])) == 0
+    assert check_outputs(manifest)["states"] == {"done": 60}
+    per_request = tasks_per_request(emu.tasks())
+    assert sorted(per_request.values()) == [1] * 52 + [2] * 8  # only the given-up ones were sent again
+    assert all(t["account"] != acct(KEYS[2]) for t in emu.tasks() if t["id"] not in stuck.values())

@@ -490,6 +490,31 @@ def test_key_states_keep_the_last_balance_and_count_what_was_sent_with_each_key(
         ]
 
 
+def test_abandoning_a_lost_keys_tasks_keeps_their_ids_and_cost_and_requeues_only_its_open_requests(
+        tmp_path: Path, open_db: OpenDb) -> None:
+    """`batchgen retry --abandon-tasks-of-key`: only `submitted` requests of that key; the task ids stay."""
+    m = FakeManifest(tmp_path, ["a", "b", "c", "d"])
+    with open_db() as store:
+        store.sync(m)
+        ka, kb, kc, kd = keys_of(m)
+        completed(store, [ka], key_fp="fp-lost")  # results known: downloaded without any key, left alone
+        ib, _, _ = store.start_attempts([NewAttempt(kb, 1, "z-image-turbo", 0.5, key_fp="fp-lost"),
+                                         NewAttempt(kc, 1, "z-image-turbo", 0.25, key_fp="fp-lost"),
+                                         NewAttempt(kd, 1, "z-image-turbo", 0.5, key_fp="fp-other")])
+        store.record_task(ib, "task-unified-1-lost0001", 0.5, replayed=False)  # c's answer never came
+        spent = store.credit_totals().spent
+        assert store.abandon_tasks_of([], "key_abandoned", "x") == 0
+        assert store.abandon_tasks_of(["fp-lost"], "key_abandoned", "given up") == 2
+        states = {r.key: r for r in store.iter_requests()}
+        assert [states[k].state for k in (ka, kb, kc, kd)] == [State.COMPLETED, State.PENDING, State.PENDING,
+                                                                State.SUBMITTED]
+        assert states[kb].attempts == 0 and states[kb].attempt_no == 1  # no attempt used; the next is a2
+        b = states[kb].attempt_rows[0]
+        assert (b.state, b.task_id, b.error_code) == ("abandoned", "task-unified-1-lost0001", "key_abandoned")
+        assert store.credit_totals().spent == pytest.approx(spent)  # what they may cost is still counted
+        assert store.abandon_tasks_of(["fp-lost"], "key_abandoned", "again") == 0
+
+
 def test_closing_a_sqlite_store_releases_its_run_lock(tmp_path: Path) -> None:
     """close() unlocks the runners ledger, so the next `batchgen run` in this process (or any) may start."""
     path = tmp_path / "s.db"

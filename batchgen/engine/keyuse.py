@@ -41,6 +41,16 @@ class KeyUse:
         """The key names of the tasks left open, each once: "team-a, 3f2a9c01b2d4"."""
         return ", ".join(dict.fromkeys(name or "no key recorded" for _, name in self.left_open))
 
+    def abandon_hint(self) -> str:
+        """How to give those tasks up when their key will never work again. Only ever a hint: submitting them
+        again may pay twice, so it is the user's choice (store/lost_tasks.py)."""
+        named = [name for name in dict.fromkeys(name for _, name in self.left_open) if name]
+        if not named:
+            return ""
+        flags = " ".join(f"--abandon-tasks-of-key {name}" for name in named)
+        return (f"; if a key will never work again, `batchgen retry {flags}` gives its tasks up and the next run "
+                "submits them with its own keys (paying for them again)")
+
     def assign(self, est: float, now: float) -> PooledKey | None:
         """With a key pool: the key the next submission goes out with, or None (and the run drains) when no
         key is left that can cover it. One key takes everything, as before (the API says 402 if it must)."""
@@ -80,9 +90,10 @@ class KeyUse:
                 f"key {key.name} {what}; it leaves the pool and the run goes on with {plural(others, 'other key')}"
                 if others else f"key {key.name} {what}; no key is left")})
             if state is KeyState.REVOKED:
-                # Its tasks cannot be polled any more: left open for a run where it works.
+                # Its tasks cannot be polled any more: left open for a run where it works. The account may
+                # still finish and charge them, so their credits stay reserved against the cap.
                 for t in host.tracked_of(key):
-                    host.finish_tracking(t)
+                    host.finish_tracking(t, still_open=True)
                     self.leave_open(t.req.key, key.name)
         if not self.pool.active:
             self.no_keys_left()

@@ -248,7 +248,8 @@ class Scheduler:
         if self.keys.left_open:
             open_tasks = plural(len(self.keys.left_open), "task")
             return RunResult(StopReason.KEY_MISSING, f"{open_tasks} of keys this run does not have or that were "
-                             f"revoked ({self.keys.names()}) stay open for a run with those keys", c)
+                             f"revoked ({self.keys.names()}) stay open for a run with those keys"
+                             f"{self.keys.abandon_hint()}", c)
         if c.left:
             return RunResult(StopReason.RUNTIME, f"{plural(c.left, 'task')} still running after the maximum wait; "
                              "their task ids are kept and the next run polls them", c)
@@ -541,7 +542,7 @@ class Scheduler:
             self._task_failed(t, "generation_timeout",
                               f"task {t.task_id} gave no result within {2 * self.cfg.max_wait_s:g}s; submitting again")
             return
-        self.finish_tracking(t)
+        self.finish_tracking(t, still_open=True)
         self.counters.left += 1
         self.emit("left", {"key": t.req.key, "task_id": t.task_id,
                            "message": "still running after the maximum wait; the next run polls it again"})
@@ -550,10 +551,15 @@ class Scheduler:
         """The tasks in flight (with a task id) that `key` sent."""
         return [t for t in self.tracked.values() if t.key is key and t.task_id is not None]
 
-    def finish_tracking(self, t: Tracked) -> None:
-        """`t` leaves the table of tasks in flight (finished, failed, or left for the next run)."""
+    def finish_tracking(self, t: Tracked, *, still_open: bool = False) -> None:
+        """`t` leaves the table of tasks in flight (finished, failed, or left for the next run).
+
+        A task left open (`still_open`: its key was revoked, or it ran past max_wait) may still finish and
+        be charged on its account, and the store still counts its attempt as reserved: so its credits stay
+        in the reserve that --max-credits is checked against, as a resumed run counts them (credit_totals)."""
         if self.tracked.pop(t.attempt_id, None) is not None:
-            self.counters.credits_reserved -= t.reserved
+            if not still_open:
+                self.counters.credits_reserved -= t.reserved
             self.counters.in_flight = len(self.tracked)
             self.wake()
 

@@ -365,11 +365,13 @@ class Submissions:
     def _refused_unsent(self, t: Tracked, code: str, message: str) -> bool:
         """A submit the account refused (401/402) leaves the table of tasks in flight and its credits go back.
         No task was made unless an earlier send of this attempt went unanswered: then False and the attempt
-        stays as it is; else its request is pending again with the attempt unused, and True."""
-        self.host.finish_tracking(t)
+        stays as it is (its credits still reserved against the cap: the task may be charged); else its request
+        is pending again with the attempt unused, and True."""
+        may_exist = t.unanswered or t.resumed
+        self.host.finish_tracking(t, still_open=may_exist)
         if self.pool is not None:
             self.pool.refund(t.key, t.est_credits)
-        if t.unanswered or t.resumed:
+        if may_exist:
             return False
         self.store.record_outcomes([Outcome(t.attempt_id, t.req.key, "requeue", error_code=code,
                                             error_message=message, not_before=time.time(), consume_attempt=False)])

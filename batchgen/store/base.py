@@ -211,6 +211,12 @@ class BaseStore(abc.ABC):
     def release_open_attempts(self, code: str, message: str) -> int: ...
 
     @abc.abstractmethod
+    def abandon_tasks_of(self, key_fps: Sequence[str], code: str, message: str) -> int:
+        """Give up the open attempts of `submitted` requests sent with these key fingerprints and requeue
+        their requests, without charging them an attempt (`batchgen retry --abandon-tasks-of-key`). Task ids
+        stay on the attempts; what the tasks may cost counts as spent. Returns the requests requeued."""
+
+    @abc.abstractmethod
     def update_result_urls(self, attempt_id: int, urls: Sequence[str]) -> None: ...
 
     @abc.abstractmethod

@@ -718,6 +718,26 @@ class PostgresStore(BaseStore):
                 self._requeue(cur, key, 0.0, code, message, None, False, now)
         return len(rows)
 
+    def abandon_tasks_of(self, key_fps: Sequence[str], code: str, message: str) -> int:
+        """As in SQLite, but only requests no live runner holds (a live runner may be polling them)."""
+        if not key_fps:
+            return 0
+        now = time.time()
+        with self._tx() as cur:
+            rows = cur.execute(
+                "SELECT a.id, r.key FROM requests r JOIN attempts a ON a.job_id = r.job_id AND "
+                "a.request_key = r.key AND a.attempt_no = r.attempt_no WHERE r.job_id = %(job)s "
+                "AND r.state = 'submitted' AND a.state IN ('sending', 'running') AND a.key_fp = ANY(%(fps)s) "
+                "AND (r.claimed_by IS NULL OR r.claimed_by = %(me)s "
+                f"OR r.claimed_by NOT IN ({LIVE_RUNNERS})) FOR UPDATE OF r SKIP LOCKED",
+                self._a(fps=list(key_fps))).fetchall()
+            for attempt_id, key in rows:
+                cur.execute("UPDATE attempts SET credits_used = COALESCE(credits_used, credits_reserved, "
+                            "credits_estimated, 0) WHERE id=%s AND job_id=%s", (attempt_id, self.job_id))
+                self._abandon(cur, attempt_id, code, message, now)
+                self._requeue(cur, key, 0.0, code, message, None, False, now)
+        return len(rows)
+
     def update_result_urls(self, attempt_id: int, urls: Sequence[str]) -> None:
         with self._tx(write=False) as cur:
             cur.execute("UPDATE attempts SET result_urls=%s WHERE id=%s AND job_id=%s",

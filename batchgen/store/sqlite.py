@@ -622,6 +622,27 @@ class Store(BaseStore):
                 self._requeue(c, key, 0.0, code, message, None, False, now)
         return len(rows)
 
+    def abandon_tasks_of(self, key_fps: Sequence[str], code: str, message: str) -> int:
+        """The user's way out for tasks only a lost (revoked, deleted) key may look at: their attempts are
+        abandoned and their requests pending again, so the next run submits them with its own keys. The task
+        ids stay recorded, and each task counts as spent at its reservation: its account may still have run
+        and charged it, and --max-credits must not forget that. Completed requests need no key (their results
+        are downloaded as they are), so only `submitted` ones are touched."""
+        if not key_fps:
+            return 0
+        now = time.time()
+        with self._tx() as c:
+            rows = c.execute(
+                "SELECT a.id, r.key FROM requests r JOIN attempts a ON a.request_key = r.key AND "
+                "a.attempt_no = r.attempt_no WHERE r.state = 'submitted' AND a.state IN ('sending', 'running') "
+                f"AND a.key_fp IN ({','.join('?' * len(key_fps))})", tuple(key_fps)).fetchall()
+            for attempt_id, key in rows:
+                c.execute("UPDATE attempts SET credits_used = COALESCE(credits_used, credits_reserved, "
+                          "credits_estimated, 0) WHERE id=?", (attempt_id,))
+                self._abandon(c, attempt_id, code, message, now)
+                self._requeue(c, key, 0.0, code, message, None, False, now)
+        return len(rows)
+
     def update_result_urls(self, attempt_id: int, urls: Sequence[str]) -> None:
         with self._tx() as c:
             c.execute("UPDATE attempts SET result_urls=? WHERE id=?", (_j(list(urls)), attempt_id))
