@@ -214,7 +214,8 @@ def validate(manifest: str, as_json: bool) -> None:
 @click.option("--files-base", envvar=FILES_BASE_ENV, help=f"Files API base URL [env {FILES_BASE_ENV}].")
 @click.option("--rate", help='Request budget for all API calls, e.g. "5/s" or "300/min".')
 @click.option("--concurrency", type=click.IntRange(1, 1000), help="Most tasks in flight at once.")
-@click.option("--max-credits", type=click.FloatRange(min=0, min_open=True), help="Stop before spend passes X.")
+@click.option("--max-credits", type=click.FloatRange(min=0, min_open=True),
+              help="Stop submitting before the job's spend, over all its runs, would pass X credits.")
 @click.option("--max-runtime", help='Stop submitting in time to end within this, e.g. "50m".')
 @click.option("--patience", help='Stop (resumably, exit 3) once every API call has failed for this long '
               '(default: run.patience, 5m).')

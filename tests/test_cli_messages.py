@@ -72,6 +72,17 @@ def test_several_keys_balance_reads_plainly_and_json_keeps_numbers(tmp_path: Pat
     assert summary["images_saved"] == 0 and isinstance(summary["credits_used"], float | int)
 
 
+def test_a_stop_at_the_credit_cap_says_to_raise_it_not_to_run_the_same_command(tmp_path: Path) -> None:
+    manifest = write_job(tmp_path, prompts(4))
+    ran = CliRunner().invoke(main, ["run", str(manifest), "--emulator", "--max-credits", "1"])
+    assert ran.exit_code == 3, ran.output
+    assert "run again with a higher --max-credits to go on (the cap counts the job's spend over all its runs)" \
+        in ran.output
+    assert "run the same command again" not in ran.output
+    help_text = " ".join(CliRunner().invoke(main, ["run", "--help"]).output.split())
+    assert "the job's spend, over all its runs, would pass X credits" in help_text
+
+
 def test_a_balance_the_api_does_not_report_is_unknown_not_zero(tmp_path: Path) -> None:
     manifest = write_job(tmp_path, prompts(2))
     scenario = tmp_path / "scenario.yaml"

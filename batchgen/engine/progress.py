@@ -158,7 +158,8 @@ class Progress:
             lines.append(f"  {rate_text(c)}")
         if c.get("message") and c["message"] != "finished":
             lines.append(f"  {c['message']}")
-        if c.get("resumable"):
+        # A stop at the credit cap says itself how to go on: the same command would stop again at once.
+        if c.get("resumable") and "--max-credits" not in (c.get("message") or ""):
             lines.append("  run the same command again to resume")
         self.out.write("\n".join(lines) + "\n")
         self.out.flush()

@@ -162,7 +162,8 @@ class Submissions:
                 self.host.drain(StopReason.BUDGET, f"the credit cap of {credits_text(cap)} would be passed (spent "
                                 f"{credits_text(c.credits_used)}, reserved "
                                 f"{credits_text(c.credits_reserved + pending_reserve)}, next request "
-                                f"about {credits_text(est)}); raise --max-credits to continue")
+                                f"about {credits_text(est)}); run again with a higher --max-credits to go on (the cap "
+                                "counts the job's spend over all its runs)")
                 break
             key = self.keys.assign(est, self._loop.time() if self._loop else 0.0)
             if self.pool is not None and key is None:
