@@ -22,7 +22,8 @@ Schema (times are wall-clock epoch seconds as REAL; JSON columns hold compact JS
                state (models.State), attempts (submissions charged to max_attempts; reset by retry),
                attempt_no (attempts ever made; numbers the idempotency keys), not_before (epoch: do not
                submit before), error_code, error_message, sync_gen, created_at, updated_at.
-               Index (state, not_before) — rowid order is manifest order.
+               Index (state, not_before) — rowid order is manifest order. (m007) Index (sync_gen, state): a
+               request is part of the job when its sync_gen is the job's (live.py), whatever its state.
     attempts   id PK, request_key, attempt_no, idempotency_key UNIQUE ("bg1-<store id>-<key>-a<attempt_no>"), model,
                body (JSON actually sent, kept only when uploads rewrote it), state (AttemptState),
                submit_tries, task_id, submitted_at, finished_at, credits_estimated, credits_reserved,
