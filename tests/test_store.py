@@ -94,7 +94,10 @@ def test_upgrade_from_m001_keeps_data(tmp_path: Path) -> None:
     path = tmp_path / "old.db"
     db = sqlite_utils.Database(path)
     migration_set().apply(db, stop_before="m002_runs")
-    db.execute("INSERT INTO requests (key, item_id, params, model) VALUES ('k1', 'i1', '{}', 'z-image-turbo')")
+    # As a real sync left it: the job row and its requests stamped with the job's generation.
+    db.execute("INSERT INTO job (id, name, sync_gen) VALUES (1, 'old', 1)")
+    db.execute("INSERT INTO requests (key, item_id, params, model, sync_gen) "
+               "VALUES ('k1', 'i1', '{}', 'z-image-turbo', 1)")
     db.conn.commit()
     db.close()
     with Store(path) as store:
@@ -129,19 +132,56 @@ def test_removed_and_revived(tmp_path: Path, open_db: OpenDb) -> None:
     with open_db() as store:
         store.sync(m)
         _, kb, kc = keys_of(m)
-        # b is in flight: it stays even when the row goes away
+        # b is in flight: it keeps its state (its task is still collected) but leaves the job
         [aid] = store.start_attempts([NewAttempt(kb, 1, "z-image-turbo", 0.5)])
         m.prompts = ["a"]
         r = store.sync(m)
-        assert r.removed == 1 and r.total == 2
-        assert store.counts()["removed"] == 1
+        assert r.removed == 2 and r.total == 1
+        assert store.counts()["removed"] == 2 and store.counts()["submitted"] == 0
         assert store.get_request(kc).state == State.REMOVED  # type: ignore[union-attr]
         assert store.get_request(kb).state == State.SUBMITTED  # type: ignore[union-attr]
+        assert [a.request_key for a in (at for _, at in store.open_attempts())] == [kb]
         m.prompts = ["a", "b", "c", "d"]
         r = store.sync(m)
-        assert r.added == 2 and r.removed == 0 and r.total == 4
+        assert r.added == 3 and r.removed == 0 and r.total == 4
+        assert store.counts()["submitted"] == 1
         assert store.get_request(kc).state == State.PENDING  # type: ignore[union-attr]
         assert aid > 0
+
+
+def test_done_requests_no_longer_in_the_manifest_leave_the_results_and_come_back(
+        tmp_path: Path, open_db: OpenDb) -> None:
+    # Found by a new-user walkthrough: a deleted or edited row's done requests stayed in status and export.
+    m = FakeManifest(tmp_path, ["a", "b", "c"])
+    with open_db() as store:
+        store.sync(m)
+        ka, kb, kc = keys_of(m)
+        for n, k in enumerate((ka, kb, kc)):
+            done_with_image(store, k, f"sha-{n}")
+        store.reviews.decide(kb, 1, "sha-1", "reject", "wrong colour")
+        m.prompts = ["a", "B edited"]  # c deleted, b edited: a new key for row 2
+        r = store.sync(m)
+        [kb2] = keys_of(m)[1:]
+        assert (r.added, r.removed, r.total) == (1, 2, 2)
+        counts = store.counts()
+        assert (counts["done"], counts["pending"], counts["removed"]) == (1, 1, 2)
+        assert [rec.key for rec in store.iter_requests()] == [ka, kb2]
+        assert store.image_totals() == (1, 10)
+        assert store.reviews.counts()["rejected"] == 0
+        assert store.reviews.open_rejects() == []  # never regenerated for a row that is gone
+        # Nothing deleted: the superseded requests keep their state and images.
+        assert store.get_request(kc).state == State.DONE  # type: ignore[union-attr]
+        assert [i.sha256 for i in store.images_for(kc)] == ["sha-2"]
+        # The same manifest again takes the fingerprint fast path: still the same live set.
+        assert store.sync(m).skipped and store.counts()["removed"] == 2
+        # The rows come back: done again with their images, nothing to submit.
+        m.prompts = ["a", "b", "c"]
+        r = store.sync(m)
+        assert (r.added, r.removed, r.total) == (2, 1, 3)
+        assert store.counts()["done"] == 3 and store.counts()["removed"] == 1
+        assert [rec.key for rec in store.iter_requests()] == [ka, kb, kc]
+        assert store.image_totals() == (3, 30)
+        assert [rec.key for rec in store.next_due(10)] == []
 
 
 def test_bad_manifest_changes_nothing(tmp_path: Path, open_db: OpenDb) -> None:
@@ -250,8 +290,9 @@ def test_upgrade_to_m005_keeps_images_as_not_checked(tmp_path: Path) -> None:
     path = tmp_path / "old.db"
     db = sqlite_utils.Database(path)
     migration_set().apply(db, stop_before="m005_reviews")
-    db.execute("INSERT INTO requests (key, item_id, params, model, state) VALUES "
-               "('k1', 'i1', '{}', 'z-image-turbo', 'done')")
+    db.execute("INSERT INTO job (id, name, sync_gen) VALUES (1, 'old', 1)")
+    db.execute("INSERT INTO requests (key, item_id, params, model, state, sync_gen) VALUES "
+               "('k1', 'i1', '{}', 'z-image-turbo', 'done', 1)")
     db.execute("INSERT INTO images (request_key, idx, path, bytes, sha256) VALUES ('k1', 1, 'i1_1.png', 9, 'ab')")
     db.conn.commit()
     db.close()

@@ -45,7 +45,7 @@ def kill(store: PostgresStore, url: str) -> None:
 def test_blank_database_gets_every_migration_once(pg_url: str) -> None:
     with pg(pg_url) as store:
         assert store.applied_migrations() == [name for name, _ in MIGRATIONS]
-        assert store.schema_version() == len(MIGRATIONS) == 6
+        assert store.schema_version() == len(MIGRATIONS) == 7
         assert store.job_record() is None
     with pg(pg_url) as again:  # reopening applies nothing twice
         assert again.applied_migrations() == [name for name, _ in MIGRATIONS]

@@ -258,7 +258,10 @@ def test_upgrade_from_m002_adds_the_uploads_table(tmp_path: Path) -> None:
     path = tmp_path / "old.db"
     db = sqlite_utils.Database(path)
     migration_set().apply(db, stop_before="m003_uploads")
-    db.execute("INSERT INTO requests (key, item_id, params, model) VALUES ('k1', 'i1', '{}', 'z-image-turbo')")
+    # As a real sync left it: the job row and its requests stamped with the job's generation.
+    db.execute("INSERT INTO job (id, name, sync_gen) VALUES (1, 'old', 1)")
+    db.execute("INSERT INTO requests (key, item_id, params, model, sync_gen) "
+               "VALUES ('k1', 'i1', '{}', 'z-image-turbo', 1)")
     db.conn.commit()
     db.close()
     with Store(path) as store:

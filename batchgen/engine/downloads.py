@@ -67,7 +67,8 @@ class Downloads:
         """At the start of the run: a name may belong to an image this run did not save when an earlier run
         saved images, or another runner shares the store. When neither holds (a fresh job, one runner), the
         per-image lookup in the store is skipped: every image saved from now on is in _claimed."""
-        self._names_elsewhere = self.store.shared or self.store.image_totals()[0] > 0
+        # Any image, of the current manifest or not: a request no longer in it still owns its file names.
+        self._names_elsewhere = self.store.shared or bool(self.store.sample_images(1))
 
     def add(self, t: Tracked) -> None:
         """Queue a completed task (its result URLs committed) for download."""

@@ -4,9 +4,11 @@
 the human view. It reads only: the database is in WAL mode, so a running `batchgen run` and any number of
 status calls can look at it at the same time, and no lock is taken.
 
-JSON keys: `job`, `total` (every request but removed ones), `pending`, `in_flight` (submitted + completed,
-i.e. a task exists and its images are not all on disk), `submitted`, `completed`, `done`, `failed`,
-`removed`, `waiting_retry` (pending with a future not-before), `credits` {`reserved` (tasks in flight),
+JSON keys: `job`, `total` (the requests of the current manifest; the state counts are of those),
+`pending`, `in_flight` (submitted + completed, i.e. a task exists and its images are not all on disk),
+`submitted`, `completed`, `done`, `failed`, `removed` (requests no longer in the manifest, whatever their
+state: store/live.py), `waiting_retry` (pending with a future not-before), `credits` {`reserved` (tasks in
+flight),
 `used` (finished tasks), `spent` (both), `estimated_remaining` (catalogue estimate of what is pending)},
 `images` (files saved), `image_bytes`, `failures` [{`code`, `count`, `messages` [{`message`, `count`}] (the 3
 commonest), `other_messages` (the failures of that code not among them)}],

@@ -61,6 +61,7 @@ from psycopg_pool import ConnectionPool, PoolTimeout
 from batchgen.errors import ConfigError, StoreUnavailableError
 from batchgen.models import State
 from batchgen.store.base import BaseStore
+from batchgen.store.live import POSTGRES_LIVE as LIVE
 from batchgen.store.postgres_keystates import PostgresKeyStates
 from batchgen.store.postgres_reviews import PostgresReviews
 from batchgen.store.postgres_runlog import PostgresRunLog
@@ -180,6 +181,10 @@ MIGRATIONS: list[tuple[str, str]] = [
             job_id BIGINT NOT NULL REFERENCES jobs(id), fingerprint TEXT NOT NULL, label TEXT,
             state TEXT NOT NULL, reason TEXT, balance DOUBLE PRECISION, updated_at DOUBLE PRECISION,
             PRIMARY KEY (job_id, fingerprint));
+    """),
+    ("m007_live_requests", """
+        -- As SQLite's m007: every reader keeps to the requests of the current manifest (store/live.py).
+        CREATE INDEX requests_live ON requests (job_id, sync_gen, state);
     """),
 ]
 
@@ -368,9 +373,7 @@ class PostgresStore(BaseStore):
             if stored_fp is not None and stored_mtime is not None and mtime < stored_mtime:
                 return SyncResult(0, 0, self._live_total(cur), skipped=True, stale=True)
             gen = int(stored_gen or 0) + 1
-            counts = dict(cur.execute("SELECT state = 'removed', COUNT(*) FROM requests WHERE job_id = %s "
-                                      "GROUP BY 1", (self.job_id,)).fetchall())
-            before, removed_before = sum(counts.values()), counts.get(True, 0)
+            live_before = self._count_gen(cur, gen - 1)
             sql = (
                 "INSERT INTO requests (job_id, key, item_id, variant, metadata, params, model, n, est_credits, "
                 "source, state, sync_gen, created_at, updated_at) "
@@ -393,31 +396,36 @@ class PostgresStore(BaseStore):
             if rows:
                 cur.executemany(sql, rows)
             manifest.raise_if_problems()  # raises inside the transaction: rolled back, nothing changed
-            counts = dict(cur.execute("SELECT state = 'removed', COUNT(*) FROM requests WHERE job_id = %s "
-                                      "GROUP BY 1", (self.job_id,)).fetchall())
-            after, still_removed = sum(counts.values()), counts.get(True, 0)
+            # Live before and not stamped now: no longer in the manifest, whatever their state (live.py).
+            dropped, live_now = self._count_gen(cur, gen - 1), self._count_gen(cur, gen)
             cur.execute("UPDATE requests SET state='removed', updated_at=%s WHERE job_id=%s AND sync_gen < %s "
                         "AND state IN ('pending', 'failed')", (now, self.job_id, gen))
-            removed = cur.rowcount
             cur.execute("UPDATE jobs SET manifest_path=%s, output_dir=%s, filename_template=%s, settings=%s, "
                         "fingerprint=%s, manifest_mtime=%s, sync_gen=%s, updated_at=%s WHERE id=%s",
                         (*meta, fingerprint, mtime, gen, now, self.job_id))
-            total = self._live_total(cur)
-        return SyncResult(added=(after - before) + (removed_before - still_removed), removed=removed, total=total)
+        return SyncResult(added=live_now - (live_before - dropped), removed=dropped, total=live_now)
+
+    def _count_gen(self, cur: psycopg.Cursor[Any], gen: int) -> int:
+        row = cur.execute("SELECT COUNT(*) FROM requests WHERE job_id = %s AND sync_gen = %s",
+                          (self.job_id, gen)).fetchone()
+        return int(row[0]) if row else 0
 
     def _live_total(self, cur: psycopg.Cursor[Any]) -> int:
-        row = cur.execute("SELECT COUNT(*) FROM requests WHERE job_id = %s AND state != 'removed'",
-                          (self.job_id,)).fetchone()
+        row = cur.execute(f"SELECT COUNT(*) FROM requests WHERE job_id = %(job)s AND {LIVE}", self._a()).fetchone()
         return int(row[0]) if row else 0
 
     # -- reads -------------------------------------------------------------------------------------
 
     def counts(self) -> dict[str, int]:
+        """Live requests by state; `removed` counts every request the manifest no longer produces (live.py)."""
         out = {s.value: 0 for s in State}
         with self._tx(write=False) as cur:
-            for state, count in cur.execute("SELECT state, COUNT(*) FROM requests WHERE job_id = %s GROUP BY state",
-                                            (self.job_id,)):
-                out[state] = int(count)
+            for live, state, count in cur.execute(
+                    f"SELECT {LIVE}, state, COUNT(*) FROM requests WHERE job_id = %(job)s GROUP BY 1, 2", self._a()):
+                if live:
+                    out[state] = int(count)
+                else:
+                    out[State.REMOVED.value] += int(count)
         return out
 
     def credit_totals(self) -> CreditTotals:
@@ -431,8 +439,9 @@ class PostgresStore(BaseStore):
 
     def image_totals(self) -> tuple[int, int]:
         with self._tx(write=False) as cur:
-            row = cur.execute("SELECT COUNT(*), COALESCE(SUM(bytes), 0) FROM images WHERE job_id = %s",
-                              (self.job_id,)).fetchone()
+            row = cur.execute("SELECT COUNT(*), COALESCE(SUM(bytes), 0) FROM images WHERE job_id = %(job)s AND "
+                              f"request_key IN (SELECT key FROM requests WHERE job_id = %(job)s AND {LIVE})",
+                              self._a()).fetchone()
         assert row is not None
         return int(row[0]), int(row[1])
 
@@ -440,23 +449,24 @@ class PostgresStore(BaseStore):
         groups: list[dict[str, Any]] = []
         with self._tx(write=False) as cur:
             codes = cur.execute(
-                "SELECT COALESCE(error_code, 'unknown'), COUNT(*) FROM requests WHERE job_id = %s "
-                "AND state='failed' GROUP BY 1 ORDER BY 2 DESC, 1", (self.job_id,)).fetchall()
+                "SELECT COALESCE(error_code, 'unknown'), COUNT(*) FROM requests WHERE job_id = %(job)s "
+                f"AND state='failed' AND {LIVE} GROUP BY 1 ORDER BY 2 DESC, 1", self._a()).fetchall()
             for code, count in codes:
                 msgs = [{"message": m, "count": int(n)} for m, n in cur.execute(
-                    "SELECT COALESCE(error_message, ''), COUNT(*) FROM requests WHERE job_id = %s "
-                    "AND state='failed' AND COALESCE(error_code, 'unknown')=%s GROUP BY 1 ORDER BY 2 DESC, 1 "
-                    "LIMIT %s", (self.job_id, code, messages_per_code)).fetchall()]
+                    "SELECT COALESCE(error_message, ''), COUNT(*) FROM requests WHERE job_id = %(job)s "
+                    f"AND state='failed' AND {LIVE} AND COALESCE(error_code, 'unknown')=%(code)s GROUP BY 1 "
+                    "ORDER BY 2 DESC, 1 LIMIT %(limit)s", self._a(code=code, limit=messages_per_code)).fetchall()]
                 groups.append({"code": code, "count": int(count), "messages": msgs})
         return groups
 
     def iter_requests(self, states: Iterable[str] | None = None, with_history: bool = True) -> Iterator[RequestRecord]:
         wanted = [str(s) for s in states] if states is not None else [s.value for s in State if s != State.REMOVED]
+        live = f" AND {LIVE}" if states is None else ""  # as SQLite's: the live ones unless states are named
         last = 0
         while True:
             chunk = [self._request_record(d) for d in self._rows(
-                "SELECT * FROM requests WHERE job_id = %(job)s AND seq > %(last)s AND state = ANY(%(states)s) "
-                "ORDER BY seq LIMIT %(limit)s", self._a(last=last, states=wanted, limit=_READ_CHUNK))]
+                "SELECT * FROM requests WHERE job_id = %(job)s AND seq > %(last)s AND state = ANY(%(states)s)"
+                f"{live} ORDER BY seq LIMIT %(limit)s", self._a(last=last, states=wanted, limit=_READ_CHUNK))]
             if not chunk:
                 return
             last = chunk[-1].seq
@@ -475,8 +485,8 @@ class PostgresStore(BaseStore):
         for column in ("metadata", "variant"):
             rows = self._rows(
                 f"SELECT j.key FROM requests r, json_each(r.{column}::json) WITH ORDINALITY AS j(key, value, ord) "
-                "WHERE r.job_id = %s AND r.state != 'removed' GROUP BY j.key ORDER BY MIN(r.seq), MIN(j.ord)",
-                (self.job_id,))
+                f"WHERE r.job_id = %(job)s AND r.{LIVE} GROUP BY j.key ORDER BY MIN(r.seq), MIN(j.ord)",
+                self._a())
             out.append([str(r["key"]) for r in rows])
         return out[0], out[1]
 
@@ -525,8 +535,8 @@ class PostgresStore(BaseStore):
                                 f"({ends.format('DESC')}))", half=max(1, limit // 2))
 
     def waiting_retry(self, now: float) -> int:
-        return int(self._one("SELECT COUNT(*) FROM requests WHERE job_id = %s AND state='pending' "
-                             "AND not_before > %s", (self.job_id, now)))
+        return int(self._one("SELECT COUNT(*) FROM requests WHERE job_id = %(job)s AND state='pending' "
+                             f"AND not_before > %(now)s AND {LIVE}", self._a(now=now)))
 
     @staticmethod
     def _request_record(d: dict[str, Any]) -> RequestRecord:
@@ -587,8 +597,8 @@ class PostgresStore(BaseStore):
         return None if value is None else float(value)
 
     def pending_estimate(self) -> float:
-        return float(self._one("SELECT COALESCE(SUM(est_credits), 0) FROM requests WHERE job_id = %s "
-                               "AND state='pending'", (self.job_id,)))
+        return float(self._one("SELECT COALESCE(SUM(est_credits), 0) FROM requests WHERE job_id = %(job)s "
+                               f"AND state='pending' AND {LIVE}", self._a()))
 
     def has_pending(self) -> bool:
         return self._one("SELECT 1 FROM requests WHERE job_id = %s AND state='pending' LIMIT 1",

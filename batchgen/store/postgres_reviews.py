@@ -14,6 +14,7 @@ import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
+from batchgen.store.live import POSTGRES_LIVE as LIVE
 from batchgen.store.records import RequestRecord, ReviewRecord, SetAsideRecord
 from batchgen.store.reviews import (
     ReviewLedger,
@@ -30,6 +31,9 @@ if TYPE_CHECKING:
 
     from batchgen.store.postgres import PostgresStore
 
+
+# The images of live requests: the only ones that count in the results (live.py).
+_LIVE_IMAGE = f"request_key IN (SELECT key FROM requests WHERE job_id = %(job)s AND {LIVE})"
 
 class PostgresReviews(ReviewLedger):
     """Issue 16's reads and writes for one job of a PostgreSQL database."""
@@ -92,7 +96,8 @@ class PostgresReviews(ReviewLedger):
                 "SELECT v.request_key, v.idx, v.sha256, v.attempt_id, v.decision, v.reason, v.decided_at, v.acted_at "
                 "FROM reviews v JOIN images i ON i.job_id = v.job_id AND i.request_key = v.request_key AND "
                 "i.idx = v.idx AND i.sha256 = v.sha256 JOIN requests r ON r.job_id = v.job_id AND "
-                "r.key = v.request_key AND r.state = 'done' WHERE v.job_id = %(job)s AND v.acted_at IS NULL AND "
+                f"r.key = v.request_key AND r.state = 'done' AND r.{LIVE} WHERE v.job_id = %(job)s AND "
+                "v.acted_at IS NULL AND "
                 f"v.decision = 'reject' AND v.{self._LATEST} ORDER BY r.seq, v.idx", self.store._a())  # type: ignore[arg-type]
             rows = cur.fetchall()
         return by_request(rows, self.store.get_request)
@@ -110,15 +115,16 @@ class PostgresReviews(ReviewLedger):
     def counts(self) -> dict[str, int]:
         latest = self.latest()
         with self.store._tx(write=False) as cur:
-            cur.execute("SELECT request_key, idx, sha256 FROM images WHERE job_id = %s", (self.store.job_id,))
+            cur.execute(f"SELECT request_key, idx, sha256 FROM images WHERE job_id = %(job)s AND {_LIVE_IMAGE}",
+                        self.store._a())
             out = count_images(cur.fetchall(), latest)
         out["regenerating"] = int(self.store._one(
             "SELECT COUNT(DISTINCT request_key) FROM set_aside WHERE job_id = %(job)s AND why='review' AND "
             "request_key IN (SELECT key FROM requests WHERE job_id = %(job)s AND state IN "
-            "('pending', 'submitted', 'completed'))", self.store._a()))
+            f"('pending', 'submitted', 'completed') AND {LIVE})", self.store._a()))
         out["set_aside"] = int(self.store._one("SELECT COUNT(*) FROM set_aside WHERE job_id = %s",
                                                (self.store.job_id,)))
-        out["check_failed"] = int(self.store._one("SELECT COUNT(*) FROM images WHERE job_id = %s AND "
-                                                  "check_status='failed'", (self.store.job_id,)))
+        out["check_failed"] = int(self.store._one("SELECT COUNT(*) FROM images WHERE job_id = %(job)s AND "
+                                                  f"check_status='failed' AND {_LIVE_IMAGE}", self.store._a()))
         return out
 

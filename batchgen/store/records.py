@@ -34,9 +34,9 @@ OPEN_ATTEMPT_STATES = (AttemptState.SENDING, AttemptState.RUNNING)
 
 @dataclass(frozen=True)
 class SyncResult:
-    added: int  # new requests, plus removed ones that came back
-    removed: int  # requests newly marked removed (gone from the manifest, never in flight or done)
-    total: int  # requests of the job now (every state but removed)
+    added: int  # requests that became part of the job: new ones, and ones that came back (live.py)
+    removed: int  # requests that stopped being part of it (gone from the manifest, whatever their state)
+    total: int  # requests of the job now (the live ones)
     skipped: bool = False  # the manifest's fingerprint was unchanged: nothing was expanded
     stale: bool = False  # (shared stores) the job was synced from a newer manifest version: not synced back
 

@@ -22,7 +22,8 @@ Schema (times are wall-clock epoch seconds as REAL; JSON columns hold compact JS
                state (models.State), attempts (submissions charged to max_attempts; reset by retry),
                attempt_no (attempts ever made; numbers the idempotency keys), not_before (epoch: do not
                submit before), error_code, error_message, sync_gen, created_at, updated_at.
-               Index (state, not_before) — rowid order is manifest order.
+               Index (state, not_before) — rowid order is manifest order. (m007) Index (sync_gen, state): a
+               request is part of the job when its sync_gen is the job's (live.py), whatever its state.
     attempts   id PK, request_key, attempt_no, idempotency_key UNIQUE ("bg1-<store id>-<key>-a<attempt_no>"), model,
                body (JSON actually sent, kept only when uploads rewrote it), state (AttemptState),
                submit_tries, task_id, submitted_at, finished_at, credits_estimated, credits_reserved,
@@ -79,6 +80,7 @@ from batchgen.errors import BatchgenError, LocalFaultError, StoreFormatError
 from batchgen.models import State
 from batchgen.store import sqlite_migrations
 from batchgen.store.base import BaseStore
+from batchgen.store.live import SQLITE_LIVE as LIVE
 
 # The records moved to records.py (shared with the PostgreSQL backend); re-exported here so existing
 # imports keep working.
@@ -265,11 +267,14 @@ class Store(BaseStore):
     def sync(self, manifest: Manifest, out_dir: Path | str | None = None) -> SyncResult:
         """Bring the requests table in line with the manifest, in one transaction.
 
-        New requests are inserted as pending; pending or failed requests that are no longer in the
-        manifest become `removed` (and come back when they reappear); requests in flight or done are
-        kept. If the manifest has problems nothing changes. If its fingerprint equals the one stored at
-        the last sync the expansion is skipped entirely — that is how a resumed million-request job
-        reaches its first submission at once.
+        New requests are inserted as pending; every key the manifest produces is stamped with the job's
+        new generation, which is what makes a request live (live.py). Pending or failed requests that are
+        no longer in the manifest become `removed` (and come back when they reappear); requests in flight
+        or done keep their state and leave the results. `added` and `removed` count requests that became
+        live and stopped being live. If the manifest has problems nothing changes. If its fingerprint
+        equals the one stored at the last sync the expansion is skipped entirely (the generation, and so
+        what is live, stays as it was) — that is how a resumed million-request job reaches its first
+        submission at once.
         """
         job = manifest.job
         fingerprint = manifest.fingerprint()
@@ -291,8 +296,7 @@ class Store(BaseStore):
             return SyncResult(0, 0, self._live_total(), skipped=True)
         gen = (job_row["sync_gen"] if job_row else 0) + 1
         with self._tx() as c:
-            before = c.execute("SELECT COUNT(*) FROM requests").fetchone()[0]
-            removed_before = c.execute("SELECT COUNT(*) FROM requests WHERE state='removed'").fetchone()[0]
+            live_before = c.execute("SELECT COUNT(*) FROM requests WHERE sync_gen = ?", (gen - 1,)).fetchone()[0]
             sql = (
                 "INSERT INTO requests (key, item_id, variant, metadata, params, model, n, est_credits, source, "
                 "state, sync_gen, created_at, updated_at) VALUES (?,?,?,?,?,?,?,?,?,'pending',?,?,?) "
@@ -313,12 +317,12 @@ class Store(BaseStore):
             if rows:
                 c.executemany(sql, rows)
             manifest.raise_if_problems()  # raises inside the transaction: rolled back, nothing changed
-            after = c.execute("SELECT COUNT(*) FROM requests").fetchone()[0]
-            still_removed = c.execute("SELECT COUNT(*) FROM requests WHERE state='removed'").fetchone()[0]
-            revived = removed_before - still_removed
-            removed = c.execute(
-                "UPDATE requests SET state='removed', updated_at=? WHERE sync_gen < ? "
-                "AND state IN ('pending', 'failed')", (now, gen)).rowcount
+            # Live before and not stamped now: no longer in the manifest, whatever their state (live.py).
+            dropped = c.execute("SELECT COUNT(*) FROM requests WHERE sync_gen = ?", (gen - 1,)).fetchone()[0]
+            live_now = c.execute("SELECT COUNT(*) FROM requests WHERE sync_gen = ?", (gen,)).fetchone()[0]
+            # Never submitted again; in-flight ones are still collected, done ones keep their images.
+            c.execute("UPDATE requests SET state='removed', updated_at=? WHERE sync_gen < ? "
+                      "AND state IN ('pending', 'failed')", (now, gen))
             if job_row is None:
                 c.execute(
                     "INSERT INTO job (id, name, manifest_path, output_dir, filename_template, settings, fingerprint, "
@@ -328,17 +332,21 @@ class Store(BaseStore):
                 c.execute(
                     "UPDATE job SET name=?, manifest_path=?, output_dir=?, filename_template=?, settings=?, "
                     "fingerprint=?, sync_gen=?, updated_at=? WHERE id=1", (*meta, fingerprint, gen, now))
-        return SyncResult(added=(after - before) + revived, removed=removed, total=self._live_total())
+        return SyncResult(added=live_now - (live_before - dropped), removed=dropped, total=live_now)
 
     def _live_total(self) -> int:
-        return int(self.conn.execute("SELECT COUNT(*) FROM requests WHERE state != 'removed'").fetchone()[0])
+        return int(self.conn.execute(f"SELECT COUNT(*) FROM requests WHERE {LIVE}").fetchone()[0])
 
     # -- reads ---------------------------------------------------------------------------------------
 
     def counts(self) -> dict[str, int]:
+        """Live requests by state; `removed` counts every request the manifest no longer produces, whatever
+        its state (live.py)."""
         out = {s.value: 0 for s in State}
-        for state, count in self.conn.execute("SELECT state, COUNT(*) FROM requests GROUP BY state"):
+        for state, count in self.conn.execute(f"SELECT state, COUNT(*) FROM requests WHERE {LIVE} GROUP BY state"):
             out[state] = count
+        out[State.REMOVED.value] = int(self.conn.execute(
+            f"SELECT COUNT(*) FROM requests WHERE NOT ({LIVE})").fetchone()[0])
         return out
 
     def credit_totals(self) -> CreditTotals:
@@ -351,7 +359,9 @@ class Store(BaseStore):
         return CreditTotals(reserved=float(reserved), used=float(used))
 
     def image_totals(self) -> tuple[int, int]:
-        count, size = self.conn.execute("SELECT COUNT(*), COALESCE(SUM(bytes), 0) FROM images").fetchone()
+        count, size = self.conn.execute(
+            "SELECT COUNT(*), COALESCE(SUM(bytes), 0) FROM images WHERE request_key IN "
+            f"(SELECT key FROM requests WHERE {LIVE})").fetchone()
         return int(count), int(size)
 
     def failures_by_code(self, messages_per_code: int = 3) -> list[dict[str, Any]]:
@@ -359,27 +369,29 @@ class Store(BaseStore):
         groups: list[dict[str, Any]] = []
         for code, count in self.conn.execute(
             "SELECT COALESCE(error_code, 'unknown'), COUNT(*) FROM requests WHERE state='failed' "
-            "GROUP BY 1 ORDER BY 2 DESC, 1"
+            f"AND {LIVE} GROUP BY 1 ORDER BY 2 DESC, 1"
         ).fetchall():
             msgs = [
                 {"message": m, "count": n}
                 for m, n in self.conn.execute(
                     "SELECT COALESCE(error_message, ''), COUNT(*) FROM requests WHERE state='failed' "
-                    "AND COALESCE(error_code, 'unknown')=? GROUP BY 1 ORDER BY 2 DESC LIMIT ?",
+                    f"AND {LIVE} AND COALESCE(error_code, 'unknown')=? GROUP BY 1 ORDER BY 2 DESC LIMIT ?",
                     (code, messages_per_code))
             ]
             groups.append({"code": code, "count": count, "messages": msgs})
         return groups
 
     def iter_requests(self, states: Iterable[str] | None = None, with_history: bool = True) -> Iterator[RequestRecord]:
-        """Every request in manifest order (removed ones only if asked for), streaming in chunks."""
+        """The live requests in manifest order (live.py), streaming in chunks; with `states`, every request
+        in those states, live or not (the engine's and the tests' view)."""
         wanted = [str(s) for s in states] if states is not None else [s.value for s in State if s != State.REMOVED]
         marks = ",".join("?" * len(wanted))
+        live = f" AND +{LIVE}" if states is None else ""
         last = 0
         while True:
             cur = self.conn.execute(
                 # `+state`: walk the table in rowid order; using the state index would sort every chunk anew.
-                f"SELECT rowid, * FROM requests WHERE rowid > ? AND +state IN ({marks}) ORDER BY rowid LIMIT ?",
+                f"SELECT rowid, * FROM requests WHERE rowid > ? AND +state IN ({marks}){live} ORDER BY rowid LIMIT ?",
                 (last, *wanted, _READ_CHUNK))
             names = [d[0] for d in cur.description]
             chunk = [self._request_record(dict(zip(names, row, strict=True))) for row in cur.fetchall()]
@@ -402,7 +414,7 @@ class Store(BaseStore):
         out: list[list[str]] = []
         for column in ("metadata", "variant"):
             rows = self.conn.execute(
-                f"SELECT j.key FROM requests r, json_each(r.{column}) j WHERE r.state != 'removed' "
+                f"SELECT j.key FROM requests r, json_each(r.{column}) j WHERE r.{LIVE} "
                 "GROUP BY j.key ORDER BY MIN(r.rowid), MIN(j.id)").fetchall()
             out.append([str(k) for (k,) in rows])
         return out[0], out[1]
@@ -501,15 +513,15 @@ class Store(BaseStore):
 
     def pending_estimate(self) -> float:
         """Estimated credits of the requests still to submit (catalogue prices; the API's figures rule)."""
-        row = self.conn.execute("SELECT COALESCE(SUM(est_credits), 0) FROM requests WHERE state='pending'")
+        row = self.conn.execute(f"SELECT COALESCE(SUM(est_credits), 0) FROM requests WHERE state='pending' AND {LIVE}")
         return float(row.fetchone()[0])
 
     def has_pending(self) -> bool:
         return self.conn.execute("SELECT 1 FROM requests WHERE state='pending' LIMIT 1").fetchone() is not None
 
     def waiting_retry(self, now: float) -> int:
-        return int(self.conn.execute("SELECT COUNT(*) FROM requests WHERE state='pending' AND not_before > ?",
-                                     (now,)).fetchone()[0])
+        return int(self.conn.execute(f"SELECT COUNT(*) FROM requests WHERE state='pending' AND not_before > ? "
+                                     f"AND {LIVE}", (now,)).fetchone()[0])
 
     def open_attempts(self) -> list[tuple[RequestRecord, AttemptRecord]]:
         """Requests in flight with their current attempt: `submitted` ones (poll the task, or resubmit

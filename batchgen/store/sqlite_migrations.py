@@ -134,8 +134,16 @@ def m006_key_fingerprints(db: Database) -> None:
     db.execute("PRAGMA user_version = 6")
 
 
+def m007_live_requests(db: Database) -> None:
+    # Every reader keeps to the requests of the current manifest (sync_gen = the job's, store/live.py): this
+    # index makes that a range scan, and counting by state an index-only one, on a million requests.
+    db.execute("CREATE INDEX requests_live ON requests (sync_gen, state)")
+    db.execute("PRAGMA user_version = 7")
+
+
 STEPS: tuple[Callable[[Database], None], ...] = (
-    m001_initial, m002_runs, m003_uploads, m004_store_id, m005_reviews, m006_key_fingerprints)
+    m001_initial, m002_runs, m003_uploads, m004_store_id, m005_reviews, m006_key_fingerprints,
+    m007_live_requests)
 NAMES: tuple[str, ...] = tuple(step.__name__ for step in STEPS)
 
 

@@ -13,6 +13,7 @@ import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
+from batchgen.store.live import SQLITE_LIVE as LIVE
 from batchgen.store.records import RequestRecord, ReviewRecord, SetAsideRecord
 from batchgen.store.reviews import (
     ReviewLedger,
@@ -27,6 +28,9 @@ from batchgen.store.reviews import (
 if TYPE_CHECKING:
     from batchgen.store.sqlite import Store
 
+
+# The images of live requests: the only ones that count in the results (live.py).
+_LIVE_IMAGE = f"request_key IN (SELECT key FROM requests WHERE {LIVE})"
 
 class SqliteReviews(ReviewLedger):
     """Issue 16's reads and writes on one SQLite job file."""
@@ -93,6 +97,7 @@ class SqliteReviews(ReviewLedger):
             "SELECT v.request_key, v.idx, v.sha256, v.attempt_id, v.decision, v.reason, v.decided_at, v.acted_at "
             "FROM reviews v JOIN images i ON i.request_key = v.request_key AND i.idx = v.idx AND "
             "i.sha256 = v.sha256 JOIN requests r ON r.key = v.request_key AND r.state = 'done' "
+            f"AND r.{LIVE} "
             "WHERE v.acted_at IS NULL AND v.decision = 'reject' AND v.id IN "
             "(SELECT MAX(id) FROM reviews GROUP BY request_key, idx, sha256) ORDER BY r.rowid, v.idx")
         return by_request(cur.fetchall(), self.store.get_request)
@@ -111,12 +116,14 @@ class SqliteReviews(ReviewLedger):
 
     def counts(self) -> dict[str, int]:
         """Images of the results by review state, plus rejects being regenerated and images set aside."""
-        out = count_images(self.store.conn.execute("SELECT request_key, idx, sha256 FROM images"), self.latest())
+        out = count_images(self.store.conn.execute(f"SELECT request_key, idx, sha256 FROM images WHERE {_LIVE_IMAGE}"),
+                           self.latest())
         out["regenerating"] = int(self.store.conn.execute(
             "SELECT COUNT(DISTINCT request_key) FROM set_aside WHERE why='review' AND request_key IN "
-            "(SELECT key FROM requests WHERE state IN ('pending', 'submitted', 'completed'))").fetchone()[0])
+            "(SELECT key FROM requests WHERE state IN ('pending', 'submitted', 'completed') "
+            f"AND {LIVE})").fetchone()[0])
         out["set_aside"] = int(self.store.conn.execute("SELECT COUNT(*) FROM set_aside").fetchone()[0])
         out["check_failed"] = int(self.store.conn.execute(
-            "SELECT COUNT(*) FROM images WHERE check_status='failed'").fetchone()[0])
+            f"SELECT COUNT(*) FROM images WHERE check_status='failed' AND {_LIVE_IMAGE}").fetchone()[0])
         return out
 
