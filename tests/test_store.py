@@ -184,6 +184,27 @@ def test_done_requests_no_longer_in_the_manifest_leave_the_results_and_come_back
         assert [rec.key for rec in store.next_due(10)] == []
 
 
+def test_a_request_whose_row_went_while_in_flight_is_not_sent_again(tmp_path: Path, open_db: OpenDb) -> None:
+    """Requeued (a retryable failure) or failed and retried after its row left the manifest: `removed`,
+    never pending, so no run pays for an image the manifest no longer asks for; it returns with its row."""
+    m = FakeManifest(tmp_path, ["a", "b"])
+    with open_db() as store:
+        store.sync(m)
+        ka, kb = keys_of(m)
+        ia, ib = store.start_attempts([NewAttempt(ka, 1, "z-image-turbo", 0.5),
+                                       NewAttempt(kb, 1, "z-image-turbo", 0.5)])
+        m.prompts = []  # both rows deleted while their tasks run
+        store.sync(m)
+        store.record_outcomes([Outcome(ia, ka, "requeue", error_code="generation_failed", not_before=0.0),
+                               Outcome(ib, kb, "failed", error_code="content_policy_violation")])
+        assert store.get_request(ka).state == State.REMOVED  # type: ignore[union-attr]
+        assert store.requeue_failed() == 0
+        assert store.next_due(10) == [] and not store.has_pending()
+        m.prompts = ["a", "b"]
+        store.sync(m)
+        assert [r.key for r in store.next_due(10)] == [ka]
+
+
 def test_bad_manifest_changes_nothing(tmp_path: Path, open_db: OpenDb) -> None:
     with open_db() as store:
         store.sync(FakeManifest(tmp_path, ["a"]))

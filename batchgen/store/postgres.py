@@ -802,10 +802,13 @@ class PostgresStore(BaseStore):
 
     def _requeue(self, cur: psycopg.Cursor[Any], key: str, not_before: float, code: str | None,
                  message: str | None, model: str | None, consume_attempt: bool, now: float) -> None:
+        # As in SQLite: a request the manifest no longer produces is `removed`, not sent again.
         cur.execute(
-            "UPDATE requests SET state='pending', not_before=%s, error_code=%s, error_message=%s, "
-            "model=COALESCE(%s, model), attempts=attempts - %s, updated_at=%s WHERE job_id=%s AND key=%s",
-            (not_before, code, message, model, 0 if consume_attempt else 1, now, self.job_id, key))
+            f"UPDATE requests SET state=CASE WHEN {LIVE} THEN 'pending' ELSE 'removed' END, not_before=%(nb)s, "
+            "error_code=%(code)s, error_message=%(msg)s, model=COALESCE(%(model)s, model), "
+            "attempts=attempts - %(back)s, updated_at=%(now)s WHERE job_id=%(job)s AND key=%(key)s",
+            {"nb": not_before, "code": code, "msg": message, "model": model, "back": 0 if consume_attempt else 1,
+             "now": now, "job": self.job_id, "key": key})
 
     def _fail(self, cur: psycopg.Cursor[Any], key: str, code: str | None, message: str | None, now: float) -> None:
         cur.execute("UPDATE requests SET state='failed', error_code=%s, error_message=%s, claimed_by=NULL, "
@@ -818,7 +821,7 @@ class PostgresStore(BaseStore):
 
     def requeue_failed(self, codes: list[str] | None = None) -> int:
         sql = ("UPDATE requests SET state='pending', attempts=0, not_before=0, model=params::json->>'model', "
-               "claimed_by=NULL, updated_at=%(now)s WHERE job_id=%(job)s AND state='failed'")
+               f"claimed_by=NULL, updated_at=%(now)s WHERE job_id=%(job)s AND state='failed' AND {LIVE}")
         if codes:
             sql += " AND error_code = ANY(%(codes)s)"
         with self._tx(write=False) as cur:

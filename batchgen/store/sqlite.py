@@ -710,9 +710,12 @@ class Store(BaseStore):
     @staticmethod
     def _requeue(c: sqlite3.Connection, key: str, not_before: float, code: str | None, message: str | None,
                  model: str | None, consume_attempt: bool, now: float) -> None:
+        # A request the manifest no longer produces (its row went while it was in flight) is not sent again:
+        # it is `removed`, and comes back pending if its row does.
         c.execute(
-            "UPDATE requests SET state='pending', not_before=?, error_code=?, error_message=?, "
-            "model=COALESCE(?, model), attempts=attempts - ?, updated_at=? WHERE key=?",
+            f"UPDATE requests SET state=CASE WHEN {LIVE} THEN 'pending' ELSE 'removed' END, not_before=?, "
+            "error_code=?, error_message=?, model=COALESCE(?, model), attempts=attempts - ?, updated_at=? "
+            "WHERE key=?",
             (not_before, code, message, model, 0 if consume_attempt else 1, now, key))
 
     @staticmethod
@@ -729,7 +732,7 @@ class Store(BaseStore):
         """`batchgen retry`: failed requests (optionally only these error codes) go back to pending with a
         fresh attempt budget and their original model. History (attempts, errors) is kept."""
         sql = ("UPDATE requests SET state='pending', attempts=0, not_before=0, "
-               "model=json_extract(params, '$.model'), updated_at=? WHERE state='failed'")
+               f"model=json_extract(params, '$.model'), updated_at=? WHERE state='failed' AND {LIVE}")
         args: list[Any] = [time.time()]
         if codes:
             sql += f" AND error_code IN ({','.join('?' * len(codes))})"
