@@ -57,3 +57,12 @@ def test_ci_runs_the_readmes_set_up_and_test_command() -> None:
     assert "--emulator" in first and "pytest" in second
     ci = (ROOT / ".ci" / "run").read_text()
     assert second in ci.splitlines()  # word for word
+
+
+def test_every_stop_reason_is_in_the_exit_codes_table() -> None:
+    """Scripts branch on the summary's `reason`: each value the engine can give is explained in the docs."""
+    from batchgen.engine.runstate import StopReason
+
+    engine_doc = (ROOT / "docs" / "run-engine.md").read_text()
+    documented = set(re.findall(r"^\| `(\w+)` \| ", engine_doc.split("## Exit codes", 1)[1], re.M))
+    assert {r.value for r in StopReason} <= documented
