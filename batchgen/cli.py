@@ -203,6 +203,10 @@ def validate(manifest: str, as_json: bool) -> None:
     for model, row in sorted(summary.by_model.items()):
         requests, images = plural(row.requests, "request", width=8), plural(row.images, "image", width=8)
         click.echo(f"  {model:34} {requests:17} {images:15} {credits_text(row.credits):>10} credits")
+    share = summary.cap_share()
+    if share is not None:
+        click.echo(f"note: run.max_credits is {credits_text(summary.max_credits or 0)}: a run stops there, after about "
+                   f"{share:.0%} of this estimate (raise it, or pass a higher --max-credits)")
 
 
 @main.command()

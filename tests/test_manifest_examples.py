@@ -50,6 +50,19 @@ def test_cli_validate_ok_text_and_json() -> None:
     assert json.loads(result.output)["requests"] == 12
 
 
+def test_validate_says_when_the_manifests_credit_cap_stops_the_job_early(tmp_path: Path) -> None:
+    items = "".join(f"  - {{id: i{i}, prompt: cat {i}}}\n" for i in range(10))
+    path = tmp_path / "job.yaml"
+    path.write_text(f"defaults: {{model: z-image-turbo}}\nrun: {{max_credits: 2}}\nitems:\n{items}")
+    result = CliRunner().invoke(main, ["validate", str(path)])
+    assert result.exit_code == 0, result.output
+    assert "note: run.max_credits is 2: a run stops there, after about 40% of this estimate" in result.output
+    data = json.loads(CliRunner().invoke(main, ["validate", "--json", str(path)]).stdout)
+    assert data["max_credits"] == 2 and data["credits"] == 5
+    path.write_text(f"defaults: {{model: z-image-turbo}}\nrun: {{max_credits: 50}}\nitems:\n{items}")
+    assert "note:" not in CliRunner().invoke(main, ["validate", str(path)]).output
+
+
 def test_cli_validate_bad_input_exits_2_with_file_row_and_field(tmp_path: Path) -> None:
     path = tmp_path / "products.csv"
     path.write_text("sku,prompt,model,size\nA,cat,gemini-3.1-flash-image-preview,1024x1024\nB,dog,nope,\n")

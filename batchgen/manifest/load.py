@@ -421,7 +421,7 @@ def _build_variants(schema: ManifestSchema, file: str, line: Callable[..., str |
 def validate(path: Path) -> ValidationSummary:
     """Expand everything, check everything, send nothing; ManifestError with every problem found."""
     manifest = open_manifest(Path(path))
-    summary = ValidationSummary(job=manifest.job.name)
+    summary = ValidationSummary(job=manifest.job.name, max_credits=manifest.job.run.max_credits)
     for planned in manifest.requests():
         summary.add(planned.request)
     manifest.raise_if_problems()

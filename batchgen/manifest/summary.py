@@ -25,6 +25,13 @@ class ValidationSummary:
     images: int = 0
     credits: float = 0.0
     by_model: dict[str, ModelTotals] = field(default_factory=dict)
+    max_credits: float | None = None  # the manifest's run.max_credits (a --max-credits flag wins over it)
+
+    def cap_share(self) -> float | None:
+        """The share of the estimate the manifest's own credit cap lets through, when it cannot cover it all."""
+        if self.max_credits is None or self.credits <= self.max_credits:
+            return None
+        return self.max_credits / self.credits
 
     def add(self, request: GenerationRequest) -> None:
         credits = request.estimated_credits()
@@ -45,6 +52,7 @@ class ValidationSummary:
             "images": self.images,
             "credits": round(self.credits, 4),
             "credits_are_estimates": True,
+            "max_credits": self.max_credits,
             "by_model": {m: {"requests": r.requests, "images": r.images, "credits": round(r.credits, 4)}
                          for m, r in sorted(self.by_model.items())},
         }
