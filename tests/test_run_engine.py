@@ -205,21 +205,36 @@ async def test_expired_result_urls(tmp_path: Path, emulator_factory: EmulatorFac
             assert len(rec.attempt_rows) == (2 if regenerate else 1)
 
 
-async def test_a_name_an_earlier_run_used_is_not_taken_over(tmp_path: Path,
-                                                           emulator_factory: EmulatorFactory) -> None:
-    """A changed prompt is a new request under the same file name: the image an earlier run saved there
-    stays, and the new one gets its key appended. (The store is asked who owns a name only when images
-    predate the run; this is the run where they do.)"""
+async def test_an_edited_row_takes_its_file_name_and_a_returning_row_takes_it_back(
+        tmp_path: Path, emulator_factory: EmulatorFactory) -> None:
+    """A changed prompt is a new request under the same file name. The name holds what the manifest asks
+    for now: the replaced request's image moves aside to _superseded/ (kept, never deleted), and when the
+    old row comes back its image gets the name back, with nothing submitted. (Found by a new-user
+    walkthrough: a_1.png kept the old picture and the new one was saved as a_1-<key>.png.)"""
+    import hashlib
+
     from tests.run_support import image_files, out_of
 
+    def sha(path: Path) -> str:
+        return hashlib.sha256(path.read_bytes()).hexdigest()
+
     emu = await emulator_factory()
-    manifest = write_job(tmp_path, [{"id": "a", "prompt": "a red chair"}])
+    manifest = write_job(tmp_path, [{"id": "a", "prompt": "a red chair"}, {"id": "b", "prompt": "a stool"}])
     assert await run(manifest, emu.base_url) == 0
-    first = (out_of(manifest) / "a_1.png").read_bytes()
-    write_job(tmp_path, [{"id": "a", "prompt": "a blue chair"}])
+    out = out_of(manifest)
+    red = sha(out / "a_1.png")
+    write_job(tmp_path, [{"id": "a", "prompt": "a blue chair"}, {"id": "b", "prompt": "a stool"}])
     assert await run(manifest, emu.base_url) == 0
-    names = sorted(p.name for p in image_files(out_of(manifest)))
-    assert len(names) == 2 and names[1] == "a_1.png", names
-    assert names[0].startswith("a_1-") and names[0].endswith(".png"), names
-    assert (out_of(manifest) / "a_1.png").read_bytes() == first
-    assert check_outputs(manifest)["images"] == 2
+    blue = sha(out / "a_1.png")
+    assert blue != red
+    names = sorted(str(p.relative_to(out)) for p in image_files(out))
+    assert names == ["_superseded/a_1." + red[:12] + ".png", "a_1.png", "b_1.png"], names
+    assert check_outputs(manifest)["images"] == 3
+    tasks = len(emu.tasks())
+    write_job(tmp_path, [{"id": "a", "prompt": "a red chair"}, {"id": "b", "prompt": "a stool"}])
+    assert await run(manifest, emu.base_url) == 0
+    assert len(emu.tasks()) == tasks  # the red chair was paid for once: nothing is generated again
+    assert sha(out / "a_1.png") == red
+    names = sorted(str(p.relative_to(out)) for p in image_files(out))
+    assert names == ["_superseded/a_1." + blue[:12] + ".png", "a_1.png", "b_1.png"], names
+    assert check_outputs(manifest)["images"] == 3

@@ -205,6 +205,29 @@ def test_a_request_whose_row_went_while_in_flight_is_not_sent_again(tmp_path: Pa
         assert [r.key for r in store.next_due(10)] == [ka]
 
 
+def test_images_moved_aside_and_back_as_rows_leave_and_return(tmp_path: Path, open_db: OpenDb) -> None:
+    """The store's part of engine/names.py: who is live, where an image now is, which live images are aside."""
+    m = FakeManifest(tmp_path, ["a", "b"])
+    with open_db() as store:
+        store.sync(m)
+        ka, kb = keys_of(m)
+        done_with_image(store, ka, "sha-a")
+        done_with_image(store, kb, "sha-b")
+        assert store.is_live(ka) and store.is_live(kb)
+        m.prompts = ["a"]
+        store.sync(m)
+        assert store.is_live(ka) and not store.is_live(kb)
+        store.move_image(kb, 1, "_superseded/b_1.sha-b.png")
+        assert store.images_for(kb)[0].path == "_superseded/b_1.sha-b.png"
+        assert store.path_owner([f"{kb}_1.png"]) is None
+        assert store.live_images_under("_superseded/") == []  # b is not live: its image stays aside
+        m.prompts = ["a", "b"]
+        store.sync(m)
+        assert [(i.request_key, i.path) for i in store.live_images_under("_superseded/")] == [
+            (kb, "_superseded/b_1.sha-b.png")]
+        assert store.live_images_under("xsuperseded/") == []  # a prefix, not a pattern
+
+
 def test_bad_manifest_changes_nothing(tmp_path: Path, open_db: OpenDb) -> None:
     with open_db() as store:
         store.sync(FakeManifest(tmp_path, ["a"]))

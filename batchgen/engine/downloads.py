@@ -19,7 +19,7 @@ import asyncio
 import time
 from typing import TYPE_CHECKING
 
-from batchgen.engine import intake
+from batchgen.engine import intake, names
 from batchgen.engine.health import CallHealth
 from batchgen.engine.runstate import Counters, StopReason, Tracked
 from batchgen.errors import ApiError, LocalFaultError, code_of, is_transient
@@ -118,7 +118,7 @@ class Downloads:
                 index = 1
                 continue
             try:
-                rel = self._relpath(t, index)
+                rel = await self._name(t, index)
                 got = await self.intake.take_in(rel, data, t.req.params.get("size"), self.cfg.quality)
             except StorageError as error:
                 # Not the request's fault: it stays completed (its task id kept) and the next run stores it.
@@ -184,7 +184,7 @@ class Downloads:
             self.host.halt(StopReason.STORAGE, f"{error}; resumable once the storage works")
             return False
 
-    def _relpath(self, t: Tracked, index: int) -> str:
+    async def _name(self, t: Tracked, index: int) -> str:
         req = t.req
         rel = naming.image_relpath(self.cfg.filename_template, item_id=req.item_id, variant=req.variant,
                                    metadata=req.metadata, model=t.model, key=req.key, index=index)
@@ -193,6 +193,11 @@ class Downloads:
         owner = self._claimed.get(rel)
         if owner is None and self._names_elsewhere:
             owner = self.store.path_owner([rel + ext for ext in outputs.EXTENSIONS.values()])
+            if owner is not None and owner != req.key and not self.store.is_live(owner):
+                # The name is the current request's: the image of the one it replaced moves aside (names.py).
+                self._claimed[rel] = req.key
+                await names.supersede(self.store, self.storage, owner, rel)
+                return rel
         if owner is not None and owner != req.key:
             rel = f"{rel}-{req.key[-8:]}"
         self._claimed[rel] = req.key

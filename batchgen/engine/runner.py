@@ -33,6 +33,7 @@ from batchgen import catalog
 from batchgen.engine import collector, shares
 from batchgen.engine.keyfile import KeySource, load_keys
 from batchgen.engine.keypool import KeyPool, KeyState, PooledKey, refusal_state
+from batchgen.engine.names import restore_names
 from batchgen.engine.progress import Progress
 from batchgen.engine.recovery import images_durable, reopen_lost_images
 from batchgen.engine.rejects import requeue_rejected
@@ -239,6 +240,12 @@ async def _drive(store: Store, job: JobSpec, settings: RunSettings, options: Run
     progress: Progress | None = None
     # Images the last run recorded but the machine going down took back: downloaded again (recovery.py).
     lost = reopen_lost_images(store, storage)
+    # Rows that came back get their images' file names back from the versions that replaced them (names.py).
+    restored = restore_names(store, storage) if added or removed else 0
+    if restored:
+        warnings = [*(warnings or []), f"{plural(restored, 'image')} of rows back in the manifest "
+                    f"{'has its' if restored == 1 else 'have their'} file names again (the versions that "
+                    "replaced them are kept in _superseded/)"]
     if lost:
         warnings = [*(warnings or []), f"the last run did not finish and {plural(len(lost), 'image')} it recorded "
                     f"{'is' if len(lost) == 1 else 'are'} not on disk whole (e.g. {lost[0]}): downloaded again"]

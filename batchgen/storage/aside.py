@@ -15,14 +15,23 @@ from batchgen.storage.base import Storage
 from batchgen.storage.outputs import CONTENT_TYPES
 
 REJECTED_DIR = "_rejected"
+# Images of requests the manifest no longer produces, moved off a name the current request needs.
+SUPERSEDED_DIR = "_superseded"
 
 
-def aside_relpath(relpath: str, sha256: str, extension: str | None = None) -> str:
-    """`_rejected/<relpath without extension>.<sha12><extension>` (POSIX, relative to the output folder)."""
+def aside_relpath(relpath: str, sha256: str, extension: str | None = None, folder: str = REJECTED_DIR) -> str:
+    """`<folder>/<relpath without extension>.<sha12><extension>` (POSIX, relative to the output folder)."""
     p = PurePosixPath(relpath)
     ext = extension if extension is not None else p.suffix
     stem = p.with_suffix("") if p.suffix else p
-    return f"{REJECTED_DIR}/{stem}.{sha256[:12]}{ext}"
+    return f"{folder}/{stem}.{sha256[:12]}{ext}"
+
+
+def original_relpath(aside_rel: str, folder: str) -> str:
+    """The path an image had before `aside_relpath` moved it into `folder` (its inverse)."""
+    p = PurePosixPath(aside_rel).relative_to(folder)
+    stem, _, _sha12 = p.stem.rpartition(".")
+    return str(p.with_name(stem + p.suffix))
 
 
 def write_aside(storage: Storage, relpath: str, data: bytes) -> None:

@@ -230,6 +230,18 @@ class BaseStore(abc.ABC):
     def path_owner(self, paths: Sequence[str]) -> str | None: ...
 
     @abc.abstractmethod
+    def is_live(self, key: str) -> bool:
+        """Whether the manifest last synced still produces this request (store/live.py)."""
+
+    @abc.abstractmethod
+    def move_image(self, key: str, idx: int, path: str) -> None:
+        """Record that an image now lives at `path` (moved aside, or back to its name)."""
+
+    @abc.abstractmethod
+    def live_images_under(self, prefix: str) -> list[ImageRecord]:
+        """The images of live requests whose path starts with `prefix` (a folder such as `_superseded/`)."""
+
+    @abc.abstractmethod
     def finish_request(self, key: str) -> None: ...
 
     @abc.abstractmethod

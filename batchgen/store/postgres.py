@@ -781,6 +781,20 @@ class PostgresStore(BaseStore):
                           (self.job_id, list(paths)))
         return None if value is None else str(value)
 
+    def is_live(self, key: str) -> bool:
+        return self._one(f"SELECT 1 FROM requests WHERE job_id = %(job)s AND key = %(key)s AND {LIVE}",
+                         self._a(key=key)) is not None
+
+    def move_image(self, key: str, idx: int, path: str) -> None:
+        with self._tx(write=False) as cur:
+            cur.execute("UPDATE images SET path=%s WHERE job_id=%s AND request_key=%s AND idx=%s",
+                        (path, self.job_id, key, idx))
+
+    def live_images_under(self, prefix: str) -> list[ImageRecord]:
+        return self._image_rows("substr(path, 1, %(n)s) = %(prefix)s AND request_key IN (SELECT key FROM requests "
+                                f"WHERE job_id = %(job)s AND {LIVE}) ORDER BY request_key, idx",
+                                n=len(prefix), prefix=prefix)
+
     def finish_request(self, key: str) -> None:
         with self._tx(write=False) as cur:
             cur.execute("UPDATE requests SET state='done', error_code=NULL, error_message=NULL, claimed_by=NULL, "

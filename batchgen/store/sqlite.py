@@ -687,6 +687,18 @@ class Store(BaseStore):
                                 "LIMIT 1", tuple(paths)).fetchone()
         return None if row is None else str(row[0])
 
+    def is_live(self, key: str) -> bool:
+        return self.conn.execute(f"SELECT 1 FROM requests WHERE key=? AND {LIVE}", (key,)).fetchone() is not None
+
+    def move_image(self, key: str, idx: int, path: str) -> None:
+        with self._tx() as c:
+            c.execute("UPDATE images SET path=? WHERE request_key=? AND idx=?", (path, key, idx))
+
+    def live_images_under(self, prefix: str) -> list[ImageRecord]:
+        # substr, not LIKE: `_` is a LIKE wildcard and the folder names start with one.
+        return self._image_rows(f"substr(path, 1, ?) = ? AND request_key IN (SELECT key FROM requests WHERE {LIVE}) "
+                                "ORDER BY request_key, idx", [len(prefix), prefix])
+
     def finish_request(self, key: str) -> None:
         with self._tx() as c:
             c.execute("UPDATE requests SET state='done', error_code=NULL, error_message=NULL, updated_at=? WHERE key=?",
