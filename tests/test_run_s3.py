@@ -13,6 +13,7 @@ import pytest
 import yaml
 
 from batchgen.errors import ManifestError
+from batchgen.models import State
 from batchgen.results.provenance import find
 from batchgen.results.status import collect
 from batchgen.storage.location import storage_for_job
@@ -35,8 +36,10 @@ def check_bucket(manifest: Path, s3: S3Env, prefix: str) -> dict[str, int]:
     with Store(db_of(manifest)) as store:
         states: dict[str, int] = {}
         recorded = {}
-        for rec in store.iter_requests():
-            states[rec.state.value] = states.get(rec.state.value, 0) + 1
+        # Every request's images, those no longer in the manifest too (their objects stay); states of live ones.
+        for rec in store.iter_requests(states=[s.value for s in State]):
+            if store.is_live(rec.key):
+                states[rec.state.value] = states.get(rec.state.value, 0) + 1
             for img in rec.images:
                 recorded[f"{prefix}/{img.path}"] = img
     objects = [k for k in s3.object_keys(prefix + "/") if k.endswith(".png")]
@@ -75,6 +78,28 @@ async def test_a_job_writes_to_the_bucket_and_records_where(tmp_path: Path, emul
     client = s3.client()
     for key in ("jobs/one/results.csv", "jobs/one/index.jsonl"):
         assert s3.secret.encode() not in client.get_object(Bucket=s3.bucket, Key=key)["Body"].read()
+
+
+async def test_an_edited_row_takes_its_name_in_the_bucket_and_a_returning_row_takes_it_back(
+        tmp_path: Path, emulator_factory: EmulatorFactory, s3: S3Env) -> None:
+    """engine/names.py on a bucket: the replaced object moves under _superseded/ and back, nothing sent."""
+    emu = await emulator_factory()
+    manifest = write_job(tmp_path, [{"id": "a", "prompt": "a red chair"}])
+    url = s3.url("jobs/edit")
+    assert await run(manifest, emu.base_url, out_dir=url) == 0
+    write_job(tmp_path, [{"id": "a", "prompt": "a blue chair"}])
+    assert await run(manifest, emu.base_url, out_dir=url) == 0
+    keys = sorted(k for k in s3.object_keys("jobs/edit/") if k.endswith(".png"))
+    assert len(keys) == 2 and keys[0].startswith("jobs/edit/_superseded/a_1.") and keys[1] == "jobs/edit/a_1.png"
+    check_bucket(manifest, s3, "jobs/edit")
+    tasks = len(emu.tasks())
+    write_job(tmp_path, [{"id": "a", "prompt": "a red chair"}])
+    assert await run(manifest, emu.base_url, out_dir=url) == 0
+    assert len(emu.tasks()) == tasks
+    assert check_bucket(manifest, s3, "jobs/edit") == {"done": 1}
+    with Store(db_of(manifest)) as store:
+        [live] = list(store.iter_requests())
+        assert [img.path for img in live.images] == ["a_1.png"]
 
 
 async def test_resume_checks_stored_objects_and_rewrites_only_wrong_ones(
