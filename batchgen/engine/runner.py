@@ -244,7 +244,7 @@ async def _drive(store: Store, job: JobSpec, settings: RunSettings, options: Run
     restored = restore_names(store, storage) if added or removed else 0
     if restored:
         warnings = [*(warnings or []), f"{plural(restored, 'image')} of rows back in the manifest "
-                    f"{'has its' if restored == 1 else 'have their'} file names again (the versions that "
+                    f"{'has its file name' if restored == 1 else 'have their file names'} again (the versions that "
                     "replaced them are kept in _superseded/)"]
     if lost:
         warnings = [*(warnings or []), f"the last run did not finish and {plural(len(lost), 'image')} it recorded "
