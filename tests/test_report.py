@@ -123,6 +123,23 @@ def test_tiles_match_the_per_image_export(job: Job, report: tuple[Path, int], tm
     assert len(groups) == 6
 
 
+def test_a_tiles_credits_are_its_images_share_as_in_the_export(job: Job, tmp_path: Path) -> None:
+    """An n: 2 request's two tiles showed its whole charge each; the export shares it evenly per image."""
+    import csv
+
+    from batchgen.results.sheet import gather
+    from batchgen.store.open import open_store
+
+    export_results(job.db, output=tmp_path / "rows.csv")
+    with (tmp_path / "rows.csv").open(newline="", encoding="utf-8") as fh:
+        exported = [float(r["credits"]) for r in csv.DictReader(fh)]
+    with open_store(job.db) as store:
+        sheet = gather(store, job.out_dir)
+    shown = [t.credits for g in sheet.groups for t in g.tiles]
+    assert sorted(shown) == pytest.approx(sorted(exported))
+    assert sum(shown) == pytest.approx(sum(exported))
+
+
 def test_hostile_values_stay_text(report: tuple[Path, int]) -> None:
     path, _ = report
     page = parse(path)

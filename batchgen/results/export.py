@@ -151,6 +151,13 @@ def request_credits(req: RequestRecord) -> float:
     return round(sum(a.credits_used or 0.0 for a in req.attempt_rows), 6)
 
 
+def image_credits(req: RequestRecord) -> float:
+    """One image's share of its request's charge (shared evenly), so the images' figures sum to the job's cost;
+    a request without images carries its whole charge."""
+    total = request_credits(req)
+    return round(total / len(req.images), 6) if req.images else total
+
+
 def producing_attempt(req: RequestRecord, img: ImageRecord | None = None) -> AttemptRecord | None:
     """The attempt that made `img` (or, without an image, the request's latest attempt)."""
     if img is not None and img.attempt_id is not None:
@@ -201,9 +208,8 @@ def row_for_image(req: RequestRecord, img: ImageRecord | None, columns: Columns,
         if img is not None else "",
         "review_reason": (rv.reason or "") if rv else "",
     })
-    total = request_credits(req)
     row.update({
-        "credits": round(total / len(req.images), 6) if img is not None and req.images else total,
+        "credits": image_credits(req) if img is not None else request_credits(req),
         "image_index": img.idx if img is not None else "",
         "width": img.width if img is not None and img.width is not None else "",
         "height": img.height if img is not None and img.height is not None else "",

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from batchgen.results.export import Reviews, input_field_order, ordered, producing_attempt, request_credits
+from batchgen.results.export import Reviews, image_credits, input_field_order, ordered, producing_attempt
 from batchgen.storage.base import Storage
 from batchgen.storage.local import LocalStorage
 from batchgen.store.base import BaseStore as Store
@@ -152,7 +152,7 @@ class _Gatherer:
         common: dict[str, Any] = {
             "request_key": req.key, "item_id": req.item_id, "prompt": str(req.params.get("prompt", "")),
             "variant": " · ".join(f"{k}: {req.variant[k]}" for k in keys), "model": model,
-            "status": req.state.value, "credits": request_credits(req),
+            "status": req.state.value, "credits": image_credits(req),  # as the export's per-image column
             "search": " ".join(dict.fromkeys(v.lower() for v in [req.item_id, *req.metadata.values()])),
         }
         base = " ".join([req.item_id, *(req.variant[k] for k in keys)])
