@@ -15,6 +15,7 @@ from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 
+from batchgen.results.status import collect, render_text
 from batchgen.store.open import open_store
 from tests.emulator_fixtures import API_KEY, EmulatorProcess
 from tests.run_support import check_outputs, db_of, image_files, out_of, prompts, write_job
@@ -106,10 +107,18 @@ def test_images_the_machine_took_back_are_downloaded_again_after_a_kill(
     manifest = write_job(tmp_path, prompts(150), run={"rate": "40/s", "concurrency": 20})
     proc = start_run(manifest, emu)
     wait_for_images(manifest, proc, 30)
+    sqlite_job = isinstance(db_of(manifest), Path)
+    if sqlite_job:  # status tells a run still going from one that was killed (its lock file names it)
+        running = collect(db_of(manifest))["last_run"]
+        assert running["running"] is True and running["pid"] == proc.pid
     proc.send_signal(signal.SIGKILL)
     proc.wait(timeout=10)
     assert proc.stderr is not None
     proc.stderr.close()
+    if sqlite_job:
+        killed = collect(db_of(manifest))
+        assert killed["last_run"]["running"] is False
+        assert "did not finish: stopped without recording its end (killed?)" in render_text(killed)
     saved = image_files(out_of(manifest))
     assert len(saved) >= 30, "the run was killed before it saved enough images"
     saved[0].write_bytes(b"")  # a new file whose data never reached the disk

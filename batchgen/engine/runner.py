@@ -332,7 +332,7 @@ async def _drive(store: Store, job: JobSpec, settings: RunSettings, options: Run
         store.run_log.finish(run_id, code, reason.value, summary)
     except LocalFaultError as error:
         # The database cannot be written (disk full): everything before this was committed; only this run's
-        # own record stays open (`batchgen status` shows it as "running or killed").
+        # own record stays open (`batchgen status` tells, from the lock file, whether it still runs).
         progress.event("warning", {"message": f"could not record the end of this run: {error}"})
     await asyncio.to_thread(_write_export, store, storage, progress)
     progress.summary(summary)

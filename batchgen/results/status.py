@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from batchgen.store.open import open_store
+from batchgen.store.sqlite_runners import lock_holder
 from batchgen.units import credits_text, plural, rate_text
 
 
@@ -75,6 +76,12 @@ def collect(db_path: Path | str, job_name: str | None = None) -> dict[str, Any]:
         out["runs"] = [_run_record(run) for run in runs]
         if runs:
             out["last_run"] = out["runs"][-1]
+            if out["last_run"]["finished_at"] is None:
+                # Still going, or killed? A SQLite job's lock file names the run that holds it; a shared
+                # store's live runners are listed under `runners`.
+                holder = None if store.shared else lock_holder(Path(store.location))
+                out["last_run"]["running"] = bool(holder) if not store.shared else bool(out["runners"])
+                out["last_run"]["pid"] = holder.get("pid") if holder else None
         return out
 
 
@@ -133,7 +140,12 @@ def render_text(s: dict[str, Any]) -> str:
     last = s.get("last_run")
     if last:
         when = time.strftime("%Y-%m-%d %H:%M", time.localtime(last["started_at"]))
-        ended = f"exit {last['exit_code']}, {last['reason']}" if last["finished_at"] else "running or killed"
+        if last["finished_at"]:
+            ended = f"exit {last['exit_code']}, {last['reason']}"
+        elif last.get("running"):
+            ended = "running" + (f", pid {last['pid']}" if last.get("pid") else "")
+        else:
+            ended = "did not finish: stopped without recording its end (killed?); the next run resumes it"
         rate = last.get("rate")
         lines.append(f"last run: {when} ({ended})" + (f"; {rate_text(rate)}" if rate else ""))
     return "\n".join(lines)

@@ -86,6 +86,26 @@ class RunLock:
             self._fd = None
 
 
+def lock_holder(db_path: Path) -> dict[str, object] | None:
+    """The run holding this database's lock, as its lock file names it (`pid`, `host`, `since`), when that
+    process is alive on this host; None when no run holds it. Read without taking the lock, so a run
+    starting meanwhile is never refused because someone looked."""
+    try:
+        info = json.loads(Path(str(db_path) + ".lock").read_text(encoding="utf-8") or "null")
+        pid, host = int(info["pid"]), str(info["host"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    if host != socket.gethostname():
+        return info  # another host's: it cannot be checked from here
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return None  # killed: the lock file still names it, but the lock went with it
+    except PermissionError:
+        pass  # alive, run by another user
+    return info
+
+
 def _holder_message(path: Path, text: str) -> str:
     db = str(path)[: -len(".lock")]
     try:
