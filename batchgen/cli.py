@@ -362,7 +362,8 @@ def retry(manifest: str | None, db: str | None, job: str | None, codes: tuple[st
 @click.argument("manifest", required=False, type=click.Path(dir_okay=False))
 @_store_options
 @click.option("--format", "fmt", type=click.Choice(["csv", "jsonl"]), default="csv", show_default=True)
-@click.option("-o", "--output", type=click.Path(dir_okay=False), help="File to write (default: stdout).")
+@click.option("-o", "--output", type=click.Path(dir_okay=False, allow_dash=True),
+              help="File to write (default, or -: stdout).")
 @click.option("--per-request", is_flag=True, help="One row per request instead of one per image.")
 @_guarded
 def export(manifest: str | None, db: str | None, job: str | None, fmt: str, output: str | None,
@@ -377,6 +378,7 @@ def export(manifest: str | None, db: str | None, job: str | None, fmt: str, outp
     from batchgen.results.export import export_results
 
     target, job = _resolve_db(manifest, db, job)
+    output = None if output == "-" else output
     count = export_results(target, job=job, fmt=fmt, output=Path(output) if output else None,
                            per_request=per_request)
     if output:
@@ -387,8 +389,8 @@ def export(manifest: str | None, db: str | None, job: str | None, fmt: str, outp
 @click.argument("manifest", required=False, type=click.Path(dir_okay=False))
 @_store_options
 @click.option("-o", "--output", default=None,
-              help="HTML file to write, or s3://bucket/prefix/name.html (default: report.html in the output "
-                   "folder or bucket).")
+              help="HTML file to write (- for stdout), or s3://bucket/prefix/name.html (default: report.html in "
+                   "the output folder or bucket).")
 @_guarded
 def report(manifest: str | None, db: str | None, job: str | None, output: str | None) -> None:
     """Write a self-contained HTML contact sheet of a job's images and failures.
@@ -405,6 +407,7 @@ def report(manifest: str | None, db: str | None, job: str | None, output: str | 
     from batchgen.storage.atomicfile import is_special
 
     target, job = _resolve_db(manifest, db, job)
+    output = "/dev/stdout" if output == "-" else output  # written into as it is (storage/atomicfile.py)
     report_to = (output if output.startswith("s3://") else Path(output)) if output else None
     # A report into /dev/stdout or a pipe: our lines must not end up after its </html>.
     to_stderr = report_to is not None and is_special(report_to)

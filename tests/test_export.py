@@ -331,3 +331,28 @@ def test_an_output_in_a_folder_that_takes_no_files_is_bad_input(job: Job, comman
     result = CliRunner().invoke(main, [command, "--db", str(job.db), "-o", "/proc/x.out"])
     assert result.exit_code == 2, result.output
     assert result.output == f"error: cannot write the {command} /proc/x.out: /proc does not accept new files\n"
+
+
+def test_dash_is_stdout_and_dev_stdout_appended_to_a_log_keeps_what_it_held(job: Job, tmp_path: Path) -> None:
+    """`-o -` is stdout (no file named "-"); `-o /dev/stdout >> log` appends, as the shell was asked: the
+    file the descriptor names is written into as it is, not replaced (which dropped the earlier lines)."""
+    import subprocess
+    import sys
+
+    repo = Path(__file__).resolve().parent.parent
+    env = {**os.environ, "PYTHONPATH": str(repo)}
+    cmd = [sys.executable, "-m", "batchgen", "export", "--db", str(job.db)]
+    dashed = subprocess.run([*cmd, "-o", "-"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60)
+    assert dashed.returncode == 0, dashed.stderr
+    assert len(list(csv.DictReader(io.StringIO(dashed.stdout, newline="")))) == TILES
+    assert not (tmp_path / "-").exists()
+    log = tmp_path / "app.log"
+    log.write_text("earlier line\n")
+    for _ in range(2):
+        with log.open("a") as fh:
+            done = subprocess.run([*cmd, "-o", "/dev/stdout"], stdout=fh, stderr=subprocess.PIPE, env=env,
+                                  text=True, timeout=60)
+        assert done.returncode == 0, done.stderr
+    first, rest = log.read_text().split("\n", 1)
+    records = list(csv.reader(io.StringIO(rest, newline="")))  # cells may hold line breaks
+    assert first == "earlier line" and len(records) == 2 * (TILES + 1) and records[0] == records[TILES + 1]

@@ -12,7 +12,10 @@ it rather than write to it:
 - a symlink is followed: the file it points to is replaced atomically and the link stays;
 - a target that exists and is not a regular file (a FIFO, `/dev/stdout`, `/dev/null`) is opened and
   written straight into — it has no folder of its own to hold a temporary file, and renaming over a
-  device node would destroy it.
+  device node would destroy it;
+- one of this process's own descriptors (`/dev/stdout`, `/dev/stderr`, `/dev/fd/N`, `/proc/self/fd/N`)
+  is written into as it is, even when it is a regular file (`... -o /dev/stdout >> log`): replacing the
+  file it names would drop what it held, and reopening it would truncate it.
 
 Errors come out as ours, without a traceback: a target that cannot be created (its parent is a file, a
 folder that takes no files such as /proc, no permission, read-only) is the user's argument (ConfigError,
@@ -25,6 +28,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import re
 import stat
 import tempfile
 from collections.abc import Iterator
@@ -37,8 +41,24 @@ from batchgen.errors import ConfigError, LocalFaultError, describe_os_error
 _FAULTS = (errno.ENOSPC, errno.EDQUOT, errno.EIO)
 
 
+_OWN_FD = re.compile(r"/(?:dev/fd|proc/self/fd)/(\d+)")
+_STD_STREAMS = {"/dev/stdout": 1, "/dev/stderr": 2}
+
+
+def own_descriptor(target: Path | str) -> int | None:
+    """The descriptor of this process that `target` names (`/dev/stdout` is 1), if it names one."""
+    text = str(target)
+    if text in _STD_STREAMS:
+        return _STD_STREAMS[text]
+    found = _OWN_FD.fullmatch(text)
+    return int(found.group(1)) if found else None
+
+
 def is_special(target: Path | str) -> bool:
-    """Whether `target` exists (links followed) and is not a regular file: a FIFO, a device, a socket."""
+    """Whether `target` is written straight into: one of our own descriptors, or a path that exists (links
+    followed) and is not a regular file (a FIFO, a device, a socket)."""
+    if own_descriptor(target) is not None:
+        return True
     try:
         return not stat.S_ISREG(os.stat(target).st_mode)
     except OSError:
@@ -52,6 +72,9 @@ def open_output(target: Path | str, *, newline: str | None = None,
 
     `what` starts the error messages ("cannot write the export"); they name `target` as given."""
     target = Path(target)
+    fd = own_descriptor(target)
+    if fd is not None:
+        return _descriptor(fd, target, newline, what)
     try:
         special = not stat.S_ISREG(os.stat(target).st_mode)
     except FileNotFoundError:
@@ -64,6 +87,20 @@ def open_output(target: Path | str, *, newline: str | None = None,
     # for a regular file and leave the linked file as it was.
     real = Path(os.path.realpath(target)) if target.is_symlink() else target
     return _replacing(real, target, newline, what)
+
+
+@contextlib.contextmanager
+def _descriptor(fd: int, target: Path, newline: str | None, what: str) -> Iterator[IO[str]]:
+    try:
+        fh = os.fdopen(os.dup(fd), "w", encoding="utf-8", newline=newline)
+    except OSError as error:  # EBADF: that descriptor is not open
+        raise ConfigError(f"{what} {target}: {describe_os_error(error)}") from None
+    try:
+        with fh:
+            yield fh
+            fh.flush()
+    except OSError as error:
+        raise LocalFaultError(what, str(target), error) from None
 
 
 @contextlib.contextmanager
