@@ -8,8 +8,7 @@ JSON keys: `job`, `total` (the requests of the current manifest; the state count
 `pending`, `in_flight` (submitted + completed, i.e. a task exists and its images are not all on disk),
 `submitted`, `completed`, `done`, `failed`, `removed` (requests no longer in the manifest, whatever their
 state: store/live.py), `waiting_retry` (pending with a future not-before), `credits` {`reserved` (tasks in
-flight),
-`used` (finished tasks), `spent` (both), `estimated_remaining` (catalogue estimate of what is pending)},
+flight), `used` (finished tasks), `spent` (both), `estimated_remaining` (catalogue estimate of what is pending)},
 `images` (files saved), `image_bytes`, `failures` [{`code`, `count`, `messages` [{`message`, `count`}] (the 3
 commonest), `other_messages` (the failures of that code not among them)}],
 `last_run` ({`started_at`, `finished_at`, `exit_code`, `reason`, `rate`} or null), `runs` (the same for every
@@ -33,7 +32,6 @@ from pathlib import Path
 from typing import Any
 
 from batchgen.store.open import open_store
-from batchgen.store.sqlite_runners import lock_holder
 from batchgen.units import credits_text, plural, rate_text
 
 
@@ -77,11 +75,8 @@ def collect(db_path: Path | str, job_name: str | None = None) -> dict[str, Any]:
         if runs:
             out["last_run"] = out["runs"][-1]
             if out["last_run"]["finished_at"] is None:
-                # Still going, or killed? A SQLite job's lock file names the run that holds it; a shared
-                # store's live runners are listed under `runners`.
-                holder = None if store.shared else lock_holder(Path(store.location))
-                out["last_run"]["running"] = bool(holder) if not store.shared else bool(out["runners"])
-                out["last_run"]["pid"] = holder.get("pid") if holder else None
+                # Still going, or killed? (A SQLite job's lock file, a shared store's live runners.)
+                out["last_run"]["running"], out["last_run"]["pid"] = store.runners.running()
         return out
 
 

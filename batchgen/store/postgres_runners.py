@@ -96,6 +96,9 @@ class PostgresRunners(Runners):
         return [RunnerInfo(id=r["id"], host=r["host"], pid=r["pid"], started_at=r["started_at"],
                            heartbeat_at=r["heartbeat_at"], claimed=int(r["claimed"])) for r in rows]
 
+    def running(self) -> tuple[bool, int | None]:
+        return bool(self.live()), None  # several processes may share the job: no single pid
+
     def elapsed_s(self) -> float:
         row = self.store._one(f"SELECT {DB_NOW} - group_started_at FROM jobs WHERE id = %s", (self.store.job_id,))
         return max(0.0, float(row)) if row is not None else 0.0

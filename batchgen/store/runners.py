@@ -43,6 +43,11 @@ class Runners(abc.ABC):
         """The runners sharing this job right now (single-runner stores: none are recorded)."""
 
     @abc.abstractmethod
+    def running(self) -> tuple[bool, int | None]:
+        """Whether a run of this job is going right now, read without joining it (`batchgen status`), and
+        the pid of the process that holds it where one does (SQLite: the run lock's holder)."""
+
+    @abc.abstractmethod
     def elapsed_s(self) -> float:
         """Seconds since the job's current group of runners started (for a job-wide --max-runtime); 0 for
         single-runner stores, where this run's own start counts."""

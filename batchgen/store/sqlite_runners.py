@@ -53,6 +53,9 @@ class SqliteRunners(Runners):
     def live(self) -> list[RunnerInfo]:
         return []
 
+    def running(self) -> tuple[bool, int | None]:
+        return RunLock(self.store.path).holder()
+
     def elapsed_s(self) -> float:
         return 0.0
 
@@ -78,32 +81,31 @@ class RunLock:
         os.pwrite(fd, json.dumps(info).encode(), 0)
         self._fd = fd
 
+    def holder(self) -> tuple[bool, int | None]:
+        """Whether a run holds this lock, as the lock file names it, and its pid when it runs on this host
+        (alive: a run elsewhere cannot be checked from here, so it counts as running). Read without taking
+        the lock, so a run starting meanwhile is never refused because someone looked."""
+        try:
+            info = json.loads(self.path.read_text(encoding="utf-8") or "null")
+            pid, host = int(info["pid"]), str(info["host"])
+        except (OSError, ValueError, KeyError, TypeError):
+            return False, None  # no file, or emptied by the holder's release: nobody holds it
+        if host != socket.gethostname():
+            return True, None
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False, None  # killed: the file still names it, but the lock went with it
+        except PermissionError:
+            pass  # alive, run by another user
+        return True, pid
+
     def release(self) -> None:
         if self._fd is not None:
             with contextlib.suppress(OSError):
                 os.ftruncate(self._fd, 0)
             os.close(self._fd)  # closing drops the flock
             self._fd = None
-
-
-def lock_holder(db_path: Path) -> dict[str, object] | None:
-    """The run holding this database's lock, as its lock file names it (`pid`, `host`, `since`), when that
-    process is alive on this host; None when no run holds it. Read without taking the lock, so a run
-    starting meanwhile is never refused because someone looked."""
-    try:
-        info = json.loads(Path(str(db_path) + ".lock").read_text(encoding="utf-8") or "null")
-        pid, host = int(info["pid"]), str(info["host"])
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
-    if host != socket.gethostname():
-        return info  # another host's: it cannot be checked from here
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return None  # killed: the lock file still names it, but the lock went with it
-    except PermissionError:
-        pass  # alive, run by another user
-    return info
 
 
 def _holder_message(path: Path, text: str) -> str:
