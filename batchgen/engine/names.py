@@ -20,7 +20,6 @@ from pathlib import PurePosixPath
 from batchgen.storage.aside import SUPERSEDED_DIR, aside_relpath, original_relpath
 from batchgen.storage.base import Storage
 from batchgen.store.base import BaseStore
-from batchgen.store.records import ImageRecord
 
 
 def _stem(path: str) -> str:
@@ -28,17 +27,17 @@ def _stem(path: str) -> str:
     return str(p.with_suffix("")) if p.suffix else path
 
 
-def _held(store: BaseStore, owner: str, rel_no_ext: str) -> list[ImageRecord]:
-    """The images of `owner` saved under `rel_no_ext` with any extension."""
-    return [img for img in store.images_for(owner) if _stem(img.path) == rel_no_ext]
+def _aside(store: BaseStore, owner: str, rel_no_ext: str) -> list[tuple[int, str, str]]:
+    """(idx, path, path aside) for each image of `owner` saved under `rel_no_ext` with any extension."""
+    return [(img.idx, img.path, aside_relpath(img.path, img.sha256, folder=SUPERSEDED_DIR))
+            for img in store.images_for(owner) if _stem(img.path) == rel_no_ext]
 
 
 async def supersede(store: BaseStore, storage: Storage, owner: str, rel_no_ext: str) -> None:
     """Move the images of `owner`, a request no longer in the manifest, off the name `rel_no_ext`."""
-    for img in _held(store, owner, rel_no_ext):
-        new = aside_relpath(img.path, img.sha256, folder=SUPERSEDED_DIR)
-        await asyncio.to_thread(storage.move, img.path, new)
-        store.move_image(owner, img.idx, new)
+    for idx, path, aside in _aside(store, owner, rel_no_ext):
+        await asyncio.to_thread(storage.move, path, aside)  # a bucket's copy must not hold up the loop
+        store.move_image(owner, idx, aside)
 
 
 def restore_names(store: BaseStore, storage: Storage) -> int:
@@ -53,10 +52,9 @@ def restore_names(store: BaseStore, storage: Storage) -> int:
         if holder is not None and holder != img.request_key:
             if store.is_live(holder):
                 continue  # both are asked for: the holder keeps it (the names of the current manifest decide)
-            for other in _held(store, holder, _stem(name)):
-                aside = aside_relpath(other.path, other.sha256, folder=SUPERSEDED_DIR)
-                storage.move(other.path, aside)
-                store.move_image(holder, other.idx, aside)
+            for idx, path, aside in _aside(store, holder, _stem(name)):
+                storage.move(path, aside)
+                store.move_image(holder, idx, aside)
         if storage.move(img.path, name) or storage.has_image(name, img.sha256, img.bytes):
             store.move_image(img.request_key, img.idx, name)
             restored += 1
