@@ -716,34 +716,29 @@ class PostgresStore(BaseStore):
 
     def release_open_attempts(self, code: str, message: str) -> int:
         """As in SQLite (an in-process emulator's tasks died with it), but only requests no live runner holds."""
-        now = time.time()
-        with self._tx() as cur:
-            rows = cur.execute(
-                "SELECT a.id, r.key FROM requests r JOIN attempts a ON a.job_id = r.job_id AND "
-                "a.request_key = r.key AND a.attempt_no = r.attempt_no WHERE r.job_id = %(job)s "
-                "AND r.state IN ('submitted', 'completed') AND (r.claimed_by IS NULL OR r.claimed_by = %(me)s "
-                f"OR r.claimed_by NOT IN ({LIVE_RUNNERS})) FOR UPDATE OF r SKIP LOCKED", self._a()).fetchall()
-            for attempt_id, key in rows:
-                self._abandon(cur, attempt_id, code, message, now)
-                self._requeue(cur, key, 0.0, code, message, None, False, now)
-        return len(rows)
+        return self._give_up_open("r.state IN ('submitted', 'completed')", code, message, charge=False)
 
     def abandon_tasks_of(self, key_fps: Sequence[str], code: str, message: str) -> int:
         """As in SQLite, but only requests no live runner holds (a live runner may be polling them)."""
         if not key_fps:
             return 0
+        return self._give_up_open("r.state = 'submitted' AND a.state IN ('sending', 'running') "
+                                  "AND a.key_fp = ANY(%(fps)s)", code, message, charge=True, fps=list(key_fps))
+
+    def _give_up_open(self, where: str, code: str, message: str, *, charge: bool, **params: Any) -> int:
+        """As in SQLite, skipping the requests a live runner holds (and rows another transaction has locked)."""
         now = time.time()
         with self._tx() as cur:
             rows = cur.execute(
                 "SELECT a.id, r.key FROM requests r JOIN attempts a ON a.job_id = r.job_id AND "
-                "a.request_key = r.key AND a.attempt_no = r.attempt_no WHERE r.job_id = %(job)s "
-                "AND r.state = 'submitted' AND a.state IN ('sending', 'running') AND a.key_fp = ANY(%(fps)s) "
+                f"a.request_key = r.key AND a.attempt_no = r.attempt_no WHERE r.job_id = %(job)s AND {where} "
                 "AND (r.claimed_by IS NULL OR r.claimed_by = %(me)s "
                 f"OR r.claimed_by NOT IN ({LIVE_RUNNERS})) FOR UPDATE OF r SKIP LOCKED",
-                self._a(fps=list(key_fps))).fetchall()
+                self._a(**params)).fetchall()
             for attempt_id, key in rows:
-                cur.execute("UPDATE attempts SET credits_used = COALESCE(credits_used, credits_reserved, "
-                            "credits_estimated, 0) WHERE id=%s AND job_id=%s", (attempt_id, self.job_id))
+                if charge:
+                    cur.execute("UPDATE attempts SET credits_used = COALESCE(credits_used, credits_reserved, "
+                                "credits_estimated, 0) WHERE id=%s AND job_id=%s", (attempt_id, self.job_id))
                 self._abandon(cur, attempt_id, code, message, now)
                 self._requeue(cur, key, 0.0, code, message, None, False, now)
         return len(rows)

@@ -624,15 +624,7 @@ class Store(BaseStore):
         Only for tasks that can no longer exist: the built-in emulator keeps its tasks in memory, so a
         resumed `--emulator` run faces a fresh emulator that never heard of them. Never used against a real
         API, where the task ids are polled instead."""
-        now = time.time()
-        with self._tx() as c:
-            rows = c.execute(
-                "SELECT a.id, r.key FROM requests r JOIN attempts a ON a.request_key = r.key AND "
-                "a.attempt_no = r.attempt_no WHERE r.state IN ('submitted', 'completed')").fetchall()
-            for attempt_id, key in rows:
-                self._abandon(c, attempt_id, code, message, now)
-                self._requeue(c, key, 0.0, code, message, None, False, now)
-        return len(rows)
+        return self._give_up_open("r.state IN ('submitted', 'completed')", (), code, message, charge=False)
 
     def abandon_tasks_of(self, key_fps: Sequence[str], code: str, message: str) -> int:
         """The user's way out for tasks only a lost (revoked, deleted) key may look at: their attempts are
@@ -642,15 +634,20 @@ class Store(BaseStore):
         are downloaded as they are), so only `submitted` ones are touched."""
         if not key_fps:
             return 0
+        return self._give_up_open("r.state = 'submitted' AND a.state IN ('sending', 'running') AND a.key_fp IN "
+                                  f"({','.join('?' * len(key_fps))})", tuple(key_fps), code, message, charge=True)
+
+    def _give_up_open(self, where: str, args: Sequence[Any], code: str, message: str, *, charge: bool) -> int:
+        """Abandon the current attempt of the requests `where` picks and requeue them, the attempt unused;
+        `charge`: the task may have been paid, so it counts as spent at its reservation."""
         now = time.time()
         with self._tx() as c:
-            rows = c.execute(
-                "SELECT a.id, r.key FROM requests r JOIN attempts a ON a.request_key = r.key AND "
-                "a.attempt_no = r.attempt_no WHERE r.state = 'submitted' AND a.state IN ('sending', 'running') "
-                f"AND a.key_fp IN ({','.join('?' * len(key_fps))})", tuple(key_fps)).fetchall()
+            rows = c.execute("SELECT a.id, r.key FROM requests r JOIN attempts a ON a.request_key = r.key AND "
+                             f"a.attempt_no = r.attempt_no WHERE {where}", tuple(args)).fetchall()
             for attempt_id, key in rows:
-                c.execute("UPDATE attempts SET credits_used = COALESCE(credits_used, credits_reserved, "
-                          "credits_estimated, 0) WHERE id=?", (attempt_id,))
+                if charge:
+                    c.execute("UPDATE attempts SET credits_used = COALESCE(credits_used, credits_reserved, "
+                              "credits_estimated, 0) WHERE id=?", (attempt_id,))
                 self._abandon(c, attempt_id, code, message, now)
                 self._requeue(c, key, 0.0, code, message, None, False, now)
         return len(rows)
