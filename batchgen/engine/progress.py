@@ -24,7 +24,7 @@ import sys
 import time
 from typing import TYPE_CHECKING, Any, TextIO
 
-from batchgen.engine.runstate import Counters
+from batchgen.engine.runstate import RAISE_CAP, Counters
 from batchgen.units import credits_text, plural, rate_text
 
 if TYPE_CHECKING:
@@ -158,8 +158,7 @@ class Progress:
             lines.append(f"  {rate_text(c)}")
         if c.get("message") and c["message"] != "finished":
             lines.append(f"  {c['message']}")
-        # A stop at the credit cap says itself how to go on: the same command would stop again at once.
-        if c.get("resumable") and "--max-credits" not in (c.get("message") or ""):
+        if c.get("resumable") and RAISE_CAP not in (c.get("message") or ""):
             lines.append("  run the same command again to resume")
         self.out.write("\n".join(lines) + "\n")
         self.out.flush()

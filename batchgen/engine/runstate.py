@@ -16,6 +16,11 @@ if TYPE_CHECKING:
     from batchgen.engine.keypool import PooledKey
 
 
+# How a run stopped at the credit cap goes on. The stop message carries it, and the summary then leaves out
+# "run the same command again", which would stop at once (the cap counts every run's spend).
+RAISE_CAP = "run again with a higher --max-credits to go on (the cap counts the job's spend over all its runs)"
+
+
 class StopReason(enum.StrEnum):
     FINISHED = "finished"
     SIGNAL = "signal"

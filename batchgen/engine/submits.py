@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 from batchgen import catalog
 from batchgen.engine.polls import BATCH_MAX, DueHeap, wait_for_event
-from batchgen.engine.runstate import StopReason, Tracked
+from batchgen.engine.runstate import RAISE_CAP, StopReason, Tracked
 from batchgen.engine.uploads import UploadWaitError
 from batchgen.errors import (
     Action,
@@ -162,8 +162,7 @@ class Submissions:
                 self.host.drain(StopReason.BUDGET, f"the credit cap of {credits_text(cap)} would be passed (spent "
                                 f"{credits_text(c.credits_used)}, reserved "
                                 f"{credits_text(c.credits_reserved + pending_reserve)}, next request "
-                                f"about {credits_text(est)}); run again with a higher --max-credits to go on (the cap "
-                                "counts the job's spend over all its runs)")
+                                f"about {credits_text(est)}); {RAISE_CAP}")
                 break
             key = self.keys.assign(est, self._loop.time() if self._loop else 0.0)
             if self.pool is not None and key is None:
