@@ -74,7 +74,10 @@ def open_output(target: Path | str, *, newline: str | None = None,
     target = Path(target)
     fd = own_descriptor(target)
     if fd is not None:
-        return _descriptor(fd, target, newline, what)
+        try:
+            return _into(os.fdopen(os.dup(fd), "w", encoding="utf-8", newline=newline), target, what)
+        except OSError as error:  # EBADF: that descriptor is not open
+            raise ConfigError(f"{what} {target}: {describe_os_error(error)}") from None
     try:
         special = not stat.S_ISREG(os.stat(target).st_mode)
     except FileNotFoundError:
@@ -82,7 +85,10 @@ def open_output(target: Path | str, *, newline: str | None = None,
     except OSError as error:  # ENOTDIR (a parent is a file), ELOOP, EACCES
         raise _create_error(what, target, target, error) from None
     if special:
-        return _straight(target, newline, what)
+        try:
+            return _into(open(target, "w", encoding="utf-8", newline=newline), target, what)
+        except OSError as error:
+            raise _create_error(what, target, target, error) from None
     # A link is replaced at the file it points to; `os.replace` over the link itself would swap the link
     # for a regular file and leave the linked file as it was.
     real = Path(os.path.realpath(target)) if target.is_symlink() else target
@@ -90,30 +96,14 @@ def open_output(target: Path | str, *, newline: str | None = None,
 
 
 @contextlib.contextmanager
-def _descriptor(fd: int, target: Path, newline: str | None, what: str) -> Iterator[IO[str]]:
-    try:
-        fh = os.fdopen(os.dup(fd), "w", encoding="utf-8", newline=newline)
-    except OSError as error:  # EBADF: that descriptor is not open
-        raise ConfigError(f"{what} {target}: {describe_os_error(error)}") from None
+def _into(fh: IO[str], target: Path, what: str) -> Iterator[IO[str]]:
+    """Write straight into an opened pipe, device or descriptor; a failed write (ENOSPC from /dev/full, EPIPE
+    from a reader that went away) is a fault of this machine."""
     try:
         with fh:
             yield fh
             fh.flush()
     except OSError as error:
-        raise LocalFaultError(what, str(target), error) from None
-
-
-@contextlib.contextmanager
-def _straight(target: Path, newline: str | None, what: str) -> Iterator[IO[str]]:
-    try:
-        fh = open(target, "w", encoding="utf-8", newline=newline)  # noqa: SIM115 - closed below, errors mapped
-    except OSError as error:
-        raise _create_error(what, target, target, error) from None
-    try:
-        with fh:
-            yield fh
-            fh.flush()
-    except OSError as error:  # ENOSPC from /dev/full, EPIPE from a reader that went away
         raise LocalFaultError(what, str(target), error) from None
 
 
